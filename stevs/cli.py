@@ -1,0 +1,74 @@
+"""The ``stevs`` command: one subcommand per pipeline stage.
+
+Each subcommand lives in the module that does the work; the module exposes
+``add_arguments(parser)`` and ``run(args) -> int | None``. Modules are imported only
+when their subcommand runs, so ``stevs ingest`` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from stevs import __version__
+from stevs.errors import StevsInputError
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("stevs.demo", "generate synthetic H&E slides with known expression"),
+    "ingest": ("stevs.io.ingest", "read a slide's image and expression into a slide AnnData"),
+    "tile": ("stevs.tiling", "cut spot-centred patches into an HDF5 patch cache"),
+    "folds": ("stevs.folds", "write leakage-free fold files with their gene panels"),
+    "train": ("stevs.train", "train STevs or a baseline on one fold"),
+    "predict": ("stevs.predict", "predict the test slides of one fold"),
+    "evaluate": ("stevs.metrics", "score predictions per gene and slide"),
+    "report": ("stevs.report", "build the HTML report"),
+    "predict-slide": ("stevs.predict_slide", "predict expression maps for an H&E-only slide"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stevs",
+        description="STevs: spatial gene expression from H&E whole-slide images.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items())
+        + "\n\nRun 'stevs COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"stevs {__version__}")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stevs`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0].startswith("-"):
+        top.parse_args(argv or ["--help"])
+        return 0
+    command = top.parse_args(argv[:1]).command
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"stevs {command}", description=help_)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result = module.run(args)
+    except StevsInputError as err:
+        logging.getLogger("stevs").error("%s", err)
+        print(f"stevs {command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
