@@ -1,0 +1,362 @@
+"""Expression readers: Space Ranger ``outs/``, legacy ST count tables, AnnData ``.h5ad``.
+
+Each reader returns an :class:`anndata.AnnData` with raw integer counts in ``X`` (CSR),
+unique barcodes as ``obs_names``, gene symbols as ``var_names``, spot centres in level-0
+pixels (x, y) in ``obsm["spatial"]`` and ``obs["array_row"]``/``obs["array_col"]`` where
+the technology has an array. Slide-level metadata (mpp, patient, ...) is added by
+:mod:`stevs.io.ingest`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from stevs.errors import StevsInputError
+
+log = logging.getLogger(__name__)
+
+Technology = Literal["visium", "st", "h5ad"]
+
+#: centre-to-centre spot pitch and spot diameter in microns per technology
+SPOT_GEOMETRY_UM: dict[str, tuple[float, float]] = {
+    "visium": (100.0, 55.0),
+    "st": (200.0, 100.0),
+}
+#: microns per unit step of (array_col, array_row): Visium's columns step by 2 along a row
+ARRAY_STEP_UM: dict[str, tuple[float, float]] = {
+    "visium": (50.0, 100.0 * np.sqrt(3) / 2),
+    "st": (200.0, 200.0),
+}
+
+VISIUM_POSITION_COLUMNS = [
+    "barcode",
+    "in_tissue",
+    "array_row",
+    "array_col",
+    "pxl_row_in_fullres",
+    "pxl_col_in_fullres",
+]
+ST_COORD_PATTERN = re.compile(r"^\s*(-?\d+(?:\.\d+)?)x(-?\d+(?:\.\d+)?)\s*$")
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise StevsInputError(path, f"{what} not found")
+    return path
+
+
+def _check_unique(names: pd.Index, path: Path, what: str) -> None:
+    duplicated = names[names.duplicated()].unique()
+    if len(duplicated):
+        shown = ", ".join(map(str, duplicated[:5]))
+        raise StevsInputError(path, f"{len(duplicated)} duplicate {what}, e.g. {shown}")
+
+
+def _check_not_empty(counts: sparse.spmatrix, path: Path) -> None:
+    if counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise StevsInputError(
+            path, f"empty expression matrix ({counts.shape[0]} spots x {counts.shape[1]} genes)"
+        )
+    if counts.nnz == 0 or counts.sum() == 0:
+        raise StevsInputError(path, "expression matrix holds no counts (all zero)")
+
+
+def _check_integer_counts(counts: sparse.spmatrix, path: Path, where: str = "X") -> None:
+    data = counts.data if sparse.issparse(counts) else np.asarray(counts)
+    if data.size and (np.any(data < 0) or not np.allclose(data, np.round(data))):
+        raise StevsInputError(
+            path, f"{where} holds negative or non-integer values: raw counts are needed"
+        )
+
+
+def _join_positions(
+    counts: sparse.csr_matrix,
+    count_barcodes: pd.Index,
+    positions: pd.DataFrame,
+    counts_path: Path,
+    positions_path: Path,
+) -> tuple[sparse.csr_matrix, pd.DataFrame]:
+    """Keep spots present in both the matrix and the positions; report the others."""
+    _check_unique(count_barcodes, counts_path, "spot barcodes in the expression matrix")
+    _check_unique(positions.index, positions_path, "spot barcodes in the spot positions")
+    only_counts = count_barcodes.difference(positions.index)
+    only_positions = positions.index.difference(count_barcodes)
+    if len(only_counts):
+        log.warning(
+            "%s: %d spots in the expression matrix have no position in %s and are dropped "
+            "(e.g. %s)",
+            counts_path,
+            len(only_counts),
+            positions_path,
+            ", ".join(map(str, only_counts[:3])),
+        )
+    if len(only_positions):
+        log.warning(
+            "%s: %d spots with a position have no expression in %s and are dropped (e.g. %s)",
+            positions_path,
+            len(only_positions),
+            counts_path,
+            ", ".join(map(str, only_positions[:3])),
+        )
+    keep = count_barcodes.isin(positions.index)
+    if not keep.any():
+        raise StevsInputError(
+            counts_path, f"no spot barcode in common with the spot positions in {positions_path}"
+        )
+    counts = counts[np.flatnonzero(keep)]
+    return counts.tocsr(), positions.loc[count_barcodes[keep]]
+
+
+def _make_adata(
+    counts: sparse.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame, spatial: np.ndarray
+) -> ad.AnnData:
+    counts = sparse.csr_matrix(counts)
+    counts.data = np.rint(counts.data).astype(np.int32)  # validated as integers before
+    counts.eliminate_zeros()
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    adata.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
+    return adata
+
+
+# -- Space Ranger ------------------------------------------------------------------------
+
+
+def read_10x_h5(path: Path) -> tuple[sparse.csr_matrix, pd.Index, pd.DataFrame]:
+    """Read a 10x HDF5 feature-barcode matrix (v3): spots x genes counts, barcodes, var."""
+    _require_file(path, "feature-barcode matrix")
+    try:
+        with h5py.File(path, "r") as h5:
+            group = h5["matrix"]
+            n_genes, n_spots = (int(v) for v in group["shape"][:])
+            matrix = sparse.csc_matrix(
+                (group["data"][:], group["indices"][:], group["indptr"][:]),
+                shape=(n_genes, n_spots),
+            )
+            barcodes = pd.Index([b.decode() for b in group["barcodes"][:]])
+            features = group["features"]
+            names = [n.decode() for n in features["name"][:]]
+            ids = [n.decode() for n in features["id"][:]]
+            types = (
+                [t.decode() for t in features["feature_type"][:]]
+                if "feature_type" in features
+                else ["Gene Expression"] * len(names)
+            )
+    except (OSError, KeyError, ValueError) as err:
+        raise StevsInputError(path, f"not a 10x HDF5 feature-barcode matrix (v3): {err}") from err
+    var = pd.DataFrame({"gene_ids": ids, "feature_types": types}, index=pd.Index(names))
+    genes = np.asarray(var["feature_types"] == "Gene Expression")
+    counts = matrix.T.tocsr()[:, np.flatnonzero(genes)]
+    var = var.loc[genes].copy()
+    if var.index.duplicated().any():
+        var.index = ad.utils.make_index_unique(var.index.astype(str))
+    return counts, barcodes, var
+
+
+def read_visium_positions(spatial_dir: Path) -> tuple[pd.DataFrame, Path]:
+    """In-tissue spot positions from ``tissue_positions.csv`` (or the older ``_list`` file)."""
+    with_header = spatial_dir / "tissue_positions.csv"
+    without_header = spatial_dir / "tissue_positions_list.csv"
+    if with_header.is_file():
+        path, table = with_header, pd.read_csv(with_header)
+    elif without_header.is_file():
+        path = without_header
+        table = pd.read_csv(without_header, header=None, names=VISIUM_POSITION_COLUMNS)
+    else:
+        raise StevsInputError(
+            spatial_dir, "no tissue_positions.csv or tissue_positions_list.csv in this folder"
+        )
+    missing = [c for c in VISIUM_POSITION_COLUMNS if c not in table.columns]
+    if missing:
+        raise StevsInputError(path, f"missing columns {missing}")
+    table = table.astype({"barcode": str}).set_index("barcode")
+    table = table.loc[table["in_tissue"].astype(int) == 1]
+    if table.empty:
+        raise StevsInputError(path, "no spot is marked in_tissue")
+    return table, path
+
+
+def read_visium(outs: str | os.PathLike) -> ad.AnnData:
+    """A Space Ranger ``outs/`` folder: in-tissue spots, full-resolution pixel positions."""
+    outs = Path(outs)
+    if not outs.is_dir():
+        raise StevsInputError(outs, "Space Ranger outs folder not found")
+    matrix_path = outs / "filtered_feature_bc_matrix.h5"
+    counts, barcodes, var = read_10x_h5(matrix_path)
+    _check_integer_counts(counts, matrix_path)
+    positions, positions_path = read_visium_positions(outs / "spatial")
+    counts, positions = _join_positions(counts, barcodes, positions, matrix_path, positions_path)
+    _check_not_empty(counts, matrix_path)
+    spatial = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+    obs = pd.DataFrame(
+        {
+            "array_row": positions["array_row"].astype(int).to_numpy(),
+            "array_col": positions["array_col"].astype(int).to_numpy(),
+        },
+        index=positions.index.astype(str),
+    )
+    adata = _make_adata(counts, obs, var, spatial)
+    scalefactors = outs / "spatial" / "scalefactors_json.json"
+    if scalefactors.is_file():
+        try:
+            adata.uns["scalefactors"] = json.loads(scalefactors.read_text())
+        except json.JSONDecodeError as err:
+            raise StevsInputError(scalefactors, f"invalid JSON: {err}") from err
+    return adata
+
+
+# -- legacy ST ---------------------------------------------------------------------------
+
+
+def _st_keys(labels: pd.Index) -> list[str] | None:
+    keys = []
+    for label in labels:
+        match = ST_COORD_PATTERN.match(str(label))
+        if match is None:
+            return None
+        keys.append(f"{round(float(match[1]))}x{round(float(match[2]))}")
+    return keys
+
+
+def read_st_counts(path: Path) -> tuple[sparse.csr_matrix, pd.Index, pd.Index]:
+    """A legacy ST count table (TSV, optionally gzipped): rows ``XxY`` spots, columns genes."""
+    _require_file(path, "ST count table")
+    try:
+        table = pd.read_csv(path, sep="\t", index_col=0)
+    except (OSError, ValueError, pd.errors.ParserError, EOFError) as err:
+        raise StevsInputError(path, f"cannot read count table: {err}") from err
+    keys = _st_keys(table.index)
+    if keys is None and _st_keys(table.columns) is not None:
+        table = table.T
+        keys = _st_keys(table.index)
+    if keys is None:
+        raise StevsInputError(path, "spot labels must look like 'XxY' (e.g. '10x13')")
+    if table.shape[0] == 0 or table.shape[1] == 0:
+        raise StevsInputError(path, f"empty expression matrix {table.shape}")
+    try:
+        values = table.to_numpy(dtype=np.float64)
+    except ValueError as err:
+        raise StevsInputError(path, f"non-numeric counts: {err}") from err
+    counts = sparse.csr_matrix(values)
+    _check_integer_counts(counts, path, "the count table")
+    genes = pd.Index(table.columns.astype(str))
+    if genes.duplicated().any():
+        genes = pd.Index(ad.utils.make_index_unique(genes))
+    return counts, pd.Index(keys), genes
+
+
+def read_st_spots(path: Path) -> pd.DataFrame:
+    """A legacy ST spot file: x, y (array), pixel_x, pixel_y, optional selected."""
+    _require_file(path, "ST spot file")
+    try:
+        table = pd.read_csv(path, sep=None, engine="python")
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise StevsInputError(path, f"cannot read spot file: {err}") from err
+    missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in table.columns]
+    if missing:
+        raise StevsInputError(path, f"missing columns {missing} (need x, y, pixel_x, pixel_y)")
+    if "selected" in table.columns:
+        table = table.loc[table["selected"].astype(int) == 1]
+    bad = table[["x", "y", "pixel_x", "pixel_y"]].isna().any(axis=1)
+    if bad.any():
+        raise StevsInputError(path, f"{int(bad.sum())} spots with missing coordinates")
+    table = table.copy()
+    table.index = pd.Index(
+        [f"{round(x)}x{round(y)}" for x, y in zip(table["x"], table["y"], strict=True)]
+    )
+    return table
+
+
+def read_legacy_st(counts_path: str | os.PathLike, spots_path: str | os.PathLike) -> ad.AnnData:
+    """Legacy ST: count table joined to its spot file on ``f"{round(x)}x{round(y)}"``."""
+    counts_path, spots_path = Path(counts_path), Path(spots_path)
+    counts, keys, genes = read_st_counts(counts_path)
+    spots = read_st_spots(spots_path)
+    counts, spots = _join_positions(counts, keys, spots, counts_path, spots_path)
+    _check_not_empty(counts, counts_path)
+    obs = pd.DataFrame(
+        {
+            "array_row": spots["y"].round().astype(int).to_numpy(),
+            "array_col": spots["x"].round().astype(int).to_numpy(),
+        },
+        index=spots.index.astype(str),
+    )
+    spatial = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    return _make_adata(counts, obs, pd.DataFrame(index=genes), spatial)
+
+
+# -- AnnData -----------------------------------------------------------------------------
+
+
+def read_h5ad_expression(path: str | os.PathLike) -> ad.AnnData:
+    """An AnnData with ``obsm["spatial"]`` (level-0 px) and raw counts in X or layers."""
+    path = Path(path)
+    _require_file(path, "AnnData file")
+    try:
+        source = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise StevsInputError(path, f"not a readable .h5ad file: {err}") from err
+    if "spatial" not in source.obsm:
+        raise StevsInputError(path, 'no obsm["spatial"] with spot centres in pixels')
+    spatial = np.asarray(source.obsm["spatial"], dtype=np.float64)
+    if spatial.ndim != 2 or spatial.shape[1] < 2:
+        raise StevsInputError(path, f'obsm["spatial"] must be (n_spots, 2), got {spatial.shape}')
+    counts = source.layers["counts"] if "counts" in source.layers else source.X
+    where = 'layers["counts"]' if "counts" in source.layers else "X"
+    counts = sparse.csr_matrix(counts)
+    _check_integer_counts(counts, path, where)
+    _check_unique(pd.Index(source.obs_names), path, "spot barcodes")
+    _check_not_empty(counts, path)
+    obs = pd.DataFrame(index=source.obs_names.astype(str))
+    for column in ("array_row", "array_col"):
+        if column in source.obs:
+            obs[column] = source.obs[column].astype(int).to_numpy()
+    var = pd.DataFrame(index=source.var_names.astype(str))
+    if var.index.duplicated().any():
+        var.index = ad.utils.make_index_unique(var.index)
+    adata = _make_adata(counts, obs, var, spatial[:, :2])
+    if isinstance(source.uns.get("stevs"), dict) and "mpp" in source.uns["stevs"]:
+        adata.uns["source_mpp"] = float(source.uns["stevs"]["mpp"])
+    return adata
+
+
+def estimate_mpp_from_spot_grid(adata: ad.AnnData, technology: str) -> float:
+    """Microns per pixel from the spot grid of a known technology.
+
+    With array coordinates, a least-squares fit of pixel positions on (array_col,
+    array_row) gives the pixels per array step (robust to jittered spot positions);
+    without them, the median nearest-neighbour distance stands for the pitch.
+    """
+    spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    if {"array_row", "array_col"} <= set(adata.obs.columns):
+        grid = adata.obs[["array_col", "array_row"]].to_numpy(np.float64)
+        if len(np.unique(grid[:, 0])) > 1 and len(np.unique(grid[:, 1])) > 1:
+            design = np.column_stack([grid, np.ones(len(grid))])
+            coef, *_ = np.linalg.lstsq(design, spatial, rcond=None)
+            px_per_col, px_per_row = (
+                np.hypot(coef[0, 0], coef[0, 1]),
+                np.hypot(coef[1, 0], coef[1, 1]),
+            )
+            um_per_col, um_per_row = ARRAY_STEP_UM[technology]
+            return float((um_per_col / px_per_col + um_per_row / px_per_row) / 2)
+    return SPOT_GEOMETRY_UM[technology][0] / estimate_spot_pitch_px(spatial)
+
+
+def estimate_spot_pitch_px(spatial: np.ndarray) -> float:
+    """Median nearest-neighbour distance between spot centres, in pixels."""
+    from scipy.spatial import cKDTree
+
+    if len(spatial) < 3:
+        raise ValueError("at least 3 spots are needed to estimate the spot pitch")
+    distances, _ = cKDTree(spatial).query(spatial, k=2)
+    return float(np.median(distances[:, 1]))

@@ -1,0 +1,210 @@
+"""``stevs ingest``: one slide's image + expression -> the slide AnnData of DESIGN.md.
+
+Microns per pixel come, in this order, from the sample sheet, the image's metadata, or
+the spot grid (median nearest-neighbour distance = the technology's pitch: 100 µm for
+Visium, 200 µm for legacy ST); the source is recorded in ``uns["stevs"]["mpp_source"]``
+and logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from stevs import __version__
+from stevs.errors import StevsInputError
+from stevs.io.expression import (
+    SPOT_GEOMETRY_UM,
+    estimate_mpp_from_spot_grid,
+    read_h5ad_expression,
+    read_legacy_st,
+    read_visium,
+)
+from stevs.io.samples import read_sample_sheet
+from stevs.io.slide import open_slide
+
+log = logging.getLogger(__name__)
+
+#: disagreement between metadata mpp and the spot grid's estimate that earns a warning
+MPP_MISMATCH_WARNING = 0.2
+
+
+def read_expression(fmt: str, expression: str | os.PathLike, spots: str | None) -> ad.AnnData:
+    """Dispatch to the reader of a sample-sheet ``format``."""
+    if fmt == "visium":
+        return read_visium(expression)
+    if fmt == "st":
+        if not spots:
+            raise StevsInputError(expression, "legacy ST counts need a spot file")
+        return read_legacy_st(expression, spots)
+    if fmt == "h5ad":
+        return read_h5ad_expression(expression)
+    raise StevsInputError(expression, f"unknown expression format '{fmt}'")
+
+
+def _technology(fmt: str, adata: ad.AnnData) -> str:
+    if fmt in SPOT_GEOMETRY_UM:
+        return fmt
+    return "visium" if "scalefactors" in adata.uns else "unknown"
+
+
+def _resolve_mpp(
+    slide_mpp: float | None,
+    slide_mpp_source: str | None,
+    adata: ad.AnnData,
+    technology: str,
+    image_path: str,
+) -> tuple[float, str]:
+    grid_mpp = None
+    if technology in SPOT_GEOMETRY_UM and adata.n_obs >= 3:
+        grid_mpp = estimate_mpp_from_spot_grid(adata, technology)
+    if slide_mpp is not None:
+        if grid_mpp is not None and abs(grid_mpp / slide_mpp - 1) > MPP_MISMATCH_WARNING:
+            log.warning(
+                "%s: mpp %.4g (%s) disagrees with %.4g estimated from the %s spot grid; "
+                "check that image and expression belong together",
+                image_path,
+                slide_mpp,
+                slide_mpp_source,
+                grid_mpp,
+                technology,
+            )
+        return slide_mpp, str(slide_mpp_source)
+    if "source_mpp" in adata.uns:
+        return float(adata.uns["source_mpp"]), "h5ad"
+    if grid_mpp is not None:
+        log.warning(
+            "%s: no mpp in the sample sheet or the image metadata; estimated %.4f µm/px from "
+            "the %s spot pitch (%g µm)",
+            image_path,
+            grid_mpp,
+            technology,
+            SPOT_GEOMETRY_UM[technology][0],
+        )
+        return grid_mpp, "spot_grid"
+    raise StevsInputError(
+        image_path,
+        "microns per pixel unknown: not in the sample sheet, the image metadata, or "
+        "derivable from the spot grid; set the 'mpp' column",
+    )
+
+
+def _check_spots_inside(adata: ad.AnnData, size: tuple[int, int], image_path: str) -> None:
+    xy = adata.obsm["spatial"]
+    if not np.isfinite(xy).all():
+        bad = int((~np.isfinite(xy)).any(axis=1).sum())
+        raise StevsInputError(image_path, f"{bad} spots have missing (NaN) pixel coordinates")
+    width, height = size
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
+    if outside.any():
+        examples = ", ".join(adata.obs_names[outside][:3])
+        raise StevsInputError(
+            image_path,
+            f"{int(outside.sum())} of {adata.n_obs} spot centres lie outside the image "
+            f"({width} x {height} px), e.g. {examples}: wrong image, or coordinates of "
+            "another resolution?",
+        )
+
+
+def build_slide_adata(
+    slide_id: str,
+    image: str | os.PathLike,
+    expression: str | os.PathLike,
+    fmt: str,
+    patient: str | None = None,
+    spots: str | None = None,
+    mpp: float | None = None,
+) -> ad.AnnData:
+    """Read one slide's expression, check it against its image, attach metadata."""
+    adata = read_expression(fmt, expression, spots)
+    technology = _technology(fmt, adata)
+    with open_slide(image, mpp=mpp) as slide:
+        size = slide.dimensions
+        slide_mpp, source = _resolve_mpp(slide.mpp, slide.mpp_source, adata, technology, str(image))
+    _check_spots_inside(adata, size, str(image))
+    pitch_um, diameter_um = SPOT_GEOMETRY_UM.get(technology, (float("nan"), float("nan")))
+    scalefactors = adata.uns.pop("scalefactors", None)
+    adata.uns.pop("source_mpp", None)
+    if scalefactors and "spot_diameter_fullres" in scalefactors:
+        diameter_um = float(scalefactors["spot_diameter_fullres"]) * slide_mpp
+    adata.uns["stevs"] = {
+        "slide": slide_id,
+        "patient": patient or slide_id,
+        "mpp": float(slide_mpp),
+        "mpp_source": source,
+        "spot_diameter_um": float(diameter_um),
+        "spot_pitch_um": float(pitch_um),
+        "technology": technology,
+        "image_path": str(Path(image).resolve()),
+        "image_width": int(size[0]),
+        "image_height": int(size[1]),
+        "expression_path": str(Path(expression).resolve()),
+        "spots_path": str(Path(spots).resolve()) if spots else "",
+        "stevs_version": __version__,
+    }
+    log.info(
+        "%s: %d spots x %d genes, %.0f counts per spot (median), mpp %.4f (%s)",
+        slide_id,
+        adata.n_obs,
+        adata.n_vars,
+        float(np.median(np.asarray(adata.X.sum(axis=1)))),
+        slide_mpp,
+        source,
+    )
+    return adata
+
+
+def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike) -> Path:
+    """Write an AnnData to a temporary file beside ``out`` and rename it when complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    try:
+        adata.write_h5ad(tmp, compression="gzip")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def ingest_from_sheet(
+    sample_sheet: str | os.PathLike,
+    slide_id: str,
+    out: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+) -> Path:
+    """Ingest one row of a sample sheet into ``out``."""
+    sheet = read_sample_sheet(sample_sheet, data_root=data_root)
+    if slide_id not in sheet.index:
+        raise StevsInputError(sample_sheet, f"no row with slide_id '{slide_id}'")
+    row = sheet.loc[slide_id]
+    adata = build_slide_adata(
+        slide_id,
+        row["image"],
+        row["expression"],
+        row["format"],
+        patient=row["patient"],
+        spots=row["spots"] or None,
+        mpp=row["mpp"],
+    )
+    return write_h5ad_atomic(adata, out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample-sheet", required=True, help="samples.tsv")
+    parser.add_argument("--slide-id", required=True, help="the row to ingest")
+    parser.add_argument("--data-root", default=None, help="base for relative paths in the sheet")
+    parser.add_argument("--out", required=True, help="results/slides/{slide}.h5ad")
+
+
+def run(args: argparse.Namespace) -> None:
+    path = ingest_from_sheet(args.sample_sheet, args.slide_id, args.out, args.data_root)
+    log.info("wrote %s", path)

@@ -1,0 +1,155 @@
+"""The sample sheet: one row per slide (``config/samples.tsv``).
+
+Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format`` (``visium``,
+``st`` or ``h5ad``), ``spots`` (legacy ST spot file; empty otherwise), ``mpp`` (microns
+per level-0 pixel; empty to take it from the image or the spot grid). Relative paths are
+resolved against ``data_root`` when given, else against the sheet's own folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from stevs.errors import StevsInputError
+
+REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
+OPTIONAL_COLUMNS = ("patient", "spots", "mpp")
+FORMATS = ("visium", "st", "h5ad")
+SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PREDICT_REQUIRED_COLUMNS = ("slide_id", "image")
+
+
+def _resolve(value: str, base: Path) -> str:
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base / path))
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise StevsInputError(path, "sample sheet not found")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise StevsInputError(path, f"cannot read sample sheet: {err}") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.apply(lambda column: column.str.strip())
+
+
+def _row_error(path: Path, table: pd.DataFrame, index: int, problem: str) -> StevsInputError:
+    slide = table.at[index, "slide_id"] if "slide_id" in table.columns else "?"
+    # line 1 is the header, so data row i sits on line i + 2
+    return StevsInputError(path, f"row {index + 2} (slide '{slide}'): {problem}")
+
+
+def _check_slide_ids(path: Path, table: pd.DataFrame) -> None:
+    for index, slide in table["slide_id"].items():
+        if not SLIDE_ID_PATTERN.match(slide):
+            raise _row_error(
+                path,
+                table,
+                index,
+                "slide_id must be letters, digits, '_', '-' or '.', starting with a letter or "
+                "digit (it becomes a file name)",
+            )
+    duplicated = table["slide_id"].duplicated(keep="first")
+    if duplicated.any():
+        index = int(duplicated.idxmax())
+        raise _row_error(path, table, index, "duplicate slide_id")
+
+
+def _parse_mpp(path: Path, table: pd.DataFrame) -> list[float | None]:
+    values: list[float | None] = []
+    for index, raw in table["mpp"].items():
+        if raw == "":
+            values.append(None)
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _row_error(path, table, index, f"mpp '{raw}' is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise _row_error(path, table, index, f"mpp must be positive, got {raw}")
+        values.append(value)
+    return values
+
+
+def read_sample_sheet(
+    path: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    require_patient: bool = False,
+    check_paths: bool = True,
+) -> pd.DataFrame:
+    """Read and validate a sample sheet; paths come back absolute, ``mpp`` as float/None.
+
+    Every problem raises :class:`StevsInputError` naming the sheet, the row and the problem.
+    """
+    path = Path(path)
+    table = _read_table(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise StevsInputError(
+            path, f"missing column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}"
+        )
+    if table.empty:
+        raise StevsInputError(path, "sample sheet has no rows")
+    for column in OPTIONAL_COLUMNS:
+        if column not in table.columns:
+            table[column] = ""
+    if require_patient:
+        if (table["patient"] == "").all():
+            raise StevsInputError(
+                path, "column 'patient' is missing or empty, but the fold scheme groups by patient"
+            )
+        for index in table.index[table["patient"] == ""]:
+            raise _row_error(path, table, index, "patient is empty")
+    for column in REQUIRED_COLUMNS:
+        for index in table.index[table[column] == ""]:
+            raise _row_error(path, table, index, f"'{column}' is empty")
+    _check_slide_ids(path, table)
+    for index, fmt in table["format"].items():
+        if fmt not in FORMATS:
+            raise _row_error(
+                path, table, index, f"format '{fmt}' unknown; use one of {', '.join(FORMATS)}"
+            )
+        if fmt == "st" and table.at[index, "spots"] == "":
+            raise _row_error(path, table, index, "format 'st' needs a spot file in 'spots'")
+    table["mpp"] = _parse_mpp(path, table)
+    table.loc[table["patient"] == "", "patient"] = table["slide_id"]
+    base = Path(data_root) if data_root else path.parent
+    for column in ("image", "expression", "spots"):
+        table[column] = [_resolve(v, base) if v else "" for v in table[column]]
+    if check_paths:
+        for index, row in table.iterrows():
+            for column in ("image", "expression", "spots"):
+                if row[column] and not Path(row[column]).exists():
+                    raise _row_error(path, table, index, f"{column} '{row[column]}' does not exist")
+    return table.set_index("slide_id", drop=False)
+
+
+def read_predict_sheet(
+    path: str | os.PathLike, data_root: str | os.PathLike | None = None, check_paths: bool = True
+) -> pd.DataFrame:
+    """Read the sheet of H&E-only slides (``slide_id``, ``image``, optional ``mpp``)."""
+    path = Path(path)
+    table = _read_table(path)
+    missing = [c for c in PREDICT_REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise StevsInputError(path, f"missing column(s) {', '.join(missing)}")
+    if table.empty:
+        raise StevsInputError(path, "sheet has no rows")
+    if "mpp" not in table.columns:
+        table["mpp"] = ""
+    _check_slide_ids(path, table)
+    table["mpp"] = _parse_mpp(path, table)
+    base = Path(data_root) if data_root else path.parent
+    table["image"] = [_resolve(v, base) for v in table["image"]]
+    if check_paths:
+        for index, image in table["image"].items():
+            if not Path(image).is_file():
+                raise _row_error(path, table, index, f"image '{image}' does not exist")
+    return table.set_index("slide_id", drop=False)

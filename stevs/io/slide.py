@@ -1,0 +1,457 @@
+"""Whole-slide image readers behind one interface (after TRIDENT's slide-reader split).
+
+``open_slide(path, mpp=None)`` picks a backend:
+
+* :class:`OpenSlideReader` for what OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, ...);
+* :class:`TiffReader` for TIFFs OpenSlide refuses (OME-TIFF, stripped TIFF), read tile by
+  tile with tifffile so a pyramidal file is never decoded whole;
+* :class:`ImageReader` for plain JPEG/PNG images (e.g. the her2st sections). These formats
+  cannot be read in parts: the image is decoded whole (about 3 bytes per pixel), which is
+  fine for the 9k x 9k sections of legacy ST but not for gigapixel scans, which come as
+  pyramidal files.
+
+Every reader returns uint8 RGB. RGBA is composited over white, grey is replicated to
+three channels, 16-bit samples are scaled to 8 bits; anything else is refused with an
+error that names the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+import xml.etree.ElementTree as ET
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from stevs.errors import StevsInputError
+
+log = logging.getLogger(__name__)
+
+PLAIN_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff"}
+#: plausible microns per pixel for a slide; metadata outside this range is ignored
+MPP_RANGE = (0.05, 20.0)
+#: Pillow refuses images above this many pixels unless told otherwise; WSIs are larger
+MAX_IMAGE_PIXELS = 50_000 * 50_000
+
+Box = tuple[float, float, float, float]
+
+
+def composite_to_rgb(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Convert an image array (H, W[, C]) of any common layout to uint8 RGB."""
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise StevsInputError(
+            path, f"unsupported pixel type {array.dtype}: expected 8- or 16-bit RGB"
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise StevsInputError(path, f"unsupported image shape {array.shape}")
+    channels = array.shape[2]
+    if channels == 3:
+        return np.ascontiguousarray(array)
+    if channels == 1:
+        return np.repeat(array, 3, axis=2)
+    if channels in (2, 4):
+        colour, alpha = array[:, :, :-1], array[:, :, -1:].astype(np.float32) / 255.0
+        if channels == 2:
+            colour = np.repeat(colour, 3, axis=2)
+        blended = colour.astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    raise StevsInputError(
+        path, f"unsupported image with {channels} channels: expected RGB, RGBA or grey"
+    )
+
+
+def _valid_mpp(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value) if MPP_RANGE[0] <= value <= MPP_RANGE[1] else None
+
+
+class SlideReader(ABC):
+    """A whole-slide image: pyramid geometry, microns per pixel and region reads."""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
+        self.path = str(path)
+        self.mpp_source: Literal["given", "metadata"] | None = None
+        self.mpp: float | None = None
+        if mpp is not None:
+            if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+                raise StevsInputError(path, f"microns per pixel must be positive, got {mpp!r}")
+            self.mpp, self.mpp_source = float(mpp), "given"
+
+    def _set_metadata_mpp(self, value: float | None) -> None:
+        if self.mpp is None and (value := _valid_mpp(value)) is not None:
+            self.mpp, self.mpp_source = value, "metadata"
+
+    # -- geometry ----------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        """(width, height) of every pyramid level, finest first."""
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        width0, height0 = self.dimensions
+        return [(width0 / w + height0 / h) / 2.0 for w, h in self.level_dimensions]
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample``."""
+        best = 0
+        for level, level_downsample in enumerate(self.level_downsamples):
+            if level_downsample <= downsample * (1.0 + 1e-6):
+                best = level
+        return best
+
+    def require_mpp(self) -> float:
+        """Microns per level-0 pixel, or a clear error when unknown."""
+        if self.mpp is None:
+            raise StevsInputError(
+                self.path,
+                "microns per pixel unknown: the file's metadata has none; give it in the "
+                "sample sheet's 'mpp' column",
+            )
+        return self.mpp
+
+    # -- pixels ------------------------------------------------------------------------
+    @abstractmethod
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Pixels of a box in level coordinates as uint8 RGB; white outside the level."""
+
+    def read_region(
+        self,
+        box: Box | Sequence[float],
+        out_size: tuple[int, int] | None = None,
+        resample: Image.Resampling = Image.Resampling.BICUBIC,
+    ) -> np.ndarray:
+        """Read a level-0 box ``(x, y, w, h)`` (floats allowed) resampled to ``out_size``.
+
+        The box is read from the coarsest level still at least as fine as the output and
+        resampled with an antialiasing filter; pixels outside the slide are white.
+        Returns uint8 RGB of shape (out_h, out_w, 3).
+        """
+        x, y, width, height = (float(v) for v in box)
+        if not (width > 0 and height > 0) or not all(map(math.isfinite, (x, y, width, height))):
+            raise StevsInputError(self.path, f"invalid region {tuple(box)!r}")
+        out_w, out_h = (round(width), round(height)) if out_size is None else out_size
+        if out_w <= 0 or out_h <= 0:
+            raise StevsInputError(self.path, f"invalid output size {(out_w, out_h)!r}")
+        level = self.best_level(min(width / out_w, height / out_h))
+        scale = self.level_downsamples[level]
+        lx0, ly0 = x / scale, y / scale
+        lx1, ly1 = (x + width) / scale, (y + height) / scale
+        ix0, iy0 = math.floor(lx0) - 2, math.floor(ly0) - 2
+        ix1, iy1 = math.ceil(lx1) + 2, math.ceil(ly1) + 2
+        pixels = self._read_level(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+        sub_box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
+        if (ix1 - ix0 - 4, iy1 - iy0 - 4) == (out_w, out_h) and sub_box[:2] == (2.0, 2.0):
+            return np.ascontiguousarray(pixels[2 : 2 + out_h, 2 : 2 + out_w])
+        image = Image.fromarray(pixels).resize((out_w, out_h), resample, box=sub_box)
+        return np.asarray(image)
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The whole slide, longest side ``max_size`` pixels, aspect ratio kept."""
+        width, height = self.dimensions
+        scale = max_size / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return self.read_region((0, 0, width, height), size)
+
+    # -- context manager ---------------------------------------------------------------
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.path!r}, dimensions={self.dimensions}, "
+            f"levels={self.level_count}, mpp={self.mpp})"
+        )
+
+
+def _paste_into_white(
+    pixels: np.ndarray, x: int, y: int, width: int, height: int
+) -> tuple[np.ndarray, slice, slice, slice, slice]:
+    """Clip a requested box to an array, returning a white canvas and matching slices."""
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    full_h, full_w = pixels.shape[:2]
+    sx0, sy0 = max(x, 0), max(y, 0)
+    sx1, sy1 = min(x + width, full_w), min(y + height, full_h)
+    if sx1 <= sx0 or sy1 <= sy0:
+        empty = slice(0, 0)
+        return canvas, empty, empty, empty, empty
+    return (
+        canvas,
+        slice(sy0 - y, sy1 - y),
+        slice(sx0 - x, sx1 - x),
+        slice(sy0, sy1),
+        slice(sx0, sx1),
+    )
+
+
+class OpenSlideReader(SlideReader):
+    """Formats OpenSlide reads: SVS, NDPI, MRXS, SCN, generic tiled TIFF, ..."""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
+        import openslide
+
+        super().__init__(path, mpp)
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as err:
+            raise StevsInputError(path, f"OpenSlide cannot read this slide: {err}") from err
+        props = self._slide.properties
+        mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
+        mpp_y = props.get(openslide.PROPERTY_NAME_MPP_Y)
+        if mpp_x is not None:
+            mpp_x = float(mpp_x)
+            if mpp_y is not None and abs(float(mpp_y) - mpp_x) > 0.01 * mpp_x:
+                log.warning("%s: anisotropic pixels (mpp x %s, y %s); using x", path, mpp_x, mpp_y)
+            self._set_metadata_mpp(mpp_x)
+        self._lock = threading.Lock()
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [tuple(d) for d in self._slide.level_dimensions]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(d) for d in self._slide.level_downsamples]
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        scale = self.level_downsamples[level]
+        location = (round(x * scale), round(y * scale))
+        region = self._slide.read_region(location, level, (width, height))
+        return composite_to_rgb(np.asarray(region), self.path)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffReader(SlideReader):
+    """TIFF/OME-TIFF through tifffile, decoding only the tiles a read touches."""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
+        import tifffile
+
+        super().__init__(path, mpp)
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+            series = self._tif.series[0]
+            self._pages = [level.keyframe for level in series.levels]
+        except (tifffile.TiffFileError, IndexError, ValueError) as err:
+            raise StevsInputError(path, f"not a readable TIFF: {err}") from err
+        page = self._pages[0]
+        if page.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+            raise StevsInputError(
+                path, f"unsupported pixel type {page.dtype}: expected 8- or 16-bit RGB"
+            )
+        if page.dtype == np.uint16:
+            log.warning("%s: 16-bit image, scaled to 8 bits per channel", path)
+        self._set_metadata_mpp(self._metadata_mpp())
+        self._lock = threading.Lock()
+        self._whole_pages: dict[int, np.ndarray] = {}
+
+    def _metadata_mpp(self) -> float | None:
+        if self._tif.is_ome and self._tif.ome_metadata:
+            try:
+                root = ET.fromstring(self._tif.ome_metadata)
+                pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+                size = float(pixels.attrib["PhysicalSizeX"])
+                unit = pixels.attrib.get("PhysicalSizeXUnit", "µm")
+                factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit)
+                if factor is not None:
+                    return size * factor
+            except (StopIteration, KeyError, ValueError, ET.ParseError):
+                pass
+        tags = self._pages[0].tags
+        if "XResolution" in tags and "ResolutionUnit" in tags:
+            numerator, denominator = tags["XResolution"].value
+            unit = int(tags["ResolutionUnit"].value)
+            if numerator > 0 and denominator > 0:
+                per_unit = numerator / denominator
+                if unit == 3:  # centimetre
+                    return 1e4 / per_unit
+                if unit == 2:  # inch; often a meaningless 72 dpi, rejected by range check
+                    return 25_400 / per_unit
+        return None
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(int(page.imagewidth), int(page.imagelength)) for page in self._pages]
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        page = self._pages[level]
+        if not page.is_tiled:
+            if level not in self._whole_pages:
+                with self._lock:
+                    self._whole_pages[level] = composite_to_rgb(page.asarray(), self.path)
+            canvas, cy, cx, sy, sx = _paste_into_white(
+                self._whole_pages[level], x, y, width, height
+            )
+            canvas[cy, cx] = self._whole_pages[level][sy, sx]
+            return canvas
+        canvas = np.full((height, width, 3), 255, np.uint8)
+        tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+        full_w, full_h = self.level_dimensions[level]
+        tiles_across = math.ceil(full_w / tile_w)
+        decode = page.decode
+        for tile_row in range(max(y, 0) // tile_h, min(y + height, full_h - 1) // tile_h + 1):
+            for tile_col in range(max(x, 0) // tile_w, min(x + width, full_w - 1) // tile_w + 1):
+                index = tile_row * tiles_across + tile_col
+                with self._lock:
+                    fh = self._tif.filehandle
+                    offset, count = page.dataoffsets[index], page.databytecounts[index]
+                    fh.seek(offset)
+                    data = fh.read(count) if count else None
+                segment, _, _ = decode(data, index, jpegtables=page.jpegtables)
+                if segment is None:
+                    continue
+                tile = composite_to_rgb(np.asarray(segment).reshape(tile_h, tile_w, -1), self.path)
+                ty0, tx0 = tile_row * tile_h, tile_col * tile_w
+                tile = tile[: full_h - ty0, : full_w - tx0]
+                canvas_tile, cy, cx, sy, sx = _paste_into_white(
+                    tile, x - tx0, y - ty0, width, height
+                )
+                canvas[cy, cx] = tile[sy, sx]
+        return canvas
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class ImageReader(SlideReader):
+    """Plain JPEG/PNG: decoded whole, with a lazily built 2x pyramid for coarse reads."""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
+        super().__init__(path, mpp)
+        with _lifted_pixel_limit(), warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    self._levels = [self._to_rgb_array(image)]
+            except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise StevsInputError(path, f"cannot read image: {err}") from err
+        height, width = self._levels[0].shape[:2]
+        while max(width, height) > 512:
+            width, height = (width + 1) // 2, (height + 1) // 2
+            self._levels.append(None)  # built on first use
+        self._level_lock = threading.RLock()
+
+    def _to_rgb_array(self, image: Image.Image) -> np.ndarray:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image)
+            maximum = 65535 if image.mode.startswith("I;16") else max(int(array.max()), 1)
+            array = (array.astype(np.float64) * (255.0 / maximum)).round().astype(np.uint8)
+            log.warning("%s: %s image scaled to 8-bit grey", self.path, image.mode)
+            return composite_to_rgb(array, self.path)
+        if image.mode in ("RGB", "RGBA", "L", "LA"):
+            return composite_to_rgb(np.asarray(image), self.path)
+        if image.mode in ("P", "PA", "CMYK", "YCbCr", "1"):
+            converted = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            return composite_to_rgb(np.asarray(converted), self.path)
+        raise StevsInputError(self.path, f"unsupported image mode {image.mode!r}")
+
+    def _level(self, level: int) -> np.ndarray:
+        if self._levels[level] is None:
+            with self._level_lock:
+                previous = self._level(level - 1)
+                if self._levels[level] is None:
+                    reduced = Image.fromarray(previous).reduce(2)
+                    self._levels[level] = np.asarray(reduced)
+        return self._levels[level]
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        height, width = self._levels[0].shape[:2]
+        dims = []
+        for _ in self._levels:
+            dims.append((width, height))
+            width, height = (width + 1) // 2, (height + 1) // 2
+        return dims
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        pixels = self._level(level)
+        canvas, cy, cx, sy, sx = _paste_into_white(pixels, x, y, width, height)
+        canvas[cy, cx] = pixels[sy, sx]
+        return canvas
+
+
+@contextmanager
+def _lifted_pixel_limit():
+    """Allow large sections (e.g. 9k x 9k JPEGs) in this block only, not globally."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return (
+        ".ome" + path.suffix.lower()
+        if name.endswith((".ome.tif", ".ome.tiff"))
+        else (path.suffix.lower())
+    )
+
+
+def open_slide(
+    path: str | os.PathLike,
+    mpp: float | None = None,
+    backend: Literal["auto", "openslide", "tifffile", "image"] = "auto",
+) -> SlideReader:
+    """Open a slide with the backend that suits it; use as a context manager.
+
+    ``mpp`` (microns per level-0 pixel, e.g. from the sample sheet) overrides the file's
+    metadata. Raises :class:`StevsInputError` naming the file when it cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StevsInputError(path, "slide image not found")
+    suffix = _suffix(path)
+    if backend == "auto":
+        if suffix in PLAIN_IMAGE_SUFFIXES:
+            backend = "image"
+        else:
+            import openslide
+
+            fmt = openslide.OpenSlide.detect_format(str(path))
+            if fmt is not None and not suffix.startswith(".ome"):
+                backend = "openslide"
+            elif suffix in TIFF_SUFFIXES:
+                backend = "tifffile"
+            else:
+                raise StevsInputError(
+                    path,
+                    "unrecognised slide format: not an OpenSlide format, TIFF, JPEG or PNG",
+                )
+    readers = {"openslide": OpenSlideReader, "tifffile": TiffReader, "image": ImageReader}
+    return readers[backend](path, mpp)
