@@ -1,0 +1,894 @@
+"""Leakage-free folds: which slides (or spots) train, validate and test, with their panel.
+
+Two layers:
+
+- :func:`plan_folds` / :func:`fold_names` need only slide ids, patients, the scheme, ``k`` and
+  the seed, so a workflow can know the folds while it builds its DAG, before any counts exist.
+- :func:`make_folds` (``stevs folds``) reads the slide AnnDatas, splits spots for the
+  within-slice scheme (or for validation blocks), chooses the gene panel and the normalisation
+  statistics from each fold's training spots only, and writes one ``{fold}.json`` per fold plus
+  ``folds.tsv``.
+
+Schemes: ``leave_one_slide_out`` (one fold per slide, in input order), ``leave_one_patient_out``
+(one fold per patient, in order of first appearance), ``group_kfold`` (``k`` folds over
+patients), ``within_slice`` (``k`` folds over square spatial blocks of every slide).
+
+Validation comes from training slides only: a whole training patient (patient schemes, when at
+least two training patients remain), else a whole training slide (when at least two remain),
+else spatial blocks of the one training slide. Spots are never shared between splits; where
+splits share a slide (within-slice folds, block validation), training and validation spots
+closer than ``buffer_pitches`` spot pitches (+5% for spot-position jitter) to a held-out spot
+are dropped, so every kept training spot lies more than one pitch from every test spot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from stevs import __version__
+from stevs.errors import StevsInputError
+from stevs.panels import (
+    NORMALISATIONS,
+    PANEL_METHODS,
+    TARGET_SUM,
+    Panel,
+    TrainingCounts,
+    choose_panel,
+    common_genes,
+    library_sizes,
+    normalisation_stats,
+    read_gene_list,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("leave_one_slide_out", "leave_one_patient_out", "group_kfold", "within_slice")
+SPLITS = ("train", "val", "test")
+VALIDATION_MODES = ("slide", "patient", "blocks")
+DEFAULT_BLOCK_PITCHES = 4.0
+VAL_BLOCK_FRACTION = 0.2
+BUFFER_TOLERANCE = 1.05  # spot centres jitter by a few px around the ideal grid
+
+# spot labels used while splitting a slide's spots
+DROPPED, TRAIN, VAL, TEST = -1, 0, 1, 2
+LABEL_OF_SPLIT = {"train": TRAIN, "val": VAL, "test": TEST}
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: slide ids + patients (+ seed) only
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Slide-level split of one fold; ``validation`` says how val was carved out."""
+
+    name: str
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    validation: str
+
+
+def _check_slides(slide_ids: Sequence[str], patients: Sequence[str]) -> None:
+    if len(slide_ids) != len(patients):
+        raise StevsInputError(None, "need exactly one patient per slide")
+    if not slide_ids:
+        raise StevsInputError(None, "no slides given")
+    seen: set[str] = set()
+    duplicates = sorted({s for s in slide_ids if s in seen or seen.add(s)})
+    if duplicates:
+        raise StevsInputError(None, f"slide ids must be unique; repeated: {', '.join(duplicates)}")
+
+
+def _unique_in_order(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def n_folds(scheme: str, slide_ids: Sequence[str], patients: Sequence[str], k: int = 3) -> int:
+    """How many folds a scheme makes; raises :class:`StevsInputError` if it cannot work."""
+    _check_slides(slide_ids, patients)
+    n_patients = len(set(patients))
+    if scheme == "leave_one_slide_out":
+        if len(slide_ids) < 2:
+            raise StevsInputError(
+                None, "leave_one_slide_out needs at least 2 slides; use within_slice for one"
+            )
+        return len(slide_ids)
+    if scheme == "leave_one_patient_out":
+        if n_patients < 2:
+            raise StevsInputError(
+                None,
+                f"leave_one_patient_out needs at least 2 patients, but all {len(slide_ids)} "
+                f"slides belong to patient {patients[0]!r}; use within_slice (or fix the "
+                "patient column of the sample sheet)",
+            )
+        return n_patients
+    if scheme == "group_kfold":
+        if k < 2:
+            raise StevsInputError(None, f"group_kfold needs k >= 2, got {k}")
+        if k > n_patients:
+            raise StevsInputError(
+                None,
+                f"group_kfold with k={k} needs at least {k} patients, but there are "
+                f"{n_patients}; lower --k or use leave_one_patient_out",
+            )
+        return k
+    if scheme == "within_slice":
+        if k < 2:
+            raise StevsInputError(None, f"within_slice needs k >= 2, got {k}")
+        return k
+    raise StevsInputError(None, f"unknown fold scheme {scheme!r}; use one of {SCHEMES}")
+
+
+def fold_names(
+    scheme: str, slide_ids: Sequence[str], patients: Sequence[str], k: int = 3
+) -> list[str]:
+    """Fold names (``fold0``, ``fold1``, ...) from the sample sheet alone."""
+    return [f"fold{i}" for i in range(n_folds(scheme, slide_ids, patients, k))]
+
+
+def _carve_validation(
+    train: list[str], patient_of: dict[str, str], rng: np.random.Generator, by_patient: bool
+) -> tuple[list[str], list[str], str]:
+    """Split training slides into (train, val, how)."""
+    train_patients = _unique_in_order([patient_of[s] for s in train])
+    if by_patient and len(train_patients) >= 2:
+        chosen = train_patients[int(rng.integers(len(train_patients)))]
+        val = [s for s in train if patient_of[s] == chosen]
+        return [s for s in train if patient_of[s] != chosen], val, "patient"
+    if len(train) >= 2:
+        chosen = train[int(rng.integers(len(train)))]
+        return [s for s in train if s != chosen], [chosen], "slide"
+    return list(train), list(train), "blocks"
+
+
+def plan_folds(
+    scheme: str,
+    slide_ids: Sequence[str],
+    patients: Sequence[str],
+    k: int = 3,
+    seed: int = 0,
+) -> list[FoldPlan]:
+    """Assign slides to train/val/test for every fold; deterministic for a seed."""
+    count = n_folds(scheme, slide_ids, patients, k)
+    if seed < 0:
+        raise StevsInputError(None, f"the seed must be >= 0, got {seed}")
+    slide_ids = list(slide_ids)
+    patient_of = dict(zip(slide_ids, patients, strict=True))
+    if scheme == "within_slice":
+        every = tuple(slide_ids)
+        return [FoldPlan(f"fold{i}", every, every, every, "blocks") for i in range(count)]
+
+    if scheme == "leave_one_slide_out":
+        test_sets = [[s] for s in slide_ids]
+    elif scheme == "leave_one_patient_out":
+        test_sets = [
+            [s for s in slide_ids if patient_of[s] == p] for p in _unique_in_order(patients)
+        ]
+    else:  # group_kfold: shuffled patients, biggest first, each to the group with fewest slides
+        order = _unique_in_order(patients)
+        order = [order[i] for i in np.random.default_rng([seed]).permutation(len(order))]
+        sizes = {p: sum(patient_of[s] == p for s in slide_ids) for p in order}
+        order.sort(key=lambda p: -sizes[p])
+        groups: list[list[str]] = [[] for _ in range(count)]
+        loads = [0] * count
+        for p in order:
+            target = int(np.argmin(loads))
+            groups[target].append(p)
+            loads[target] += sizes[p]
+        test_sets = [[s for s in slide_ids if patient_of[s] in set(g)] for g in groups]
+
+    plans = []
+    for i, test in enumerate(test_sets):
+        rest = [s for s in slide_ids if s not in set(test)]
+        rng = np.random.default_rng([seed, i])
+        train, val, how = _carve_validation(
+            rest, patient_of, rng, by_patient=scheme != "leave_one_slide_out"
+        )
+        plans.append(FoldPlan(f"fold{i}", tuple(train), tuple(val), tuple(test), how))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Spatial blocks and buffers
+# --------------------------------------------------------------------------------------------
+
+
+def block_ids(coords_px: np.ndarray, block_px: float) -> np.ndarray:
+    """Index (0..B-1) of the square block of side ``block_px`` holding each spot."""
+    coords_px = np.asarray(coords_px, dtype=np.float64)
+    cells = np.floor((coords_px - coords_px.min(axis=0)) / block_px).astype(np.int64)
+    _, ids = np.unique(cells, axis=0, return_inverse=True)
+    return np.asarray(ids).ravel()
+
+
+def apply_buffer(coords_px: np.ndarray, labels: np.ndarray, min_gap_px: float) -> np.ndarray:
+    """Drop train/val spots within ``min_gap_px`` of a test spot, then train spots near val."""
+    from scipy.spatial import cKDTree
+
+    labels = labels.copy()
+    for held_out, to_thin in ((TEST, (TRAIN, VAL)), (VAL, (TRAIN,))):
+        held = labels == held_out
+        thin = np.isin(labels, to_thin)
+        if not held.any() or not thin.any():
+            continue
+        distance, _ = cKDTree(coords_px[held]).query(coords_px[thin], k=1)
+        rows = np.flatnonzero(thin)[distance < min_gap_px]
+        labels[rows] = DROPPED
+    return labels
+
+
+def _slide_key(slide: str) -> int:
+    return zlib.crc32(slide.encode("utf-8"))
+
+
+def _choose_val_blocks(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n_val = min(max(1, round(VAL_BLOCK_FRACTION * len(blocks))), len(blocks) - 1)
+    return rng.choice(blocks, size=n_val, replace=False)
+
+
+def within_slice_labels(
+    coords_px: np.ndarray,
+    *,
+    pitch_px: float,
+    block_px: float,
+    k: int,
+    seed: int,
+    slide: str,
+    buffer_pitches: float = 1.0,
+    source: str | None = None,
+) -> list[np.ndarray]:
+    """Spot labels (TRAIN/VAL/TEST/DROPPED) of one slide for each of ``k`` within-slice folds.
+
+    Blocks are shuffled (seed + slide id) and dealt into ``k`` test groups, so every spot is
+    tested exactly once; validation blocks come from the remaining blocks.
+    """
+    ids = block_ids(coords_px, block_px)
+    n_blocks = int(ids.max()) + 1
+    if n_blocks < k + 1:
+        raise StevsInputError(
+            source,
+            f"slide {slide} has {n_blocks} spatial block(s) of {block_px:.0f} px but "
+            f"within_slice with k={k} needs at least {k + 1}; use a smaller --block-um or --k",
+        )
+    key = _slide_key(slide)
+    order = np.random.default_rng([seed, key]).permutation(n_blocks)
+    result = []
+    for i, test_blocks in enumerate(np.array_split(order, k)):
+        rest = np.setdiff1d(order, test_blocks)
+        val_blocks = _choose_val_blocks(rest, np.random.default_rng([seed, key, i + 1]))
+        labels = np.full(len(ids), TRAIN, dtype=np.int8)
+        labels[np.isin(ids, val_blocks)] = VAL
+        labels[np.isin(ids, test_blocks)] = TEST
+        result.append(apply_buffer(coords_px, labels, buffer_pitches * pitch_px * BUFFER_TOLERANCE))
+    return result
+
+
+def block_validation_labels(
+    coords_px: np.ndarray,
+    *,
+    pitch_px: float,
+    block_px: float,
+    seed: int,
+    slide: str,
+    fold_index: int,
+    buffer_pitches: float = 1.0,
+    source: str | None = None,
+) -> np.ndarray:
+    """Spot labels (TRAIN/VAL/DROPPED) carving validation blocks out of one training slide."""
+    ids = block_ids(coords_px, block_px)
+    n_blocks = int(ids.max()) + 1
+    if n_blocks < 2:
+        raise StevsInputError(
+            source,
+            f"slide {slide} is the only training slide and has a single spatial block of "
+            f"{block_px:.0f} px, so no validation blocks can be carved out; use a smaller "
+            "--block-um",
+        )
+    rng = np.random.default_rng([seed, _slide_key(slide), 1_000_003 + fold_index])
+    val_blocks = _choose_val_blocks(np.arange(n_blocks), rng)
+    labels = np.full(len(ids), TRAIN, dtype=np.int8)
+    labels[np.isin(ids, val_blocks)] = VAL
+    return apply_buffer(coords_px, labels, buffer_pitches * pitch_px * BUFFER_TOLERANCE)
+
+
+# --------------------------------------------------------------------------------------------
+# The fold file
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlideEntry:
+    """One slide of a fold: its id, patient and the files the fold reads."""
+
+    slide: str
+    patient: str
+    adata: str
+    patches: str
+
+
+@dataclass
+class Fold:
+    """The contents of a fold file (``results/folds/{fold}.json``)."""
+
+    fold: str
+    scheme: str
+    seed: int
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    genes: list[str]
+    headline_genes: list[str]
+    panel: dict[str, Any]
+    normalisation: dict[str, Any]
+    slides: list[SlideEntry]
+    spots: dict[str, dict[str, list[str]]] | None = None
+    validation: str = "slide"
+    shared_patients: list[str] = field(default_factory=list)
+    n_spots: dict[str, int] = field(default_factory=dict)
+    stevs_version: str = __version__
+    path: str | None = field(default=None, compare=False)
+
+    @property
+    def slide_ids(self) -> list[str]:
+        """All slide ids of the fold; ``SpotDataset`` items index into this list."""
+        return [entry.slide for entry in self.slides]
+
+    def slide_index(self, slide: str) -> int:
+        """Position of ``slide`` in :attr:`slide_ids`."""
+        return self.slide_ids.index(slide)
+
+    def slide_entry(self, slide: str) -> SlideEntry:
+        """The :class:`SlideEntry` of ``slide``."""
+        return self.slides[self.slide_index(slide)]
+
+    def split_slides(self, split: str) -> list[str]:
+        """Slide ids of a split (``train``, ``val`` or ``test``)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        return list(getattr(self, split))
+
+    def spots_for(self, split: str, slide: str) -> list[str] | None:
+        """Barcodes of ``slide`` in ``split``, or None when the split takes the whole slide."""
+        if self.spots is None or split not in self.spots:
+            return None
+        return self.spots[split].get(slide)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the fold file."""
+        data = asdict(self)
+        data.pop("path")
+        if data["spots"] is None:
+            data.pop("spots")
+        return data
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_fold(fold: Fold, path: str | PathLike) -> Path:
+    """Write a fold file atomically."""
+    path = Path(path)
+    _atomic_write_text(path, json.dumps(fold.to_dict(), indent=1) + "\n")
+    return path
+
+
+def _require(path: Path, ok: bool, problem: str) -> None:
+    if not ok:
+        raise StevsInputError(path, problem)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def load_fold(path: str | PathLike) -> Fold:
+    """Read and validate a fold file; problems raise :class:`StevsInputError` naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise StevsInputError(path, f"cannot read the fold file: {err.strerror or err}") from err
+    except json.JSONDecodeError as err:
+        raise StevsInputError(path, f"not a valid fold file (bad JSON: {err})") from err
+    _require(path, isinstance(data, dict), "a fold file holds a JSON object")
+    required = (
+        "fold scheme seed train val test genes headline_genes panel normalisation slides"
+    ).split()
+    missing = [key for key in required if key not in data]
+    _require(path, not missing, f"fold file lacks {', '.join(missing)}")
+    _require(path, data["scheme"] in SCHEMES, f"unknown scheme {data['scheme']!r}")
+    _require(path, isinstance(data["seed"], int), "seed must be an integer")
+    for key in ("train", "val", "test", "genes", "headline_genes"):
+        _require(path, _is_str_list(data[key]), f"{key} must be a list of strings")
+    genes = data["genes"]
+    _require(path, len(genes) > 0, "the gene panel is empty")
+    _require(path, len(set(genes)) == len(genes), "the gene panel repeats genes")
+    _require(path, set(data["headline_genes"]) <= set(genes), "headline genes must be panel genes")
+    try:
+        slides = [SlideEntry(**entry) for entry in data["slides"]]
+    except TypeError as err:
+        raise StevsInputError(
+            path, f"slides must be a list of {{slide, patient, adata, patches}}: {err}"
+        ) from err
+    slide_ids = [entry.slide for entry in slides]
+    _require(path, len(set(slide_ids)) == len(slide_ids), "slides repeat a slide id")
+    for split in SPLITS:
+        unknown = set(data[split]) - set(slide_ids)
+        _require(path, not unknown, f"{split} names slides not in slides: {sorted(unknown)}")
+    _require(path, bool(data["train"]) and bool(data["test"]), "train and test must not be empty")
+    norm = data["normalisation"]
+    _require(
+        path,
+        isinstance(norm, dict) and norm.get("method") in NORMALISATIONS,
+        f"normalisation.method must be one of {NORMALISATIONS}",
+    )
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        _require(
+            path,
+            isinstance(values, list) and len(values) == len(genes),
+            f"normalisation.{key} needs one number per panel gene ({len(genes)})",
+        )
+    spots = data.get("spots")
+    if spots is not None:
+        _require(path, isinstance(spots, dict), "spots must map split -> slide -> barcodes")
+        for split, by_slide in spots.items():
+            _require(path, split in SPLITS, f"spots has an unknown split {split!r}")
+            _require(path, isinstance(by_slide, dict), f"spots.{split} must map slide -> list")
+            for slide, barcodes in by_slide.items():
+                _require(path, slide in data[split], f"spots.{split} names slide {slide}")
+                _require(path, _is_str_list(barcodes), f"spots.{split}.{slide} not a list")
+    fold = Fold(
+        fold=str(data["fold"]),
+        scheme=data["scheme"],
+        seed=data["seed"],
+        train=data["train"],
+        val=data["val"],
+        test=data["test"],
+        genes=genes,
+        headline_genes=data["headline_genes"],
+        panel=data["panel"],
+        normalisation=norm,
+        slides=slides,
+        spots=spots,
+        validation=data.get("validation", "slide"),
+        shared_patients=data.get("shared_patients", []),
+        n_spots=data.get("n_spots", {}),
+        stevs_version=data.get("stevs_version", ""),
+        path=str(path),
+    )
+    _check_no_overlap(fold, path)
+    return fold
+
+
+def _check_no_overlap(fold: Fold, path: Path | None) -> None:
+    """Held-out data never meets training data: per slide, or per spot where spots split."""
+    pairs = (("val", "test"), ("train", "test"), ("train", "val"))
+    for a, b in pairs:
+        for slide in set(getattr(fold, a)) & set(getattr(fold, b)):
+            spots_a, spots_b = fold.spots_for(a, slide), fold.spots_for(b, slide)
+            if spots_a is None or spots_b is None:
+                raise StevsInputError(
+                    path, f"slide {slide} is in both {a} and {b} without a spot-level split"
+                )
+            shared = set(spots_a) & set(spots_b)
+            if shared:
+                raise StevsInputError(
+                    path, f"{len(shared)} spot(s) of slide {slide} are in both {a} and {b}"
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# Building folds from slide AnnDatas
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlideData:
+    """What fold building needs from one slide AnnData."""
+
+    slide: str
+    patient: str
+    adata_path: str
+    patches_path: str
+    barcodes: np.ndarray
+    genes: list[str]
+    counts: sp.csr_matrix
+    library_size: np.ndarray
+    coords_px: np.ndarray
+    mpp: float | None
+    pitch_um: float | None
+
+    def pitch_px(self) -> float:
+        """Spot pitch in level-0 px: from ``uns`` when known, else nearest-neighbour median."""
+        if self.pitch_um and self.mpp:
+            return float(self.pitch_um) / float(self.mpp)
+        from scipy.spatial import cKDTree
+
+        if len(self.coords_px) < 2:
+            raise StevsInputError(self.adata_path, "cannot estimate the spot pitch of one spot")
+        distance, _ = cKDTree(self.coords_px).query(self.coords_px, k=2)
+        pitch = float(np.median(distance[:, 1]))
+        log.warning("%s: spot pitch unknown, estimated %.1f px", self.adata_path, pitch)
+        return pitch
+
+    def block_px(self, block_um: float | None) -> float:
+        """Side of a spatial block in level-0 px (default: 4 spot pitches)."""
+        if block_um is None:
+            return DEFAULT_BLOCK_PITCHES * self.pitch_px()
+        if not self.mpp:
+            raise StevsInputError(self.adata_path, "--block-um needs uns['stevs']['mpp']")
+        return float(block_um) / float(self.mpp)
+
+
+def read_slide(path: str | PathLike, patches_dir: str | PathLike) -> SlideData:
+    """Read a slide AnnData (``results/slides/{slide}.h5ad``) for fold building."""
+    import anndata as ad
+
+    path = Path(path)
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise StevsInputError(path, f"cannot read the slide AnnData: {err}") from err
+    meta = adata.uns.get("stevs", {})
+    if not isinstance(meta, dict):
+        raise StevsInputError(path, "uns['stevs'] must be a dict")
+    slide = str(meta.get("slide") or path.name.removesuffix(".h5ad"))
+    patient = meta.get("patient")
+    if patient is None or str(patient) == "":
+        log.warning("%s: no patient in uns['stevs']; treating slide %s as its own", path, slide)
+        patient = slide
+    if "spatial" not in adata.obsm:
+        raise StevsInputError(path, "obsm['spatial'] (spot centres in px) is missing")
+    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] != 2 or not np.isfinite(coords).all():
+        raise StevsInputError(path, "obsm['spatial'] must be finite (n_spots, 2) x, y pixels")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise StevsInputError(path, f"the slide has {adata.n_obs} spots and {adata.n_vars} genes")
+    if not adata.obs_names.is_unique or not adata.var_names.is_unique:
+        raise StevsInputError(path, "spot barcodes and gene names must be unique")
+    counts = sp.csr_matrix(adata.X)
+    if counts.nnz and (counts.data < 0).any():
+        raise StevsInputError(path, "X must hold raw counts (found negative values)")
+    mpp = meta.get("mpp")
+    pitch = meta.get("spot_pitch_um")
+    return SlideData(
+        slide=slide,
+        patient=str(patient),
+        adata_path=os.fspath(path),
+        patches_path=os.fspath(Path(patches_dir) / f"{slide}.h5"),
+        barcodes=np.asarray(adata.obs_names, dtype=str),
+        genes=[str(g) for g in adata.var_names],
+        counts=counts,
+        library_size=library_sizes(counts),
+        coords_px=coords,
+        mpp=float(mpp) if mpp else None,
+        pitch_um=float(pitch) if pitch else None,
+    )
+
+
+@dataclass
+class FoldOptions:
+    """Choices of ``stevs folds`` that shape every fold."""
+
+    scheme: str = "leave_one_patient_out"
+    k: int = 3
+    seed: int = 0
+    panel: str = "highly_variable"
+    n_genes: int = 250
+    gene_list: str | None = None
+    n_headline: int = 50
+    exclude_mito_ribo: bool = True
+    normalisation: str = "log1p_cp10k"
+    block_um: float | None = None
+    buffer_pitches: float = 1.0
+
+
+def _spot_split(
+    plan: FoldPlan, index: int, slides: dict[str, SlideData], options: FoldOptions
+) -> dict[str, dict[str, list[str]]] | None:
+    """Barcode lists per split and slide where the fold splits slides into spots."""
+    if plan.validation != "blocks":
+        return None
+    spots: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
+    for slide in plan.train:
+        data = slides[slide]
+        common = dict(
+            pitch_px=data.pitch_px(),
+            block_px=data.block_px(options.block_um),
+            seed=options.seed,
+            slide=slide,
+            buffer_pitches=options.buffer_pitches,
+            source=data.adata_path,
+        )
+        if options.scheme == "within_slice":
+            labels = within_slice_labels(data.coords_px, k=options.k, **common)[index]
+        else:
+            labels = block_validation_labels(data.coords_px, fold_index=index, **common)
+        for split, label in LABEL_OF_SPLIT.items():
+            if split == "test" and options.scheme != "within_slice":
+                continue
+            spots[split][slide] = data.barcodes[labels == label].tolist()
+    if options.scheme != "within_slice":
+        del spots["test"]
+    for split, by_slide in spots.items():
+        if not any(by_slide.values()):
+            raise StevsInputError(
+                ", ".join(slides[s].adata_path for s in plan.train),
+                f"{plan.name}: no {split} spots are left after blocking and the buffer; "
+                "use a smaller --block-um",
+            )
+    return spots
+
+
+def _training_counts(
+    plan: FoldPlan,
+    spots: dict[str, dict[str, list[str]]] | None,
+    slides: dict[str, SlideData],
+    genes: list[str],
+) -> TrainingCounts:
+    blocks, libs, batch = [], [], []
+    for slide in plan.train:
+        data = slides[slide]
+        rows = np.arange(len(data.barcodes))
+        if spots is not None and slide in spots.get("train", {}):
+            rows = np.flatnonzero(np.isin(data.barcodes, spots["train"][slide]))
+        gene_pos = {g: i for i, g in enumerate(data.genes)}
+        columns = np.asarray([gene_pos[g] for g in genes], dtype=np.int64)
+        blocks.append(data.counts[rows][:, columns])
+        libs.append(data.library_size[rows])
+        batch.append(np.full(len(rows), slide, dtype=object))
+    return TrainingCounts(
+        counts=sp.vstack(blocks).tocsr(),
+        library_size=np.concatenate(libs),
+        batch=np.concatenate(batch).astype(str),
+        genes=genes,
+    )
+
+
+def _count_spots(
+    plan: FoldPlan, spots: dict[str, dict[str, list[str]]] | None, slides: dict[str, SlideData]
+) -> dict[str, int]:
+    counts = {}
+    for split in SPLITS:
+        total = 0
+        for slide in getattr(plan, split):
+            chosen = None if spots is None else spots.get(split, {}).get(slide)
+            total += len(slides[slide].barcodes) if chosen is None else len(chosen)
+        counts[split] = total
+    return counts
+
+
+def build_fold(
+    plan: FoldPlan,
+    index: int,
+    slides: dict[str, SlideData],
+    options: FoldOptions,
+    gene_list: list[str] | None = None,
+) -> Fold:
+    """Split spots where needed, choose the panel and statistics: one :class:`Fold`."""
+    in_fold = [s for s in slides if s in set(plan.train) | set(plan.val) | set(plan.test)]
+    genes_by_slide = {s: slides[s].genes for s in in_fold}
+    spots = _spot_split(plan, index, slides, options)
+    training = _training_counts(plan, spots, slides, common_genes(genes_by_slide))
+    panel: Panel = choose_panel(
+        training,
+        genes_by_slide,
+        method=options.panel,
+        n_genes=options.n_genes,
+        gene_list=gene_list,
+        gene_list_path=options.gene_list,
+        n_headline=options.n_headline,
+        exclude_mito_ribo=options.exclude_mito_ribo,
+        fold_label=plan.name,
+    )
+    normalisation = normalisation_stats(training, panel.genes, options.normalisation, TARGET_SUM)
+    if options.scheme == "within_slice":
+        shared: list[str] = []
+    else:
+        test_patients = {slides[s].patient for s in plan.test}
+        seen_patients = {slides[s].patient for s in plan.train + plan.val}
+        shared = sorted(test_patients & seen_patients)
+    fold = Fold(
+        fold=plan.name,
+        scheme=options.scheme,
+        seed=options.seed,
+        train=list(plan.train),
+        val=list(plan.val),
+        test=list(plan.test),
+        genes=panel.genes,
+        headline_genes=panel.headline_genes,
+        panel=panel.info,
+        normalisation=normalisation,
+        slides=[
+            SlideEntry(s, slides[s].patient, slides[s].adata_path, slides[s].patches_path)
+            for s in in_fold
+        ],
+        spots=spots,
+        validation=plan.validation,
+        shared_patients=shared,
+        n_spots=_count_spots(plan, spots, slides),
+    )
+    _check_no_overlap(fold, None)
+    return fold
+
+
+def make_folds(
+    slide_paths: Sequence[str | PathLike],
+    patches_dir: str | PathLike,
+    out_dir: str | PathLike,
+    options: FoldOptions,
+) -> list[Fold]:
+    """Read slides, build every fold, write ``{fold}.json`` files and ``folds.tsv``."""
+    from tqdm import tqdm
+
+    if options.panel not in PANEL_METHODS:
+        raise StevsInputError(None, f"unknown panel {options.panel!r}; use one of {PANEL_METHODS}")
+    gene_list = None
+    if options.panel == "gene_list":
+        if not options.gene_list:
+            raise StevsInputError(None, "--panel gene_list needs --gene-list FILE")
+        gene_list = read_gene_list(options.gene_list)
+    records = [read_slide(p, patches_dir) for p in tqdm(slide_paths, desc="reading slides")]
+    slides: dict[str, SlideData] = {}
+    for record in records:
+        if record.slide in slides:
+            raise StevsInputError(
+                record.adata_path,
+                f"slide id {record.slide} is also used by {slides[record.slide].adata_path}",
+            )
+        slides[record.slide] = record
+    plans = plan_folds(
+        options.scheme,
+        list(slides),
+        [r.patient for r in records],
+        k=options.k,
+        seed=options.seed,
+    )
+    out_dir = Path(out_dir)
+    folds = []
+    for index, plan in enumerate(tqdm(plans, desc="building folds")):
+        fold = build_fold(plan, index, slides, options, gene_list)
+        if fold.shared_patients:
+            log.warning(
+                "%s: patient(s) %s have sections in both training and test; use "
+                "leave_one_patient_out or group_kfold to keep patients apart",
+                plan.name,
+                ", ".join(fold.shared_patients),
+            )
+        fold.path = str(write_fold(fold, out_dir / f"{fold.fold}.json"))
+        folds.append(fold)
+    write_summary(folds, out_dir / "folds.tsv")
+    return folds
+
+
+def write_summary(folds: Sequence[Fold], path: str | PathLike) -> Path:
+    """Write ``folds.tsv``: one row per fold, what it tests and how it was made."""
+    columns = (
+        "fold scheme seed validation train val test n_train_spots n_val_spots n_test_spots "
+        "n_genes panel normalisation shared_patients"
+    ).split()
+    lines = ["\t".join(columns)]
+    for fold in folds:
+        row = [
+            fold.fold,
+            fold.scheme,
+            str(fold.seed),
+            fold.validation,
+            ",".join(fold.train),
+            ",".join(fold.val),
+            ",".join(fold.test),
+            str(fold.n_spots.get("train", "")),
+            str(fold.n_spots.get("val", "")),
+            str(fold.n_spots.get("test", "")),
+            str(len(fold.genes)),
+            str(fold.panel.get("method", "")),
+            str(fold.normalisation.get("method", "")),
+            ",".join(fold.shared_patients),
+        ]
+        lines.append("\t".join(row))
+    path = Path(path)
+    _atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stevs folds``."""
+    parser.add_argument(
+        "--slides", nargs="+", required=True, help="slide AnnDatas, in sample-sheet order"
+    )
+    parser.add_argument(
+        "--patches-dir", default="results/patches", help="where {slide}.h5 patch caches live"
+    )
+    parser.add_argument("--scheme", choices=SCHEMES, default="leave_one_patient_out")
+    parser.add_argument(
+        "--k", type=int, default=3, help="folds for group_kfold and within_slice (default 3)"
+    )
+    parser.add_argument("--panel", choices=PANEL_METHODS, default="highly_variable")
+    parser.add_argument("--n-genes", type=int, default=250, help="panel size (default 250)")
+    parser.add_argument("--gene-list", help="gene list file (one gene per line) for gene_list")
+    parser.add_argument(
+        "--n-headline", type=int, default=50, help="headline genes (default 50 most variable)"
+    )
+    parser.add_argument(
+        "--keep-mito-ribo",
+        action="store_true",
+        help="let MT-/RPL/RPS genes into ranked panels (excluded by default)",
+    )
+    parser.add_argument("--normalisation", choices=NORMALISATIONS, default="log1p_cp10k")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--block-um",
+        type=float,
+        default=None,
+        help="side of the square spatial blocks in µm (default: 4 spot pitches)",
+    )
+    parser.add_argument(
+        "--buffer-pitches",
+        type=float,
+        default=1.0,
+        help="drop training spots within this many pitches of held-out spots (default 1)",
+    )
+    parser.add_argument("--out-dir", default="results/folds")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``stevs folds``: write the fold files."""
+    if args.block_um is not None and args.block_um <= 0:
+        raise StevsInputError(None, f"--block-um must be positive, got {args.block_um}")
+    if args.buffer_pitches < 0:
+        raise StevsInputError(None, f"--buffer-pitches must be >= 0, got {args.buffer_pitches}")
+    options = FoldOptions(
+        scheme=args.scheme,
+        k=args.k,
+        seed=args.seed,
+        panel=args.panel,
+        n_genes=args.n_genes,
+        gene_list=args.gene_list,
+        n_headline=args.n_headline,
+        exclude_mito_ribo=not args.keep_mito_ribo,
+        normalisation=args.normalisation,
+        block_um=args.block_um,
+        buffer_pitches=args.buffer_pitches,
+    )
+    folds = make_folds(args.slides, args.patches_dir, args.out_dir, options)
+    for fold in folds:
+        log.info(
+            "%s: test %s, val %s (%s), %d genes (%s)",
+            fold.fold,
+            ",".join(fold.test),
+            ",".join(fold.val),
+            fold.validation,
+            len(fold.genes),
+            fold.panel["method"],
+        )
+    return 0

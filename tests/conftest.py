@@ -1,0 +1,58 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+HER2ST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
+
+
+@pytest.fixture(scope="session")
+def her2st_dir() -> Path:
+    """The real her2st sections beside the repository (../shared/data/her2st)."""
+    if not (HER2ST_DIR / "sections.tsv").is_file():
+        pytest.skip(f"real her2st data not found at {HER2ST_DIR} (only present on dev/CI machines)")
+    return HER2ST_DIR
+
+
+def write_pyramid_tiff(
+    path: Path,
+    image: np.ndarray,
+    mpp: float | None = 0.5,
+    tile: int = 64,
+    n_levels: int = 3,
+    compression: str = "deflate",
+) -> Path:
+    """A small pyramidal tiled TIFF that OpenSlide opens (reduced levels marked as such)."""
+    kwargs = {}
+    with tifffile.TiffWriter(path) as writer:
+        for level in range(n_levels):
+            factor = 2**level
+            pixels = image[::factor, ::factor] if level else image
+            if mpp is not None:
+                kwargs = {
+                    "resolution": (1e4 / (mpp * factor), 1e4 / (mpp * factor)),
+                    "resolutionunit": "CENTIMETER",
+                }
+            writer.write(
+                np.ascontiguousarray(pixels),
+                tile=(tile, tile),
+                photometric="rgb" if pixels.ndim == 3 else "minisblack",
+                compression=compression,
+                subfiletype=1 if level else 0,
+                **kwargs,
+            )
+    return path
+
+
+@pytest.fixture
+def pattern_image() -> np.ndarray:
+    """A smooth colour gradient with a unique colour per pixel neighbourhood."""
+    yy, xx = np.mgrid[0:400, 0:520]
+    return np.stack(
+        [(xx * 255 // 519), (yy * 255 // 399), ((xx + yy) * 255 // 918)], axis=-1
+    ).astype(np.uint8)
