@@ -1,0 +1,97 @@
+rule make_demo:
+    output:
+        sheet=DEMO_SHEET,
+    log:
+        "logs/make_demo.log",
+    benchmark:
+        "benchmarks/make_demo.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        out=lambda wildcards, output: str(Path(output.sheet).parent),
+        seed=config["demo"]["seed"],
+        n_slides=config["demo"]["n_slides"],
+        size_um=config["demo"]["size_um"],
+        mpp=config["demo"]["mpp"],
+    shell:
+        "stevs demo --out {params.out} --seed {params.seed} --n-slides {params.n_slides}"
+        " --size-um {params.size_um} --mpp {params.mpp} > {log} 2>&1"
+
+
+rule ingest_slide:
+    input:
+        sheet=sample_sheet_input,
+    output:
+        "results/slides/{slide}.h5ad",
+    log:
+        "logs/ingest_slide/{slide}.log",
+    benchmark:
+        "benchmarks/ingest_slide/{slide}.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        data_root=f"--data-root {config['data_root']}" if config["data_root"] else "",
+    shell:
+        "stevs ingest --sample-sheet {input.sheet} --slide-id {wildcards.slide}"
+        " {params.data_root} --out {output} > {log} 2>&1"
+
+
+rule tile_slide:
+    input:
+        "results/slides/{slide}.h5ad",
+    output:
+        cache="results/patches/{slide}.h5",
+        qc=report(
+            "results/patches/{slide}.qc.png",
+            caption="../report/tiling_qc.rst",
+            category="Tiling QC",
+            labels={"slide": "{slide}"},
+        ),
+    log:
+        "logs/tile_slide/{slide}.log",
+    benchmark:
+        "benchmarks/tile_slide/{slide}.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: config["tiling"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        patch_px=config["tiling"]["patch_px"],
+        patch_um=config["tiling"]["patch_um"],
+    shell:
+        "stevs tile --slide {input} --out {output.cache} --qc {output.qc}"
+        " --patch-px {params.patch_px} --patch-um {params.patch_um} --threads {threads}"
+        " > {log} 2>&1"
+
+
+rule make_folds:
+    input:
+        slides=expand("results/slides/{slide}.h5ad", slide=SLIDES),
+    output:
+        folds=expand("results/folds/{fold}.json", fold=FOLDS),
+        summary="results/folds/folds.tsv",
+    log:
+        "logs/make_folds.log",
+    benchmark:
+        "benchmarks/make_folds.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        args=folds_args(),
+    shell:
+        "stevs folds --slides {input.slides} --patches-dir results/patches {params.args}"
+        " --out-dir results/folds > {log} 2>&1"

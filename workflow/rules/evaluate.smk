@@ -1,0 +1,59 @@
+rule evaluate:
+    input:
+        fold="results/folds/{fold}.json",
+        predictions=prediction_files,
+    output:
+        "results/metrics/{method}/{fold}.tsv",
+    log:
+        "logs/evaluate/{method}/{fold}.log",
+    benchmark:
+        "benchmarks/evaluate/{method}/{fold}.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        predictions=lambda wildcards, input: str(Path(input.predictions[0]).parent),
+    shell:
+        "stevs evaluate --fold {input.fold} --predictions {params.predictions}"
+        " --method {wildcards.method} --out {output} > {log} 2>&1"
+
+
+rule report:
+    input:
+        metrics=all_metrics(),
+        models=expand(
+            "results/models/{method}/{fold}/model.safetensors",
+            method=METHODS,
+            fold=FOLDS,
+        ),
+    output:
+        html=report(
+            "results/report/index.html",
+            caption="../report/report.rst",
+            category="Report",
+        ),
+        summary=report(
+            "results/report/summary.tsv",
+            caption="../report/summary.rst",
+            category="Report",
+        ),
+    log:
+        "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        config=workflow.configfiles[0] if workflow.configfiles else "config/config.yaml",
+        max_map_slides=config["report"]["max_map_slides"],
+    shell:
+        "stevs report --metrics results/metrics --predictions results/predictions"
+        " --folds results/folds --models results/models --config {params.config}"
+        " --max-map-slides {params.max_map_slides} --out results/report > {log} 2>&1"

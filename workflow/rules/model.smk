@@ -1,0 +1,50 @@
+rule train:
+    input:
+        fold="results/folds/{fold}.json",
+        patches=expand("results/patches/{slide}.h5", slide=SLIDES),
+    output:
+        model="results/models/{method}/{fold}/model.safetensors",
+    log:
+        "logs/train/{method}/{fold}.log",
+    benchmark:
+        "benchmarks/train/{method}/{fold}.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: 2
+    resources:
+        mem_mb=config["resources"]["train_mem_mb"],
+        runtime=config["resources"]["train_runtime"],
+        gpu=config["resources"]["gpu"],
+    params:
+        out=lambda wildcards, output: str(Path(output.model).parent),
+        args=training_args(),
+    shell:
+        "stevs train --fold {input.fold} --method {wildcards.method} {params.args}"
+        " --threads {threads} --out {params.out} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        fold="results/folds/{fold}.json",
+        model="results/models/{method}/{fold}/model.safetensors",
+    output:
+        "results/predictions/{method}/{fold}/{slide}.h5ad",
+    log:
+        "logs/predict/{method}/{fold}/{slide}.log",
+    benchmark:
+        "benchmarks/predict/{method}/{fold}/{slide}.tsv"
+    conda:
+        "../../envs/stevs.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=config["resources"]["gpu"],
+    params:
+        model_dir=lambda wildcards, input: str(Path(input.model).parent),
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
+        device=config["training"]["device"],
+    shell:
+        "stevs predict --model-dir {params.model_dir} --fold {input.fold}"
+        " --slides {wildcards.slide} --device {params.device} --threads {threads}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
