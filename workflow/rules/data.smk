@@ -4,7 +4,7 @@ rule make_demo:
     log:
         "logs/make_demo.log",
     benchmark:
-        "benchmarks/make_demo.tsv"
+        "results/benchmarks/make_demo.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -30,7 +30,7 @@ rule ingest_slide:
     log:
         "logs/ingest_slide/{slide}.log",
     benchmark:
-        "benchmarks/ingest_slide/{slide}.tsv"
+        "results/benchmarks/ingest_slide/{slide}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -58,7 +58,7 @@ rule tile_slide:
     log:
         "logs/tile_slide/{slide}.log",
     benchmark:
-        "benchmarks/tile_slide/{slide}.tsv"
+        "results/benchmarks/tile_slide/{slide}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: config["tiling"]["threads"]
@@ -83,7 +83,7 @@ rule make_folds:
     log:
         "logs/make_folds.log",
     benchmark:
-        "benchmarks/make_folds.tsv"
+        "results/benchmarks/make_folds.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1

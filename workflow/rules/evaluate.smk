@@ -7,7 +7,7 @@ rule evaluate:
     log:
         "logs/evaluate/{method}/{fold}.log",
     benchmark:
-        "benchmarks/evaluate/{method}/{fold}.tsv"
+        "results/benchmarks/evaluate/{method}/{fold}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -43,7 +43,7 @@ rule report:
     log:
         "logs/report.log",
     benchmark:
-        "benchmarks/report.tsv"
+        "results/benchmarks/report.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1

@@ -7,7 +7,7 @@ rule train:
     log:
         "logs/train/{method}/{fold}.log",
     benchmark:
-        "benchmarks/train/{method}/{fold}.tsv"
+        "results/benchmarks/train/{method}/{fold}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 2
@@ -32,7 +32,7 @@ rule predict:
     log:
         "logs/predict/{method}/{fold}/{slide}.log",
     benchmark:
-        "benchmarks/predict/{method}/{fold}/{slide}.tsv"
+        "results/benchmarks/predict/{method}/{fold}/{slide}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 2

@@ -1,0 +1,569 @@
+"""Per-gene metrics of predicted spatial expression and their fold summaries (``stevs evaluate``).
+
+Protocol (the same for every method):
+
+* Observed targets are the slide AnnData's raw counts normalised the fold's way
+  (``log1p_cp10k``: log1p of counts per 10,000 over *all* genes of the spot, then the panel
+  columns; or ``raw``: the panel counts), restricted to the fold's test spots.
+* Per gene and test slide: Pearson r and Spearman rho over the slide's spots, MSE, MAE and,
+  when the prediction carries ``layers["std"]``, the coverage of the central 90% Gaussian
+  predictive interval.
+* A gene constant in a test slide has r = rho = NaN, is flagged ``constant`` and counted,
+  and is left out of every mean of r. A constant *prediction* of a varying gene scores
+  r = rho = 0 (it carries no information), so a method cannot drop hard genes from its
+  means by predicting a constant.
+* Fold summaries average r first over the fold's test slides per gene (NaN-aware), then over
+  genes: all panel genes, the ``headline_genes`` of the fold file (the 50 most variable
+  training genes, fixed before testing: the headline number) and the 50 best-predicted genes
+  (``pearson_r_top50_optimistic``: selected on the test data, so optimistic by construction).
+* Pooled r concatenates the spots of all test slides of the fold per gene; it is reported in
+  its own ``pooled_*`` columns, never averaged with per-slide r.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse, stats
+
+from stevs.errors import StevsInputError
+
+log = logging.getLogger(__name__)
+
+#: two-sided z for a central 90% Gaussian interval
+Z90 = float(stats.norm.ppf(0.95))
+#: number of genes in the optimistic "top-k best-predicted" summary
+TOP_K = 50
+#: columns of the per gene x slide table, in order
+PER_GENE_COLUMNS = [
+    "method",
+    "fold",
+    "slide",
+    "gene",
+    "pearson_r",
+    "spearman_rho",
+    "mse",
+    "mae",
+    "coverage90",
+    "headline",
+    "constant",
+    "n_spots",
+]
+#: summary columns, in order, with their meaning (used by the report's "how to read this")
+SUMMARY_METRICS: dict[str, str] = {
+    "pearson_r_mean_all": "Pearson r per test slide, mean over all panel genes",
+    "pearson_r_mean_headline": (
+        "Pearson r per test slide, mean over the headline genes "
+        "(50 most variable training genes, fixed before testing)"
+    ),
+    "pearson_r_top50_optimistic": (
+        "Pearson r per test slide, mean over the 50 best-predicted genes "
+        "(chosen on the test data: optimistic)"
+    ),
+    "spearman_rho_mean_all": "Spearman rho per test slide, mean over all panel genes",
+    "spearman_rho_mean_headline": "Spearman rho per test slide, mean over the headline genes",
+    "mse_mean": "mean squared error, mean over genes and test slides",
+    "mae_mean": "mean absolute error, mean over genes and test slides",
+    "coverage90_mean": "fraction of spots inside the 90% predictive interval (ideal 0.90)",
+    "pooled_pearson_r_mean_all": (
+        "Pearson r over the spots of all test slides pooled, mean over all panel genes"
+    ),
+    "pooled_pearson_r_mean_headline": (
+        "Pearson r over the spots of all test slides pooled, mean over the headline genes"
+    ),
+    "n_constant": "gene x test-slide pairs with a constant observed gene (r = NaN, excluded)",
+    "n_genes": "panel genes",
+    "n_test_slides": "test slides",
+    "n_spots": "test spots over all test slides",
+}
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def normalise_counts(
+    counts: np.ndarray | sparse.spmatrix,
+    gene_names: Sequence[str],
+    panel: Sequence[str],
+    method: str = "log1p_cp10k",
+    target_sum: float = 1e4,
+    *,
+    source: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """Raw counts (spots x all genes) -> normalised panel expression (spots x panel), float64.
+
+    ``log1p_cp10k`` scales every spot to ``target_sum`` counts over all of its genes, takes
+    log1p and keeps the panel columns; ``raw`` keeps the panel counts. Spots without counts
+    stay zero. The arithmetic is :func:`stevs.panels.normalise`, the one the training targets
+    use (float32), so observed values equal the targets a model was trained on.
+    """
+    from stevs.panels import NORMALISATIONS, library_sizes, normalise
+
+    index = pd.Index([str(g) for g in gene_names])
+    missing = [g for g in panel if g not in index]
+    if missing:
+        raise StevsInputError(
+            source, f"{len(missing)} panel gene(s) missing from the expression, e.g. {missing[:5]}"
+        )
+    if method not in NORMALISATIONS:
+        raise StevsInputError(source, f"unknown normalisation method {method!r}")
+    columns = index.get_indexer(list(panel))
+    if sparse.issparse(counts):
+        counts = sparse.csr_matrix(counts)
+    else:
+        counts = np.asarray(counts, dtype=np.float64)
+    values = normalise(counts[:, columns], library_sizes(counts), method, float(target_sum))
+    return np.asarray(values, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- metric kernels
+
+
+def _is_constant(values: np.ndarray) -> np.ndarray:
+    """Per column: True where a column has (numerically) one value only."""
+    spread = np.ptp(values, axis=0) if len(values) else np.zeros(values.shape[1])
+    scale = np.maximum(1.0, np.abs(values).max(axis=0)) if len(values) else 1.0
+    return spread <= 1e-12 * scale
+
+
+def pearson_per_gene(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Pearson r per column (gene) over rows (spots).
+
+    NaN where the observed column is constant (or fewer than 2 spots); 0 where only the
+    prediction is constant.
+    """
+    obs = np.asarray(observed, dtype=np.float64)
+    pred = np.asarray(predicted, dtype=np.float64)
+    if obs.shape != pred.shape or obs.ndim != 2:
+        raise ValueError(f"observed {obs.shape} and predicted {pred.shape} must be equal 2-D")
+    r = np.full(obs.shape[1], np.nan)
+    if obs.shape[0] < 2:
+        return r
+    obs_constant = _is_constant(obs)
+    pred_constant = _is_constant(pred)
+    oc = obs - obs.mean(axis=0)
+    pc = pred - pred.mean(axis=0)
+    num = (oc * pc).sum(axis=0)
+    den = np.sqrt((oc * oc).sum(axis=0) * (pc * pc).sum(axis=0))
+    ok = ~obs_constant & ~pred_constant
+    r[ok] = np.clip(num[ok] / den[ok], -1.0, 1.0)
+    r[~obs_constant & pred_constant] = 0.0
+    return r
+
+
+def spearman_per_gene(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Spearman rho per gene: Pearson r of average ranks (ties share their mean rank)."""
+    obs = np.asarray(observed, dtype=np.float64)
+    pred = np.asarray(predicted, dtype=np.float64)
+    if obs.shape != pred.shape or obs.ndim != 2:
+        raise ValueError(f"observed {obs.shape} and predicted {pred.shape} must be equal 2-D")
+    if obs.shape[0] == 0:
+        return np.full(obs.shape[1], np.nan)
+    return pearson_per_gene(stats.rankdata(obs, axis=0), stats.rankdata(pred, axis=0))
+
+
+def coverage_per_gene(
+    observed: np.ndarray, predicted: np.ndarray, std: np.ndarray, z: float = Z90
+) -> np.ndarray:
+    """Fraction of spots with ``|observed - predicted| <= z * std`` per gene."""
+    obs = np.asarray(observed, dtype=np.float64)
+    inside = np.abs(obs - np.asarray(predicted, dtype=np.float64)) <= z * np.asarray(
+        std, dtype=np.float64
+    )
+    return inside.mean(axis=0) if len(obs) else np.full(obs.shape[1], np.nan)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def per_gene_table(
+    observed: np.ndarray,
+    predicted: np.ndarray,
+    genes: Sequence[str],
+    *,
+    std: np.ndarray | None = None,
+    headline_genes: Sequence[str] = (),
+    method: str = "",
+    fold: str = "",
+    slide: str = "",
+) -> pd.DataFrame:
+    """Metrics of one test slide: one row per gene, columns :data:`PER_GENE_COLUMNS`."""
+    obs = np.asarray(observed, dtype=np.float64)
+    pred = np.asarray(predicted, dtype=np.float64)
+    n_genes = len(genes)
+    if obs.shape != pred.shape or obs.shape[1:] != (n_genes,):
+        raise ValueError(f"observed {obs.shape}, predicted {pred.shape}, {n_genes} genes")
+    err = pred - obs
+    headline = set(headline_genes)
+    table = pd.DataFrame(
+        {
+            "method": method,
+            "fold": fold,
+            "slide": slide,
+            "gene": list(genes),
+            "pearson_r": pearson_per_gene(obs, pred),
+            "spearman_rho": spearman_per_gene(obs, pred),
+            "mse": (err**2).mean(axis=0) if len(obs) else np.nan,
+            "mae": np.abs(err).mean(axis=0) if len(obs) else np.nan,
+            "coverage90": (
+                coverage_per_gene(obs, pred, std) if std is not None else np.full(n_genes, np.nan)
+            ),
+            "headline": [g in headline for g in genes],
+            "constant": _is_constant(obs) if len(obs) else np.ones(n_genes, dtype=bool),
+            "n_spots": len(obs),
+        }
+    )
+    return table[PER_GENE_COLUMNS]
+
+
+def _nanmean(values: np.ndarray | pd.Series) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def summarise_fold(
+    per_gene: pd.DataFrame,
+    pooled_r: pd.Series | None = None,
+    *,
+    top_k: int = TOP_K,
+) -> dict[str, Any]:
+    """One fold's summary (keys :data:`SUMMARY_METRICS`) from its per gene x slide table.
+
+    ``pooled_r`` is the pooled-over-slides Pearson r per gene (index gene, ``headline``
+    taken from ``per_gene``); its means go to the ``pooled_*`` keys only.
+    """
+    if per_gene.empty:
+        raise ValueError("no per-gene rows to summarise")
+    by_gene = per_gene.groupby("gene", sort=False)
+    gene_r = by_gene["pearson_r"].apply(_nanmean)
+    gene_rho = by_gene["spearman_rho"].apply(_nanmean)
+    headline = by_gene["headline"].any()
+    best = gene_r.dropna().sort_values(ascending=False).head(top_k)
+    summary: dict[str, Any] = {
+        "method": str(per_gene["method"].iloc[0]),
+        "fold": str(per_gene["fold"].iloc[0]),
+        "pearson_r_mean_all": _nanmean(gene_r),
+        "pearson_r_mean_headline": _nanmean(gene_r[headline]),
+        "pearson_r_top50_optimistic": _nanmean(best),
+        "spearman_rho_mean_all": _nanmean(gene_rho),
+        "spearman_rho_mean_headline": _nanmean(gene_rho[headline]),
+        "mse_mean": _nanmean(per_gene["mse"]),
+        "mae_mean": _nanmean(per_gene["mae"]),
+        "coverage90_mean": _nanmean(per_gene["coverage90"]),
+        "pooled_pearson_r_mean_all": float("nan"),
+        "pooled_pearson_r_mean_headline": float("nan"),
+        "n_constant": int(per_gene["constant"].sum()),
+        "n_genes": int(per_gene["gene"].nunique()),
+        "n_test_slides": int(per_gene["slide"].nunique()),
+        "n_spots": int(per_gene.groupby("slide")["n_spots"].first().sum()),
+    }
+    if pooled_r is not None:
+        pooled = pooled_r.reindex(gene_r.index)
+        summary["pooled_pearson_r_mean_all"] = _nanmean(pooled)
+        summary["pooled_pearson_r_mean_headline"] = _nanmean(pooled[headline])
+    return summary
+
+
+# --------------------------------------------------------------------------- fold files
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """The parts of a fold file (docs/architecture.md) that evaluation needs."""
+
+    path: Path
+    name: str
+    genes: list[str]
+    headline_genes: list[str]
+    normalisation_method: str
+    target_sum: float
+    slides: dict[str, dict[str, str]]
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    spots: dict[str, dict[str, list[str]]] | None
+    raw: dict[str, Any]
+
+    def spots_of(self, part: str, slide: str) -> list[str] | None:
+        """Barcodes of ``slide`` in ``part`` where the fold splits it into spots (within-slice
+        folds, validation blocks), None where ``part`` takes the whole slide."""
+        if self.spots is None or slide not in self.spots.get(part, {}):
+            return None
+        return [str(b) for b in self.spots[part][slide]]
+
+    def slide_paths(self, slide: str) -> dict[str, str]:
+        """``{"adata": ..., "patches": ...}`` of a slide, or StevsInputError."""
+        if slide not in self.slides:
+            raise StevsInputError(self.path, f"slide {slide!r} is not listed under 'slides'")
+        return self.slides[slide]
+
+
+def _slide_entries(path: Path, raw: Any) -> dict[str, dict[str, str]]:
+    """``slides`` of a fold file -> {slide: {"adata": ..., "patches": ..., ...}}.
+
+    Accepts the list written by ``stevs folds`` (``[{slide, patient, adata, patches}]``)
+    and a mapping ``{slide: {adata, patches}}``.
+    """
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, list) and all(isinstance(e, dict) and "slide" in e for e in raw):
+        items = [(e["slide"], e) for e in raw]
+    else:
+        raise StevsInputError(path, "'slides' must list {slide, adata, patches} entries")
+    slides = {}
+    for slide, entry in items:
+        if not isinstance(entry, dict) or "adata" not in entry:
+            raise StevsInputError(path, f"slide {slide!r}: expected {{'adata':..., 'patches':...}}")
+        slides[str(slide)] = {k: str(v) for k, v in entry.items()}
+    return slides
+
+
+def load_fold(path: str | os.PathLike) -> FoldSpec:
+    """Read and check a fold file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StevsInputError(path, "fold file not found") from None
+    except json.JSONDecodeError as err:
+        raise StevsInputError(path, f"not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise StevsInputError(path, "fold file must hold a JSON object")
+    for key in ("genes", "test", "slides"):
+        if key not in data:
+            raise StevsInputError(path, f"fold file lacks the key {key!r}")
+    genes = [str(g) for g in data["genes"]]
+    if not genes or len(set(genes)) != len(genes):
+        raise StevsInputError(path, "'genes' must be a non-empty list of unique names")
+    norm = data.get("normalisation") or {}
+    slides = _slide_entries(path, data["slides"])
+    return FoldSpec(
+        path=path,
+        name=str(data.get("fold", path.stem)),
+        genes=genes,
+        headline_genes=[str(g) for g in data.get("headline_genes", [])],
+        normalisation_method=str(norm.get("method", "log1p_cp10k")),
+        target_sum=float(norm.get("target_sum", 1e4)),
+        slides=slides,
+        train=[str(s) for s in data.get("train", [])],
+        val=[str(s) for s in data.get("val", [])],
+        test=[str(s) for s in data["test"]],
+        spots=data.get("spots"),
+        raw=data,
+    )
+
+
+def _resolve(fold: FoldSpec, file: str) -> Path:
+    """A path from the fold file: as written (relative to the working directory)."""
+    path = Path(file)
+    if not path.exists():
+        raise StevsInputError(fold.path, f"file {file!r} listed in the fold file does not exist")
+    return path
+
+
+def load_observed(
+    fold: FoldSpec, slide: str, barcodes: Sequence[str] | None = None
+) -> tuple[np.ndarray, pd.Index, Any]:
+    """Normalised observed panel expression of ``slide``: (values, barcodes, AnnData).
+
+    ``barcodes`` selects and orders spots (error if any is unknown); the default keeps all.
+    """
+    import anndata as ad
+
+    adata_path = _resolve(fold, fold.slide_paths(slide)["adata"])
+    adata = ad.read_h5ad(adata_path)
+    if barcodes is not None:
+        index = adata.obs_names.get_indexer(list(barcodes))
+        if (index < 0).any():
+            bad = [b for b, i in zip(barcodes, index, strict=True) if i < 0][:5]
+            raise StevsInputError(adata_path, f"unknown spot barcodes, e.g. {bad}")
+        adata = adata[index]
+    values = normalise_counts(
+        adata.X,
+        adata.var_names,
+        fold.genes,
+        fold.normalisation_method,
+        fold.target_sum,
+        source=adata_path,
+    )
+    return values, adata.obs_names.copy(), adata
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _read_prediction(path: Path, fold: FoldSpec) -> tuple[np.ndarray, np.ndarray | None, pd.Index]:
+    """Prediction AnnData -> (X on the fold's panel, std or None, barcodes)."""
+    import anndata as ad
+
+    pred = ad.read_h5ad(path)
+    gene_index = pred.var_names.get_indexer(fold.genes)
+    if (gene_index < 0).any():
+        missing = [g for g, i in zip(fold.genes, gene_index, strict=True) if i < 0][:5]
+        raise StevsInputError(path, f"prediction lacks panel genes, e.g. {missing}")
+    x = pred.X.toarray() if sparse.issparse(pred.X) else np.asarray(pred.X)
+    x = np.asarray(x[:, gene_index], dtype=np.float64)
+    std = None
+    if "std" in pred.layers:
+        s = pred.layers["std"]
+        s = s.toarray() if sparse.issparse(s) else np.asarray(s)
+        std = np.asarray(s[:, gene_index], dtype=np.float64)
+        if (std < 0).any() or not np.isfinite(std).all():
+            raise StevsInputError(path, "layers['std'] holds negative or non-finite values")
+    if not np.isfinite(x).all():
+        raise StevsInputError(path, "predicted expression holds NaN or infinite values")
+    return x, std, pred.obs_names.copy()
+
+
+def evaluate_fold(
+    fold_path: str | os.PathLike, predictions_dir: str | os.PathLike, method: str
+) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Score one method on one fold.
+
+    Returns the per gene x slide table, the fold summary and the pooled per-gene table
+    (gene, pooled_pearson_r, pooled_spearman_rho, headline, constant, n_spots).
+    """
+    from tqdm.auto import tqdm
+
+    fold = load_fold(fold_path)
+    predictions_dir = Path(predictions_dir)
+    if not fold.test:
+        raise StevsInputError(fold.path, "the fold has no test slides")
+    tables = []
+    pooled_obs, pooled_pred = [], []
+    for slide in tqdm(fold.test, desc=f"evaluate {method}/{fold.name}", unit="slide"):
+        pred_path = predictions_dir / f"{slide}.h5ad"
+        if not pred_path.exists():
+            raise StevsInputError(pred_path, f"no prediction for test slide {slide!r}")
+        pred, std, pred_barcodes = _read_prediction(pred_path, fold)
+        test_spots = fold.spots_of("test", slide)
+        if test_spots is None:
+            keep = np.arange(len(pred_barcodes))
+        else:
+            keep = pred_barcodes.get_indexer(test_spots)
+            if (keep < 0).any():
+                n_missing = int((keep < 0).sum())
+                raise StevsInputError(pred_path, f"{n_missing} test spot(s) of the fold missing")
+        if pred_barcodes.has_duplicates:
+            raise StevsInputError(pred_path, "duplicate spot barcodes")
+        barcodes = pred_barcodes[keep]
+        observed, _, _ = load_observed(fold, slide, barcodes)
+        pred = pred[keep]
+        std = None if std is None else std[keep]
+        tables.append(
+            per_gene_table(
+                observed,
+                pred,
+                fold.genes,
+                std=std,
+                headline_genes=fold.headline_genes,
+                method=method,
+                fold=fold.name,
+                slide=slide,
+            )
+        )
+        pooled_obs.append(observed)
+        pooled_pred.append(pred)
+    per_gene = pd.concat(tables, ignore_index=True)
+    obs_all = np.concatenate(pooled_obs)
+    pred_all = np.concatenate(pooled_pred)
+    pooled = pd.DataFrame(
+        {
+            "method": method,
+            "fold": fold.name,
+            "gene": fold.genes,
+            "pooled_pearson_r": pearson_per_gene(obs_all, pred_all),
+            "pooled_spearman_rho": spearman_per_gene(obs_all, pred_all),
+            "headline": [g in set(fold.headline_genes) for g in fold.genes],
+            "constant": _is_constant(obs_all),
+            "n_spots": len(obs_all),
+        }
+    )
+    summary = summarise_fold(per_gene, pooled.set_index("gene")["pooled_pearson_r"])
+    return per_gene, summary, pooled
+
+
+def write_tsv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a TSV through a temporary file in the same folder and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            table.to_csv(handle, sep="\t", index=False, float_format="%.10g")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def summary_path(out: str | os.PathLike) -> Path:
+    """``results/metrics/m/fold0.tsv`` -> ``results/metrics/m/fold0.summary.tsv``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".tsv") + ".summary.tsv")
+
+
+def pooled_path(out: str | os.PathLike) -> Path:
+    """``results/metrics/m/fold0.tsv`` -> ``results/metrics/m/fold0.pooled.tsv``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".tsv") + ".pooled.tsv")
+
+
+def write_evaluation(
+    per_gene: pd.DataFrame, summary: Mapping[str, Any], pooled: pd.DataFrame, out: str | os.PathLike
+) -> list[Path]:
+    """Write the per gene x slide TSV, its ``.summary.tsv`` and ``.pooled.tsv`` beside it."""
+    columns = ["method", "fold", *SUMMARY_METRICS]
+    summary_table = pd.DataFrame([{k: summary[k] for k in columns}])
+    # the per-gene table last: it is the file a workflow rule waits for
+    return [
+        write_tsv_atomic(summary_table, summary_path(out)),
+        write_tsv_atomic(pooled, pooled_path(out)),
+        write_tsv_atomic(per_gene, out),
+    ]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stevs evaluate``."""
+    parser.add_argument("--fold", required=True, help="fold file (results/folds/{fold}.json)")
+    parser.add_argument(
+        "--predictions", required=True, help="folder of {slide}.h5ad prediction AnnDatas"
+    )
+    parser.add_argument("--method", required=True, help="method name written into the tables")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="per gene x slide TSV; FOO.summary.tsv and FOO.pooled.tsv are written beside it",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``stevs evaluate``: score one method's predictions on one fold."""
+    per_gene, summary, pooled = evaluate_fold(args.fold, args.predictions, args.method)
+    write_evaluation(per_gene, summary, pooled, args.out)
+    log.info(
+        "%s %s: mean r %.3f (all %d genes), %.3f (headline), pooled %.3f; %d constant pairs",
+        summary["method"],
+        summary["fold"],
+        summary["pearson_r_mean_all"],
+        summary["n_genes"],
+        summary["pearson_r_mean_headline"],
+        summary["pooled_pearson_r_mean_all"],
+        summary["n_constant"],
+    )
+    return 0

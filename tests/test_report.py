@@ -1,0 +1,224 @@
+"""Tests of stevs.report: the report builds from small fixture predictions, is self-contained,
+and its method-by-metric table equals summary.tsv."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from stevs import metrics, report
+from stevs.cli import main
+from stevs.errors import StevsInputError
+
+GENES = [f"g{i}" for i in range(8)]
+N_SPOTS = 40
+
+
+class TableCells(HTMLParser):
+    """Collects the ``data-*`` attributes and text of the summary table's cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_summary = False
+        self.method: str | None = None
+        self.cells: list[dict] = []
+        self.current: dict | None = None
+        self.images: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag in {"script", "link"} or (tag == "img" and not attrs["src"].startswith("data:")):
+            self.external.append(tag)
+        if tag == "table":
+            self.in_summary = attrs.get("id") == "summary"
+        if self.in_summary and tag == "tr":
+            self.method = attrs.get("data-method")
+        if self.in_summary and tag == "td" and "data-metric" in attrs:
+            self.current = {"method": self.method, **attrs, "text": ""}
+
+    def handle_data(self, data: str) -> None:
+        if self.current is not None:
+            self.current["text"] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self.current is not None:
+            self.cells.append(self.current)
+            self.current = None
+        if tag == "table":
+            self.in_summary = False
+
+
+def make_run(root: Path) -> dict[str, Path]:
+    """Slides, 2 folds, predictions of 2 methods, their metrics and one training log."""
+    rng = np.random.default_rng(0)
+    slides = {}
+    truth = {}
+    for slide in ("A", "B", "C"):
+        counts = rng.poisson(
+            rng.gamma(2.0, 10.0, size=(1, len(GENES) + 1)), (N_SPOTS, len(GENES) + 1)
+        )
+        counts[:, 7] = 0  # g7 constant (never expressed)
+        barcodes = [f"{slide}-{i}" for i in range(N_SPOTS)]
+        adata = ad.AnnData(
+            X=sparse.csr_matrix(counts.astype(np.float32)),
+            obs=pd.DataFrame(index=barcodes),
+            var=pd.DataFrame(index=[*GENES, "other"]),
+        )
+        grid = np.indices((5, 8)).reshape(2, -1).T * 100.0
+        adata.obsm["spatial"] = grid
+        path = root / "slides" / f"{slide}.h5ad"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(path)
+        slides[slide] = path
+        truth[slide] = metrics.normalise_counts(counts, [*GENES, "other"], GENES)
+    folds_dir = root / "folds"
+    folds_dir.mkdir()
+    for k, test in enumerate(("A", "B")):
+        fold = {
+            "fold": f"fold{k}",
+            "scheme": "leave_one_slide_out",
+            "seed": 7,
+            "train": [s for s in slides if s != test and s != "C"],
+            "val": ["C"],
+            "test": [test],
+            "genes": GENES,
+            "headline_genes": GENES[:4],
+            "panel": {"method": "highly_variable", "n": len(GENES), "dropped": {"ribosomal": 1}},
+            "normalisation": {"method": "log1p_cp10k", "target_sum": 10000},
+            "validation": "slide",
+            "slides": [
+                {"slide": s, "patient": s, "adata": str(p), "patches": str(p) + ".h5"}
+                for s, p in slides.items()
+            ],
+        }
+        (folds_dir / f"fold{k}.json").write_text(json.dumps(fold))
+        for method, noise in (("good", 0.3), ("poor", 3.0)):
+            obs = truth[test]
+            pred = obs + rng.normal(scale=noise, size=obs.shape)
+            out = ad.AnnData(
+                X=pred.astype(np.float32),
+                obs=pd.DataFrame(index=[f"{test}-{i}" for i in range(N_SPOTS)]),
+                var=pd.DataFrame(index=GENES),
+            )
+            out.layers["std"] = np.full(pred.shape, noise, dtype=np.float32)
+            out.obsm["spatial"] = np.indices((5, 8)).reshape(2, -1).T * 100.0
+            pred_dir = root / "predictions" / method / f"fold{k}"
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            out.write_h5ad(pred_dir / f"{test}.h5ad")
+            per_gene, summary, pooled = metrics.evaluate_fold(
+                folds_dir / f"fold{k}.json", pred_dir, method
+            )
+            metrics.write_evaluation(
+                per_gene, summary, pooled, root / "metrics" / method / f"fold{k}.tsv"
+            )
+    log_dir = root / "models" / "good" / "fold0"
+    log_dir.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "epoch": range(5),
+            "val_pearson_r": np.linspace(0.1, 0.6, 5),
+            "train_loss": np.linspace(3, 1, 5),
+        }
+    ).to_csv(log_dir / "metrics.csv", index=False)
+    config = root / "config.yaml"
+    config.write_text("seed: 7\nmethods: [good, poor]\n# marker-in-config\n")
+    return {
+        "metrics": root / "metrics",
+        "predictions": root / "predictions",
+        "folds": folds_dir,
+        "models": root / "models",
+        "config": config,
+        "out": root / "report",
+    }
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    paths = make_run(tmp_path_factory.mktemp("run"))
+    argv = ["report"]
+    for key in ("metrics", "predictions", "folds", "models", "config", "out"):
+        argv += [f"--{key}", str(paths[key])]
+    assert main(argv) == 0
+    return paths
+
+
+def test_report_files_exist_and_html_is_self_contained(built_report: dict[str, Path]) -> None:
+    out = built_report["out"]
+    assert {"index.html", "summary.tsv", "per_gene.tsv", "folds.tsv", "pooled.tsv"} <= {
+        p.name for p in out.iterdir()
+    }
+    text = (out / "index.html").read_text()
+    parser = TableCells()
+    parser.feed(text)
+    assert parser.external == []  # no scripts, stylesheets or linked images
+    # 10 bar charts + per-gene r + 2 spatial maps (one test slide per fold) + 1 training curve
+    assert len(parser.images) == len(report.TABLE_METRICS) + 1 + 2 + 1
+    assert all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert "How to read this" in text and "optimistic" in text and "pooled" in text
+    assert "marker-in-config" in text  # config copied verbatim
+    assert "leave_one_slide_out, seed 7" in text  # fold protocol in words
+    assert "validation carved out of the training data as whole training slides" in text
+    assert "panel of 8 genes (highly_variable), dropped: ribosomal 1" in text
+    assert re.search(r"git commit: <code>([0-9a-f]{40}|not a git checkout)", text)
+    assert "torch" in text and "timm" in text
+
+
+def test_html_table_matches_summary_tsv(built_report: dict[str, Path]) -> None:
+    out = built_report["out"]
+    summary = pd.read_csv(out / "summary.tsv", sep="\t").set_index("method")
+    parser = TableCells()
+    parser.feed((out / "index.html").read_text())
+    assert len(parser.cells) == 2 * len(report.TABLE_METRICS)
+    for cell in parser.cells:
+        mean = summary.loc[cell["method"], f"{cell['data-metric']}_mean"]
+        std = summary.loc[cell["method"], f"{cell['data-metric']}_std"]
+        assert float(cell["data-mean"]) == pytest.approx(mean, rel=1e-9)
+        assert float(cell["data-std"]) == pytest.approx(std, rel=1e-9)
+        shown_mean, shown_std = (float(v) for v in cell["text"].split(" ± "))
+        assert shown_mean == pytest.approx(mean, abs=5e-4)
+        assert shown_std == pytest.approx(std, abs=5e-4)
+
+
+def test_summary_tsv_is_mean_and_std_over_fold_summaries(built_report: dict[str, Path]) -> None:
+    out = built_report["out"]
+    summary = pd.read_csv(out / "summary.tsv", sep="\t").set_index("method")
+    folds = pd.concat(
+        pd.read_csv(p, sep="\t") for p in sorted(built_report["metrics"].glob("*/*.summary.tsv"))
+    )
+    for method, group in folds.groupby("method"):
+        for metric in report.TABLE_METRICS:
+            assert summary.loc[method, f"{metric}_mean"] == pytest.approx(group[metric].mean())
+            assert summary.loc[method, f"{metric}_std"] == pytest.approx(group[metric].std(ddof=1))
+        assert summary.loc[method, "n_folds"] == 2
+        assert summary.loc[method, "n_constant_total"] == 2  # g7 on one test slide per fold
+    assert (
+        summary.loc["good", "pearson_r_mean_headline_mean"]
+        > summary.loc["poor", "pearson_r_mean_headline_mean"]
+    )
+    per_gene = pd.read_csv(out / "per_gene.tsv", sep="\t")
+    assert len(per_gene) == 2 * 2 * len(GENES)
+    assert per_gene.columns.tolist() == metrics.PER_GENE_COLUMNS
+
+
+def test_report_without_optional_inputs_and_bad_input(tmp_path: Path, built_report) -> None:
+    index = report.build_report(built_report["metrics"], tmp_path / "r")
+    text = index.read_text()
+    assert 'id="summary"' in text and "No fold files given" in text
+    assert "Spatial maps" not in text
+    with pytest.raises(StevsInputError, match="no .*summary.tsv files found"):
+        report.build_report(tmp_path / "empty", tmp_path / "r2")
+    with pytest.raises(StevsInputError, match="config file not found"):
+        report.build_report(
+            built_report["metrics"], tmp_path / "r3", config_path=tmp_path / "x.yaml"
+        )
