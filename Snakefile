@@ -24,4 +24,4 @@ include: "workflow/rules/evaluate.smk"
 rule all:
     default_target: True
     input:
-        "results/report/index.html",
+        f"{RESULTS}/report/index.html",

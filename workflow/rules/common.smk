@@ -16,6 +16,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 DEMO = config["demo"]["generate"]
 DEMO_SHEET = str(Path(config["demo"]["out"]) / "samples.tsv")
 SCHEME = config["folds"]["scheme"]
+RESULTS = config["results"].rstrip("/")
 METHODS = list(config["methods"])
 TORCH_METHODS = [m for m in METHODS if not m.startswith("ridge_")]
 
@@ -79,7 +80,7 @@ def test_slides(fold):
 
 def prediction_files(wildcards):
     return expand(
-        "results/predictions/{method}/{fold}/{slide}.h5ad",
+        f"{RESULTS}/predictions/{{method}}/{{fold}}/{{slide}}.h5ad",
         method=wildcards.method,
         fold=wildcards.fold,
         slide=test_slides(wildcards.fold),
@@ -87,7 +88,9 @@ def prediction_files(wildcards):
 
 
 def all_metrics():
-    return expand("results/metrics/{method}/{fold}.tsv", method=METHODS, fold=FOLDS)
+    return expand(
+        f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv", method=METHODS, fold=FOLDS
+    )
 
 
 def training_args():

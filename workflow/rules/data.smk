@@ -4,7 +4,7 @@ rule make_demo:
     log:
         "logs/make_demo.log",
     benchmark:
-        "results/benchmarks/make_demo.tsv"
+        f"{RESULTS}/benchmarks/make_demo.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -26,11 +26,11 @@ rule ingest_slide:
     input:
         sheet=sample_sheet_input,
     output:
-        "results/slides/{slide}.h5ad",
+        f"{RESULTS}/slides/{{slide}}.h5ad",
     log:
         "logs/ingest_slide/{slide}.log",
     benchmark:
-        "results/benchmarks/ingest_slide/{slide}.tsv"
+        f"{RESULTS}/benchmarks/ingest_slide/{{slide}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -46,11 +46,11 @@ rule ingest_slide:
 
 rule tile_slide:
     input:
-        "results/slides/{slide}.h5ad",
+        f"{RESULTS}/slides/{{slide}}.h5ad",
     output:
-        cache="results/patches/{slide}.h5",
+        cache=f"{RESULTS}/patches/{{slide}}.h5",
         qc=report(
-            "results/patches/{slide}.qc.png",
+            f"{RESULTS}/patches/{{slide}}.qc.png",
             caption="../report/tiling_qc.rst",
             category="Tiling QC",
             labels={"slide": "{slide}"},
@@ -58,7 +58,7 @@ rule tile_slide:
     log:
         "logs/tile_slide/{slide}.log",
     benchmark:
-        "results/benchmarks/tile_slide/{slide}.tsv"
+        f"{RESULTS}/benchmarks/tile_slide/{{slide}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: config["tiling"]["threads"]
@@ -76,14 +76,14 @@ rule tile_slide:
 
 rule make_folds:
     input:
-        slides=expand("results/slides/{slide}.h5ad", slide=SLIDES),
+        slides=expand(f"{RESULTS}/slides/{{slide}}.h5ad", slide=SLIDES),
     output:
-        folds=expand("results/folds/{fold}.json", fold=FOLDS),
-        summary="results/folds/folds.tsv",
+        folds=expand(f"{RESULTS}/folds/{{fold}}.json", fold=FOLDS),
+        summary=f"{RESULTS}/folds/folds.tsv",
     log:
         "logs/make_folds.log",
     benchmark:
-        "results/benchmarks/make_folds.tsv"
+        f"{RESULTS}/benchmarks/make_folds.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -92,6 +92,7 @@ rule make_folds:
         runtime=30,
     params:
         args=folds_args(),
+        results=lambda wildcards, output: str(Path(output.summary).parent.parent),
     shell:
-        "stevs folds --slides {input.slides} --patches-dir results/patches {params.args}"
-        " --out-dir results/folds > {log} 2>&1"
+        "stevs folds --slides {input.slides} --patches-dir {params.results}/patches {params.args}"
+        " --out-dir {params.results}/folds > {log} 2>&1"

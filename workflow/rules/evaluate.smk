@@ -1,13 +1,13 @@
 rule evaluate:
     input:
-        fold="results/folds/{fold}.json",
+        fold=f"{RESULTS}/folds/{{fold}}.json",
         predictions=prediction_files,
     output:
-        "results/metrics/{method}/{fold}.tsv",
+        f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv",
     log:
         "logs/evaluate/{method}/{fold}.log",
     benchmark:
-        "results/benchmarks/evaluate/{method}/{fold}.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{{method}}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -25,25 +25,25 @@ rule report:
     input:
         metrics=all_metrics(),
         models=expand(
-            "results/models/{method}/{fold}/model.safetensors",
+            f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
             method=METHODS,
             fold=FOLDS,
         ),
     output:
         html=report(
-            "results/report/index.html",
+            f"{RESULTS}/report/index.html",
             caption="../report/report.rst",
             category="Report",
         ),
         summary=report(
-            "results/report/summary.tsv",
+            f"{RESULTS}/report/summary.tsv",
             caption="../report/summary.rst",
             category="Report",
         ),
     log:
         "logs/report.log",
     benchmark:
-        "results/benchmarks/report.tsv"
+        f"{RESULTS}/benchmarks/report.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -53,7 +53,9 @@ rule report:
     params:
         config=workflow.configfiles[0] if workflow.configfiles else "config/config.yaml",
         max_map_slides=config["report"]["max_map_slides"],
+        results=lambda wildcards, output: str(Path(output.html).parent.parent),
     shell:
-        "stevs report --metrics results/metrics --predictions results/predictions"
-        " --folds results/folds --models results/models --config {params.config}"
-        " --max-map-slides {params.max_map_slides} --out results/report > {log} 2>&1"
+        "stevs report --metrics {params.results}/metrics"
+        " --predictions {params.results}/predictions --folds {params.results}/folds"
+        " --models {params.results}/models --config {params.config}"
+        " --max-map-slides {params.max_map_slides} --out {params.results}/report > {log} 2>&1"

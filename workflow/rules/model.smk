@@ -1,13 +1,13 @@
 rule train:
     input:
-        fold="results/folds/{fold}.json",
-        patches=expand("results/patches/{slide}.h5", slide=SLIDES),
+        fold=f"{RESULTS}/folds/{{fold}}.json",
+        patches=expand(f"{RESULTS}/patches/{{slide}}.h5", slide=SLIDES),
     output:
-        model="results/models/{method}/{fold}/model.safetensors",
+        model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
     log:
         "logs/train/{method}/{fold}.log",
     benchmark:
-        "results/benchmarks/train/{method}/{fold}.tsv"
+        f"{RESULTS}/benchmarks/train/{{method}}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 2
@@ -25,14 +25,14 @@ rule train:
 
 rule predict:
     input:
-        fold="results/folds/{fold}.json",
-        model="results/models/{method}/{fold}/model.safetensors",
+        fold=f"{RESULTS}/folds/{{fold}}.json",
+        model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
     output:
-        "results/predictions/{method}/{fold}/{slide}.h5ad",
+        f"{RESULTS}/predictions/{{method}}/{{fold}}/{{slide}}.h5ad",
     log:
         "logs/predict/{method}/{fold}/{slide}.log",
     benchmark:
-        "results/benchmarks/predict/{method}/{fold}/{slide}.tsv"
+        f"{RESULTS}/benchmarks/predict/{{method}}/{{fold}}/{{slide}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 2
