@@ -64,6 +64,9 @@ def composite_to_rgb(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     if channels == 1:
         return np.repeat(array, 3, axis=2)
     if channels in (2, 4):
+        if (array[:, :, -1] == 255).all():  # opaque (the usual OpenSlide read): no blending
+            colour = array[:, :, :-1]
+            return np.ascontiguousarray(np.repeat(colour, 3, axis=2) if channels == 2 else colour)
         colour, alpha = array[:, :, :-1], array[:, :, -1:].astype(np.float32) / 255.0
         if channels == 2:
             colour = np.repeat(colour, 3, axis=2)

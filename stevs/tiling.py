@@ -1,0 +1,694 @@
+"""Spot-centred patches at a fixed physical field of view -> HDF5 patch cache.
+
+For every spot of a slide AnnData, a ``patch_px`` x ``patch_px`` RGB patch centred on the
+spot is cut at ``patch_mpp`` microns per pixel (default 224 px at 0.5 µm/px = 112 µm) and
+written, in obs order, to the patch cache of ``docs/architecture.md``.
+
+How it stays fast and bounded in memory:
+
+* Spots are grouped into *windows*: cells of a square grid a few patches wide. Each window
+  is read once, from the coarsest pyramid level still at least as fine as the target
+  resolution, and every patch of the window is resampled from it (Pillow, antialiased
+  bicubic, sub-pixel exact box). When that level already has the target resolution (e.g.
+  level 1 of a 0.25 µm/px scan for 0.5 µm/px patches), patches are cut at the nearest
+  whole pixel instead: no interpolation blur, centre within half a target pixel of the
+  spot. Only a handful of windows (two per thread) are held at a time, so a gigapixel
+  pyramidal slide is never held whole. Plain JPEG/PNG images cannot be read in parts: the
+  slide reader decodes them whole (about 3 bytes per pixel, e.g. 275 MB for a her2st
+  section), so memory grows with such an image.
+* Windows run in a thread pool (``threads``); OpenSlide, tifffile's codecs, numpy and
+  Pillow's resampling release the GIL. Patches are written by the main thread into an HDF5
+  dataset whose chunks are all allocated up front, so the file's bytes do not depend on
+  the order in which windows finish: reruns with the same inputs give the same bytes.
+
+Geometry: ``obsm["spatial"]`` holds level-0 pixel coordinates with integer values at pixel
+centres (the image convention of scanpy and matplotlib), so a spot at ``(x, y)`` is centred
+on the continuous point ``(x + 0.5, y + 0.5)`` where pixel ``i`` spans ``[i, i + 1)``.
+A patch covers the level-0 box of side ``patch_px * patch_mpp / mpp`` around that point;
+parts outside the slide are white and counted in ``outside_fraction``. ``tissue_fraction``
+is the share of the patch's box that an Otsu threshold on the saturation of a slide
+thumbnail calls tissue (as in CLAM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from stevs import __version__
+from stevs.errors import StevsInputError
+from stevs.io.slide import SlideReader, open_slide
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATCH_PX = 224
+DEFAULT_PATCH_MPP = 0.5
+#: side of a window's grid cell, in patches
+DEFAULT_WINDOW_PATCHES = 4
+#: longest side of the thumbnail used for the tissue mask and the QC picture
+THUMBNAIL_PX = 2048
+#: the thumbnail is read in blocks of at most this many level pixels a side (bounded memory)
+THUMBNAIL_BLOCK = 1024
+#: patch sizes outside this range (pixels) are refused
+PATCH_PX_RANGE = (8, 4096)
+#: target resolutions outside this range (µm per pixel) are refused
+PATCH_MPP_RANGE = (0.05, 50.0)
+#: refuse targets more than this many times finer than the slide (blurred upsamples)
+MAX_UPSAMPLING = 4.0
+#: saturation (0-255) below which a thumbnail pixel is never tissue (white glass)
+MIN_TISSUE_SATURATION = 15
+RESAMPLE = Image.Resampling.BICUBIC
+#: extra source pixels around each patch box so the bicubic filter's support is inside
+#: the window (factor times the filter support of 2, plus rounding)
+_SUPPORT_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How patches map onto the slide's pyramid."""
+
+    mpp_source: float  # µm per level-0 px
+    patch_px: int
+    patch_mpp: float
+    level: int  # pyramid level the patches are read from
+    level_downsample: float  # level-0 px per level px
+
+    @property
+    def patch_um(self) -> float:
+        return self.patch_px * self.patch_mpp
+
+    @property
+    def patch_level0_px(self) -> float:
+        """Side of a patch's box in level-0 pixels."""
+        return self.patch_px * self.patch_mpp / self.mpp_source
+
+    @property
+    def level_to_target(self) -> float:
+        """Level pixels per target pixel (>= 1 except when the slide is coarser)."""
+        return self.patch_mpp / self.mpp_source / self.level_downsample
+
+    @property
+    def at_level_resolution(self) -> bool:
+        """True when the read level's pixels are target pixels (patches need no resampling)."""
+        return abs(self.level_to_target - 1.0) < 1e-6
+
+    def boxes(self, centers_px: np.ndarray) -> np.ndarray:
+        """Level-0 boxes (left, top, right, bottom) of the patches around spot centres."""
+        half = self.patch_level0_px / 2.0
+        cx = centers_px[:, 0] + 0.5
+        cy = centers_px[:, 1] + 0.5
+        return np.stack([cx - half, cy - half, cx + half, cy + half], axis=1)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A box of one pyramid level, read once, serving the patches ``indices``."""
+
+    x: int  # level px
+    y: int
+    width: int
+    height: int
+    indices: np.ndarray  # spot indices (obs order) served by this window
+
+
+# -- geometry ------------------------------------------------------------------------------
+
+
+def outside_fractions(boxes: np.ndarray, dimensions: tuple[int, int]) -> np.ndarray:
+    """Fraction of each level-0 box (left, top, right, bottom) lying outside the slide."""
+    width, height = dimensions
+    inside_w = np.clip(np.minimum(boxes[:, 2], width) - np.maximum(boxes[:, 0], 0), 0, None)
+    inside_h = np.clip(np.minimum(boxes[:, 3], height) - np.maximum(boxes[:, 1], 0), 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return np.clip(1.0 - inside_w * inside_h / area, 0.0, 1.0).astype(np.float32)
+
+
+def plan_windows(boxes: np.ndarray, geometry: TileGeometry, window_patches: int) -> list[Window]:
+    """Group patches into windows: grid cells ``window_patches`` patches wide.
+
+    Each window is the bounding box, in pixels of the read level, of its patches' boxes plus
+    a margin for the resampling filter. Windows are ordered row by row, so neighbouring
+    windows (sharing pyramid tiles) are read close together in time.
+    """
+    if window_patches < 1:
+        raise ValueError(f"window_patches must be >= 1, got {window_patches}")
+    cell = window_patches * geometry.patch_level0_px
+    centres_x = (boxes[:, 0] + boxes[:, 2]) / 2.0
+    centres_y = (boxes[:, 1] + boxes[:, 3]) / 2.0
+    cell_col = np.floor(centres_x / cell).astype(np.int64)
+    cell_row = np.floor(centres_y / cell).astype(np.int64)
+    order = np.lexsort((np.arange(len(boxes)), cell_col, cell_row))
+    keys = np.stack([cell_row[order], cell_col[order]], axis=1)
+    starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
+    ends = np.r_[starts[1:], len(order)]
+    margin = math.ceil(_SUPPORT_MARGIN * max(geometry.level_to_target, 1.0)) + 1
+    level_boxes = boxes / geometry.level_downsample
+    windows = []
+    for start, end in zip(starts, ends, strict=True):
+        indices = np.sort(order[start:end])
+        sub = level_boxes[indices]
+        x0 = math.floor(sub[:, 0].min()) - margin
+        y0 = math.floor(sub[:, 1].min()) - margin
+        x1 = math.ceil(sub[:, 2].max()) + margin
+        y1 = math.ceil(sub[:, 3].max()) + margin
+        windows.append(Window(x0, y0, x1 - x0, y1 - y0, indices))
+    return windows
+
+
+def read_window(slide: SlideReader, window: Window, geometry: TileGeometry) -> np.ndarray:
+    """The pixels of a window at its level (uint8 RGB), white outside the slide."""
+    scale = geometry.level_downsample
+    box = (window.x * scale, window.y * scale, window.width * scale, window.height * scale)
+    try:
+        return slide.read_region(box, (window.width, window.height))
+    except StevsInputError:
+        raise
+    except Exception as err:  # a codec or I/O error of a damaged file
+        raise StevsInputError(
+            slide.path,
+            f"cannot read level {geometry.level} (downsample {scale:g}) at level-0 box "
+            f"{tuple(round(v) for v in box)}: {type(err).__name__}: {err}",
+        ) from err
+
+
+def cut_patches(
+    window_pixels: np.ndarray, window: Window, boxes: np.ndarray, geometry: TileGeometry
+) -> np.ndarray:
+    """The patches of ``window`` from its pixels: uint8 (n, P, P, 3).
+
+    When the read level already has the target resolution, a patch is the window's pixels
+    at the nearest whole-pixel position (centre within half a target pixel of the spot,
+    no interpolation blur); otherwise it is resampled from its exact sub-pixel box.
+    """
+    size = geometry.patch_px
+    out = np.empty((len(window.indices), size, size, 3), np.uint8)
+    level_boxes = boxes[window.indices] / geometry.level_downsample
+    if geometry.at_level_resolution:
+        cols = np.floor(level_boxes[:, 0] - window.x + 0.5).astype(np.int64)
+        rows = np.floor(level_boxes[:, 1] - window.y + 0.5).astype(np.int64)
+        for k, (row, col) in enumerate(zip(rows, cols, strict=True)):
+            out[k] = window_pixels[row : row + size, col : col + size]
+        return out
+    image = Image.fromarray(window_pixels)
+    for k, (left, top, right, bottom) in enumerate(level_boxes):
+        sub_box = (left - window.x, top - window.y, right - window.x, bottom - window.y)
+        out[k] = np.asarray(image.resize((size, size), RESAMPLE, box=sub_box))
+    return out
+
+
+# -- tissue mask and QC picture --------------------------------------------------------------
+
+
+def read_thumbnail(slide: SlideReader, max_px: int = THUMBNAIL_PX) -> np.ndarray:
+    """The whole slide, longest side ``max_px``, read in blocks so memory stays bounded.
+
+    ``SlideReader.thumbnail`` reads the whole box at once, which holds a whole level in
+    memory; on a slide without a coarse pyramid level that would be the whole slide.
+    """
+    width, height = slide.dimensions
+    scale = max(width, height) / max_px  # level-0 px per thumbnail px
+    thumb_w, thumb_h = max(1, round(width / scale)), max(1, round(height / scale))
+    sx, sy = width / thumb_w, height / thumb_h
+    level_ds = slide.level_downsamples[slide.best_level(min(sx, sy))]
+    # block side in thumbnail px so that one block is at most ~THUMBNAIL_BLOCK^2 level px
+    block = max(16, int(THUMBNAIL_BLOCK / max(sx / level_ds, sy / level_ds, 1.0)))
+    thumb = np.empty((thumb_h, thumb_w, 3), np.uint8)
+    for ty in range(0, thumb_h, block):
+        for tx in range(0, thumb_w, block):
+            bw, bh = min(block, thumb_w - tx), min(block, thumb_h - ty)
+            box = (tx * sx, ty * sy, bw * sx, bh * sy)
+            try:
+                thumb[ty : ty + bh, tx : tx + bw] = slide.read_region(box, (bw, bh))
+            except StevsInputError:
+                raise
+            except Exception as err:
+                raise StevsInputError(
+                    slide.path, f"cannot read the slide's thumbnail: {type(err).__name__}: {err}"
+                ) from err
+    return thumb
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values: the t maximising between-class variance of <= t / > t."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    weight_low = np.cumsum(hist)
+    weight_high = total - weight_low
+    cum_mean = np.cumsum(hist * np.arange(256))
+    mean_low = cum_mean / np.maximum(weight_low, 1)
+    mean_high = (cum_mean[-1] - cum_mean) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return int(np.argmax(between))
+
+
+def tissue_mask(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
+    """Boolean tissue mask of an RGB thumbnail (Otsu on saturation) and its threshold."""
+    rgb = thumbnail.astype(np.int16)
+    high, low = rgb.max(axis=2), rgb.min(axis=2)
+    saturation = np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0).astype(np.uint8)
+    threshold = max(otsu_threshold(saturation), MIN_TISSUE_SATURATION)
+    return saturation > threshold, threshold
+
+
+def tissue_fractions(
+    mask: np.ndarray, boxes: np.ndarray, dimensions: tuple[int, int]
+) -> np.ndarray:
+    """Share of each level-0 box that the thumbnail mask calls tissue (outside = none)."""
+    thumb_h, thumb_w = mask.shape
+    sx, sy = dimensions[0] / thumb_w, dimensions[1] / thumb_h
+    integral = np.zeros((thumb_h + 1, thumb_w + 1), np.int64)
+    integral[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
+    x0 = np.rint(boxes[:, 0] / sx).astype(np.int64)
+    y0 = np.rint(boxes[:, 1] / sy).astype(np.int64)
+    x1 = np.maximum(np.rint(boxes[:, 2] / sx).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.rint(boxes[:, 3] / sy).astype(np.int64), y0 + 1)
+    area = (x1 - x0) * (y1 - y0)
+    cx0, cx1 = np.clip(x0, 0, thumb_w), np.clip(x1, 0, thumb_w)
+    cy0, cy1 = np.clip(y0, 0, thumb_h), np.clip(y1, 0, thumb_h)
+    inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
+    return (inside / area).astype(np.float32)
+
+
+def draw_qc(
+    thumbnail: np.ndarray,
+    boxes: np.ndarray,
+    outside: np.ndarray,
+    dimensions: tuple[int, int],
+    title: str,
+) -> Image.Image:
+    """The thumbnail with every patch box drawn: green inside, orange crossing the edge."""
+    image = Image.fromarray(thumbnail).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    sx, sy = dimensions[0] / image.width, dimensions[1] / image.height
+    line = 2 if len(boxes) and (boxes[0, 2] - boxes[0, 0]) / sx >= 12 else 1
+    for (left, top, right, bottom), out in zip(boxes, outside, strict=True):
+        colour = (255, 140, 0) if out > 0 else (0, 170, 0)
+        draw.rectangle(
+            (left / sx, top / sy, right / sx - 1, bottom / sy - 1), outline=colour, width=line
+        )
+    n_edge = int(np.count_nonzero(outside > 0))
+    label = f"{title}: {len(boxes)} patches, {n_edge} crossing the edge (orange)"
+    draw.rectangle((0, 0, 8 + 6 * len(label), 14), fill=(255, 255, 255))
+    draw.text((4, 2), label, fill=(0, 0, 0))
+    return image
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideSpots:
+    """What tiling needs from a slide AnnData."""
+
+    path: Path
+    slide: str
+    barcodes: list[str]
+    centers_px: np.ndarray  # float64 (n, 2) level-0 (x, y)
+    mpp: float | None
+    image_path: str | None
+    image_size: tuple[int, int] | None  # recorded (width, height), when present
+
+
+def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
+    """Read and check spot centres and slide metadata from a slide AnnData."""
+    import anndata
+
+    path = Path(path)
+    if not path.is_file():
+        raise StevsInputError(path, "slide AnnData not found")
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except Exception as err:
+        raise StevsInputError(path, f"cannot read slide AnnData: {err}") from err
+    try:
+        if "spatial" not in adata.obsm:
+            raise StevsInputError(path, "no spot centres: obsm['spatial'] is missing")
+        centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        barcodes = [str(b) for b in adata.obs_names]
+        meta = dict(adata.uns.get("stevs", {}))
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    if centers.ndim != 2 or centers.shape[1] != 2:
+        raise StevsInputError(path, f"obsm['spatial'] must be (n, 2), got shape {centers.shape}")
+    if len(centers) == 0:
+        raise StevsInputError(path, "the slide AnnData has no spots")
+    bad = ~np.isfinite(centers).all(axis=1)
+    if bad.any():
+        examples = ", ".join(barcodes[i] for i in np.flatnonzero(bad)[:3])
+        raise StevsInputError(
+            path, f"{int(bad.sum())} spots have NaN or infinite coordinates (e.g. {examples})"
+        )
+    mpp = meta.get("mpp")
+    mpp = None if mpp is None else float(mpp)
+    width, height = meta.get("image_width"), meta.get("image_height")
+    image_size = None if width is None or height is None else (int(width), int(height))
+    image_path = meta.get("image_path")
+    return SlideSpots(
+        path=path,
+        slide=str(meta.get("slide", path.stem)),
+        barcodes=barcodes,
+        centers_px=centers,
+        mpp=mpp,
+        image_path=None if image_path is None else str(image_path),
+        image_size=image_size,
+    )
+
+
+def check_spots_match_image(spots: SlideSpots, slide: SlideReader) -> None:
+    """Refuse a slide AnnData whose spots or recorded size do not fit this image."""
+    width, height = slide.dimensions
+    if spots.image_size is not None and spots.image_size != (width, height):
+        raise StevsInputError(
+            spots.path,
+            f"recorded image size {spots.image_size[0]}x{spots.image_size[1]} does not match "
+            f"{slide.path} ({width}x{height}): is this slide AnnData from another image?",
+        )
+    x, y = spots.centers_px[:, 0], spots.centers_px[:, 1]
+    outside = (x < -0.5) | (y < -0.5) | (x >= width - 0.5) | (y >= height - 0.5)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise StevsInputError(
+            spots.path,
+            f"{int(outside.sum())} of {len(x)} spot centres lie outside {slide.path} "
+            f"({width}x{height} px), e.g. {spots.barcodes[i]} at ({x[i]:.1f}, {y[i]:.1f}): "
+            "is this slide AnnData from another image?",
+        )
+
+
+def check_patch_settings(
+    patch_px: int, patch_mpp: float, path: str | os.PathLike | None = None
+) -> None:
+    """Refuse patch sizes and resolutions that make no sense (``path``: the slide tiled)."""
+    if isinstance(patch_px, bool) or not isinstance(patch_px, int | np.integer):
+        raise StevsInputError(
+            path, f"patch size must be a whole number of pixels, got {patch_px!r}"
+        )
+    if not PATCH_PX_RANGE[0] <= patch_px <= PATCH_PX_RANGE[1]:
+        raise StevsInputError(
+            path, f"patch size {patch_px} px is outside {PATCH_PX_RANGE[0]}-{PATCH_PX_RANGE[1]} px"
+        )
+    if not (
+        isinstance(patch_mpp, int | float)
+        and math.isfinite(patch_mpp)
+        and PATCH_MPP_RANGE[0] <= patch_mpp <= PATCH_MPP_RANGE[1]
+    ):
+        raise StevsInputError(
+            path,
+            f"patch resolution {patch_mpp!r} µm/px is outside "
+            f"{PATCH_MPP_RANGE[0]}-{PATCH_MPP_RANGE[1]} µm/px",
+        )
+
+
+def plan_geometry(
+    slide: SlideReader, mpp_source: float, patch_px: int, patch_mpp: float
+) -> TileGeometry:
+    """Pick the pyramid level for the target resolution and check it makes sense."""
+    downsample = patch_mpp / mpp_source
+    if downsample < 1.0 / MAX_UPSAMPLING:
+        raise StevsInputError(
+            slide.path,
+            f"target {patch_mpp:g} µm/px is {1 / downsample:.1f}x finer than the slide "
+            f"({mpp_source:g} µm/px); at most {MAX_UPSAMPLING:g}x upsampling is allowed",
+        )
+    side = patch_px * downsample
+    if side > max(slide.dimensions):
+        raise StevsInputError(
+            slide.path,
+            f"a patch of {patch_px * patch_mpp:g} µm ({side:.0f} px) is larger than the "
+            f"whole slide ({slide.dimensions[0]}x{slide.dimensions[1]} px)",
+        )
+    if downsample < 1.0:
+        log.info("%s: patches are upsampled %.2fx from level 0", slide.path, 1 / downsample)
+    level = slide.best_level(downsample)
+    return TileGeometry(
+        mpp_source=mpp_source,
+        patch_px=int(patch_px),
+        patch_mpp=float(patch_mpp),
+        level=level,
+        level_downsample=float(slide.level_downsamples[level]),
+    )
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _temporary_path(out_path: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f"{out_path.name}.tmp-", dir=out_path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _create_cache(
+    file: h5py.File,
+    spots: SlideSpots,
+    geometry: TileGeometry,
+    outside: np.ndarray,
+    tissue: np.ndarray,
+    source_path: str,
+) -> h5py.Dataset:
+    """Create the datasets and attributes of a patch cache; return the empty ``patches``."""
+    n, size = len(spots.barcodes), geometry.patch_px
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    # every chunk is placed at creation, so write order cannot change the file's bytes
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    patches = file.create_dataset(
+        "patches",
+        shape=(n, size, size, 3),
+        dtype=np.uint8,
+        chunks=(1, size, size, 3),
+        track_times=False,
+        dcpl=dcpl,
+        fill_time="never",
+    )
+    file.create_dataset(
+        "barcodes",
+        data=np.array(spots.barcodes, dtype=object),
+        dtype=h5py.string_dtype("utf-8"),
+        track_times=False,
+    )
+    file.create_dataset("centers_px", data=spots.centers_px, track_times=False)
+    file.create_dataset("outside_fraction", data=outside, track_times=False)
+    file.create_dataset("tissue_fraction", data=tissue, track_times=False)
+    attrs = {
+        "mpp_source": geometry.mpp_source,
+        "mpp_target": geometry.patch_mpp,
+        "patch_px": geometry.patch_px,
+        "patch_um": geometry.patch_um,
+        "slide": spots.slide,
+        "source_path": source_path,
+        "stevs_version": __version__,
+        "read_level": geometry.level,
+        "resample": "bicubic (Pillow, antialiased)",
+    }
+    for key, value in attrs.items():
+        file.attrs[key] = value
+    return patches
+
+
+def _iter_window_results(
+    slide: SlideReader,
+    windows: list[Window],
+    boxes: np.ndarray,
+    geometry: TileGeometry,
+    threads: int,
+) -> Iterator[tuple[Window, np.ndarray]]:
+    """Patches per window, computed by ``threads`` workers with at most 2 windows each queued."""
+
+    def work(window: Window) -> np.ndarray:
+        return cut_patches(read_window(slide, window, geometry), window, boxes, geometry)
+
+    if threads <= 1:
+        for window in windows:
+            yield window, work(window)
+        return
+    pending: dict[Future, Window] = {}
+    queue = iter(windows)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stevs-tile") as pool:
+        try:
+            for window in queue:
+                pending[pool.submit(work, window)] = window
+                if len(pending) >= 2 * threads:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    window = pending.pop(future)
+                    yield window, future.result()
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        pending[pool.submit(work, nxt)] = nxt
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _write_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_path(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def tile_slide(
+    slide_adata_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    patch_px: int = DEFAULT_PATCH_PX,
+    patch_mpp: float = DEFAULT_PATCH_MPP,
+    threads: int = 1,
+    qc_path: str | os.PathLike | None = None,
+    image_path: str | os.PathLike | None = None,
+    mpp_override: float | None = None,
+    window_patches: int = DEFAULT_WINDOW_PATCHES,
+    progress: bool | None = None,
+) -> Path:
+    """Cut a spot-centred patch for every spot of a slide AnnData into a patch cache.
+
+    ``image_path`` defaults to ``uns["stevs"]["image_path"]``, the slide's microns per
+    pixel to ``uns["stevs"]["mpp"]`` (``mpp_override`` wins over both it and the image's
+    metadata). ``progress=None`` shows a progress bar on a terminal only. Returns
+    ``out_path``; a QC PNG is written to ``qc_path`` when given.
+    """
+    check_patch_settings(patch_px, patch_mpp, slide_adata_path)
+    if threads < 1:
+        raise StevsInputError(slide_adata_path, f"threads must be >= 1, got {threads}")
+    if window_patches < 1:
+        raise StevsInputError(
+            slide_adata_path, f"window size must be >= 1 patch, got {window_patches}"
+        )
+    out_path = Path(out_path)
+    spots = read_slide_spots(slide_adata_path)
+    image = image_path if image_path is not None else spots.image_path
+    if image is None:
+        raise StevsInputError(
+            spots.path, "no image path: uns['stevs']['image_path'] is missing; give --image"
+        )
+    if mpp_override is not None and not (math.isfinite(mpp_override) and mpp_override > 0):
+        raise StevsInputError(image, f"mpp override must be positive, got {mpp_override!r}")
+    mpp = mpp_override if mpp_override is not None else spots.mpp
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise StevsInputError(spots.path, f"uns['stevs']['mpp'] must be positive, got {mpp!r}")
+
+    with open_slide(image, mpp=mpp) as slide:
+        mpp_source = slide.require_mpp()
+        check_spots_match_image(spots, slide)
+        dimensions = slide.dimensions
+        geometry = plan_geometry(slide, mpp_source, patch_px, patch_mpp)
+        boxes = geometry.boxes(spots.centers_px)
+        outside = outside_fractions(boxes, slide.dimensions)
+        thumbnail = read_thumbnail(slide)
+        mask, threshold = tissue_mask(thumbnail)
+        tissue = tissue_fractions(mask, boxes, slide.dimensions)
+        windows = plan_windows(boxes, geometry, window_patches)
+        log.info(
+            "%s: %d patches of %d px at %g µm/px from level %d (downsample %g) of %s "
+            "in %d windows, %d threads; %d cross the slide's edge",
+            spots.slide,
+            len(boxes),
+            patch_px,
+            patch_mpp,
+            geometry.level,
+            geometry.level_downsample,
+            slide.path,
+            len(windows),
+            threads,
+            int(np.count_nonzero(outside > 0)),
+        )
+
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_path(out_path)
+        try:
+            with h5py.File(tmp, "w") as file:
+                patches = _create_cache(file, spots, geometry, outside, tissue, str(image))
+                file.attrs["tissue_threshold_saturation"] = threshold
+                with tqdm(
+                    total=len(boxes),
+                    unit="patch",
+                    desc=f"tile {spots.slide}",
+                    disable=None if progress is None else not progress,
+                ) as bar:
+                    for window, cut in _iter_window_results(
+                        slide, windows, boxes, geometry, threads
+                    ):
+                        for index, patch in zip(window.indices, cut, strict=True):
+                            # uncompressed one-patch chunks: raw bytes, no conversion
+                            patches.id.write_direct_chunk((int(index), 0, 0, 0), patch.tobytes())
+                        bar.update(len(window.indices))
+            os.replace(tmp, out_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    if qc_path is not None:
+        _write_png(draw_qc(thumbnail, boxes, outside, dimensions, spots.slide), Path(qc_path))
+    return out_path
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stevs tile``."""
+    parser.add_argument("--slide", required=True, help="slide AnnData (results/slides/X.h5ad)")
+    parser.add_argument("--out", required=True, help="patch cache to write (.h5)")
+    parser.add_argument(
+        "--image", help="slide image (default: the slide AnnData's uns['stevs']['image_path'])"
+    )
+    parser.add_argument(
+        "--mpp-override",
+        type=float,
+        help="microns per level-0 pixel of the image, overriding the AnnData and the file",
+    )
+    parser.add_argument(
+        "--patch-px", type=int, default=DEFAULT_PATCH_PX, help="patch side in pixels (224)"
+    )
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--patch-mpp", type=float, help=f"patch resolution, µm per pixel ({DEFAULT_PATCH_MPP})"
+    )
+    scale.add_argument("--patch-um", type=float, help="patch side in µm (instead of --patch-mpp)")
+    parser.add_argument("--threads", type=int, default=1, help="parallel readers (1)")
+    parser.add_argument("--qc", help="QC picture to write (PNG): thumbnail with the patch boxes")
+    parser.add_argument(
+        "--window-patches",
+        type=int,
+        default=DEFAULT_WINDOW_PATCHES,
+        help="side of a read window, in patches (4); larger = fewer, bigger reads",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``stevs tile``."""
+    if args.patch_um is not None:
+        if not (math.isfinite(args.patch_um) and args.patch_um > 0) or args.patch_px <= 0:
+            raise StevsInputError(args.slide, f"--patch-um must be positive, got {args.patch_um!r}")
+        patch_mpp = args.patch_um / args.patch_px
+    else:
+        patch_mpp = DEFAULT_PATCH_MPP if args.patch_mpp is None else args.patch_mpp
+    tile_slide(
+        args.slide,
+        args.out,
+        patch_px=args.patch_px,
+        patch_mpp=patch_mpp,
+        threads=args.threads,
+        qc_path=args.qc,
+        image_path=args.image,
+        mpp_override=args.mpp_override,
+        window_patches=args.window_patches,
+    )
+    return 0
