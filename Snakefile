@@ -19,9 +19,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/predict_slide.smk"
 
 
 rule all:
     default_target: True
     input:
         f"{RESULTS}/report/index.html",
+        PREDICTED_SLIDES,

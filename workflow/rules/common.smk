@@ -73,20 +73,6 @@ def sample_sheet_input(wildcards):
     return DEMO_SHEET if DEMO else config["samples"]
 
 
-def test_slides(fold):
-    """Slides whose predictions a fold produces."""
-    return list(FOLD_PLANS[fold].test)
-
-
-def prediction_files(wildcards):
-    return expand(
-        f"{RESULTS}/predictions/{{method}}/{{fold}}/{{slide}}.h5ad",
-        method=wildcards.method,
-        fold=wildcards.fold,
-        slide=test_slides(wildcards.fold),
-    )
-
-
 def all_metrics():
     return expand(
         f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv", method=METHODS, fold=FOLDS
@@ -98,12 +84,14 @@ def training_args():
     training = config["training"]
     args = [
         f"--preset {training['preset']}",
-        f"--epochs {training['epochs']}",
-        f"--batch-size {training['batch_size']}",
         f"--seed {training['seed']}",
         f"--device {shlex.quote(training['device'])}",
         f"--workers {training['workers']}",
     ]
+    if training["epochs"] is not None:
+        args.append(f"--epochs {training['epochs']}")
+    if training["batch_size"] is not None:
+        args.append(f"--batch-size {training['batch_size']}")
     return " ".join(args + ([training["extra_args"]] if training["extra_args"] else []))
 
 

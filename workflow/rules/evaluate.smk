@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         fold=f"{RESULTS}/folds/{{fold}}.json",
-        predictions=prediction_files,
+        predictions=f"{RESULTS}/predictions/{{method}}/{{fold}}",
     output:
         f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv",
     log:
@@ -14,10 +14,8 @@ rule evaluate:
     resources:
         mem_mb=4000,
         runtime=20,
-    params:
-        predictions=lambda wildcards, input: str(Path(input.predictions[0]).parent),
     shell:
-        "stevs evaluate --fold {input.fold} --predictions {params.predictions}"
+        "stevs evaluate --fold {input.fold} --predictions {input.predictions}"
         " --method {wildcards.method} --out {output} > {log} 2>&1"
 
 

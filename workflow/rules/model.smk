@@ -28,11 +28,11 @@ rule predict:
         fold=f"{RESULTS}/folds/{{fold}}.json",
         model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
     output:
-        f"{RESULTS}/predictions/{{method}}/{{fold}}/{{slide}}.h5ad",
+        directory(f"{RESULTS}/predictions/{{method}}/{{fold}}"),
     log:
-        "logs/predict/{method}/{fold}/{slide}.log",
+        "logs/predict/{method}/{fold}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/predict/{{method}}/{{fold}}/{{slide}}.tsv"
+        f"{RESULTS}/benchmarks/predict/{{method}}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 2
@@ -42,9 +42,7 @@ rule predict:
         gpu=config["resources"]["gpu"],
     params:
         model_dir=lambda wildcards, input: str(Path(input.model).parent),
-        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         device=config["training"]["device"],
     shell:
         "stevs predict --model-dir {params.model_dir} --fold {input.fold}"
-        " --slides {wildcards.slide} --device {params.device} --threads {threads}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --device {params.device} --threads {threads} --out-dir {output} > {log} 2>&1"

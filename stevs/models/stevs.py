@@ -1,0 +1,365 @@
+"""STevs: a multimodal VAE over H&E patches and spot coordinates, and its ablations.
+
+The module is split the way scvi-tools modules are: :meth:`STevs.inference` (encoders ->
+expert posteriors -> Product of Experts), :meth:`STevs.generative` (decoder) and
+:meth:`STevs.loss` (a :class:`LossOutput` of named terms). Ablations are switches of one
+:class:`STevsConfig` (see :data:`METHODS`), never copies; the ST-Net-style baseline is the
+same backbone with a linear regression head (``head="regression"``).
+
+Targets arrive in the fold's normalisation (log1p_cp10k); with ``standardise`` the model
+z-scores them with the fold's training mean/std (buffers) and :meth:`STevs.predict` maps its
+outputs back, so callers only ever see the targets' units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stevs.models.backbones import BackboneSpec, ImageBackbone
+from stevs.models.decoders import GaussianDecoder, NegativeBinomialDecoder, negative_binomial_nll
+from stevs.models.experts import GaussianHead, SpatialEncoder, mlp
+from stevs.models.poe import (
+    ALIGNMENTS,
+    alignment_loss,
+    gaussian_nll,
+    kl_standard_normal,
+    product_of_experts,
+    reparameterize,
+)
+
+#: method name -> switches applied to :class:`STevsConfig`
+METHODS: dict[str, dict[str, Any]] = {
+    "stevs": {},
+    "stevs_image_only": {"use_spatial": False, "align": None},
+    "stevs_spatial_only": {"use_image": False, "align": None},
+    "stevs_no_align": {"align": None},
+    "stevs_concat": {"combine": "concat", "align": None},
+    "stnet": {"head": "regression", "use_spatial": False, "align": None},
+}
+
+
+@dataclass
+class STevsConfig:
+    """Architecture and loss switches; ``to_dict``/``from_dict`` round-trip through JSON."""
+
+    n_genes: int
+    backbone: BackboneSpec
+    latent_dim: int = 32
+    hidden_dim: int = 256
+    head: str = "vae"  # "vae" | "regression" (ST-Net-style baseline)
+    use_image: bool = True
+    use_spatial: bool = True
+    combine: str = "poe"  # "poe" | "concat"
+    align: str | None = "sym_kl"
+    align_weight: float = 0.1  # stronger alignment pulled the image expert to collapse
+    beta: float = 1.0
+    expert_elbo_weight: float = 1.0
+    likelihood: str = "gaussian"  # "gaussian" | "nb" (adds a count likelihood)
+    nb_weight: float = 1.0
+    n_freqs: int = 6
+    dropout: float = 0.1
+    standardise: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.head not in ("vae", "regression"):
+            raise ValueError(f"head must be 'vae' or 'regression', not {self.head!r}")
+        if self.combine not in ("poe", "concat"):
+            raise ValueError(f"combine must be 'poe' or 'concat', not {self.combine!r}")
+        if self.align is not None and self.align not in ALIGNMENTS:
+            raise ValueError(f"align must be one of {ALIGNMENTS} or None, not {self.align!r}")
+        if self.likelihood not in ("gaussian", "nb"):
+            raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {self.likelihood!r}")
+        if not (self.use_image or self.use_spatial):
+            raise ValueError("at least one of use_image / use_spatial must be on")
+        if self.head == "regression" and not self.use_image:
+            raise ValueError("the regression head needs the image")
+
+    @classmethod
+    def for_method(cls, method: str, **kwargs: Any) -> STevsConfig:
+        """The configuration of a named method (see :data:`METHODS`)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return replace(cls(**kwargs), **METHODS[method])
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the alignment loss is active (needs both experts under PoE)."""
+        return self.align is not None and self.experts_separate
+
+    @property
+    def experts_separate(self) -> bool:
+        """Whether both experts have their own posterior (PoE with image and spatial)."""
+        return self.combine == "poe" and self.use_image and self.use_spatial
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["backbone"] = self.backbone.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> STevsConfig:
+        kwargs = dict(data)
+        kwargs["backbone"] = BackboneSpec.from_dict(kwargs["backbone"])
+        return cls(**kwargs)
+
+
+@dataclass
+class LossOutput:
+    """The optimised ``loss`` and every named term (per-spot means), for logging."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+
+    def floats(self) -> dict[str, float]:
+        """Terms as Python floats, ``loss`` included."""
+        values = {k: float(v.detach()) for k, v in self.terms.items()}
+        return {"loss": float(self.loss.detach()), **values}
+
+
+class STevs(nn.Module):
+    """Image expert (timm backbone) + spatial expert + PoE + decoder; or the ST-Net head."""
+
+    def __init__(self, config: STevsConfig, backbone: ImageBackbone | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.backbone: ImageBackbone | None = None
+        if c.use_image:
+            self.backbone = backbone if backbone is not None else ImageBackbone(c.backbone)
+        feature_dim = self.backbone.feature_dim if self.backbone is not None else 0
+        genes = c.n_genes
+        self.register_buffer("target_mean", torch.zeros(genes))
+        self.register_buffer("target_std", torch.ones(genes))
+        self.register_buffer("residual_std", torch.ones(genes))  # regression head's error
+        if c.head == "regression":
+            self.regressor = nn.Linear(feature_dim, genes)
+            return
+        self.image_encoder = (
+            mlp(feature_dim, c.hidden_dim, c.hidden_dim, layers=1, dropout=c.dropout)
+            if c.use_image
+            else None
+        )
+        self.spatial_encoder = (
+            SpatialEncoder(c.hidden_dim, c.n_freqs, c.dropout) if c.use_spatial else None
+        )
+        if c.combine == "concat":
+            joint_dim = c.hidden_dim * (int(c.use_image) + int(c.use_spatial))
+            self.joint_head = GaussianHead(joint_dim, c.latent_dim, c.hidden_dim, 1, c.dropout)
+        else:
+            self.image_head = (
+                GaussianHead(c.hidden_dim, c.latent_dim, c.hidden_dim, 1, c.dropout)
+                if c.use_image
+                else None
+            )
+            self.spatial_head = (
+                GaussianHead(c.hidden_dim, c.latent_dim, c.hidden_dim, 1, c.dropout)
+                if c.use_spatial
+                else None
+            )
+        decoder_cls = NegativeBinomialDecoder if c.likelihood == "nb" else GaussianDecoder
+        self.decoder = decoder_cls(c.latent_dim, genes, c.hidden_dim, c.dropout)
+
+    # ----------------------------------------------------------------- plumbing
+    def set_normalisation(self, mean: Tensor | Any, std: Tensor | Any) -> None:
+        """Store the fold's per-gene training mean/std used to standardise targets."""
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1).clamp_min(1e-6)
+        self.target_mean.copy_(mean_t)
+        self.target_std.copy_(std_t)
+
+    def standardise(self, target: Tensor) -> Tensor:
+        """Targets' units -> the model's internal units."""
+        if not self.config.standardise:
+            return target
+        return (target - self.target_mean) / self.target_std
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters()) if self.backbone is not None else []
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        backbone_ids = {id(p) for p in self.backbone_parameters()}
+        return [p for p in self.parameters() if id(p) not in backbone_ids]
+
+    def embed(self, patch: Tensor) -> Tensor:
+        """Backbone features (N, feature_dim) of uint8 patches (N, 3, H, W)."""
+        if self.backbone is None:
+            raise RuntimeError("this model has no image expert")
+        return self.backbone(patch)
+
+    # ----------------------------------------------------------------- scvi-style split
+    def inference(
+        self,
+        patch: Tensor | None = None,
+        coords: Tensor | None = None,
+        embedding: Tensor | None = None,
+        *,
+        sample: bool | None = None,
+    ) -> dict[str, Any]:
+        """Encoders -> expert posteriors -> joint posterior ``qz`` and a draw ``z``.
+
+        ``embedding`` (precomputed backbone features) replaces ``patch`` in the frozen-backbone
+        mode. ``sample`` defaults to ``self.training``; otherwise ``z`` is the posterior mean.
+        """
+        c = self.config
+        out: dict[str, Any] = {}
+        features = None
+        if c.use_image:
+            if embedding is None:
+                if patch is None:
+                    raise ValueError("the image expert needs patch or embedding")
+                embedding = self.embed(patch)
+            features = embedding.float()
+        if c.head == "regression":
+            out["prediction"] = self.regressor(features)
+            return out
+        h_img = self.image_encoder(features) if self.image_encoder is not None else None
+        h_spatial = None
+        if self.spatial_encoder is not None:
+            if coords is None:
+                raise ValueError("the spatial expert needs coords")
+            h_spatial = self.spatial_encoder(coords)
+        if c.combine == "concat":
+            joint = torch.cat([h for h in (h_img, h_spatial) if h is not None], dim=1)
+            qz = self.joint_head(joint)
+        else:
+            mus, logvars = [], []
+            if h_img is not None:
+                out["q_img"] = self.image_head(h_img)
+                mus.append(out["q_img"][0])
+                logvars.append(out["q_img"][1])
+            if h_spatial is not None:
+                out["q_spatial"] = self.spatial_head(h_spatial)
+                mus.append(out["q_spatial"][0])
+                logvars.append(out["q_spatial"][1])
+            qz = product_of_experts(mus, logvars, include_prior=True)
+        out["qz"] = qz
+        do_sample = self.training if sample is None else sample
+        out["z"] = reparameterize(*qz) if do_sample else qz[0]
+        return out
+
+    def generative(self, z: Tensor) -> dict[str, Tensor]:
+        """Decoder: z -> per-gene mean/logvar (and NB rate/dispersion)."""
+        return self.decoder(z)
+
+    def _reconstruction(
+        self, gen: Mapping[str, Tensor], target: Tensor, batch: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        terms = {"recon": gaussian_nll(target, gen["mean"], gen["logvar"])}
+        if self.config.likelihood == "nb":
+            terms["nb"] = negative_binomial_nll(
+                batch["counts"].float(),
+                batch["library_size"].float(),
+                gen["rate_logit"],
+                gen["log_theta"],
+            )
+        return terms
+
+    def loss(
+        self,
+        batch: Mapping[str, Tensor],
+        inference_out: Mapping[str, Any],
+        generative_out: Mapping[str, Tensor] | None,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """Reconstruction + kl_weight * KL(qz || prior) + expert ELBOs + lambda * alignment.
+
+        ``kl_weight`` is beta times the warm-up factor. Terms are per-spot means; ``mse`` (in
+        standardised units, mean over genes) is reported for monitoring and not optimised
+        except by the regression head. The optimised ``loss`` is divided by the gene count so
+        that learning rates and gradient clipping do not depend on the panel size.
+        """
+        c = self.config
+        target = self.standardise(batch["target"].float())
+        n_genes = float(c.n_genes)
+        if c.head == "regression":
+            prediction = inference_out["prediction"].float()
+            mse = ((prediction - target) ** 2).mean()
+            if self.training:
+                with torch.no_grad():
+                    rms = ((prediction - target) ** 2).mean(0).sqrt()
+                    self.residual_std.mul_(0.99).add_(0.01 * rms)
+            return LossOutput(loss=mse, terms={"mse": mse})
+        assert generative_out is not None
+        terms: dict[str, Tensor] = {}
+        recon = self._reconstruction(generative_out, target, batch)
+        total = torch.zeros((), device=target.device)
+        for name, value in recon.items():
+            weight = c.nb_weight if name == "nb" else 1.0
+            terms[name] = value.mean()
+            total = total + weight * terms[name]
+        terms["kl"] = kl_standard_normal(*inference_out["qz"]).mean()
+        total = total + kl_weight * terms["kl"]
+        if c.experts_separate and c.expert_elbo_weight > 0:
+            for key, name in (("q_img", "elbo_img"), ("q_spatial", "elbo_spatial")):
+                mu, logvar = inference_out[key]
+                z = reparameterize(mu, logvar) if self.training else mu
+                expert_recon = self._reconstruction(self.generative(z), target, batch)
+                elbo = sum(
+                    (c.nb_weight if n == "nb" else 1.0) * v.mean() for n, v in expert_recon.items()
+                )
+                terms[name] = elbo + kl_weight * kl_standard_normal(mu, logvar).mean()
+                total = total + c.expert_elbo_weight * terms[name]
+        if c.aligned:
+            align = alignment_loss(c.align)
+            divergence = align(*inference_out["q_img"], *inference_out["q_spatial"])
+            terms["align"] = divergence.mean()
+            total = total + c.align_weight * terms["align"]
+        terms["mse"] = ((generative_out["mean"].float() - target) ** 2).mean().detach()
+        return LossOutput(loss=total / n_genes, terms=terms)
+
+    def forward(self, batch: Mapping[str, Tensor], kl_weight: float = 1.0) -> LossOutput:
+        """Inference, generative and loss in one call (what DDP wraps)."""
+        inference_out = self.inference(
+            batch.get("patch"), batch.get("coords"), batch.get("embedding")
+        )
+        generative_out = None
+        if self.config.head != "regression":
+            generative_out = self.generative(inference_out["z"])
+        return self.loss(batch, inference_out, generative_out, kl_weight)
+
+    # ----------------------------------------------------------------- prediction
+    @torch.no_grad()
+    def predict(
+        self,
+        patch: Tensor | None = None,
+        coords: Tensor | None = None,
+        embedding: Tensor | None = None,
+        n_samples: int = 16,
+    ) -> tuple[Tensor, Tensor]:
+        """Predicted mean and predictive std per gene, in the targets' normalisation.
+
+        The mean decodes the posterior mean; the std combines the decoder's variance with the
+        spread of ``n_samples`` decoded posterior samples (law of total variance); with
+        ``n_samples=0`` only the decoder variance at the posterior mean. Runs in eval mode.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            inference_out = self.inference(patch, coords, embedding, sample=False)
+            if self.config.head == "regression":
+                mean = inference_out["prediction"].float()
+                std = self.residual_std.expand_as(mean)
+            else:
+                mu, logvar = inference_out["qz"]
+                at_mean = self.generative(mu)
+                mean = at_mean["mean"].float()
+                if n_samples <= 0:  # decoder variance at the posterior mean only (fast)
+                    variance = torch.exp(at_mean["logvar"].float())
+                else:
+                    draws = [self.generative(reparameterize(mu, logvar)) for _ in range(n_samples)]
+                    variance = torch.stack([torch.exp(g["logvar"].float()) for g in draws]).mean(0)
+                    if n_samples > 1:
+                        variance = variance + torch.stack([g["mean"].float() for g in draws]).var(0)
+                std = variance.sqrt()
+        finally:
+            self.train(was_training)
+        if self.config.standardise:
+            mean = mean * self.target_std + self.target_mean
+            std = std * self.target_std
+        return mean, std

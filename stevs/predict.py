@@ -1,0 +1,303 @@
+"""Predict the test slides of a fold with a trained model (``stevs predict``).
+
+One prediction AnnData per test slide (docs/architecture.md, "Prediction AnnData"): ``X`` the
+predicted mean on the panel in the targets' normalisation, ``layers["std"]`` the predictive
+standard deviation, ``obs`` and ``obsm["spatial"]`` copied from the slide AnnData, and
+``uns["stevs"]`` = method, fold, slide, model_sha256, normalisation.
+
+:func:`load_model` and :func:`predict_patches` are the building blocks that H&E-only slide
+prediction reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from stevs.errors import StevsInputError
+from stevs.models.stevs import STevs, STevsConfig
+from stevs.train import collate, resolve_device
+
+log = logging.getLogger("stevs.predict")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[STevs, dict[str, Any]]:
+    """Rebuild a trained model from ``config.json`` + ``model.safetensors`` (eval mode).
+
+    The backbone is built without its pretrained weights (the safetensors file holds every
+    weight), so loading works offline.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(model_dir)
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise StevsInputError(path, "missing; is this the output folder of 'stevs train'?")
+    try:
+        config = json.loads(config_path.read_text())
+        model_config = STevsConfig.from_dict(config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise StevsInputError(config_path, f"not a stevs model config: {err}") from err
+    model_config = replace(
+        model_config, backbone=replace(model_config.backbone, weights="none", weights_path=None)
+    )
+    model = STevs(model_config)
+    try:
+        state_dict = load_file(str(weights_path), device="cpu")
+        model.load_state_dict(state_dict, strict=True)
+    except Exception as err:
+        raise StevsInputError(weights_path, f"weights do not fit config.json: {err}") from err
+    model.to(resolve_device(device)).eval()
+    return model, config
+
+
+class _PatchArrayDataset(Dataset):
+    """(N, H, W, 3) uint8 patches (+ optional (N, 2) coords) as Dataset items."""
+
+    def __init__(self, patches: np.ndarray | Tensor, coords: np.ndarray | Tensor | None) -> None:
+        self.patches = torch.as_tensor(np.asarray(patches))
+        if self.patches.ndim != 4 or self.patches.shape[-1] != 3:
+            raise ValueError(f"patches must be (N, H, W, 3), not {tuple(self.patches.shape)}")
+        self.coords = None if coords is None else torch.as_tensor(np.asarray(coords)).float()
+        if self.coords is not None and self.coords.shape != (len(self.patches), 2):
+            raise ValueError("coords must be (N, 2) with one row per patch")
+
+    def __len__(self) -> int:
+        return int(self.patches.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item = {"patch": self.patches[index].permute(2, 0, 1).contiguous()}
+        if self.coords is not None:
+            item["coords"] = self.coords[index]
+        return item
+
+
+@torch.no_grad()
+def predict_patches(
+    model: STevs,
+    patches: np.ndarray | Tensor | Dataset,
+    coords: np.ndarray | Tensor | None = None,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    n_samples: int = 16,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted mean and std (N, G), in the targets' normalisation.
+
+    ``patches``: uint8 (N, H, W, 3), or a Dataset of items with ``patch`` (3, H, W) and
+    ``coords`` (2,) (e.g. :class:`stevs.data.SpotDataset`). ``coords`` (N, 2) per-slide
+    normalised coordinates override/provide the items' coordinates; models with a spatial
+    expert need them.
+    """
+    dataset = patches if isinstance(patches, Dataset) else _PatchArrayDataset(patches, coords)
+    override = None
+    if isinstance(patches, Dataset) and coords is not None:
+        override = torch.as_tensor(np.asarray(coords)).float()
+    device = next(model.parameters()).device
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    means, stds = [], []
+    start = 0
+    model.eval()
+    for batch in tqdm(loader, desc="predicting", unit="batch", disable=not progress, mininterval=2):
+        n = len(batch["patch"])
+        batch_coords = batch.get("coords")
+        if override is not None:
+            batch_coords = override[start : start + n]
+        start += n
+        if model.config.use_spatial and batch_coords is None:
+            raise ValueError("this model has a spatial expert: give coords")
+        with autocast:
+            mean, std = model.predict(
+                batch["patch"].to(device, non_blocking=True),
+                None if batch_coords is None else batch_coords.to(device),
+                n_samples=n_samples,
+            )
+        means.append(mean.float().cpu().numpy())
+        stds.append(std.float().cpu().numpy())
+    n_genes = model.config.n_genes
+    if not means:
+        return np.zeros((0, n_genes), np.float32), np.zeros((0, n_genes), np.float32)
+    return np.concatenate(means).astype(np.float32), np.concatenate(stds).astype(np.float32)
+
+
+def _write_h5ad_atomic(adata: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".h5ad", dir=path.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def prediction_anndata(
+    mean: np.ndarray,
+    std: np.ndarray,
+    genes: list[str],
+    obs: Any,
+    spatial: np.ndarray,
+    uns: Mapping[str, Any],
+) -> Any:
+    """The prediction AnnData of one slide."""
+    import anndata as ad
+
+    adata = ad.AnnData(X=mean.astype(np.float32), obs=obs.copy())
+    adata.var_names = list(genes)
+    adata.layers["std"] = std.astype(np.float32)
+    adata.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
+    adata.uns["stevs"] = {k: v for k, v in uns.items() if v is not None}
+    return adata
+
+
+def predict_fold(
+    model_dir: str | os.PathLike,
+    fold: Any,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 0,
+    n_samples: int = 16,
+    slides: Sequence[str] | None = None,
+) -> list[Path]:
+    """Predict the test slides of ``fold`` (a Fold or a fold file), or only ``slides``.
+
+    Writes one ``{slide}.h5ad`` each.
+    """
+    import anndata as ad
+
+    from stevs.data import SpotDataset
+    from stevs.folds import Fold, load_fold
+
+    fold_obj = fold if isinstance(fold, Fold) else load_fold(fold)
+    model, config = load_model(model_dir, device)
+    genes = list(config.get("genes") or [])
+    if genes != list(fold_obj.genes):
+        raise StevsInputError(
+            fold_obj.path,
+            f"the fold's gene panel differs from the panel the model in {model_dir} was "
+            "trained on; predict with the fold the model was trained on",
+        )
+    if config.get("fold") not in (None, fold_obj.fold):
+        log.warning(
+            "model was trained on fold %s, predicting fold %s", config["fold"], fold_obj.fold
+        )
+    checksum = file_sha256(Path(model_dir) / "model.safetensors")
+    norm = fold_obj.normalisation
+    normalisation = {"method": norm.get("method"), "target_sum": norm.get("target_sum")}
+    normalisation = {k: v for k, v in normalisation.items() if v is not None}
+    written: list[Path] = []
+    if slides:
+        unknown = [slide for slide in slides if slide not in fold_obj.test]
+        if unknown:
+            raise StevsInputError(
+                fold_obj.path, f"not test slides of fold {fold_obj.fold}: {', '.join(unknown)}"
+            )
+    for slide in slides or fold_obj.test:
+        dataset = SpotDataset(fold_obj, "test", slides=[slide])
+        mean, std = predict_patches(
+            model, dataset, batch_size=batch_size, workers=workers, n_samples=n_samples
+        )
+        entry = fold_obj.slide_entry(slide)
+        source = ad.read_h5ad(entry.adata)
+        rows = source.obs_names.get_indexer(dataset.barcodes)
+        adata = prediction_anndata(
+            mean,
+            std,
+            genes,
+            source.obs.iloc[rows],
+            np.asarray(source.obsm["spatial"])[rows],
+            {
+                "method": config.get("method"),
+                "fold": fold_obj.fold,
+                "slide": slide,
+                "model_sha256": checksum,
+                "normalisation": normalisation,
+            },
+        )
+        path = Path(out_dir) / f"{slide}.h5ad"
+        _write_h5ad_atomic(adata, path)
+        dataset.close()
+        log.info("%s: %d spots x %d genes -> %s", slide, adata.n_obs, adata.n_vars, path)
+        written.append(path)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stevs predict``."""
+    parser.add_argument("--model-dir", required=True, help="output folder of 'stevs train'")
+    parser.add_argument("--fold", required=True, help="the fold file the model was trained on")
+    parser.add_argument("--out-dir", required=True, help="one {slide}.h5ad per test slide")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument(
+        "--samples", type=int, default=16, help="posterior samples for the predictive std"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--slides", nargs="+", help="only these test slides (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``stevs predict`` (routes ridge baselines, recognised by their model.json)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (Path(args.model_dir) / "model.json").is_file():
+        from stevs.baselines import predict_ridge
+
+        paths = predict_ridge(args.model_dir, args.fold, args.out_dir, slides=args.slides)
+        log.info("wrote %d prediction files to %s", len(paths), args.out_dir)
+        return 0
+    paths = predict_fold(
+        args.model_dir,
+        args.fold,
+        args.out_dir,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        n_samples=args.samples,
+        slides=args.slides,
+    )
+    log.info("wrote %d prediction files to %s", len(paths), args.out_dir)
+    return 0

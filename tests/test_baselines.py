@@ -1,0 +1,267 @@
+"""Tests of stevs.baselines: features, the ridge pipeline, and train/predict on fixture folds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
+from scipy import sparse
+
+from stevs import baselines, metrics
+from stevs.errors import StevsInputError
+
+torch.set_num_threads(1)
+
+GENES = ["red_gene", "dark_gene", "noise_gene"]
+PATCH = 16
+
+
+def make_slide(tmp: Path, slide: str, n: int, rng: np.random.Generator) -> tuple[Path, Path]:
+    """A slide AnnData + patch cache where redness drives ``red_gene``, darkness ``dark_gene``."""
+    red = rng.uniform(0, 1, n)
+    dark = rng.uniform(0, 1, n)
+    patches = rng.integers(0, 40, size=(n, PATCH, PATCH, 3)).astype(np.float64)
+    patches[..., 0] += 120 + 100 * red[:, None, None]
+    patches[..., 1:] += 200 - 150 * dark[:, None, None, None]
+    patches = np.clip(patches, 0, 255).astype(np.uint8)
+    counts = np.column_stack(
+        [
+            rng.poisson(5 + 60 * red),
+            rng.poisson(5 + 60 * dark),
+            rng.poisson(20, n),
+            rng.poisson(400, n),  # off-panel gene
+        ]
+    ).astype(np.float32)
+    barcodes = [f"{slide}-{i}" for i in range(n)]
+    adata = ad.AnnData(
+        X=sparse.csr_matrix(counts),
+        obs=pd.DataFrame({"array_row": np.arange(n)}, index=barcodes),
+        var=pd.DataFrame(index=[*GENES, "other"]),
+    )
+    adata.obsm["spatial"] = rng.uniform(0, 1000, size=(n, 2))
+    adata.uns["stevs"] = {"slide": slide, "patient": slide, "mpp": 0.5}
+    adata_path, cache_path = tmp / f"{slide}.h5ad", tmp / f"{slide}.h5"
+    adata.write_h5ad(adata_path)
+    with h5py.File(cache_path, "w") as h5:
+        h5.create_dataset("patches", data=patches, chunks=(1, PATCH, PATCH, 3))
+        h5.create_dataset(
+            "barcodes", data=np.array(barcodes, dtype=object), dtype=h5py.string_dtype()
+        )
+        h5.create_dataset("centers_px", data=adata.obsm["spatial"])
+    return adata_path, cache_path
+
+
+@pytest.fixture()
+def fold_file(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    slides = {s: make_slide(tmp_path, s, 60, rng) for s in ("A", "B", "C", "D")}
+    fold = {
+        "fold": "fold0",
+        "scheme": "leave_one_slide_out",
+        "seed": 0,
+        "train": ["A", "B"],
+        "val": ["C"],
+        "test": ["D"],
+        "genes": GENES,
+        "headline_genes": GENES,
+        "normalisation": {"method": "log1p_cp10k", "target_sum": 1e4},
+        "slides": {s: {"adata": str(a), "patches": str(p)} for s, (a, p) in slides.items()},
+    }
+    path = tmp_path / "fold0.json"
+    path.write_text(json.dumps(fold))
+    return path
+
+
+def test_hsv_matches_matplotlib_and_stains_separate() -> None:
+    rgb = np.random.default_rng(1).uniform(size=(50, 3))
+    assert np.allclose(baselines.rgb_to_hsv(rgb), mpl_rgb_to_hsv(rgb), atol=1e-6)
+    # a haematoxylin-like purple has more H than E; an eosin-like pink the reverse
+    purple = np.array([[[[80, 60, 160]]]], dtype=np.uint8)
+    pink = np.array([[[[230, 120, 190]]]], dtype=np.uint8)
+    h_p, e_p, _ = baselines.stain_concentrations(purple).ravel()
+    h_k, e_k, _ = baselines.stain_concentrations(pink).ravel()
+    assert h_p > e_p and e_k > h_k
+    white = np.full((1, 1, 1, 3), 255, dtype=np.uint8)
+    assert np.allclose(baselines.stain_concentrations(white), 0, atol=1e-6)
+
+
+def test_color_texture_features_shape_and_texture_response() -> None:
+    rng = np.random.default_rng(2)
+    flat = np.full((2, 24, 24, 3), 128, dtype=np.uint8)
+    noisy = flat.copy()
+    noisy[1] = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+    feats = baselines.color_texture_features(noisy, progress=False)
+    assert feats.shape == (2, baselines.n_color_texture_features())
+    assert np.isfinite(feats).all()
+    texture = slice(-7, None)  # gradient (3) + local std at 2 scales (4)
+    assert np.allclose(feats[0, texture], 0, atol=1e-6)
+    assert (feats[1, texture][[0, 3, 5]] > 0.05).all()
+    # batching does not change the result
+    again = baselines.color_texture_features(noisy, batch_size=1, progress=False)
+    assert np.allclose(feats, again, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        baselines.color_texture_features(noisy.astype(np.float32))
+
+
+def test_fit_ridge_recovers_linear_signal_and_picks_alpha_by_group_cv() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 10))
+    y = np.column_stack([x[:, 0] * 2 + 1, -x[:, 1], rng.normal(size=300)])
+    groups = np.repeat(["a", "b", "c"], 100)
+    model = baselines.fit_ridge(x, y + rng.normal(scale=0.1, size=y.shape), groups, list("uvw"))
+    assert model.meta["inner_cv_grouped_by_slide"] and model.meta["n_inner_splits"] == 3
+    assert model.alpha in baselines.DEFAULT_ALPHAS
+    assert model.meta["inner_cv_mse"][baselines.DEFAULT_ALPHAS.index(model.alpha)] == min(
+        model.meta["inner_cv_mse"]
+    )
+    x_new = rng.normal(size=(200, 10))
+    pred = model.predict(x_new)
+    assert np.corrcoef(pred[:, 0], x_new[:, 0])[0, 1] > 0.99
+    assert np.corrcoef(pred[:, 1], -x_new[:, 1])[0, 1] > 0.99
+    assert model.residual_std[2] == pytest.approx(1.0, abs=0.15)  # pure-noise gene
+    assert model.residual_std[0] < 0.2
+    assert model.components.shape == (10, 10)  # min(256, n - 1, n_features)
+
+
+def test_train_predict_ridge_color_through_metrics(fold_file: Path, tmp_path: Path) -> None:
+    model_dir = baselines.train_ridge(fold_file, "ridge_color", tmp_path / "models/ridge_color")
+    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "model.json"}
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["training_slides"] == ["A", "B", "C"]  # train + val, never the test slide D
+    assert meta["n_train_spots"] == 180 and meta["method"] == "ridge_color"
+    out = baselines.predict_ridge(model_dir, fold_file, tmp_path / "pred")
+    assert [p.name for p in out] == ["D.h5ad"]
+    pred = ad.read_h5ad(out[0])
+    assert pred.var_names.tolist() == GENES and pred.n_obs == 60
+    assert pred.uns["stevs"]["model_sha256"] == meta["model_sha256"]
+    assert pred.uns["stevs"]["fold"] == "fold0" and pred.uns["stevs"]["slide"] == "D"
+    assert np.allclose(pred.layers["std"][0], meta_std(model_dir))
+    source = ad.read_h5ad(tmp_path / "D.h5ad")
+    assert np.allclose(pred.obsm["spatial"], source.obsm["spatial"])
+    per_gene, summary, _ = metrics.evaluate_fold(fold_file, tmp_path / "pred", "ridge_color")
+    r = per_gene.set_index("gene")["pearson_r"]
+    assert r["red_gene"] > 0.6 and r["dark_gene"] > 0.6
+    assert abs(r["noise_gene"]) < 0.4
+    assert 0.6 < summary["coverage90_mean"] <= 1.0
+
+
+def meta_std(model_dir: Path) -> np.ndarray:
+    return baselines.load_ridge(model_dir).residual_std
+
+
+def test_ridge_embed_with_custom_and_timm_embedders(fold_file: Path, tmp_path: Path) -> None:
+    def mean_colour(patches: np.ndarray) -> np.ndarray:
+        return patches.reshape(len(patches), -1, 3).mean(axis=1)
+
+    model_dir = baselines.train_ridge(
+        fold_file, "ridge_embed", tmp_path / "m", embed=mean_colour, max_components=2
+    )
+    model = baselines.load_ridge(model_dir)
+    assert model.components.shape == (2, 3)
+    with pytest.raises(StevsInputError, match="pass its embed"):
+        baselines.predict_ridge(model_dir, fold_file, tmp_path / "p")
+    baselines.predict_ridge(model_dir, fold_file, tmp_path / "p", embed=mean_colour)
+    per_gene, _, _ = metrics.evaluate_fold(fold_file, tmp_path / "p", "ridge_embed")
+    assert per_gene.set_index("gene").loc["red_gene", "pearson_r"] > 0.6
+    # the default path builds a frozen timm model by name (random weights here: shape only)
+    embed = baselines.timm_embedder("test_efficientnet", device="cpu")
+    feats = embed(np.zeros((3, PATCH, PATCH, 3), dtype=np.uint8))
+    assert feats.shape == (3, 256) and np.isfinite(feats).all()
+    timm_dir = baselines.train_ridge(
+        fold_file, "ridge_embed", tmp_path / "t", backbone="test_efficientnet"
+    )
+    assert baselines.load_ridge(timm_dir).meta["feature_source"] == "backbone:test_efficientnet"
+    [path] = baselines.predict_ridge(timm_dir, fold_file, tmp_path / "tp")
+    assert np.isfinite(ad.read_h5ad(path).X).all()
+
+
+def test_load_ridge_rejects_tampered_or_missing_files(fold_file: Path, tmp_path: Path) -> None:
+    model_dir = baselines.train_ridge(fold_file, "ridge_color", tmp_path / "m")
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["model_sha256"] = "0" * 64
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(StevsInputError, match="checksum"):
+        baselines.load_ridge(model_dir)
+    with pytest.raises(StevsInputError, match="not found"):
+        baselines.load_ridge(tmp_path / "nowhere")
+    fold = json.loads(fold_file.read_text())
+    fold["slides"]["A"]["patches"] = str(tmp_path / "missing.h5")
+    fold_file.write_text(json.dumps(fold))
+    with pytest.raises(StevsInputError, match="missing.h5: patch cache"):
+        baselines.train_ridge(fold_file, "ridge_color", tmp_path / "m2")
+
+
+def test_within_slice_fold_trains_on_train_val_spots_and_predicts_test_spots(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(4)
+    adata_path, cache_path = make_slide(tmp_path, "A", 90, rng)
+    barcodes = [f"A-{i}" for i in range(90)]
+    spots = {
+        "train": {"A": barcodes[:50]},
+        "val": {"A": barcodes[50:60]},
+        "test": {"A": barcodes[60:]},
+    }
+    fold = {
+        "fold": "ws0",
+        "scheme": "within_slice",
+        "seed": 0,
+        "train": ["A"],
+        "val": ["A"],
+        "test": ["A"],
+        "spots": spots,
+        "genes": GENES,
+        "headline_genes": GENES,
+        "normalisation": {"method": "log1p_cp10k", "target_sum": 1e4},
+        # the list form that ``stevs folds`` writes
+        "slides": [
+            {"slide": "A", "patient": "P", "adata": str(adata_path), "patches": str(cache_path)}
+        ],
+    }
+    fold_path = tmp_path / "ws0.json"
+    fold_path.write_text(json.dumps(fold))
+    model_dir = baselines.train_ridge(fold_path, "ridge_color", tmp_path / "m")
+    model = baselines.load_ridge(model_dir)
+    assert model.meta["n_train_spots"] == 60
+    assert not model.meta["inner_cv_grouped_by_slide"]  # one slide: inner CV over spots
+    [path] = baselines.predict_ridge(model_dir, fold_path, tmp_path / "p")
+    assert ad.read_h5ad(path).obs_names.tolist() == barcodes[60:]
+    per_gene, _, _ = metrics.evaluate_fold(fold_path, tmp_path / "p", "ridge_color")
+    assert (per_gene["n_spots"] == 30).all()
+    assert per_gene.set_index("gene").loc["red_gene", "pearson_r"] > 0.5
+
+
+def test_default_embedder_is_the_pretrained_preset_backbone() -> None:
+    embed = baselines.make_embedder(baselines.DEFAULT_BACKBONE, device="cpu")
+    rng = np.random.default_rng(5)
+    patches = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    feats = embed(patches)
+    assert feats.shape[0] == 2 and feats.shape[1] > 100 and np.isfinite(feats).all()
+    assert not np.allclose(feats[0], feats[1])
+    assert np.allclose(embed(patches[:1]), feats[:1], atol=1e-4)  # frozen, eval mode
+
+
+@pytest.mark.parametrize("n_spots", [40, 8])  # more spots than features, and fewer
+def test_ridge_pipeline_equals_sklearn_scaler_pca_ridge(n_spots: int) -> None:
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(n_spots, 12)) * rng.uniform(0.5, 5, size=12)
+    y = x[:, :3] @ rng.normal(size=(3, 4)) + rng.normal(size=(n_spots, 4))
+    groups = np.repeat(["a", "b"], n_spots // 2)
+    model = baselines.fit_ridge(x, y, groups, list("abcd"), max_components=5, n_splits=2)
+    scaler = StandardScaler().fit(x)
+    pca = PCA(n_components=5, svd_solver="full").fit(scaler.transform(x))
+    ridge = Ridge(alpha=model.alpha).fit(pca.transform(scaler.transform(x)), y)
+    x_new = rng.normal(size=(20, 12))
+    expected = ridge.predict(pca.transform(scaler.transform(x_new)))
+    assert np.allclose(model.predict(x_new), expected, atol=1e-4)

@@ -1,0 +1,168 @@
+"""Tests of stevs.predict, end to end through `stevs train` and `stevs predict` on tiny files."""
+
+from __future__ import annotations
+
+import hashlib
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from stevs.cli import main
+from stevs.data import SpotDataset
+from stevs.errors import StevsInputError
+from stevs.folds import Fold, SlideEntry, load_fold, write_fold
+from stevs.panels import library_sizes, normalise
+from stevs.predict import load_model, predict_fold, predict_patches
+
+torch.set_num_threads(1)
+
+GENES = [f"GENE{i}" for i in range(6)]
+PATCH = 16
+
+
+def write_slide(directory, slide: str, seed: int, n: int = 24) -> SlideEntry:
+    """A slide AnnData + patch cache whose counts follow the patch darkness."""
+    rng = np.random.default_rng(seed)
+    darkness = rng.uniform(0, 1, n)
+    patches = (
+        np.array([200, 120, 180])[None, None, None, :] * (1 - 0.6 * darkness)[:, None, None, None]
+        + rng.integers(0, 20, (n, PATCH, PATCH, 3))
+    ).astype(np.uint8)
+    rates = np.exp(1.0 + np.outer(darkness, np.linspace(-1.5, 1.5, len(GENES))))
+    counts = rng.poisson(rates * 3).astype(np.int32)
+    counts[:, 0] += 1  # no empty spots
+    barcodes = [f"{slide}-{i:03d}" for i in range(n)]
+    rows, cols = np.divmod(np.arange(n), 6)
+    xy = np.stack([cols * 100.0 + 50, rows * 87.0 + 40], axis=1)
+    adata = ad.AnnData(X=sp.csr_matrix(counts))
+    adata.obs_names = barcodes
+    adata.var_names = GENES
+    adata.obs["array_row"], adata.obs["array_col"] = rows, cols
+    adata.obsm["spatial"] = xy
+    adata.uns["stevs"] = {"slide": slide, "patient": slide, "mpp": 1.0}
+    adata_path = directory / f"{slide}.h5ad"
+    adata.write_h5ad(adata_path)
+    patches_path = directory / f"{slide}.h5"
+    with h5py.File(patches_path, "w") as handle:
+        handle.create_dataset("patches", data=patches, chunks=(1, PATCH, PATCH, 3))
+        handle.create_dataset(
+            "barcodes", data=np.array(barcodes, dtype=object), dtype=h5py.string_dtype()
+        )
+        handle.create_dataset("centers_px", data=xy)
+        handle.attrs.update({"patch_px": PATCH, "patch_um": 64.0, "slide": slide})
+    return SlideEntry(slide=slide, patient=slide, adata=str(adata_path), patches=str(patches_path))
+
+
+@pytest.fixture(scope="module")
+def fold_path(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("study")
+    entries = [write_slide(directory, s, seed) for seed, s in enumerate(["s0", "s1", "s2", "s3"])]
+    train = ad.concat([ad.read_h5ad(entries[i].adata) for i in (0, 1)])
+    counts = train.X.toarray()
+    targets = normalise(counts, library_sizes(counts), "log1p_cp10k", 1e4)
+    fold = Fold(
+        fold="fold0",
+        scheme="leave_one_slide_out",
+        seed=0,
+        train=["s0", "s1"],
+        val=["s2"],
+        test=["s3"],
+        genes=GENES,
+        headline_genes=GENES,
+        panel={"method": "gene_list", "n": len(GENES)},
+        normalisation={
+            "method": "log1p_cp10k",
+            "target_sum": 1e4,
+            "mean": [float(v) for v in targets.mean(0)],
+            "std": [float(v) for v in targets.std(0)],
+        },
+        slides=entries,
+    )
+    return write_fold(fold, directory / "fold0.json")
+
+
+@pytest.fixture(scope="module")
+def model_dir(fold_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    code = main(
+        ["train", "--fold", str(fold_path), "--method", "stevs", "--preset", "cpu_small"]
+        + ["--out", str(out), "--epochs", "2", "--batch-size", "8", "--workers", "0"]
+        + ["--device", "cpu"]
+    )
+    assert code == 0
+    return out
+
+
+def test_train_cli_writes_the_model_folder(model_dir):
+    for name in ("model.safetensors", "config.json", "checkpoint.pt", "metrics.csv", "train.log"):
+        assert (model_dir / name).is_file(), name
+    model, config = load_model(model_dir)
+    assert config["genes"] == GENES and config["method"] == "stevs"
+    assert config["patch_px"] == 64 and config["mpp"] == 2.0
+    assert model.config.use_image and model.config.use_spatial
+
+
+def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model_dir, tmp_path):
+    out = tmp_path / "pred"
+    code = main(
+        ["predict", "--model-dir", str(model_dir), "--fold", str(fold_path)]
+        + ["--out-dir", str(out), "--device", "cpu", "--samples", "4"]
+    )
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["s3.h5ad"]
+    prediction = ad.read_h5ad(out / "s3.h5ad")
+    source = ad.read_h5ad(load_fold(fold_path).slide_entry("s3").adata)
+    assert list(prediction.var_names) == GENES
+    assert list(prediction.obs_names) == list(source.obs_names)
+    np.testing.assert_array_equal(prediction.obsm["spatial"], source.obsm["spatial"])
+    np.testing.assert_array_equal(prediction.obs["array_row"], source.obs["array_row"])
+    assert np.isfinite(prediction.X).all()
+    assert (prediction.layers["std"] > 0).all()
+    meta = prediction.uns["stevs"]
+    assert (meta["method"], meta["fold"], meta["slide"]) == ("stevs", "fold0", "s3")
+    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["model_sha256"] == sha
+    assert meta["normalisation"]["method"] == "log1p_cp10k"
+    # predictions are in log1p_cp10k units: near the training mean, not standardised ~0
+    train_mean = np.array(load_fold(fold_path).normalisation["mean"])
+    assert np.abs(prediction.X.mean(0) - train_mean).max() < 2.0
+
+
+def test_predict_patches_from_arrays_equals_the_dataset_path(fold_path, model_dir):
+    model, _ = load_model(model_dir)
+    dataset = SpotDataset(fold_path, "test")
+    mean_ds, _ = predict_patches(model, dataset, n_samples=0, progress=False)
+    patches = np.stack([dataset[i]["patch"].permute(1, 2, 0).numpy() for i in range(len(dataset))])
+    mean_arr, std_arr = predict_patches(model, patches, dataset.coords, n_samples=0, progress=False)
+    np.testing.assert_allclose(mean_arr, mean_ds, rtol=1e-5, atol=1e-5)
+    assert mean_arr.shape == std_arr.shape == (len(dataset), len(GENES))
+    with pytest.raises(ValueError, match="coords"):
+        predict_patches(model, patches, None, progress=False)
+    dataset.close()
+
+
+def test_predict_refuses_a_missing_model_and_another_panel(fold_path, model_dir, tmp_path):
+    with pytest.raises(StevsInputError, match="config.json"):
+        load_model(tmp_path)
+    assert (
+        main(
+            [
+                "predict",
+                "--model-dir",
+                str(tmp_path),
+                "--fold",
+                str(fold_path),
+                "--out-dir",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
+    fold = load_fold(fold_path)
+    fold.genes = list(reversed(fold.genes))
+    with pytest.raises(StevsInputError, match="gene panel"):
+        predict_fold(model_dir, fold, tmp_path / "p")

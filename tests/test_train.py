@@ -1,0 +1,262 @@
+"""Tests of stevs.train: outputs, checkpoints, resume after a kill, frozen backbone, stopping."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+from stevs.errors import StevsInputError
+from stevs.models import BackboneSpec, Preset
+from stevs.predict import load_model
+from stevs.train import (
+    TrainOptions,
+    augment_patches,
+    build_model,
+    lr_factor,
+    mean_pearson_by_slide,
+    pearson_per_gene,
+    train_model,
+)
+
+torch.set_num_threads(1)
+
+N_GENES = 5
+
+TINY_PRESET = Preset(
+    name="tiny",
+    backbone=BackboneSpec(
+        "swin_tiny_patch4_window7_224",
+        timm_kwargs={
+            "img_size": 16,
+            "patch_size": 4,
+            "embed_dim": 16,
+            "depths": (1, 1),
+            "num_heads": (1, 2),
+            "window_size": 4,
+        },
+        img_size=16,
+    ),
+    patch_px=16,
+    mpp=4.0,
+    latent_dim=4,
+    hidden_dim=32,
+    epochs=3,
+    batch_size=8,
+    warmup_epochs=0.5,
+    kl_warmup_epochs=1.0,
+    patience=10,
+)
+
+
+class TinySpots(Dataset):
+    """Striped or flat patches of varying darkness; expression follows both (item contract)."""
+
+    def __init__(self, n: int, slides: tuple[int, ...], seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        striped = torch.randint(0, 2, (n,), generator=g).float()
+        darkness = torch.rand(n, generator=g)
+        stripes = ((torch.arange(16) // 2) % 2).float().view(1, 1, 1, 16)
+        texture = 1.0 - 0.5 * striped.view(n, 1, 1, 1) * stripes
+        base = torch.tensor([200.0, 120.0, 180.0]).view(1, 3, 1, 1)
+        image = base * (0.6 + 0.4 * darkness.view(n, 1, 1, 1)) * texture
+        noise = torch.randint(0, 20, (n, 3, 16, 16), generator=g)
+        self.patches = (image + noise).clamp(0, 255).to(torch.uint8)
+        weights = torch.randn(2, N_GENES, generator=torch.Generator().manual_seed(99))
+        signal = torch.stack([striped, darkness], dim=1) @ weights
+        self.target = signal + 0.1 * torch.randn(n, N_GENES, generator=g)
+        self.coords = torch.rand(n, 2, generator=g) * 2 - 1
+        self.slide = torch.tensor([slides[i % len(slides)] for i in range(n)])
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "patch": self.patches[i],
+            "coords": self.coords[i],
+            "target": self.target[i],
+            "counts": torch.ones(N_GENES),
+            "library_size": torch.tensor(100.0),
+            "slide": self.slide[i],
+            "barcode": f"spot{i}",
+        }
+
+
+def normalisation() -> dict:
+    return {
+        "method": "log1p_cp10k",
+        "target_sum": 1e4,
+        "mean": [0.5] * N_GENES,
+        "std": [1.0] * N_GENES,
+    }
+
+
+def run_training(out, method="stevs", on_epoch_end=None, preset=TINY_PRESET, n_train=40, **options):
+    torch.manual_seed(0)
+    genes = [f"g{i}" for i in range(N_GENES)]
+    model = build_model(method, preset, genes, normalisation())
+    opts = TrainOptions(workers=0, device="cpu", **options).resolved(preset)
+    config = {"method": method, "model": model.config.to_dict(), "genes": genes, "fold": "f0"}
+    return train_model(
+        model,
+        TinySpots(n_train, (0, 1), seed=1),
+        TinySpots(16, (2,), seed=2),
+        out,
+        opts,
+        config,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def test_training_writes_weights_config_checkpoint_and_metrics(tmp_path):
+    result = run_training(tmp_path)
+    assert result.finished and result.epochs_done == 3
+    for name in ("model.safetensors", "config.json", "checkpoint.pt", "metrics.csv"):
+        assert (tmp_path / name).is_file()
+    assert not list(tmp_path.glob(".*tmp*"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["finished"]
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(checkpoint)
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for column in (
+        "train_loss",
+        "train_recon",
+        "train_kl",
+        "train_elbo_img",
+        "train_elbo_spatial",
+        "train_align",
+        "val_pearson",
+        "lr_backbone",
+        "lr_heads",
+        "epoch_seconds",
+    ):
+        assert all(np.isfinite(float(r[column])) for r in rows), column
+    assert float(rows[0]["kl_weight"]) < float(rows[-1]["kl_weight"]) == TINY_PRESET.beta
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "stevs"
+    # the saved weights are the best epoch's and load back into an equal model
+    best = checkpoint["best_model"]
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert set(saved) == set(best)
+    assert all(torch.equal(saved[k], best[k]) for k in saved)
+    model, config = load_model(tmp_path)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert config["genes"] == [f"g{i}" for i in range(N_GENES)]
+
+
+def test_training_learns_the_image_signal(tmp_path):
+    result = run_training(
+        tmp_path, method="stnet", n_train=128, epochs=5, lr_heads=3e-3, lr_backbone=1e-3
+    )
+    assert result.best_val_pearson is not None and result.best_val_pearson > 0.5
+
+
+def test_run_killed_after_an_epoch_resumes_to_the_same_weights(tmp_path):
+    straight = run_training(tmp_path / "straight")
+    assert straight.epochs_done == 3
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch: int) -> None:
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(tmp_path / "resumed", on_epoch_end=kill_after_first)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = run_training(tmp_path / "resumed")
+    assert resumed.epochs_done == 3
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
+    run_training(tmp_path)
+    before = load_file(str(tmp_path / "model.safetensors"))
+    again = run_training(tmp_path)
+    assert again.epochs_done == 3 and len(again.history) == 3
+    after = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_of_another_method_is_refused(tmp_path):
+    run_training(tmp_path, epochs=1)
+    with pytest.raises(StevsInputError, match="checkpoint"):
+        run_training(tmp_path, method="stnet", epochs=1)
+
+
+def test_frozen_backbone_trains_the_heads_only(tmp_path):
+    torch.manual_seed(0)
+    genes = [f"g{i}" for i in range(N_GENES)]
+    model = build_model("stevs", TINY_PRESET, genes, normalisation())
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    opts = TrainOptions(workers=0, device="cpu", freeze_backbone=True, epochs=2).resolved(
+        TINY_PRESET
+    )
+    result = train_model(
+        model, TinySpots(40, (0,), 1), TinySpots(16, (1,), 2), tmp_path, opts, {"method": "stevs"}
+    )
+    assert result.epochs_done == 2
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone_before.items())
+    assert any(not torch.equal(v, model.decoder.state_dict()[k]) for k, v in heads_before.items())
+    assert np.isfinite(result.history[-1]["val_pearson"])
+
+
+def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
+    result = run_training(tmp_path, epochs=6, lr_heads=0.0, lr_backbone=0.0, patience=2)
+    assert result.epochs_done == 3 and result.best_epoch == 1 and result.finished
+
+
+def test_augmentation_keeps_shape_range_and_varies():
+    torch.manual_seed(0)
+    patches = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    out = augment_patches(patches)
+    assert out.shape == patches.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 255
+    assert not torch.allclose(out, patches.float())
+    # without colour change the result is one of the 8 dihedral views of the input
+    uniform = torch.full((4, 3, 16, 16), 100, dtype=torch.uint8)
+    assert torch.allclose(augment_patches(uniform).std(dim=(1, 2, 3)), torch.zeros(4), atol=1e-3)
+
+
+def test_pearson_helpers_match_numpy():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(30, 4))
+    prediction = truth + rng.normal(size=(30, 4))
+    prediction[:, 3] = 1.0  # constant gene -> NaN, skipped
+    r = pearson_per_gene(prediction, truth)
+    for g in range(3):
+        assert r[g] == pytest.approx(np.corrcoef(prediction[:, g], truth[:, g])[0, 1])
+    assert np.isnan(r[3])
+    slides = np.repeat([0, 1], 15)
+    expected = np.mean(
+        [np.nanmean(pearson_per_gene(prediction[slides == s], truth[slides == s])) for s in (0, 1)]
+    )
+    assert mean_pearson_by_slide(prediction, truth, slides) == pytest.approx(expected)
+
+
+def test_learning_rate_warms_up_then_decays():
+    factors = [lr_factor(step, 10, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.02
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+def test_resolved_options_take_preset_defaults():
+    options = TrainOptions(epochs=7).resolved(replace(TINY_PRESET, batch_size=12))
+    assert options.epochs == 7 and options.batch_size == 12
+    assert options.lr_heads == TINY_PRESET.lr_heads
