@@ -31,4 +31,4 @@ lint: install
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 
 clean:
-	rm -rf results resources/demo .snakemake logs
+	rm -rf results resources/demo .snakemake

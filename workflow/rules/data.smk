@@ -2,7 +2,7 @@ rule make_demo:
     output:
         sheet=DEMO_SHEET,
     log:
-        "logs/make_demo.log",
+        f"{RESULTS}/logs/make_demo.log",
     benchmark:
         f"{RESULTS}/benchmarks/make_demo.tsv"
     conda:
@@ -28,7 +28,7 @@ rule ingest_slide:
     output:
         f"{RESULTS}/slides/{{slide}}.h5ad",
     log:
-        "logs/ingest_slide/{slide}.log",
+        f"{RESULTS}/logs/ingest_slide/{{slide}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/ingest_slide/{{slide}}.tsv"
     conda:
@@ -56,7 +56,7 @@ rule tile_slide:
             labels={"slide": "{slide}"},
         ),
     log:
-        "logs/tile_slide/{slide}.log",
+        f"{RESULTS}/logs/tile_slide/{{slide}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tile_slide/{{slide}}.tsv"
     conda:
@@ -81,7 +81,7 @@ rule make_folds:
         folds=expand(f"{RESULTS}/folds/{{fold}}.json", fold=FOLDS),
         summary=f"{RESULTS}/folds/folds.tsv",
     log:
-        "logs/make_folds.log",
+        f"{RESULTS}/logs/make_folds.log",
     benchmark:
         f"{RESULTS}/benchmarks/make_folds.tsv"
     conda:

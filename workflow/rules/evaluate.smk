@@ -5,7 +5,7 @@ rule evaluate:
     output:
         f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv",
     log:
-        "logs/evaluate/{method}/{fold}.log",
+        f"{RESULTS}/logs/evaluate/{{method}}/{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{method}}/{{fold}}.tsv"
     conda:
@@ -39,7 +39,7 @@ rule report:
             category="Report",
         ),
     log:
-        "logs/report.log",
+        f"{RESULTS}/logs/report.log",
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     conda:

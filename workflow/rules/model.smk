@@ -5,7 +5,7 @@ rule train:
     output:
         model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
     log:
-        "logs/train/{method}/{fold}.log",
+        f"{RESULTS}/logs/train/{{method}}/{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{method}}/{{fold}}.tsv"
     conda:
@@ -30,7 +30,7 @@ rule predict:
     output:
         directory(f"{RESULTS}/predictions/{{method}}/{{fold}}"),
     log:
-        "logs/predict/{method}/{fold}.log",
+        f"{RESULTS}/logs/predict/{{method}}/{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/predict/{{method}}/{{fold}}.tsv"
     conda:

@@ -64,7 +64,7 @@ rule predict_slide:
             labels={"slide": "{pslide}", "gene": "{gene}"},
         ),
     log:
-        "logs/predict_slide/{pslide}.log",
+        f"{RESULTS}/logs/predict_slide/{{pslide}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/predict_slide/{{pslide}}.tsv"
     wildcard_constraints:
