@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	@echo
 	@echo "Done. Report: results/report/index.html   (all outputs under results/)"
 
@@ -28,7 +28,7 @@ test: install
 lint: install
 	$(BIN)/ruff check stevs tests benchmarks
 	$(BIN)/snakefmt --check Snakefile workflow/rules
-	$(BIN)/snakemake --lint --configfile config/config.yaml
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --configfile config/config.yaml
 
 clean:
 	rm -rf results resources/demo .snakemake
