@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from stevs.atomic import atomic_path, atomic_write_text
 from stevs.errors import StevsInputError
 from stevs.metrics import FoldSpec, load_fold, load_observed
 
@@ -403,23 +403,17 @@ def save_ridge(model: RidgeModel, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix="model.safetensors.tmp-", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_path(weights) as tmp:
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in model.arrays().items()}, tmp
         )
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     meta = {
         **model.meta,
         "alpha": model.alpha,
         "genes": model.genes,
         "model_sha256": file_sha256(weights),
     }
-    _write_text_atomic(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
     return weights
 
 
@@ -458,17 +452,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_patches(
@@ -653,13 +636,7 @@ def predict_ridge(
             "normalisation": {"method": fold.normalisation_method, "target_sum": fold.target_sum},
         }
         path = out_dir / f"{slide}.h5ad"
-        fd, tmp = tempfile.mkstemp(prefix=f"{slide}.h5ad.tmp-", dir=out_dir)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".h5ad") as tmp:
             out.write_h5ad(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(path)
     return written

@@ -33,8 +33,6 @@ import math
 import os
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from stevs import __version__
+from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 
 logger = logging.getLogger(__name__)
@@ -121,27 +120,14 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng([seed, *key])
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it to ``path`` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez_compressed`` with fixed zip timestamps, so reruns give the same bytes."""
-    with _atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, value in arrays.items():
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.asarray(value), allow_pickle=False)
@@ -608,7 +594,7 @@ def write_pyramidal_tiff(path: Path, levels: list[np.ndarray], mpp: float) -> No
 
     height0 = levels[0].shape[0]
     bigtiff = sum(level.nbytes for level in levels) > 2**31
-    with _atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
         for index, level in enumerate(levels):
             level_mpp = mpp * height0 / level.shape[0]
             tif.write(
@@ -646,7 +632,7 @@ def _resized(levels: list[np.ndarray], max_side: int) -> tuple[np.ndarray, float
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG", compress_level=3)
 
 
@@ -662,7 +648,7 @@ def write_10x_h5(
     indptr = np.concatenate([[0], np.cumsum(nonzero.sum(axis=1))]).astype(np.int64)
     indices = np.nonzero(nonzero)[1].astype(np.int64)
     data = counts[nonzero].astype(np.int32)
-    with _atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["filetype"] = "matrix"
         f.attrs["version"] = 2
         f.attrs["software_version"] = f"stevs {__version__} demo"

@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from stevs import __version__
+from stevs.atomic import atomic_write_text
 from stevs.errors import StevsInputError
 from stevs.panels import (
     NORMALISATIONS,
@@ -377,22 +377,10 @@ class Fold:
         return data
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_fold(fold: Fold, path: str | PathLike) -> Path:
     """Write a fold file atomically."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(fold.to_dict(), indent=1) + "\n")
+    atomic_write_text(path, json.dumps(fold.to_dict(), indent=1) + "\n")
     return path
 
 
@@ -812,7 +800,7 @@ def write_summary(folds: Sequence[Fold], path: str | PathLike) -> Path:
         ]
         lines.append("\t".join(row))
     path = Path(path)
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse, stats
 
+from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 
 log = logging.getLogger(__name__)
@@ -496,17 +496,9 @@ def evaluate_fold(
 
 def write_tsv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a TSV through a temporary file in the same folder and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            table.to_csv(handle, sep="\t", index=False, float_format="%.10g")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.10g")
+    return Path(path)
 
 
 def summary_path(out: str | os.PathLike) -> Path:

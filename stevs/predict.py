@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 from stevs.models.stevs import STevs, STevsConfig
 from stevs.train import collate, resolve_device
@@ -159,16 +159,8 @@ def predict_patches(
 
 
 def _write_h5ad_atomic(adata: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".h5ad", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def prediction_anndata(

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from stevs import __version__
+from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 
 log = logging.getLogger("stevs.predict_slide")
@@ -511,22 +512,10 @@ class PatchCacheDataset(Dataset):
 # -- outputs -----------------------------------------------------------------------------------
 
 
-def _temporary_sibling(path: Path, suffix: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    return Path(name)
-
-
 def _atomic_write(path: Path, suffix: str, write: Any) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path`` and rename it when done."""
-    tmp = _temporary_sibling(path, suffix)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stevs.atomic import atomic_write_text
 from stevs.errors import StevsInputError
 from stevs.metrics import (
     PER_GENE_COLUMNS,
@@ -588,16 +588,7 @@ def build_report(
         + "".join(sections)
         + "</body></html>\n"
     )
-    index = out_dir / "index.html"
-    fd, tmp = tempfile.mkstemp(prefix="index.html.tmp-", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(page)
-        os.replace(tmp, index)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return index
+    return atomic_write_text(out_dir / "index.html", page)
 
 
 def provenance_html(

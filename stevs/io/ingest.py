@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
 from stevs import __version__
+from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 from stevs.io.expression import (
     SPOT_GEOMETRY_UM,
@@ -162,17 +162,9 @@ def build_slide_adata(
 
 def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike) -> Path:
     """Write an AnnData to a temporary file beside ``out`` and rename it when complete."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
+    with atomic_path(out, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp, compression="gzip")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return Path(out)
 
 
 def ingest_from_sheet(
