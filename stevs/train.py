@@ -694,6 +694,7 @@ def train_fold(
             preset.name,
             preset.backbone.img_size,
         )
+    torch.manual_seed(options.seed)  # the model's initial weights depend on the seed only
     model = build_model(
         method,
         preset,

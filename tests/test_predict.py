@@ -106,6 +106,22 @@ def test_train_cli_writes_the_model_folder(model_dir):
     assert model.config.use_image and model.config.use_spatial
 
 
+def test_training_twice_with_one_seed_gives_the_same_weights(fold_path, model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    code = main(
+        ["train", "--fold", str(fold_path), "--method", "stevs", "--preset", "cpu_small"]
+        + ["--out", str(tmp_path / "again"), "--epochs", "2", "--batch-size", "8"]
+        + ["--workers", "0", "--device", "cpu"]
+    )
+    assert code == 0
+    first = load_file(model_dir / "model.safetensors")
+    second = load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+
+
 def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model_dir, tmp_path):
     out = tmp_path / "pred"
     code = main(
