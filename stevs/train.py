@@ -187,6 +187,27 @@ def augment_patches(patch: Tensor) -> Tensor:
     return x.clamp(0.0, 255.0)
 
 
+def augment_coords(coords: Tensor, jitter: float = 0.05) -> Tensor:
+    """Random flips and 90-degree rotations of per-slide normalised coordinates, per spot,
+    plus a small scale and shift jitter.
+
+    A slide's absolute layout says nothing about another slide's, so the spatial expert must
+    not memorise where the training slides' regions lie: under these transforms it can only
+    learn what survives them (how far a spot lies from the tissue's centre), and it learns to
+    be uncertain otherwise, which keeps it from outvoting the image expert in the Product of
+    Experts on held-out slides.
+    """
+    xy = coords.float()
+    b = xy.shape[0]
+    device = xy.device
+    swap = torch.rand(b, 1, device=device) < 0.5
+    xy = torch.where(swap, xy.flip(1), xy)
+    signs = torch.randint(0, 2, (b, 2), device=device).float() * 2 - 1
+    scale = torch.empty(b, 1, device=device).uniform_(1 - jitter, 1 + jitter)
+    shift = torch.empty(b, 2, device=device).uniform_(-jitter, jitter)
+    return xy * signs * scale + shift
+
+
 def pearson_per_gene(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Pearson r of every column; NaN where either side is constant."""
     p = prediction - prediction.mean(0)
@@ -533,6 +554,8 @@ def train_model(
             batch = to_device(batch, device)
             if "patch" in batch and not freeze and options.augment:
                 batch["patch"] = augment_patches(batch["patch"])
+            if "coords" in batch and options.augment:
+                batch["coords"] = augment_coords(batch["coords"])
             step = (epoch - 1) * steps_per_epoch + n_batches
             kl_weight = beta * min(1.0, step / kl_warmup_steps)
             kl_weight_sum += kl_weight

@@ -112,7 +112,16 @@ def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
     return mu + torch.exp(0.5 * clamp_logvar(logvar)) * torch.randn_like(mu)
 
 
-def gaussian_nll(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    """Gaussian negative log-likelihood, summed over the last dimension."""
+def gaussian_nll(x: Tensor, mean: Tensor, logvar: Tensor, variance_power: float = 0.0) -> Tensor:
+    """Gaussian negative log-likelihood, summed over the last dimension.
+
+    ``variance_power`` > 0 gives the beta-NLL of Seitzer et al. (ICLR 2022): each element's
+    term is weighted by its (gradient-stopped) variance to that power, so that values the
+    model calls noisy do not stop receiving gradient for their mean (0: the plain NLL; 1: the
+    mean gets exactly the squared-error gradient).
+    """
     logvar = clamp_logvar(logvar)
-    return 0.5 * (logvar + (x - mean) ** 2 * torch.exp(-logvar) + math.log(2 * math.pi)).sum(-1)
+    nll = 0.5 * (logvar + (x - mean) ** 2 * torch.exp(-logvar) + math.log(2 * math.pi))
+    if variance_power > 0:
+        nll = nll * torch.exp(variance_power * logvar.detach())
+    return nll.sum(-1)

@@ -56,9 +56,12 @@ class STevsConfig:
     use_spatial: bool = True
     combine: str = "poe"  # "poe" | "concat"
     align: str | None = "sym_kl"
-    align_weight: float = 0.1  # stronger alignment pulled the image expert to collapse
+    # sym-KL sums over the latent dims and grows fast when the experts' widths differ; at
+    # 0.1 it held the image expert as broad as the (uninformative on new slides) spatial one
+    align_weight: float = 0.01
     beta: float = 1.0
     expert_elbo_weight: float = 1.0
+    nll_beta: float = 0.5  # beta-NLL power (0: plain heteroscedastic NLL)
     likelihood: str = "gaussian"  # "gaussian" | "nb" (adds a count likelihood)
     nb_weight: float = 1.0
     n_freqs: int = 6
@@ -157,8 +160,10 @@ class STevs(nn.Module):
                 if c.use_image
                 else None
             )
+            # the spatial expert starts as broad as the prior, so that the image expert
+            # leads the product until coordinates prove informative
             self.spatial_head = (
-                GaussianHead(c.hidden_dim, c.latent_dim, c.hidden_dim, 1, c.dropout)
+                GaussianHead(c.hidden_dim, c.latent_dim, c.hidden_dim, 1, c.dropout, 0.0)
                 if c.use_spatial
                 else None
             )
@@ -250,7 +255,9 @@ class STevs(nn.Module):
     def _reconstruction(
         self, gen: Mapping[str, Tensor], target: Tensor, batch: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        terms = {"recon": gaussian_nll(target, gen["mean"], gen["logvar"])}
+        terms = {
+            "recon": gaussian_nll(target, gen["mean"], gen["logvar"], self.config.nll_beta)
+        }
         if self.config.likelihood == "nb":
             terms["nb"] = negative_binomial_nll(
                 batch["counts"].float(),

@@ -10,7 +10,7 @@ rule train:
         f"{RESULTS}/benchmarks/train/{{method}}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
-    threads: 2
+    threads: config["resources"]["threads"]
     resources:
         mem_mb=config["resources"]["train_mem_mb"],
         runtime=config["resources"]["train_runtime"],
@@ -35,7 +35,7 @@ rule predict:
         f"{RESULTS}/benchmarks/predict/{{method}}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
-    threads: 2
+    threads: config["resources"]["threads"]
     resources:
         mem_mb=8000,
         runtime=60,
