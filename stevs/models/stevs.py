@@ -255,9 +255,7 @@ class STevs(nn.Module):
     def _reconstruction(
         self, gen: Mapping[str, Tensor], target: Tensor, batch: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        terms = {
-            "recon": gaussian_nll(target, gen["mean"], gen["logvar"], self.config.nll_beta)
-        }
+        terms = {"recon": gaussian_nll(target, gen["mean"], gen["logvar"], self.config.nll_beta)}
         if self.config.likelihood == "nb":
             terms["nb"] = negative_binomial_nll(
                 batch["counts"].float(),
