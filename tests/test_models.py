@@ -344,3 +344,55 @@ def test_presets_state_their_patches_and_build(tmp_path):
     assert backbone.channels_last_output and backbone.feature_dim == 32 + 64 + 128 + 256
     with pytest.raises(StevsInputError, match="unknown preset"):
         get_preset("gpu_huge")
+
+
+# ----------------------------------------------------------------------------- training aids
+
+
+def test_gaussian_nll_plain_matches_torch_and_beta_nll_gives_the_mean_a_squared_error_gradient():
+    from stevs.models.poe import gaussian_nll
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, generator=g)
+    logvar = torch.randn(5, 7, generator=g)
+    expected = -Normal(torch.zeros(5, 7), torch.exp(0.5 * logvar)).log_prob(x).sum(-1)
+    assert torch.allclose(gaussian_nll(x, torch.zeros(5, 7), logvar), expected, atol=1e-5)
+
+    gradients = {}
+    for power in (0.0, 1.0):
+        mean = torch.zeros(5, 7, requires_grad=True)
+        gaussian_nll(x, mean, logvar, variance_power=power).sum().backward()
+        gradients[power] = mean.grad
+    # plain NLL: the mean's gradient shrinks with the variance; beta-NLL with power 1: it is
+    # exactly the squared error's, whatever variance the model claims
+    assert torch.allclose(gradients[0.0], -x * torch.exp(-logvar), atol=1e-5)
+    assert torch.allclose(gradients[1.0], -x, atol=1e-5)
+
+
+def test_image_expert_starts_narrow_and_spatial_expert_starts_as_broad_as_the_prior():
+    torch.manual_seed(0)
+    model = STevs(tiny_config("stevs", latent_dim=8, hidden_dim=32)).eval()
+    out = model.inference(tiny_batch()["patch"], tiny_batch()["coords"])
+    img_logvar = out["q_img"][1].mean().item()
+    spatial_logvar = out["q_spatial"][1].mean().item()
+    assert img_logvar == pytest.approx(-4.0, abs=1.0)
+    assert spatial_logvar == pytest.approx(0.0, abs=1.0)
+    # so the product follows the image expert's mean at the start
+    mu, _ = out["qz"]
+    img_mu = out["q_img"][0]
+    assert torch.corrcoef(torch.stack([mu.flatten(), img_mu.flatten()]))[0, 1] > 0.9
+
+
+def test_coordinate_augmentation_keeps_distances_from_the_centre_and_draws_all_symmetries():
+    from stevs.train import augment_coords
+
+    torch.manual_seed(0)
+    point = torch.tensor([[0.6, -0.2]]).repeat(4000, 1)
+    moved = augment_coords(point, jitter=0.0)
+    assert torch.allclose(moved.norm(dim=1), point.norm(dim=1), atol=1e-6)
+    images = {tuple(round(v, 4) for v in row) for row in moved.tolist()}
+    assert len(images) == 8  # the square's 8 symmetries (flips, 90-degree turns, transpose)
+    jittered = augment_coords(point, jitter=0.05)
+    radius = jittered.norm(dim=1)
+    assert not torch.allclose(jittered.abs().sort(1).values, moved.abs().sort(1).values)
+    assert float((radius - point.norm(dim=1)).abs().max()) < 0.05 * 0.64 + 0.05 * 1.5
