@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.stevs-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean her2st her2st-effnet her2st-gpu
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -21,6 +21,19 @@ demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	@echo
 	@echo "Done. Report: results/report/index.html   (all outputs under results/)"
+
+# The her2st benchmark (docs/benchmarks.md): HER2ST=folder with images/, counts/, spots/.
+HER2ST ?= ../shared/data/her2st
+HER2ST_RUN = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --config data_root=$(HER2ST)
+
+her2st: install
+	$(HER2ST_RUN) --cores $(CORES) --configfile config/her2st.yaml
+
+her2st-effnet: install
+	$(HER2ST_RUN) --cores $(CORES) --configfile config/her2st.yaml config/her2st_effnet.yaml
+
+her2st-gpu: install
+	$(HER2ST_RUN) --cores all --configfile config/her2st.yaml config/her2st_gpu.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
