@@ -8,6 +8,7 @@ the report's.
 
     python benchmarks/results_table.py results/her2st_swin
     python benchmarks/results_table.py results/her2st_effnet --reference stnet
+    python benchmarks/results_table.py results/her2st_swin --genes ERBB2,IGKC,COL1A1
 """
 
 from __future__ import annotations
@@ -84,14 +85,43 @@ def differences(results: Path, reference: str = "stevs") -> str:
     return f"Headline r relative to `{reference}`: " + ", ".join(parts) + "."
 
 
+def gene_table(
+    results: Path, genes: list[str], methods: tuple[str, ...] = ("stevs", "stnet", "ridge_embed")
+) -> str:
+    """Per-gene Pearson r (mean over test slides, all folds) of ``methods`` for ``genes``,
+    after the 5 best and 5 worst headline genes of the first method."""
+    per_gene = pd.read_csv(results / "report" / "per_gene.tsv", sep="\t")
+    means = per_gene.groupby(["gene", "method"])["pearson_r"].mean().unstack("method")
+    methods = tuple(m for m in methods if m in means.columns)
+    headline = per_gene.loc[per_gene["headline"].astype(bool), "gene"].unique()
+    lead = means.loc[means.index.isin(headline), methods[0]].dropna().sort_values()
+    chosen = [*lead.index[::-1][:5], *lead.index[:5][::-1], *(g for g in genes if g in means.index)]
+    missing = [g for g in genes if g not in means.index]
+    lines = [
+        "| gene | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for gene in dict.fromkeys(chosen):
+        lines.append(
+            f"| {gene} | " + " | ".join(f"{means.loc[gene, m]:.2f}" for m in methods) + " |"
+        )
+    if missing:
+        lines.append(f"\nNot in the panel: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="the run's results folder")
     parser.add_argument("--reference", default="stevs", help="method the differences are to")
+    parser.add_argument("--genes", default="", help="comma-separated genes for a per-gene table")
     args = parser.parse_args(argv)
     print(results_table(args.results))
     print()
     print(differences(args.results, args.reference))
+    if args.genes:
+        print()
+        print(gene_table(args.results, [g for g in args.genes.split(",") if g]))
     return 0
 
 
