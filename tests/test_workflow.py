@@ -157,3 +157,17 @@ def test_bad_sample_sheet_stops_before_running(tmp_path, rows, drop, folds, mess
     assert message in output, output
     assert "samples.tsv" in output
     assert not (tmp_path / "results").exists()
+
+
+def test_threads_per_job_come_from_the_config(tmp_path):
+    overlay = tmp_path / "threads.yaml"
+    overlay.write_text("resources:\n  threads: 3\n")
+    base = str(ROOT / "config" / "config.yaml")
+    result = snakemake("-n", "-p", "--cores", "4", "--configfile", base, str(overlay), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    train_commands = [line for line in result.stdout.splitlines() if "stevs train" in line]
+    predict_commands = [line for line in result.stdout.splitlines() if "stevs predict" in line]
+    assert train_commands and predict_commands
+    assert all("--threads 3" in line for line in train_commands + predict_commands)
+    demo = snakemake("-n", "-p", "--cores", "4", cwd=tmp_path)  # config.yaml: 1 per job
+    assert all("--threads 1" in line for line in demo.stdout.splitlines() if "stevs train" in line)
