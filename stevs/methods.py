@@ -1,0 +1,164 @@
+"""The method registry: one table from a method's name to how it trains, loads and predicts.
+
+Every place that needs to know which methods exist (``stevs train --method``, the workflow's
+config schema and its checks, ``stevs predict``, ``stevs predict-slide``, the report) reads
+:data:`REGISTRY`; nothing looks at which files a model folder holds to guess its kind.
+
+Importing this module is cheap (no torch): the training, loading and prediction entry points
+are named as ``"module:function"`` and imported only when called, so the workflow can check
+a config against the registry before any job runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from stevs.errors import StevsInputError
+
+#: families of methods; each family shares one trainer, loader and predictor
+Kind = Literal["torch", "ridge"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison.
+
+    ``switches`` are the :class:`stevs.models.stevs.STevsConfig` fields a torch method sets
+    (ablations are switches of one model, never copies); ``features`` is what a ridge probe
+    regresses on. ``he_only`` says whether the method can predict an H&E-only slide (a
+    Visium-like grid laid over detected tissue, no measured expression): true for every
+    method that reads the image.
+    """
+
+    name: str
+    kind: Kind
+    description: str
+    uses_image: bool = True
+    uses_spatial: bool = False
+    he_only: bool = True
+    switches: Mapping[str, Any] = field(default_factory=dict)
+    features: str | None = None
+
+    @property
+    def entry_points(self) -> Mapping[str, str]:
+        """``train`` / ``load`` / ``predict`` -> ``"module:function"`` of the method's kind."""
+        return ENTRY_POINTS[self.kind]
+
+    def entry(self, what: str) -> Callable[..., Any]:
+        """The ``train``, ``load`` or ``predict`` function of this method's kind."""
+        module, _, name = self.entry_points[what].partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+#: kind -> the functions that train a fold, load a model folder and predict a fold's test
+#: slides. Signatures: ``train(fold, method, out_dir, **options)``, ``load(model_dir,
+#: device=...)``, ``predict(model_dir, fold, out_dir, **options)``.
+ENTRY_POINTS: Mapping[str, Mapping[str, str]] = MappingProxyType(
+    {
+        "torch": {
+            "train": "stevs.train:train_fold",
+            "load": "stevs.predict:load_model",
+            "predict": "stevs.predict:predict_fold",
+        },
+        "ridge": {
+            "train": "stevs.baselines:train_ridge",
+            "load": "stevs.baselines:load_ridge",
+            "predict": "stevs.baselines:predict_ridge",
+        },
+    }
+)
+
+_METHODS = (
+    Method(
+        "stevs",
+        "torch",
+        "STevs: image expert x spatial expert (Product of Experts) with latent alignment",
+        uses_spatial=True,
+    ),
+    Method(
+        "stevs_image_only",
+        "torch",
+        "STevs ablation: image expert only",
+        switches={"use_spatial": False, "align": None},
+    ),
+    Method(
+        "stevs_spatial_only",
+        "torch",
+        "STevs ablation: spatial expert only (coordinates, no image)",
+        uses_image=False,
+        uses_spatial=True,
+        he_only=False,
+        switches={"use_image": False, "align": None},
+    ),
+    Method(
+        "stevs_no_align",
+        "torch",
+        "STevs ablation: Product of Experts without the alignment loss",
+        uses_spatial=True,
+        switches={"align": None},
+    ),
+    Method(
+        "stevs_concat",
+        "torch",
+        "STevs ablation: concatenated features instead of a Product of Experts",
+        uses_spatial=True,
+        switches={"combine": "concat", "align": None},
+    ),
+    Method(
+        "stnet",
+        "torch",
+        "ST-Net-style baseline: the image backbone with a linear regression head",
+        switches={"head": "regression", "use_spatial": False, "align": None},
+    ),
+    Method(
+        "ridge_embed",
+        "ridge",
+        "ridge probe on frozen backbone embeddings (HEST-Benchmark recipe)",
+        he_only=False,
+        features="embedding",
+    ),
+    Method(
+        "ridge_color",
+        "ridge",
+        "ridge on hand-made colour and texture features: the floor",
+        he_only=False,
+        features="color_texture",
+    ),
+)
+
+#: method name -> :class:`Method`, in the order the report lists them
+REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in _METHODS})
+#: every method name
+METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def names(kind: Kind | None = None) -> list[str]:
+    """Method names, all or of one kind."""
+    return [m.name for m in REGISTRY.values() if kind is None or m.kind == kind]
+
+
+def get_method(name: str, source: str | None = None) -> Method:
+    """The registry entry of ``name``, or a :class:`StevsInputError` listing the choices."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise StevsInputError(
+            source, f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}"
+        ) from None
+
+
+def check_he_only(name: str, source: str | None = None) -> Method:
+    """The method ``name`` if it can predict H&E-only slides, else a clear error."""
+    method = get_method(name, source)
+    if not method.he_only:
+        able = [m.name for m in REGISTRY.values() if m.he_only]
+        raise StevsInputError(
+            source,
+            f"method {name!r} cannot predict H&E-only slides ({method.description}); "
+            f"use one of {', '.join(able)}",
+        )
+    return method
