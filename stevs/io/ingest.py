@@ -16,8 +16,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from stevs import __version__
-from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 from stevs.io.expression import (
     SPOT_GEOMETRY_UM,
@@ -28,6 +26,7 @@ from stevs.io.expression import (
 )
 from stevs.io.samples import read_sample_sheet
 from stevs.io.slide import open_slide
+from stevs.io.slide_adata import SlideMeta, slide_meta, write_slide_adata
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +132,21 @@ def build_slide_adata(
     adata.uns.pop("source_mpp", None)
     if scalefactors and "spot_diameter_fullres" in scalefactors:
         diameter_um = float(scalefactors["spot_diameter_fullres"]) * slide_mpp
-    adata.uns["stevs"] = {
-        "slide": slide_id,
-        "patient": patient or slide_id,
-        "mpp": float(slide_mpp),
-        "mpp_source": source,
-        "spot_diameter_um": float(diameter_um),
-        "spot_pitch_um": float(pitch_um),
-        "technology": technology,
-        "image_path": str(Path(image).resolve()),
-        "image_width": int(size[0]),
-        "image_height": int(size[1]),
-        "expression_path": str(Path(expression).resolve()),
-        "spots_path": str(Path(spots).resolve()) if spots else "",
-        "stevs_version": __version__,
-    }
+    meta = SlideMeta(
+        slide=slide_id,
+        patient=patient or slide_id,
+        mpp=float(slide_mpp),
+        mpp_source=source,
+        spot_diameter_um=float(diameter_um),
+        spot_pitch_um=float(pitch_um),
+        technology=technology,
+        image_path=str(Path(image).resolve()),
+        image_width=int(size[0]),
+        image_height=int(size[1]),
+        expression_path=str(Path(expression).resolve()),
+        spots_path=str(Path(spots).resolve()) if spots else "",
+    )
+    adata.uns["stevs"] = meta.to_uns()
     log.info(
         "%s: %d spots x %d genes, %.0f counts per spot (median), mpp %.4f (%s)",
         slide_id,
@@ -158,13 +157,6 @@ def build_slide_adata(
         source,
     )
     return adata
-
-
-def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike) -> Path:
-    """Write an AnnData to a temporary file beside ``out`` and rename it when complete."""
-    with atomic_path(out, suffix=".h5ad") as tmp:
-        adata.write_h5ad(tmp, compression="gzip")
-    return Path(out)
 
 
 def ingest_from_sheet(
@@ -187,7 +179,7 @@ def ingest_from_sheet(
         spots=row["spots"] or None,
         mpp=row["mpp"],
     )
-    return write_h5ad_atomic(adata, out)
+    return write_slide_adata(adata, slide_meta(adata), out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,183 @@
+"""The model folder (``results/models/{method}/{fold}/``): the one owner of its files.
+
+Every method writes the same complete folder (docs/architecture.md, "Model folder"):
+
+* ``config.json``: method (a :mod:`stevs.methods` name), fold, genes, normalisation, the
+  patch scale of the training caches, and what rebuilds the model;
+* ``model.safetensors``: the weights (tensors or arrays), metadata keys in sorted order;
+* ``checkpoint.pt``: resume state of torch methods (plain tensors, ``weights_only=True``);
+* ``metrics.csv``: one row per epoch (torch) or per penalty (ridge);
+* ``train.log``: the training log.
+
+``config.json`` is written only together with the weights it describes (by the run that made
+them), so it never describes other weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stevs.atomic import atomic_write_bytes, atomic_write_text
+from stevs.errors import StevsInputError
+from stevs.hashing import file_sha256
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+LOG = "train.log"
+
+
+def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """safetensors metadata as strings, in sorted key order (byte-identical reruns)."""
+    return {k: str(metadata[k]) for k in sorted(metadata or {})}
+
+
+class ModelDir:
+    """One model folder; methods name the file they read or write."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r})"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG
+
+    # -- config.json ---------------------------------------------------------------------------
+
+    def read_config(self) -> dict[str, Any]:
+        """``config.json``, checked: a known method, a non-empty gene panel."""
+        from stevs.methods import get_method
+
+        for path in (self.config_path, self.weights_path):
+            if not path.is_file():
+                raise StevsInputError(path, "missing; is this the output folder of 'stevs train'?")
+        try:
+            config = json.loads(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise StevsInputError(self.config_path, f"not a readable model config: {err}") from err
+        if not isinstance(config, dict):
+            raise StevsInputError(self.config_path, "a model config holds a JSON object")
+        get_method(str(config.get("method")), str(self.config_path))
+        genes = config.get("genes")
+        if not isinstance(genes, list) or not genes or not all(isinstance(g, str) for g in genes):
+            raise StevsInputError(self.config_path, "'genes' must be a non-empty list of names")
+        return config
+
+    def write_config(self, config: Mapping[str, Any]) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def write_tensors(self, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> Path:
+        """torch tensors -> ``model.safetensors`` (atomic)."""
+        from safetensors.torch import save
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        data = save(dict(tensors), metadata=_metadata(metadata))
+        return atomic_write_bytes(self.weights_path, data)
+
+    def write_arrays(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> Path:
+        """numpy arrays -> ``model.safetensors`` (atomic)."""
+        from safetensors.numpy import save
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        plain = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        return atomic_write_bytes(self.weights_path, save(plain, metadata=_metadata(metadata)))
+
+    def read_tensors(self) -> dict[str, Any]:
+        """``model.safetensors`` as torch tensors (CPU)."""
+        from safetensors.torch import load_file
+
+        return self._read(lambda path: load_file(path, device="cpu"))
+
+    def read_arrays(self) -> dict[str, np.ndarray]:
+        """``model.safetensors`` as numpy arrays."""
+        from safetensors.numpy import load_file
+
+        return self._read(load_file)
+
+    def _read(self, loader: Any) -> dict[str, Any]:
+        if not self.weights_path.is_file():
+            raise StevsInputError(self.weights_path, "model weights not found")
+        try:
+            return dict(loader(str(self.weights_path)))
+        except Exception as err:  # safetensors raises its own error types
+            raise StevsInputError(self.weights_path, f"cannot read the weights: {err}") from err
+
+    def weights_sha256(self) -> str:
+        return file_sha256(self.weights_path)
+
+    # -- checkpoint ----------------------------------------------------------------------------
+
+    def read_checkpoint(self) -> dict[str, Any] | None:
+        """The resume state, or None when there is none."""
+        import torch
+
+        if not self.checkpoint_path.is_file():
+            return None
+        try:
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise StevsInputError(
+                self.checkpoint_path, f"cannot read the checkpoint: {err}"
+            ) from err
+
+    def write_checkpoint(self, state: Mapping[str, Any]) -> Path:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        return atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+
+    # -- metrics.csv ---------------------------------------------------------------------------
+
+    def write_metrics(self, history: Sequence[Mapping[str, Any]]) -> Path:
+        """One row per epoch; the columns are the union of keys, in first-seen order."""
+        columns: list[str] = []
+        for row in history:
+            columns += [k for k in row if k not in columns]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(history)
+        return atomic_write_text(self.metrics_path, text.getvalue())
+
+    def read_metrics(self) -> Any:
+        """``metrics.csv`` as a DataFrame, or None when the folder has none."""
+        import pandas as pd
+
+        if not self.metrics_path.is_file():
+            return None
+        try:
+            return pd.read_csv(self.metrics_path)
+        except Exception as err:
+            raise StevsInputError(self.metrics_path, f"cannot read the metrics: {err}") from err

@@ -1,0 +1,108 @@
+"""The prediction AnnData (``results/predictions/{method}/{fold}/{slide}.h5ad`` and the
+H&E-only ``{slide}.h5ad`` of ``stevs predict-slide``): its one writer and one reader.
+
+Layout (docs/architecture.md, "Prediction AnnData"): ``X`` float32 predicted expression on
+the panel (the targets' normalisation), ``layers["std"]`` float32 predictive standard
+deviation, ``obs`` and ``obsm["spatial"]`` of the slide's spots, ``uns["stevs"]`` = method,
+fold, slide, model_sha256, normalisation (plus what the writer adds). A prediction with a
+NaN or infinite value is never written: it is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from stevs.atomic import atomic_path
+from stevs.errors import StevsInputError
+
+
+def new_prediction(
+    mean: np.ndarray,
+    std: np.ndarray,
+    genes: Sequence[str],
+    obs: pd.DataFrame,
+    spatial: np.ndarray,
+    meta: Mapping[str, Any],
+    *,
+    source: str | os.PathLike | None = None,
+) -> Any:
+    """The prediction AnnData of one slide; non-finite values are an error naming ``source``."""
+    import anndata as ad
+
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    if mean.shape != std.shape or mean.shape != (len(obs), len(genes)):
+        raise ValueError(f"mean {mean.shape}, std {std.shape}, {len(obs)} spots x {len(genes)}")
+    bad = int((~np.isfinite(mean)).sum() + (~np.isfinite(std)).sum())
+    if bad:
+        raise StevsInputError(
+            source,
+            f"the model predicted {bad} NaN or infinite values: its weights are corrupt or "
+            "training diverged; retrain it (nothing was written)",
+        )
+    adata = ad.AnnData(X=mean, obs=obs.copy(), var=pd.DataFrame(index=pd.Index(list(genes))))
+    adata.layers["std"] = std
+    adata.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
+    adata.uns["stevs"] = {k: v for k, v in meta.items() if v is not None}
+    return adata
+
+
+def write_prediction(adata: Any, path: str | os.PathLike) -> Path:
+    """Write a prediction AnnData atomically."""
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
+    return Path(path)
+
+
+@dataclass
+class Prediction:
+    """A prediction file restricted to some genes, as evaluation and the report use it."""
+
+    path: Path
+    mean: np.ndarray  # float64 (n, G)
+    std: np.ndarray | None  # float64 (n, G) or None
+    barcodes: pd.Index
+    spatial: np.ndarray | None
+    meta: dict[str, Any]
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
+
+
+def read_prediction(path: str | os.PathLike, genes: Sequence[str]) -> Prediction:
+    """Read a prediction file on ``genes`` (in that order); checks names the file."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.is_file():
+        raise StevsInputError(path, "prediction file not found")
+    try:
+        pred = ad.read_h5ad(path)
+    except Exception as err:
+        raise StevsInputError(path, f"cannot read the prediction file: {err}") from err
+    gene_index = pred.var_names.get_indexer(list(genes))
+    if (gene_index < 0).any():
+        missing = [g for g, i in zip(genes, gene_index, strict=True) if i < 0][:5]
+        raise StevsInputError(path, f"prediction lacks panel genes, e.g. {missing}")
+    if pred.obs_names.has_duplicates:
+        raise StevsInputError(path, "duplicate spot barcodes")
+    mean = np.asarray(_dense(pred.X)[:, gene_index], dtype=np.float64)
+    if not np.isfinite(mean).all():
+        raise StevsInputError(path, "predicted expression holds NaN or infinite values")
+    std = None
+    if "std" in pred.layers:
+        std = np.asarray(_dense(pred.layers["std"])[:, gene_index], dtype=np.float64)
+        if (std < 0).any() or not np.isfinite(std).all():
+            raise StevsInputError(path, "layers['std'] holds negative or non-finite values")
+    spatial = np.asarray(pred.obsm["spatial"]) if "spatial" in pred.obsm else None
+    meta = dict(pred.uns.get("stevs", {}))
+    return Prediction(path, mean, std, pred.obs_names.copy(), spatial, meta)

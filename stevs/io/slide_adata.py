@@ -1,0 +1,144 @@
+"""The slide AnnData (``results/slides/{slide}.h5ad``): its one reader and one writer.
+
+Layout (docs/architecture.md, "Slide AnnData"): ``X`` raw integer counts (CSR), unique
+barcodes as ``obs_names``, unique genes as ``var_names``, ``obsm["spatial"]`` float64
+(n, 2) spot centres in level-0 px (x, y), ``uns["stevs"]`` the :class:`SlideMeta`.
+Every stage reads a slide through :func:`read_slide_adata` (validated, errors name the
+file) and :func:`slide_meta`; :mod:`stevs.io.ingest` writes it with
+:func:`write_slide_adata`, building ``uns["stevs"]`` from a :class:`SlideMeta`, never by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from stevs import __version__
+from stevs.atomic import atomic_path
+from stevs.errors import StevsInputError
+
+
+@dataclass(frozen=True)
+class SlideMeta:
+    """``uns["stevs"]`` of a slide AnnData: what the slide is and where it came from."""
+
+    slide: str
+    patient: str
+    mpp: float | None
+    mpp_source: str = ""
+    spot_diameter_um: float = float("nan")
+    spot_pitch_um: float = float("nan")
+    technology: str = ""
+    image_path: str = ""
+    image_width: int | None = None
+    image_height: int | None = None
+    expression_path: str = ""
+    spots_path: str = ""
+    stevs_version: str = __version__
+
+    def to_uns(self) -> dict[str, Any]:
+        """The ``uns["stevs"]`` dict (``None`` entries left out: h5ad cannot store them)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_uns(cls, uns: Any, path: str | os.PathLike | None = None) -> SlideMeta:
+        """Parse ``uns["stevs"]``; unknown keys are ignored, missing ones take defaults."""
+        if not isinstance(uns, dict):
+            raise StevsInputError(path, "uns['stevs'] is missing or not a dict")
+        known = {f.name for f in fields(cls)}
+        values = {k: _plain(v) for k, v in uns.items() if k in known}
+        fallback = Path(path).name.removesuffix(".h5ad") if path is not None else ""
+        values["slide"] = str(values.get("slide") or fallback)
+        values["patient"] = str(values.get("patient") or values["slide"])
+        mpp = values.get("mpp")
+        values["mpp"] = None if mpp is None or not math.isfinite(float(mpp)) else float(mpp)
+        for key in ("image_width", "image_height"):
+            if values.get(key) is not None:
+                values[key] = int(values[key])
+        return cls(**values)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(width, height) of the image the spots were read against, when recorded."""
+        if self.image_width is None or self.image_height is None:
+            return None
+        return (self.image_width, self.image_height)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (as h5py returns them) -> Python scalars."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _fail(path: Path, problem: str) -> None:
+    raise StevsInputError(path, problem)
+
+
+def check_slide_adata(adata: Any, path: str | os.PathLike) -> None:
+    """Validate an in-memory slide AnnData; errors name ``path``."""
+    path = Path(path)
+    if "spatial" not in adata.obsm:
+        _fail(path, "obsm['spatial'] (spot centres in px) is missing")
+    coords = np.asarray(adata.obsm["spatial"])
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        _fail(path, f"obsm['spatial'] must be (n_spots, 2) x, y pixels, got {coords.shape}")
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        examples = ", ".join(str(b) for b in adata.obs_names[np.flatnonzero(bad)[:3]])
+        _fail(path, f"{int(bad.sum())} spots have NaN or infinite coordinates (e.g. {examples})")
+    if adata.n_obs == 0:
+        _fail(path, "the slide AnnData has no spots")
+    if not adata.obs_names.is_unique:
+        _fail(path, "spot barcodes (obs_names) must be unique")
+    if not adata.var_names.is_unique:
+        _fail(path, "gene names (var_names) must be unique")
+    SlideMeta.from_uns(adata.uns.get("stevs"), path)
+
+
+def read_slide_adata(path: str | os.PathLike, *, backed: bool = False) -> Any:
+    """Read and validate a slide AnnData. ``backed=True`` leaves ``X`` on disk (read-only);
+    close it with ``adata.file.close()``."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.is_file():
+        raise StevsInputError(path, "slide AnnData not found (run 'stevs ingest' first)")
+    try:
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as err:
+        raise StevsInputError(path, f"cannot read the slide AnnData: {err}") from err
+    try:
+        check_slide_adata(adata, path)
+    except StevsInputError:
+        if backed:
+            adata.file.close()
+        raise
+    return adata
+
+
+def slide_meta(adata: Any, path: str | os.PathLike | None = None) -> SlideMeta:
+    """The :class:`SlideMeta` of a slide AnnData read by :func:`read_slide_adata`."""
+    return SlideMeta.from_uns(adata.uns.get("stevs"), path)
+
+
+def raw_counts(adata: Any, path: str | os.PathLike | None = None) -> sparse.csr_matrix:
+    """``X`` as CSR raw counts; negative values are an error naming ``path``."""
+    counts = sparse.csr_matrix(adata.X)
+    if counts.nnz and (counts.data < 0).any():
+        raise StevsInputError(path, "X must hold raw counts (found negative values)")
+    return counts
+
+
+def write_slide_adata(adata: Any, meta: SlideMeta, path: str | os.PathLike) -> Path:
+    """Set ``uns["stevs"]`` from ``meta``, validate and write atomically (gzip)."""
+    adata.uns["stevs"] = meta.to_uns()
+    check_slide_adata(adata, path)
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp, compression="gzip")
+    return Path(path)
