@@ -18,8 +18,6 @@ Models are stored as ``model.safetensors`` (arrays) + ``model.json`` (metadata),
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,13 +28,19 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from stevs.atomic import atomic_path, atomic_write_text
+from stevs import __version__
 from stevs.errors import StevsInputError
-from stevs.metrics import FoldSpec, load_fold, load_observed
+from stevs.hashing import file_sha256
+from stevs.io.fold_file import Fold, read_fold
+from stevs.io.model_dir import ModelDir
+from stevs.io.patch_cache import PatchCache, read_patch_scale
+from stevs.io.prediction import new_prediction, write_prediction
+from stevs.methods import get_method, names
+from stevs.metrics import load_observed
 
 log = logging.getLogger(__name__)
 
-RIDGE_METHODS = ("ridge_color", "ridge_embed")
+RIDGE_METHODS = tuple(names("ridge"))
 #: default penalties searched by the inner cross-validation
 DEFAULT_ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-1.0, 5.01, 0.5))
 #: backbone of ``ridge_embed`` when no ``embed`` callable is given: a ``stevs.models`` preset
@@ -396,124 +400,111 @@ def fit_ridge(
     )
 
 
-def save_ridge(model: RidgeModel, out_dir: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` (each atomically)."""
-    from safetensors.numpy import save_file
+#: the arrays of a :class:`RidgeModel` in ``model.safetensors``
+_RIDGE_ARRAYS = ("feature_mean", "feature_scale", "components", "coef", "intercept", "residual_std")
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "model.safetensors"
-    with atomic_path(weights) as tmp:
-        save_file(
-            {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in model.arrays().items()}, tmp
+
+def save_ridge(model: RidgeModel, out_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """A complete model folder (:mod:`stevs.io.model_dir`): ``model.safetensors`` (arrays),
+    ``config.json`` (``config`` + the fit's alpha, genes, checksum) and ``metrics.csv`` (the
+    inner-CV mean squared error per penalty)."""
+    folder = ModelDir(out_dir)
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in model.arrays().items()}
+    folder.write_arrays(arrays, {"method": config.get("method"), "alpha": model.alpha})
+    alphas, cv_mse = model.meta.get("alphas", []), model.meta.get("inner_cv_mse", [])
+    folder.write_metrics(
+        [{"alpha": a, "inner_cv_mse": m} for a, m in zip(alphas, cv_mse, strict=True)]
+    )
+    folder.write_config(
+        {
+            **config,
+            "ridge": model.meta,
+            "alpha": model.alpha,
+            "genes": model.genes,
+            "model_sha256": folder.weights_sha256(),
+        }
+    )
+    return folder.path
+
+
+def load_ridge(model_dir: str | os.PathLike, device: str | None = None) -> RidgeModel:
+    """Read a ridge model folder written by :func:`save_ridge` (safetensors, no pickle).
+
+    ``device`` is accepted for the registry's common signature; ridge runs on the CPU.
+    """
+    folder = ModelDir(model_dir)
+    config = folder.read_config()
+    if get_method(config["method"]).kind != "ridge":
+        raise StevsInputError(folder.config_path, f"{config['method']} is not a ridge model")
+    expected = config.get("model_sha256")
+    if expected and expected != folder.weights_sha256():
+        raise StevsInputError(
+            folder.weights_path, "checksum differs from config.json (partial or mixed files)"
         )
-    meta = {
-        **model.meta,
-        "alpha": model.alpha,
-        "genes": model.genes,
-        "model_sha256": file_sha256(weights),
-    }
-    atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
-    return weights
-
-
-def load_ridge(model_dir: str | os.PathLike) -> RidgeModel:
-    """Read a model written by :func:`save_ridge` (safetensors, no pickle)."""
-    from safetensors.numpy import load_file
-
-    model_dir = Path(model_dir)
-    weights, meta_path = model_dir / "model.safetensors", model_dir / "model.json"
-    for path in (weights, meta_path):
-        if not path.exists():
-            raise StevsInputError(path, "ridge model file not found")
-    try:
-        meta = json.loads(meta_path.read_text())
-        arrays = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types
-        raise StevsInputError(model_dir, f"cannot read the ridge model: {err}") from None
-    expected = meta.get("model_sha256")
-    if expected and expected != file_sha256(weights):
-        raise StevsInputError(weights, "checksum differs from model.json (partial or mixed files)")
+    arrays = folder.read_arrays()
+    missing = [k for k in _RIDGE_ARRAYS if k not in arrays]
+    if missing:
+        raise StevsInputError(folder.weights_path, f"not a ridge model: lacks {missing}")
     return RidgeModel(
-        alpha=float(meta["alpha"]),
-        genes=list(meta["genes"]),
-        meta=meta,
-        **{k: arrays[k] for k in RidgeModel.__dataclass_fields__ if k in arrays},
+        alpha=float(config["alpha"]),
+        genes=list(config["genes"]),
+        meta=config,
+        **{k: arrays[k] for k in _RIDGE_ARRAYS},
     )
 
 
 # --------------------------------------------------------------------------- fold plumbing
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_patches(
-    fold: FoldSpec, slide: str, barcodes: Sequence[str] | None = None
+    fold: Fold, slide: str, barcodes: Sequence[str] | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """Patches of ``slide`` from its patch cache -> (uint8 (N, H, W, 3), barcodes).
 
     ``barcodes`` selects and orders spots (error if any is missing from the cache).
     """
-    import h5py
-
-    entry = fold.slide_paths(slide)
-    if "patches" not in entry:
-        raise StevsInputError(fold.path, f"slide {slide!r} has no 'patches' path")
-    path = Path(entry["patches"])
-    if not path.exists():
-        raise StevsInputError(path, f"patch cache of slide {slide!r} not found")
-    try:
-        with h5py.File(path, "r") as h5:
-            cached = [b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcodes"][:]]
-            if barcodes is None:
-                return np.asarray(h5["patches"][:], dtype=np.uint8), cached
-            position = {b: i for i, b in enumerate(cached)}
-            missing = [b for b in barcodes if b not in position]
-            if missing:
-                raise StevsInputError(
-                    path, f"{len(missing)} spot(s) not in the cache, e.g. {missing[:3]}"
-                )
-            index = np.array([position[b] for b in barcodes], dtype=np.int64)
-            order = np.argsort(index)
-            patches = np.empty((len(index), *h5["patches"].shape[1:]), dtype=np.uint8)
-            if len(index):
-                patches[order] = h5["patches"][index[order]]
-            return patches, list(barcodes)
-    except (OSError, KeyError) as err:
-        raise StevsInputError(path, f"not a readable patch cache: {err}") from None
+    with PatchCache(fold.slide_entry(slide).patches) as cache:
+        if barcodes is None:
+            return cache.read_rows(np.arange(len(cache))), list(cache.barcodes)
+        return cache.read_rows(cache.rows_of(barcodes)), list(barcodes)
 
 
-def _training_slides(fold: FoldSpec) -> list[tuple[str, str]]:
+def _training_slides(fold: Fold) -> list[tuple[str, str]]:
     """(part, slide) pairs used for fitting: train and val (both are training data); a
     slide split into spots appears once per part with that part's spots."""
     return [("train", s) for s in fold.train] + [("val", s) for s in fold.val]
 
 
 def _features_of(method: str, patches: np.ndarray, embed: Embedder | None) -> np.ndarray:
-    if method == "ridge_color":
+    features = get_method(method).features
+    if features == "color_texture":
         return color_texture_features(patches)
-    if method == "ridge_embed":
+    if features == "embedding":
         if embed is None:
-            raise ValueError("ridge_embed needs an embed callable")
+            raise ValueError(f"{method} needs an embed callable")
         return embed_in_batches(embed, patches)
-    raise ValueError(f"unknown ridge method {method!r}; expected one of {RIDGE_METHODS}")
+    raise ValueError(f"{method} is not a ridge method")
 
 
 def _slide_data(
-    fold: FoldSpec, part: str, slide: str, method: str, embed: Embedder | None
+    fold: Fold, part: str, slide: str, method: str, embed: Embedder | None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(features, observed targets, barcodes) of one slide's spots in ``part``."""
-    barcodes = fold.spots_of(part, slide)
+    barcodes = fold.spots_for(part, slide)
     patches, barcodes = read_patches(fold, slide, barcodes)
     targets, _, _ = load_observed(fold, slide, barcodes)
     return _features_of(method, patches, embed), targets, barcodes
+
+
+def _embedder_for(
+    method: str, embed: Embedder | None, backbone: str
+) -> tuple[Embedder | None, str]:
+    """The feature function of a ridge fit and how ``config.json`` names it."""
+    if get_method(method).features != "embedding":
+        return None, "color_texture"
+    if embed is not None:
+        return embed, f"custom:{getattr(embed, 'backbone_name', 'callable')}"
+    return make_embedder(backbone), f"backbone:{backbone}"
 
 
 def train_ridge(
@@ -530,26 +521,18 @@ def train_ridge(
 ) -> Path:
     """Fit a ridge baseline on a fold's training + validation spots; returns ``out_dir``.
 
-    ``method`` is ``ridge_color`` or ``ridge_embed``; for ``ridge_embed`` a custom
+    ``method`` is a ridge method of :mod:`stevs.methods`; for ``ridge_embed`` a custom
     ``embed`` callable wins over ``backbone`` (a ``stevs.models`` preset name, or a timm
     model name built with random weights; frozen either way).
-    Writes ``model.safetensors`` and ``model.json`` (method, fold, alpha, inner-CV scores,
-    feature source) into ``out_dir``.
     """
-    if method not in RIDGE_METHODS:
-        raise ValueError(f"unknown ridge method {method!r}; expected one of {RIDGE_METHODS}")
-    fold = load_fold(fold_path)
-    feature_source = "color_texture"
-    if method == "ridge_embed":
-        if embed is None:
-            embed = make_embedder(backbone)
-            feature_source = f"backbone:{backbone}"
-        else:
-            feature_source = f"custom:{getattr(embed, 'backbone_name', 'callable')}"
-    features, targets, groups = [], [], []
+    if get_method(method).kind != "ridge":
+        raise ValueError(f"{method!r} is not a ridge method; expected one of {RIDGE_METHODS}")
+    fold = read_fold(fold_path)
+    embed, feature_source = _embedder_for(method, embed, backbone)
     pairs = _training_slides(fold)
     if not pairs:
         raise StevsInputError(fold.path, "the fold has no training slides or spots")
+    features, targets, groups = [], [], []
     for part, slide in pairs:
         x, y, barcodes = _slide_data(fold, part, slide, method, embed)
         features.append(x)
@@ -565,25 +548,38 @@ def train_ridge(
         n_splits=n_splits,
         seed=seed,
     )
-    model.meta.update(
-        method=method,
-        fold=fold.name,
-        fold_file=str(fold.path),
-        feature_source=feature_source,
-        normalisation={"method": fold.normalisation_method, "target_sum": fold.target_sum},
-        training_slides=sorted({s for _, s in pairs}),
-        seed=seed,
-    )
-    save_ridge(model, out_dir)
+    config = {
+        "method": method,
+        "fold": fold.fold,
+        "fold_path": fold.path,
+        "fold_sha256": file_sha256(fold.path),
+        "feature_source": feature_source,
+        "headline_genes": list(fold.headline_genes),
+        "normalisation": dict(fold.normalisation),
+        "patches": _patch_scale(fold),
+        "training_slides": sorted({s for _, s in pairs}),
+        "seed": seed,
+        "stevs_version": __version__,
+    }
+    save_ridge(model, out_dir, config)
     log.info(
         "%s %s: alpha %.3g, %d components, %d spots",
         method,
-        fold.name,
+        fold.fold,
         model.alpha,
         model.meta["n_components"],
         model.meta["n_train_spots"],
     )
     return Path(out_dir)
+
+
+def _patch_scale(fold: Fold) -> dict[str, float] | None:
+    """The patch scale of the fold's first training cache (what the model saw)."""
+    for slide in fold.train:
+        path = Path(fold.slide_entry(slide).patches)
+        if path.is_file():
+            return read_patch_scale(path).to_dict()
+    return None
 
 
 def predict_ridge(
@@ -596,47 +592,29 @@ def predict_ridge(
 ) -> list[Path]:
     """Predict the fold's test slides (or ``slides``) -> ``out_dir/{slide}.h5ad`` each.
 
-    Writes the prediction AnnData of docs/architecture.md: ``X`` on the panel, ``layers
-    ["std"]`` the model's residual std per gene, ``obs`` and ``obsm["spatial"]`` copied from
-    the slide AnnData, ``uns["stevs"]`` (method, fold, slide, model_sha256, normalisation).
+    Writes the prediction file of :mod:`stevs.io.prediction`; ``layers["std"]`` is the
+    model's inner-CV residual std per gene.
     """
-    import anndata as ad
-    import pandas as pd
+    from stevs.predict import prediction_meta, spots_of_slide
 
     model = load_ridge(model_dir)
-    fold = load_fold(fold_path)
+    fold = read_fold(fold_path)
     if list(model.genes) != fold.genes:
         raise StevsInputError(fold.path, "the fold's panel differs from the model's panel")
-    method = str(model.meta.get("method", "ridge_color"))
+    method = str(model.meta["method"])
     source = str(model.meta.get("feature_source", "color_texture"))
-    if method == "ridge_embed" and embed is None:
+    if get_method(method).features == "embedding" and embed is None:
         if not source.startswith("backbone:"):
             raise StevsInputError(model_dir, f"model was trained with {source}; pass its embed")
         embed = make_embedder(source.removeprefix("backbone:"))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sha = file_sha256(Path(model_dir) / "model.safetensors")
+    sha = ModelDir(model_dir).weights_sha256()
     written = []
     for slide in slides if slides is not None else fold.test:
         features, _, barcodes = _slide_data(fold, "test", slide, method, embed)
-        _, _, slide_adata = load_observed(fold, slide, barcodes)
         pred = model.predict(features)
-        var = pd.DataFrame(index=pd.Index(list(model.genes), name="gene"))
-        out = ad.AnnData(X=pred, obs=slide_adata.obs.copy(), var=var)
-        out.layers["std"] = np.broadcast_to(
-            model.residual_std.astype(np.float32), pred.shape
-        ).copy()
-        if "spatial" in slide_adata.obsm:
-            out.obsm["spatial"] = np.asarray(slide_adata.obsm["spatial"], dtype=np.float64)
-        out.uns["stevs"] = {
-            "method": method,
-            "fold": fold.name,
-            "slide": slide,
-            "model_sha256": sha,
-            "normalisation": {"method": fold.normalisation_method, "target_sum": fold.target_sum},
-        }
-        path = out_dir / f"{slide}.h5ad"
-        with atomic_path(path, suffix=".h5ad") as tmp:
-            out.write_h5ad(tmp)
-        written.append(path)
+        std = np.broadcast_to(model.residual_std.astype(np.float32), pred.shape)
+        obs, spatial = spots_of_slide(fold, slide, barcodes)
+        meta = prediction_meta(model.meta, fold, slide, sha)
+        adata = new_prediction(pred, std, model.genes, obs, spatial, meta, source=model_dir)
+        written.append(write_prediction(adata, Path(out_dir) / f"{slide}.h5ad"))
     return written

@@ -7,20 +7,19 @@ for itself (a pid check), so the Dataset is safe with any number of DataLoader w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset
 
 from stevs.errors import StevsInputError
-from stevs.folds import SPLITS, Fold, load_fold
-from stevs.panels import TARGET_SUM, library_sizes, normalise
+from stevs.io.fold_file import SPLITS, Fold, read_fold
+from stevs.io.patch_cache import PatchCache
+from stevs.io.slide_adata import raw_counts, read_slide_adata
+from stevs.panels import library_sizes, normalise
 
 
 def normalise_coords(coords_px: np.ndarray) -> np.ndarray:
@@ -47,7 +46,7 @@ class SpotDataset(Dataset):
     def __init__(
         self, fold: Fold | str | PathLike, split: str, slides: Sequence[str] | None = None
     ) -> None:
-        self.fold = fold if isinstance(fold, Fold) else load_fold(fold)
+        self.fold = fold if isinstance(fold, Fold) else read_fold(fold)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
         self.split = split
@@ -61,24 +60,24 @@ class SpotDataset(Dataset):
                 )
             split_slides = [s for s in split_slides if s in set(slides)]
         self.slides = split_slides
-        norm = self.fold.normalisation
-        self.normalisation = str(norm["method"])
-        target_sum = float(norm.get("target_sum") or TARGET_SUM)
+        self.normalisation = self.fold.normalisation_method
+        target_sum = self.fold.target_sum
 
         targets, counts, libs, coords, slide_of, rows, barcodes = [], [], [], [], [], [], []
-        self._patch_paths: dict[int, str] = {}
+        self._caches: dict[int, Any] = {}
         self.patch_shape: tuple[int, int, int] | None = None
         for slide in self.slides:
             index = self.fold.slide_index(slide)
             entry = self.fold.slides[index]
             panel_counts, lib, xy, chosen = self._read_slide(entry.adata, slide)
-            patch_rows, shape = self._index_patches(entry.patches, chosen)
+            cache = PatchCache(entry.patches)
+            patch_rows, shape = cache.rows_of(chosen), cache.patch_shape
             if self.patch_shape is not None and shape != self.patch_shape:
                 raise StevsInputError(
                     entry.patches, f"patches are {shape}, other slides' {self.patch_shape}"
                 )
             self.patch_shape = shape
-            self._patch_paths[index] = entry.patches
+            self._caches[index] = cache
             targets.append(normalise(panel_counts, lib, self.normalisation, target_sum))
             counts.append(panel_counts.astype(np.float32))
             libs.append(lib.astype(np.float32))
@@ -94,9 +93,6 @@ class SpotDataset(Dataset):
         self.slide_index = np.concatenate(slide_of) if slide_of else np.zeros(0, np.int64)
         self._patch_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         self.barcodes: list[str] = barcodes
-        self._pid: int | None = None
-        self._datasets: dict[int, Any] = {}
-        self._files: list[Any] = []
 
     # -- construction helpers ----------------------------------------------------------------
 
@@ -104,12 +100,7 @@ class SpotDataset(Dataset):
         self, adata_path: str, slide: str
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         """Panel counts, library sizes, normalised coords and barcodes of the split's spots."""
-        import anndata as ad
-
-        try:
-            adata = ad.read_h5ad(adata_path)
-        except (OSError, KeyError, ValueError) as err:
-            raise StevsInputError(adata_path, f"cannot read the slide AnnData: {err}") from err
+        adata = read_slide_adata(adata_path)
         gene_index = adata.var_names.get_indexer(self.fold.genes)
         if (gene_index < 0).any():
             missing = [g for g, i in zip(self.fold.genes, gene_index, strict=True) if i < 0]
@@ -127,41 +118,11 @@ class SpotDataset(Dataset):
                     f"{int((spot_rows < 0).sum())} barcodes of the fold's {self.split} spots "
                     f"are not spots of slide {slide}",
                 )
-        if "spatial" not in adata.obsm:
-            raise StevsInputError(adata_path, "obsm['spatial'] (spot centres in px) is missing")
-        matrix = sp.csr_matrix(adata.X)[spot_rows]
+        matrix = raw_counts(adata, adata_path)[spot_rows]
         panel_counts = matrix[:, gene_index].toarray()
         xy = normalise_coords(np.asarray(adata.obsm["spatial"]))[spot_rows]
         barcodes = [str(b) for b in adata.obs_names[spot_rows]]
         return panel_counts, library_sizes(matrix), xy, barcodes
-
-    @staticmethod
-    def _index_patches(
-        patches_path: str, barcodes: list[str]
-    ) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """Rows of ``barcodes`` in a patch cache, and its patch shape (H, W, 3)."""
-        import h5py
-
-        if not Path(patches_path).is_file():
-            raise StevsInputError(patches_path, "patch cache not found (run 'stevs tile' first)")
-        try:
-            with h5py.File(patches_path, "r") as handle:
-                if "patches" not in handle or "barcodes" not in handle:
-                    raise StevsInputError(patches_path, "patch cache lacks patches or barcodes")
-                stored = handle["barcodes"].asstr()[()]
-                shape = tuple(int(v) for v in handle["patches"].shape[1:])
-                dtype = handle["patches"].dtype
-        except OSError as err:
-            raise StevsInputError(patches_path, f"cannot read the patch cache: {err}") from err
-        if len(shape) != 3 or shape[2] != 3 or dtype != np.uint8:
-            raise StevsInputError(patches_path, f"patches must be uint8 (N, H, W, 3), not {shape}")
-        position = {str(b): i for i, b in enumerate(stored)}
-        missing = [b for b in barcodes if b not in position]
-        if missing:
-            raise StevsInputError(
-                patches_path, f"{len(missing)} spots have no patch, e.g. {missing[:3]}"
-            )
-        return np.asarray([position[b] for b in barcodes], dtype=np.int64), shape
 
     # -- public views --------------------------------------------------------------------------
 
@@ -178,26 +139,13 @@ class SpotDataset(Dataset):
     def __len__(self) -> int:
         return len(self.barcodes)
 
-    # -- lazy, per-process patch reading -------------------------------------------------------
-
-    def _patch_dataset(self, slide_index: int) -> Any:
-        import h5py
-
-        pid = os.getpid()
-        if self._pid != pid:  # new worker process: never reuse the parent's HDF5 handles
-            self._pid, self._datasets, self._files = pid, {}, []
-        dataset = self._datasets.get(slide_index)
-        if dataset is None:
-            handle = h5py.File(self._patch_paths[slide_index], "r")
-            self._files.append(handle)
-            dataset = self._datasets[slide_index] = handle["patches"]
-        return dataset
+    # -- lazy, per-process patch reading (PatchCache opens its file once per process) -------
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         if not 0 <= item < len(self):
             raise IndexError(item)
         slide_index = int(self.slide_index[item])
-        patch = self._patch_dataset(slide_index)[int(self._patch_rows[item])]
+        patch = self._caches[slide_index][int(self._patch_rows[item])]
         return {
             "patch": torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1))),
             "coords": torch.from_numpy(self.coords[item]),
@@ -210,12 +158,5 @@ class SpotDataset(Dataset):
 
     def close(self) -> None:
         """Close the patch caches this process opened."""
-        if self._pid == os.getpid():
-            for handle in self._files:
-                handle.close()
-        self._pid, self._datasets, self._files = None, {}, []
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_pid=None, _datasets={}, _files=[])
-        return state
+        for cache in self._caches.values():
+            cache.close()

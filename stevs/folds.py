@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from stevs.io.fold_file import (
     check_no_overlap,
     write_fold,
 )
+from stevs.io.slide_adata import raw_counts, read_slide_adata, slide_meta
 from stevs.panels import (
     NORMALISATIONS,
     PANEL_METHODS,
@@ -354,35 +356,16 @@ class SlideData:
 
 def read_slide(path: str | PathLike, patches_dir: str | PathLike) -> SlideData:
     """Read a slide AnnData (``results/slides/{slide}.h5ad``) for fold building."""
-    import anndata as ad
-
     path = Path(path)
-    try:
-        adata = ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as err:
-        raise StevsInputError(path, f"cannot read the slide AnnData: {err}") from err
-    meta = adata.uns.get("stevs", {})
-    if not isinstance(meta, dict):
-        raise StevsInputError(path, "uns['stevs'] must be a dict")
-    slide = str(meta.get("slide") or path.name.removesuffix(".h5ad"))
-    patient = meta.get("patient")
-    if patient is None or str(patient) == "":
-        log.warning("%s: no patient in uns['stevs']; treating slide %s as its own", path, slide)
-        patient = slide
-    if "spatial" not in adata.obsm:
-        raise StevsInputError(path, "obsm['spatial'] (spot centres in px) is missing")
+    adata = read_slide_adata(path)
+    meta = slide_meta(adata, path)
+    if adata.n_vars == 0:
+        raise StevsInputError(path, f"the slide has {adata.n_obs} spots and no genes")
+    counts = raw_counts(adata, path)
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[1] != 2 or not np.isfinite(coords).all():
-        raise StevsInputError(path, "obsm['spatial'] must be finite (n_spots, 2) x, y pixels")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise StevsInputError(path, f"the slide has {adata.n_obs} spots and {adata.n_vars} genes")
-    if not adata.obs_names.is_unique or not adata.var_names.is_unique:
-        raise StevsInputError(path, "spot barcodes and gene names must be unique")
-    counts = sp.csr_matrix(adata.X)
-    if counts.nnz and (counts.data < 0).any():
-        raise StevsInputError(path, "X must hold raw counts (found negative values)")
-    mpp = meta.get("mpp")
-    pitch = meta.get("spot_pitch_um")
+    slide, patient, mpp, pitch = meta.slide, meta.patient, meta.mpp, meta.spot_pitch_um
+    if pitch is not None and not math.isfinite(pitch):
+        pitch = None
     return SlideData(
         slide=slide,
         patient=str(patient),

@@ -23,11 +23,9 @@ Protocol (the same for every method):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +35,19 @@ from scipy import sparse, stats
 
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
+from stevs.io.fold_file import Fold, read_fold
+from stevs.io.prediction import read_prediction
+from stevs.io.slide_adata import read_slide_adata
 
 log = logging.getLogger(__name__)
 
 #: two-sided z for a central 90% Gaussian interval
 Z90 = float(stats.norm.ppf(0.95))
+#: the summary column every table leads with, and the one training selects epochs on
+HEADLINE_METRIC = "pearson_r_mean_headline"
+#: the column of a torch model's metrics.csv that selects its best epoch: the same metric on
+#: the validation spots
+VAL_METRIC = f"val_{HEADLINE_METRIC}"
 #: number of genes in the optimistic "top-k best-predicted" summary
 TOP_K = 50
 #: columns of the per gene x slide table, in order
@@ -275,114 +281,18 @@ def summarise_fold(
     return summary
 
 
-# --------------------------------------------------------------------------- fold files
-
-
-@dataclass(frozen=True)
-class FoldSpec:
-    """The parts of a fold file (docs/architecture.md) that evaluation needs."""
-
-    path: Path
-    name: str
-    genes: list[str]
-    headline_genes: list[str]
-    normalisation_method: str
-    target_sum: float
-    slides: dict[str, dict[str, str]]
-    train: list[str]
-    val: list[str]
-    test: list[str]
-    spots: dict[str, dict[str, list[str]]] | None
-    raw: dict[str, Any]
-
-    def spots_of(self, part: str, slide: str) -> list[str] | None:
-        """Barcodes of ``slide`` in ``part`` where the fold splits it into spots (within-slice
-        folds, validation blocks), None where ``part`` takes the whole slide."""
-        if self.spots is None or slide not in self.spots.get(part, {}):
-            return None
-        return [str(b) for b in self.spots[part][slide]]
-
-    def slide_paths(self, slide: str) -> dict[str, str]:
-        """``{"adata": ..., "patches": ...}`` of a slide, or StevsInputError."""
-        if slide not in self.slides:
-            raise StevsInputError(self.path, f"slide {slide!r} is not listed under 'slides'")
-        return self.slides[slide]
-
-
-def _slide_entries(path: Path, raw: Any) -> dict[str, dict[str, str]]:
-    """``slides`` of a fold file -> {slide: {"adata": ..., "patches": ..., ...}}.
-
-    Accepts the list written by ``stevs folds`` (``[{slide, patient, adata, patches}]``)
-    and a mapping ``{slide: {adata, patches}}``.
-    """
-    if isinstance(raw, dict):
-        items = list(raw.items())
-    elif isinstance(raw, list) and all(isinstance(e, dict) and "slide" in e for e in raw):
-        items = [(e["slide"], e) for e in raw]
-    else:
-        raise StevsInputError(path, "'slides' must list {slide, adata, patches} entries")
-    slides = {}
-    for slide, entry in items:
-        if not isinstance(entry, dict) or "adata" not in entry:
-            raise StevsInputError(path, f"slide {slide!r}: expected {{'adata':..., 'patches':...}}")
-        slides[str(slide)] = {k: str(v) for k, v in entry.items()}
-    return slides
-
-
-def load_fold(path: str | os.PathLike) -> FoldSpec:
-    """Read and check a fold file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StevsInputError(path, "fold file not found") from None
-    except json.JSONDecodeError as err:
-        raise StevsInputError(path, f"not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise StevsInputError(path, "fold file must hold a JSON object")
-    for key in ("genes", "test", "slides"):
-        if key not in data:
-            raise StevsInputError(path, f"fold file lacks the key {key!r}")
-    genes = [str(g) for g in data["genes"]]
-    if not genes or len(set(genes)) != len(genes):
-        raise StevsInputError(path, "'genes' must be a non-empty list of unique names")
-    norm = data.get("normalisation") or {}
-    slides = _slide_entries(path, data["slides"])
-    return FoldSpec(
-        path=path,
-        name=str(data.get("fold", path.stem)),
-        genes=genes,
-        headline_genes=[str(g) for g in data.get("headline_genes", [])],
-        normalisation_method=str(norm.get("method", "log1p_cp10k")),
-        target_sum=float(norm.get("target_sum", 1e4)),
-        slides=slides,
-        train=[str(s) for s in data.get("train", [])],
-        val=[str(s) for s in data.get("val", [])],
-        test=[str(s) for s in data["test"]],
-        spots=data.get("spots"),
-        raw=data,
-    )
-
-
-def _resolve(fold: FoldSpec, file: str) -> Path:
-    """A path from the fold file: as written (relative to the working directory)."""
-    path = Path(file)
-    if not path.exists():
-        raise StevsInputError(fold.path, f"file {file!r} listed in the fold file does not exist")
-    return path
+# --------------------------------------------------------------------------- observed
 
 
 def load_observed(
-    fold: FoldSpec, slide: str, barcodes: Sequence[str] | None = None
+    fold: Fold, slide: str, barcodes: Sequence[str] | None = None
 ) -> tuple[np.ndarray, pd.Index, Any]:
     """Normalised observed panel expression of ``slide``: (values, barcodes, AnnData).
 
     ``barcodes`` selects and orders spots (error if any is unknown); the default keeps all.
     """
-    import anndata as ad
-
-    adata_path = _resolve(fold, fold.slide_paths(slide)["adata"])
-    adata = ad.read_h5ad(adata_path)
+    adata_path = fold.slide_entry(slide).adata
+    adata = read_slide_adata(adata_path)
     if barcodes is not None:
         index = adata.obs_names.get_indexer(list(barcodes))
         if (index < 0).any():
@@ -403,27 +313,33 @@ def load_observed(
 # --------------------------------------------------------------------------- evaluation
 
 
-def _read_prediction(path: Path, fold: FoldSpec) -> tuple[np.ndarray, np.ndarray | None, pd.Index]:
-    """Prediction AnnData -> (X on the fold's panel, std or None, barcodes)."""
-    import anndata as ad
+def headline_pearson(
+    observed: np.ndarray,
+    predicted: np.ndarray,
+    slides: np.ndarray,
+    genes: Sequence[str],
+    headline_genes: Sequence[str],
+) -> float:
+    """The evaluation's headline number (:data:`HEADLINE_METRIC`) of spots from several slides.
 
-    pred = ad.read_h5ad(path)
-    gene_index = pred.var_names.get_indexer(fold.genes)
-    if (gene_index < 0).any():
-        missing = [g for g, i in zip(fold.genes, gene_index, strict=True) if i < 0][:5]
-        raise StevsInputError(path, f"prediction lacks panel genes, e.g. {missing}")
-    x = pred.X.toarray() if sparse.issparse(pred.X) else np.asarray(pred.X)
-    x = np.asarray(x[:, gene_index], dtype=np.float64)
-    std = None
-    if "std" in pred.layers:
-        s = pred.layers["std"]
-        s = s.toarray() if sparse.issparse(s) else np.asarray(s)
-        std = np.asarray(s[:, gene_index], dtype=np.float64)
-        if (std < 0).any() or not np.isfinite(std).all():
-            raise StevsInputError(path, "layers['std'] holds negative or non-finite values")
-    if not np.isfinite(x).all():
-        raise StevsInputError(path, "predicted expression holds NaN or infinite values")
-    return x, std, pred.obs_names.copy()
+    Exactly what ``stevs evaluate`` reports as ``pearson_r_mean_headline``: per slide and gene
+    :func:`pearson_per_gene`, averaged per gene over slides, then over the headline genes
+    (all genes when none are given). Training selects its best epoch with this function.
+    """
+    slides = np.asarray(slides)
+    tables = [
+        per_gene_table(
+            observed[slides == slide],
+            predicted[slides == slide],
+            genes,
+            headline_genes=headline_genes or genes,
+            slide=str(slide),
+        )
+        for slide in np.unique(slides)
+    ]
+    if not tables:
+        return float("nan")
+    return float(summarise_fold(pd.concat(tables, ignore_index=True))[HEADLINE_METRIC])
 
 
 def evaluate_fold(
@@ -436,18 +352,19 @@ def evaluate_fold(
     """
     from tqdm.auto import tqdm
 
-    fold = load_fold(fold_path)
+    fold = read_fold(fold_path)
     predictions_dir = Path(predictions_dir)
     if not fold.test:
         raise StevsInputError(fold.path, "the fold has no test slides")
     tables = []
     pooled_obs, pooled_pred = [], []
-    for slide in tqdm(fold.test, desc=f"evaluate {method}/{fold.name}", unit="slide"):
+    for slide in tqdm(fold.test, desc=f"evaluate {method}/{fold.fold}", unit="slide"):
         pred_path = predictions_dir / f"{slide}.h5ad"
         if not pred_path.exists():
             raise StevsInputError(pred_path, f"no prediction for test slide {slide!r}")
-        pred, std, pred_barcodes = _read_prediction(pred_path, fold)
-        test_spots = fold.spots_of("test", slide)
+        prediction = read_prediction(pred_path, fold.genes)
+        pred, std, pred_barcodes = prediction.mean, prediction.std, prediction.barcodes
+        test_spots = fold.spots_for("test", slide)
         if test_spots is None:
             keep = np.arange(len(pred_barcodes))
         else:
@@ -455,8 +372,6 @@ def evaluate_fold(
             if (keep < 0).any():
                 n_missing = int((keep < 0).sum())
                 raise StevsInputError(pred_path, f"{n_missing} test spot(s) of the fold missing")
-        if pred_barcodes.has_duplicates:
-            raise StevsInputError(pred_path, "duplicate spot barcodes")
         barcodes = pred_barcodes[keep]
         observed, _, _ = load_observed(fold, slide, barcodes)
         pred = pred[keep]
@@ -469,7 +384,7 @@ def evaluate_fold(
                 std=std,
                 headline_genes=fold.headline_genes,
                 method=method,
-                fold=fold.name,
+                fold=fold.fold,
                 slide=slide,
             )
         )
@@ -481,7 +396,7 @@ def evaluate_fold(
     pooled = pd.DataFrame(
         {
             "method": method,
-            "fold": fold.name,
+            "fold": fold.fold,
             "gene": fold.genes,
             "pooled_pearson_r": pearson_per_gene(obs_all, pred_all),
             "pooled_spearman_rho": spearman_per_gene(obs_all, pred_all),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -28,21 +26,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
+from stevs.io.fold_file import Fold, read_fold
+from stevs.io.model_dir import ModelDir
+from stevs.io.prediction import new_prediction, write_prediction
+from stevs.io.slide_adata import read_slide_adata
+from stevs.methods import get_method
 from stevs.models.stevs import STevs, STevsConfig
 from stevs.train import collate, resolve_device
 
 log = logging.getLogger("stevs.predict")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[STevs, dict[str, Any]]:
@@ -51,27 +44,25 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[STevs
     The backbone is built without its pretrained weights (the safetensors file holds every
     weight), so loading works offline.
     """
-    from safetensors.torch import load_file
-
-    directory = Path(model_dir)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise StevsInputError(path, "missing; is this the output folder of 'stevs train'?")
+    folder = ModelDir(model_dir)
+    config = folder.read_config()
+    if get_method(config["method"], str(folder.config_path)).kind != "torch":
+        raise StevsInputError(folder.config_path, f"{config['method']} is not a torch model")
     try:
-        config = json.loads(config_path.read_text())
         model_config = STevsConfig.from_dict(config["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise StevsInputError(config_path, f"not a stevs model config: {err}") from err
+    except (KeyError, TypeError, ValueError) as err:
+        raise StevsInputError(folder.config_path, f"not a stevs model config: {err}") from err
     model_config = replace(
         model_config, backbone=replace(model_config.backbone, weights="none", weights_path=None)
     )
     model = STevs(model_config)
+    state_dict = folder.read_tensors()
     try:
-        state_dict = load_file(str(weights_path), device="cpu")
         model.load_state_dict(state_dict, strict=True)
     except Exception as err:
-        raise StevsInputError(weights_path, f"weights do not fit config.json: {err}") from err
+        raise StevsInputError(
+            folder.weights_path, f"weights do not fit config.json: {err}"
+        ) from err
     model.to(resolve_device(device)).eval()
     return model, config
 
@@ -158,28 +149,36 @@ def predict_patches(
     return np.concatenate(means).astype(np.float32), np.concatenate(stds).astype(np.float32)
 
 
-def _write_h5ad_atomic(adata: Any, path: Path) -> None:
-    with atomic_path(path, suffix=".h5ad") as tmp:
-        adata.write_h5ad(tmp)
+def _test_slides(fold: Fold, slides: Sequence[str] | None) -> list[str]:
+    if not slides:
+        return list(fold.test)
+    unknown = [slide for slide in slides if slide not in fold.test]
+    if unknown:
+        raise StevsInputError(
+            fold.path, f"not test slides of fold {fold.fold}: {', '.join(unknown)}"
+        )
+    return list(slides)
 
 
-def prediction_anndata(
-    mean: np.ndarray,
-    std: np.ndarray,
-    genes: list[str],
-    obs: Any,
-    spatial: np.ndarray,
-    uns: Mapping[str, Any],
-) -> Any:
-    """The prediction AnnData of one slide."""
-    import anndata as ad
+def prediction_meta(config: Mapping[str, Any], fold: Fold, slide: str, sha: str) -> dict:
+    """``uns["stevs"]`` of a prediction file."""
+    return {
+        "method": config.get("method"),
+        "fold": fold.fold,
+        "slide": slide,
+        "model_sha256": sha,
+        "normalisation": {"method": fold.normalisation_method, "target_sum": fold.target_sum},
+    }
 
-    adata = ad.AnnData(X=mean.astype(np.float32), obs=obs.copy())
-    adata.var_names = list(genes)
-    adata.layers["std"] = std.astype(np.float32)
-    adata.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
-    adata.uns["stevs"] = {k: v for k, v in uns.items() if v is not None}
-    return adata
+
+def spots_of_slide(fold: Fold, slide: str, barcodes: Sequence[str]) -> tuple[Any, np.ndarray]:
+    """``obs`` and ``obsm["spatial"]`` of ``barcodes`` in the slide AnnData (for outputs)."""
+    entry = fold.slide_entry(slide)
+    source = read_slide_adata(entry.adata)
+    rows = source.obs_names.get_indexer(list(barcodes))
+    if (rows < 0).any():
+        raise StevsInputError(entry.adata, "spots of the patch cache are not in the slide")
+    return source.obs.iloc[rows], np.asarray(source.obsm["spatial"])[rows]
 
 
 def predict_fold(
@@ -191,21 +190,19 @@ def predict_fold(
     batch_size: int = 64,
     workers: int = 0,
     n_samples: int = 16,
+    seed: int = 0,
     slides: Sequence[str] | None = None,
 ) -> list[Path]:
     """Predict the test slides of ``fold`` (a Fold or a fold file), or only ``slides``.
 
-    Writes one ``{slide}.h5ad`` each.
+    Writes one ``{slide}.h5ad`` each. The predictive std's posterior samples are drawn
+    from a generator seeded with ``seed``: the same inputs give the same files.
     """
-    import anndata as ad
-
     from stevs.data import SpotDataset
-    from stevs.folds import Fold, load_fold
 
-    fold_obj = fold if isinstance(fold, Fold) else load_fold(fold)
+    fold_obj = fold if isinstance(fold, Fold) else read_fold(fold)
     model, config = load_model(model_dir, device)
-    genes = list(config.get("genes") or [])
-    if genes != list(fold_obj.genes):
+    if list(config["genes"]) != list(fold_obj.genes):
         raise StevsInputError(
             fold_obj.path,
             f"the fold's gene panel differs from the panel the model in {model_dir} was "
@@ -215,41 +212,18 @@ def predict_fold(
         log.warning(
             "model was trained on fold %s, predicting fold %s", config["fold"], fold_obj.fold
         )
-    checksum = file_sha256(Path(model_dir) / "model.safetensors")
-    norm = fold_obj.normalisation
-    normalisation = {"method": norm.get("method"), "target_sum": norm.get("target_sum")}
-    normalisation = {k: v for k, v in normalisation.items() if v is not None}
+    sha = ModelDir(model_dir).weights_sha256()
     written: list[Path] = []
-    if slides:
-        unknown = [slide for slide in slides if slide not in fold_obj.test]
-        if unknown:
-            raise StevsInputError(
-                fold_obj.path, f"not test slides of fold {fold_obj.fold}: {', '.join(unknown)}"
-            )
-    for slide in slides or fold_obj.test:
+    for slide in _test_slides(fold_obj, slides):
         dataset = SpotDataset(fold_obj, "test", slides=[slide])
+        torch.manual_seed(seed)
         mean, std = predict_patches(
             model, dataset, batch_size=batch_size, workers=workers, n_samples=n_samples
         )
-        entry = fold_obj.slide_entry(slide)
-        source = ad.read_h5ad(entry.adata)
-        rows = source.obs_names.get_indexer(dataset.barcodes)
-        adata = prediction_anndata(
-            mean,
-            std,
-            genes,
-            source.obs.iloc[rows],
-            np.asarray(source.obsm["spatial"])[rows],
-            {
-                "method": config.get("method"),
-                "fold": fold_obj.fold,
-                "slide": slide,
-                "model_sha256": checksum,
-                "normalisation": normalisation,
-            },
-        )
-        path = Path(out_dir) / f"{slide}.h5ad"
-        _write_h5ad_atomic(adata, path)
+        obs, spatial = spots_of_slide(fold_obj, slide, dataset.barcodes)
+        meta = prediction_meta(config, fold_obj, slide, sha)
+        adata = new_prediction(mean, std, config["genes"], obs, spatial, meta, source=model_dir)
+        path = write_prediction(adata, Path(out_dir) / f"{slide}.h5ad")
         dataset.close()
         log.info("%s: %d spots x %d genes -> %s", slide, adata.n_obs, adata.n_vars, path)
         written.append(path)
@@ -269,27 +243,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--slides", nargs="+", help="only these test slides (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
 
 
 def run(args: argparse.Namespace) -> int:
-    """``stevs predict`` (routes ridge baselines, recognised by their model.json)."""
+    """``stevs predict``: the model folder's method (config.json) picks the predictor."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (Path(args.model_dir) / "model.json").is_file():
-        from stevs.baselines import predict_ridge
-
-        paths = predict_ridge(args.model_dir, args.fold, args.out_dir, slides=args.slides)
-        log.info("wrote %d prediction files to %s", len(paths), args.out_dir)
-        return 0
-    paths = predict_fold(
-        args.model_dir,
-        args.fold,
-        args.out_dir,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        n_samples=args.samples,
-        slides=args.slides,
-    )
+    folder = ModelDir(args.model_dir)
+    method = get_method(folder.read_config()["method"], str(folder.config_path))
+    options: dict[str, Any] = {"slides": args.slides}
+    if method.kind == "torch":
+        options.update(
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            n_samples=args.samples,
+            seed=args.seed,
+        )
+    paths = method.entry("predict")(args.model_dir, args.fold, args.out_dir, **options)
     log.info("wrote %d prediction files to %s", len(paths), args.out_dir)
     return 0

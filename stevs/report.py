@@ -15,7 +15,6 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 import logging
 import os
 import platform
@@ -30,10 +29,13 @@ import pandas as pd
 
 from stevs.atomic import atomic_write_text
 from stevs.errors import StevsInputError
+from stevs.io.fold_file import read_fold
+from stevs.io.model_dir import ModelDir
+from stevs.io.prediction import Prediction, read_prediction
 from stevs.metrics import (
     PER_GENE_COLUMNS,
     SUMMARY_METRICS,
-    load_fold,
+    VAL_METRIC,
     load_observed,
     pooled_path,
     write_tsv_atomic,
@@ -209,35 +211,26 @@ def training_curves(models_dir: Path, methods: Sequence[str]) -> dict[str, str]:
         fig, (ax_r, ax_loss) = plt.subplots(1, 2, figsize=(8, 2.8))
         for index, path in enumerate(logs):
             try:
-                table = pd.read_csv(path)
-            except (pd.errors.ParserError, pd.errors.EmptyDataError):
-                log.warning("%s: unreadable training log, skipped", path)
+                table = ModelDir(path.parent).read_metrics()
+            except StevsInputError as err:
+                log.warning("%s, skipped", err)
                 continue
-            if "epoch" not in table:
+            if table is None or "epoch" not in table:
                 continue
             colour = f"C{index % 10}"
-            if "val_pearson_r" in table:
-                ax_r.plot(
-                    table["epoch"], table["val_pearson_r"], color=colour, label=path.parent.name
-                )
+            if VAL_METRIC in table:
+                ax_r.plot(table["epoch"], table[VAL_METRIC], color=colour, label=path.parent.name)
             loss_columns = [c for c in table.columns if "loss" in c]
             for style, column in zip(["-", "--", ":", "-."] * 4, loss_columns, strict=False):
                 ax_loss.plot(table["epoch"], table[column], style, color=colour,
                              label=f"{path.parent.name}: {column}")  # fmt: skip
-        ax_r.set(xlabel="epoch", ylabel="validation Pearson r", title=method)
+        ax_r.set(xlabel="epoch", ylabel="validation headline r", title=method)
         ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{method}: losses")
         for ax in (ax_r, ax_loss):
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
         figures[method] = _png(fig)
     return figures
-
-
-def _dense(matrix: Any) -> np.ndarray:
-    """AnnData X (dense or sparse) -> float64 ndarray."""
-    from scipy import sparse
-
-    return np.asarray(matrix.toarray() if sparse.issparse(matrix) else matrix, dtype=np.float64)
 
 
 def spatial_maps(
@@ -253,8 +246,6 @@ def spatial_maps(
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Observed vs predicted maps of the ``n_genes`` genes ``lead_method`` predicts best on
     each test slide -> ([(caption, base64 PNG)], [notes on what was skipped])."""
-    import anndata as ad
-
     plt = _pyplot()
     figures, notes = [], []
     lead = per_gene[per_gene["method"] == lead_method]
@@ -268,21 +259,22 @@ def spatial_maps(
             continue
         genes = rows.dropna(subset=["pearson_r"]).nlargest(n_genes, "pearson_r")["gene"].tolist()
         try:
-            fold = load_fold(fold_files[fold_name])
-            preds = {}
+            fold = read_fold(fold_files[fold_name])
+            preds: dict[str, Prediction] = {}
             for method in shown_methods:
                 path = predictions_dir / method / fold_name / f"{slide}.h5ad"
                 if path.exists():
-                    preds[method] = ad.read_h5ad(path)
+                    preds[method] = read_prediction(path, fold.genes)
             if lead_method not in preds:
                 notes.append(f"{fold_name}/{slide}: no {lead_method} prediction file, no map")
                 continue
-            barcodes = preds[lead_method].obs_names
+            barcodes = preds[lead_method].barcodes
             observed, _, _ = load_observed(fold, slide, barcodes)
         except (StevsInputError, OSError, KeyError) as err:
             notes.append(f"{fold_name}/{slide}: {err}")
             continue
-        xy = np.asarray(preds[lead_method].obsm.get("spatial", np.zeros((len(barcodes), 2))))
+        xy = preds[lead_method].spatial
+        xy = np.zeros((len(barcodes), 2)) if xy is None else np.asarray(xy)
         columns = ["observed", *preds]
         dot = float(np.clip(3000.0 / max(len(xy), 1), 1.0, 20.0))
         fig, axes = plt.subplots(
@@ -297,12 +289,11 @@ def spatial_maps(
                     values = observed[:, fold.genes.index(gene)]
                     title = f"{gene}: observed"
                 else:
-                    pred = preds[name]
-                    aligned = pred[barcodes] if set(barcodes) <= set(pred.obs_names) else None
-                    if aligned is None or gene not in pred.var_names:
+                    rows = preds[name].barcodes.get_indexer(barcodes)
+                    if (rows < 0).any():
                         ax.axis("off")
                         continue
-                    values = _dense(aligned[:, gene].X).ravel()
+                    values = preds[name].mean[rows, fold.genes.index(gene)]
                     r = r_lookup.get((name, gene), float("nan"))
                     title = f"{name} (r={r:.2f})"
                 low, high = np.percentile(values, [1, 99]) if len(values) else (0, 1)
@@ -511,11 +502,8 @@ def build_report(
     fold_data: dict[str, dict[str, Any]] = {}
     if folds_dir is not None:
         for path in sorted(Path(folds_dir).glob("*.json")):
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise StevsInputError(path, f"not valid JSON: {err}") from None
-            name = str(data.get("fold", path.stem))
+            data = read_fold(path).to_dict()
+            name = str(data["fold"])
             fold_files[name], fold_data[name] = path, data
 
     sections = [f"<h2>How to read this</h2>{how_to_read(fold_data)}"]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
 import logging
 import math
@@ -27,7 +25,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +36,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from stevs import __version__
-from stevs.atomic import atomic_write_bytes
-from stevs.baselines import RIDGE_METHODS
 from stevs.errors import StevsInputError
+from stevs.hashing import file_sha256
+from stevs.io.fold_file import Fold, read_fold
+from stevs.io.model_dir import LOG, ModelDir
+from stevs.methods import METHOD_NAMES, get_method
+from stevs.metrics import VAL_METRIC, headline_pearson
 from stevs.models.poe import ALIGNMENTS
 from stevs.models.presets import PRESETS, Preset, get_preset
-from stevs.models.stevs import METHODS, STevs, STevsConfig
+from stevs.models.stevs import STevs, STevsConfig
 
 log = logging.getLogger("stevs.train")
 
@@ -109,37 +110,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Detached, contiguous CPU copies of a state dict (no shared storage)."""
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_safetensors(state_dict: Mapping[str, Tensor], path: Path, metadata: dict | None) -> None:
-    """Atomic safetensors file."""
-    from safetensors.torch import save
-
-    data = save(dict(state_dict), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(path, data)
-
-
-def write_metrics_csv(history: Sequence[Mapping[str, float]], path: Path) -> None:
-    """One row per epoch; the columns are the union of keys, in first-seen order."""
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, restval="")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(row)
-    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -206,28 +179,6 @@ def augment_coords(coords: Tensor, jitter: float = 0.05) -> Tensor:
     scale = torch.empty(b, 1, device=device).uniform_(1 - jitter, 1 + jitter)
     shift = torch.empty(b, 2, device=device).uniform_(-jitter, jitter)
     return xy * signs * scale + shift
-
-
-def pearson_per_gene(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pearson r of every column; NaN where either side is constant."""
-    p = prediction - prediction.mean(0)
-    t = truth - truth.mean(0)
-    denom = np.sqrt((p**2).sum(0) * (t**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (p * t).sum(0) / denom, np.nan)
-
-
-def mean_pearson_by_slide(prediction: np.ndarray, truth: np.ndarray, slides: np.ndarray) -> float:
-    """Mean over slides of the mean over genes of per-gene Pearson r (NaN genes skipped)."""
-    per_slide = []
-    for slide in np.unique(slides):
-        rows = slides == slide
-        if rows.sum() < 3:
-            continue
-        r = pearson_per_gene(prediction[rows], truth[rows])
-        if np.isfinite(r).any():
-            per_slide.append(float(np.nanmean(r)))
-    return float(np.mean(per_slide)) if per_slide else float("nan")
 
 
 class EpochSampler(Sampler[int]):
@@ -316,7 +267,13 @@ def make_loader(
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 1% of the peak."""
+    """Linear warm-up to 1, then cosine decay to 1% of the peak (a ``LambdaLR`` factor).
+
+    Why not torch's ``SequentialLR(LinearLR, CosineAnnealingLR)`` or timm's
+    ``CosineLRScheduler``: both take one absolute floor (``eta_min`` / ``lr_min``) for every
+    parameter group, while the backbone and the heads have different peaks and each decays
+    to 1% of its own; a per-group factor through torch's ``LambdaLR`` does exactly that.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -325,9 +282,14 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: STevs, loader: DataLoader, device: torch.device, autocast: Callable
+    model: STevs,
+    loader: DataLoader,
+    device: torch.device,
+    autocast: Callable,
+    config: Mapping[str, Any],
 ) -> dict[str, float]:
-    """Mean Pearson r (per slide, then averaged) and MSE on a validation loader."""
+    """The validation spots' :data:`VAL_METRIC` (the evaluation's headline Pearson r, through
+    :func:`stevs.metrics.headline_pearson`) and MSE."""
     model.eval()
     predictions, truths, slides = [], [], []
     for batch in loader:
@@ -342,10 +304,10 @@ def evaluate(
     if not predictions:
         return {}
     prediction, truth = np.concatenate(predictions), np.concatenate(truths)
-    return {
-        "val_pearson": mean_pearson_by_slide(prediction, truth, np.concatenate(slides)),
-        "val_mse": float(((prediction - truth) ** 2).mean()),
-    }
+    genes = list(config.get("genes") or [f"gene{i}" for i in range(truth.shape[1])])
+    headline = list(config.get("headline_genes") or genes)
+    score = headline_pearson(truth, prediction, np.concatenate(slides), genes, headline)
+    return {VAL_METRIC: score, "val_mse": float(((prediction - truth) ** 2).mean())}
 
 
 # ------------------------------------------------------------------------------- model
@@ -412,56 +374,126 @@ def _distributed() -> tuple[bool, int, int]:
     return False, 0, 1
 
 
-def train_model(
-    model: STevs,
-    train_data: Dataset,
-    val_data: Dataset | None,
-    out_dir: str | os.PathLike,
-    options: TrainOptions,
-    config: Mapping[str, Any],
-    *,
-    on_epoch_end: Callable[[int], None] | None = None,
-) -> TrainResult:
-    """Train ``model`` (resuming from ``out_dir/checkpoint.pt`` when present).
+#: options that do not change the weights a run produces; a checkpoint resumes across them
+_RUN_ONLY_OPTIONS = ("workers", "device", "compile", "max_minutes")
 
-    ``options`` must be resolved (no ``None``); ``config`` is written to ``config.json``.
-    ``on_epoch_end(epoch)`` runs after each epoch's checkpoint is written (tests use it to
-    simulate a kill).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the model, optimiser, scheduler and RNG states."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_model: dict[str, Tensor] | None = None
+    bad_epochs: int = 0
+    finished: bool = False
+
+    def observe(self, score: float, model: nn.Module, has_val: bool, patience: int) -> bool:
+        """Keep the best weights after an epoch; True when early stopping says stop."""
+        if not has_val:  # nothing to select on: keep the last epoch
+            improved = True
+        elif math.isfinite(score):
+            improved = score > self.best_score + 1e-4
+        else:
+            improved = self.best_model is None
+        if improved:
+            self.best_score = score if math.isfinite(score) else -math.inf
+            self.best_epoch = self.epoch
+            self.best_model = cpu_state_dict(model)
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return has_val and self.bad_epochs >= patience
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds while it goes through its epochs."""
+
+    model: STevs
+    step_model: nn.Module  # the model as the optimiser steps it (DDP / compiled wrapper)
+    folder: ModelDir
+    options: TrainOptions
+    config: Mapping[str, Any]
+    device: torch.device
+    loader: DataLoader
+    val_loader: DataLoader | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    frozen: bool
+    distributed: bool
+    is_main: bool
+    world: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.loader))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA, nothing elsewhere."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def run_key(config: Mapping[str, Any], options: TrainOptions) -> dict[str, Any]:
+    """What decides a run's weights: a checkpoint resumes only when this is unchanged."""
+    training = {k: v for k, v in asdict(options).items() if k not in _RUN_ONLY_OPTIONS}
+    keep = ("method", "fold_sha256", "preset", "model", "genes", "normalisation", "patches")
+    return json.loads(json.dumps({**{k: config.get(k) for k in keep}, "training": training}))
+
+
+def _check_options(options: TrainOptions) -> None:
+    for name in ("epochs", "batch_size"):
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise StevsInputError(None, f"{flag} must be a whole number >= 1, got {value!r}")
+
+
+def _place(options: TrainOptions) -> tuple[torch.device, TrainOptions, bool, int, int]:
+    """Device, options with a worker count the machine can run, and the DDP layout."""
     distributed, rank, world = _distributed()
     device = resolve_device(options.device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    is_main = rank == 0
     cores = os.cpu_count() or 1
     if device.type == "cpu" and options.workers >= cores:
         log.info("%d CPU cores: using %d data workers, not %d", cores, cores - 1, options.workers)
         options = replace(options, workers=cores - 1)
-    torch.manual_seed(options.seed)
-    random.seed(options.seed)
-    if is_main:
-        atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
-    model.to(device)
-    freeze = bool(options.freeze_backbone) and model.backbone is not None
-    if freeze:
-        model.backbone.requires_grad_(False)
-        log.info("frozen backbone: caching embeddings of %d training spots", len(train_data))
-        train_data = cache_embeddings(
-            model, train_data, device, options.batch_size, options.workers
-        )
-        if val_data is not None and len(val_data) > 0:
-            val_data = cache_embeddings(
-                model, val_data, device, options.batch_size, options.workers
-            )
+    return device, options, distributed, rank, world
 
+
+def _make_optimizer(model: STevs, options: TrainOptions, frozen: bool) -> torch.optim.Optimizer:
     groups = []
-    if not freeze and model.backbone_parameters():
+    if not frozen and model.backbone_parameters():
         groups.append({"params": model.backbone_parameters(), "lr": options.lr_backbone})
     groups.append({"params": model.head_parameters(), "lr": options.lr_heads})
-    optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=options.weight_decay)
 
+
+def _setup(
+    model: STevs,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    folder: ModelDir,
+    options: TrainOptions,
+    config: Mapping[str, Any],
+) -> _Run:
+    """Place the model, cache frozen embeddings, build loaders, optimiser and scheduler."""
+    device, options, distributed, rank, world = _place(options)
+    torch.manual_seed(options.seed)
+    random.seed(options.seed)
+    model.to(device)
+    frozen = bool(options.freeze_backbone) and model.backbone is not None
+    if frozen:
+        model.backbone.requires_grad_(False)
+        log.info("frozen backbone: caching embeddings of %d training spots", len(train_data))
+        train_data = cache_embeddings(model, train_data, device, options.batch_size, 0)
+        if val_data is not None and len(val_data) > 0:
+            val_data = cache_embeddings(model, val_data, device, options.batch_size, 0)
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -473,243 +505,238 @@ def train_model(
         train_data, options.batch_size, options.workers, device, sampler, drop_last
     )
     val_loader = None
-    if is_main and val_data is not None and len(val_data) > 0:
+    if rank == 0 and val_data is not None and len(val_data) > 0:
         val_loader = make_loader(val_data, options.batch_size, options.workers, device, None)
-    steps_per_epoch = max(1, len(loader))
-    total_steps = options.epochs * steps_per_epoch
-    warmup_steps = int(options.warmup_epochs * steps_per_epoch)
+    optimizer = _make_optimizer(model, options, frozen)
+    steps = max(1, len(loader))
+    warmup, total = int(options.warmup_epochs * steps), options.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
+        optimizer, lambda step: lr_factor(step, warmup, total)
     )
-    kl_warmup_steps = max(1, int(options.kl_warmup_epochs * steps_per_epoch))
-
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "history": [],
-        "best_score": -math.inf,
-        "best_epoch": 0,
-        "best_model": None,
-        "bad_epochs": 0,
-        "finished": False,
-    }
-    checkpoint_path = out / "checkpoint.pt"
-    if checkpoint_path.is_file():
-        try:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise StevsInputError(checkpoint_path, f"cannot read the checkpoint: {err}") from err
-        if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("method") != config.get(
-            "method"
-        ):
-            raise StevsInputError(
-                checkpoint_path,
-                "checkpoint belongs to another kind of run; delete it or choose another --out",
-            )
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"], device)
-        state.update({k: checkpoint[k] for k in state})
-        log.info("resuming from %s after epoch %d", checkpoint_path, state["epoch"])
-
-    train_model_ref: nn.Module = model
+    step_model: nn.Module = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model_ref = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        ids = [device.index] if device.type == "cuda" else None
+        step_model = DistributedDataParallel(model, device_ids=ids)
     if options.compile:
-        train_model_ref = torch.compile(train_model_ref)
+        step_model = torch.compile(step_model)
+    return _Run(
+        model, step_model, folder, options, config, device, loader, val_loader, optimizer,
+        scheduler, frozen, distributed, rank == 0, world,
+    )  # fmt: skip
 
-    use_bf16 = device.type == "cuda"
 
-    def autocast() -> contextlib.AbstractContextManager:
-        if use_bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    beta = model.config.beta
-    started = time.monotonic()
-    stopped_for_time = False
-    while not state["finished"] and state["epoch"] < options.epochs:
-        epoch = state["epoch"] + 1
-        sampler.set_epoch(epoch)
-        model.train()
-        if freeze:
-            model.backbone.eval()
-        sums: dict[str, float] = {}
-        n_batches = 0
-        n_spots = 0
-        kl_weight_sum = 0.0
-        epoch_start = time.monotonic()
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch}/{options.epochs}",
-            unit="batch",
-            mininterval=2,
-            disable=not is_main,
+def _resume(run: _Run) -> TrainState:
+    """The state of a checkpoint of this very run, else a fresh one (saying why)."""
+    state = TrainState()
+    checkpoint = run.folder.read_checkpoint()
+    if checkpoint is None:
+        return state
+    key = run_key(run.config, run.options)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("run_key") != key:
+        old = checkpoint.get("run_key") or {}
+        changed = sorted(k for k in key if old.get(k) != key[k]) or ["checkpoint format"]
+        if "training" in changed and isinstance(old.get("training"), dict):
+            changed.remove("training")
+            changed += sorted(
+                f"training.{k}"
+                for k in key["training"]
+                if old["training"].get(k) != key["training"][k]
+            )
+        log.warning(
+            "%s was made by another run (changed: %s): training from scratch",
+            run.folder.checkpoint_path,
+            ", ".join(changed),
         )
-        for batch in bar:
-            batch = to_device(batch, device)
-            if "patch" in batch and not freeze and options.augment:
-                batch["patch"] = augment_patches(batch["patch"])
-            if "coords" in batch and options.augment:
-                batch["coords"] = augment_coords(batch["coords"])
-            step = (epoch - 1) * steps_per_epoch + n_batches
-            kl_weight = beta * min(1.0, step / kl_warmup_steps)
-            kl_weight_sum += kl_weight
-            with autocast():
-                output = train_model_ref(batch, kl_weight)
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            if options.grad_clip and options.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            values = output.floats()
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss terms at epoch {epoch}: {values}")
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value
-            n_batches += 1
-            n_spots += int(batch["target"].shape[0])
-            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-        bar.close()
-        train_seconds = time.monotonic() - epoch_start
-        row: dict[str, float] = {"epoch": epoch}
-        row.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
-        row["kl_weight"] = kl_weight_sum / max(1, n_batches)  # the epoch's mean
-        for i, group in enumerate(optimizer.param_groups):
-            name = "lr_heads" if i == len(optimizer.param_groups) - 1 else "lr_backbone"
-            row[name] = float(group["lr"])
-        if val_loader is not None:
-            row.update(evaluate(model, val_loader, device, autocast))
-        row["train_seconds"] = train_seconds
-        row["train_spots_per_s"] = n_spots * world / max(train_seconds, 1e-9)
-        row["epoch_seconds"] = time.monotonic() - epoch_start
-        state["history"].append(row)
-        state["epoch"] = epoch
+        return state
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    _set_rng_state(checkpoint["rng"], run.device)
+    state = TrainState(**{k: checkpoint[k] for k in asdict(TrainState())})
+    log.info("resuming from %s after epoch %d", run.folder.checkpoint_path, state.epoch)
+    return state
 
-        score = row.get("val_pearson", float("nan"))
-        if val_loader is None:  # nothing to select on: keep the last epoch
-            improved = True
-        elif math.isfinite(score):
-            improved = score > state["best_score"] + 1e-4
-        else:
-            improved = state["best_model"] is None
-        if improved:
-            state["best_score"] = score if math.isfinite(score) else -math.inf
-            state["best_epoch"] = epoch
-            state["best_model"] = cpu_state_dict(model)
-            state["bad_epochs"] = 0
-        else:
-            state["bad_epochs"] += 1
-        stop = val_loader is not None and state["bad_epochs"] >= options.patience
-        if distributed:
-            import torch.distributed as dist
 
-            flag = torch.tensor([float(stop)], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if stop:
-            log.info("early stopping after epoch %d (best epoch %d)", epoch, state["best_epoch"])
-        state["finished"] = stop or epoch >= options.epochs
-        log.info(
-            "epoch %d: %s",
-            epoch,
-            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
-        )
-        if is_main:
-            checkpoint = {
+def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """One pass over the training loader: the epoch's mean loss terms and throughput."""
+    options, model = run.options, run.model
+    run.loader.sampler.set_epoch(epoch)
+    model.train()
+    if run.frozen:
+        model.backbone.eval()
+    sums: dict[str, float] = {}
+    n_batches = n_spots = 0
+    kl_weight_sum = 0.0
+    kl_warmup_steps = max(1, int(options.kl_warmup_epochs * run.steps_per_epoch))
+    start = time.monotonic()
+    bar = tqdm(run.loader, desc=f"epoch {epoch}/{options.epochs}", unit="batch", mininterval=2,
+               disable=not run.is_main)  # fmt: skip
+    for batch in bar:
+        batch = to_device(batch, run.device)
+        if "patch" in batch and not run.frozen and options.augment:
+            batch["patch"] = augment_patches(batch["patch"])
+        if "coords" in batch and options.augment:
+            batch["coords"] = augment_coords(batch["coords"])
+        step = (epoch - 1) * run.steps_per_epoch + n_batches
+        kl_weight = model.config.beta * min(1.0, step / kl_warmup_steps)
+        kl_weight_sum += kl_weight
+        with run.autocast():
+            output = run.step_model(batch, kl_weight)
+        values = output.floats()
+        if not all(math.isfinite(v) for v in values.values()):
+            raise StevsInputError(
+                run.folder.path,
+                f"training diverged at epoch {epoch} (non-finite loss terms: {values}); "
+                "try a lower --lr / --lr-backbone, or another --seed",
+            )
+        run.optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        if options.grad_clip and options.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+        n_batches += 1
+        n_spots += int(batch["target"].shape[0])
+        bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+    bar.close()
+    seconds = time.monotonic() - start
+    row: dict[str, float] = {"epoch": epoch}
+    row.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
+    row["kl_weight"] = kl_weight_sum / max(1, n_batches)  # the epoch's mean
+    row["train_seconds"] = seconds
+    row["train_spots_per_s"] = n_spots * run.world / max(seconds, 1e-9)
+    return row
+
+
+def _end_epoch(run: _Run, state: TrainState, row: dict[str, float], started: float) -> None:
+    """Validate, select, decide on early stopping and write the checkpoint of an epoch."""
+    for i, group in enumerate(run.optimizer.param_groups):
+        name = "lr_heads" if i == len(run.optimizer.param_groups) - 1 else "lr_backbone"
+        row[name] = float(group["lr"])
+    if run.val_loader is not None:
+        row.update(evaluate(run.model, run.val_loader, run.device, run.autocast, run.config))
+    row["epoch_seconds"] = time.monotonic() - started
+    state.history.append(row)
+    state.epoch = int(row["epoch"])
+    score = row.get(VAL_METRIC, float("nan"))
+    stop = state.observe(score, run.model, run.val_loader is not None, run.options.patience)
+    if run.distributed:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(stop)], device=run.device)
+        dist.broadcast(flag, 0)
+        stop = bool(flag.item())
+    if stop:
+        log.info("early stopping after epoch %d (best epoch %d)", state.epoch, state.best_epoch)
+    state.finished = stop or state.epoch >= run.options.epochs
+    log.info(
+        "epoch %d: %s",
+        state.epoch,
+        ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+    )
+    if run.is_main:
+        run.folder.write_checkpoint(
+            {
                 "format": CHECKPOINT_FORMAT,
-                "method": config.get("method"),
-                "model": cpu_state_dict(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(device),
-                **state,
+                "run_key": run_key(run.config, run.options),
+                "model": cpu_state_dict(run.model),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "rng": _rng_state(run.device),
+                **asdict(state),
             }
-            atomic_torch_save(checkpoint, checkpoint_path)
-            write_metrics_csv(state["history"], out / "metrics.csv")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-        if options.max_minutes and (time.monotonic() - started) / 60 > options.max_minutes:
-            stopped_for_time = not state["finished"]
-            if stopped_for_time:
-                log.warning(
-                    "--max-minutes %.1f reached after epoch %d; writing the best weights so far; "
-                    "rerun the same command to continue",
-                    options.max_minutes,
-                    epoch,
-                )
-            break
+        )
+        run.folder.write_metrics(state.history)
 
-    best = state["best_model"] if state["best_model"] is not None else cpu_state_dict(model)
-    if is_main:
+
+def _finish(run: _Run, state: TrainState) -> TrainResult:
+    """Write the best weights and, beside them, the config of the run that made them."""
+    best = state.best_model if state.best_model is not None else cpu_state_dict(run.model)
+    if run.is_main:
         metadata = {
-            "method": config.get("method"),
-            "best_epoch": state["best_epoch"],
-            "epochs_done": state["epoch"],
+            "method": run.config.get("method"),
+            "best_epoch": state.best_epoch,
+            "epochs_done": state.epoch,
             "stevs_version": __version__,
         }
-        save_safetensors(best, out / "model.safetensors", metadata)
-    best_score = state["best_score"]
+        run.folder.write_tensors(best, metadata)
+        run.folder.write_config(
+            {**run.config, "best_epoch": state.best_epoch, "epochs_done": state.epoch}
+        )
+        run.folder.write_metrics(state.history)
+    best_score = state.best_score
     return TrainResult(
-        out_dir=out,
-        epochs_done=state["epoch"],
-        best_epoch=state["best_epoch"],
+        out_dir=run.folder.path,
+        epochs_done=state.epoch,
+        best_epoch=state.best_epoch,
         best_val_pearson=best_score if math.isfinite(best_score) else None,
-        finished=bool(state["finished"]),
-        history=list(state["history"]),
+        finished=bool(state.finished),
+        history=list(state.history),
     )
 
 
-def training_patch_scale(fold: Any) -> dict[str, float] | None:
+def train_model(
+    model: STevs,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    out_dir: str | os.PathLike,
+    options: TrainOptions,
+    config: Mapping[str, Any],
+    *,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``model``, resuming from ``out_dir/checkpoint.pt`` when that checkpoint belongs
+    to this very run (same :func:`run_key`), else from scratch.
+
+    ``options`` must be resolved (no ``None``); ``config`` goes to ``config.json`` beside the
+    final weights. ``on_epoch_end(epoch)`` runs after each epoch's checkpoint is written
+    (tests use it to simulate a kill).
+    """
+    _check_options(options)
+    run = _setup(model, train_data, val_data, ModelDir(out_dir), options, config)
+    state = _resume(run)
+    started = time.monotonic()
+    while not state.finished and state.epoch < options.epochs:
+        epoch_start = time.monotonic()
+        row = _train_epoch(run, state.epoch + 1)
+        _end_epoch(run, state, row, epoch_start)
+        if on_epoch_end is not None:
+            on_epoch_end(state.epoch)
+        minutes = (time.monotonic() - started) / 60
+        if options.max_minutes and minutes > options.max_minutes and not state.finished:
+            log.warning(
+                "--max-minutes %.1f reached after epoch %d; writing the best weights so far; "
+                "rerun the same command to continue",
+                options.max_minutes,
+                state.epoch,
+            )
+            break
+    return _finish(run, state)
+
+
+def training_patch_scale(fold: Fold) -> dict[str, float] | None:
     """The scale of the patch caches the model is trained on (what it really saw)."""
-    import h5py
+    from stevs.io.patch_cache import read_patch_scale
 
     for slide in fold.train:
         path = Path(fold.slide_entry(slide).patches)
         if path.is_file():
-            with h5py.File(path, "r") as h5:
-                attrs = dict(h5.attrs)
-            if {"patch_px", "mpp_target", "patch_um"} <= set(attrs):
-                return {
-                    "patch_px": int(attrs["patch_px"]),
-                    "mpp_target": float(attrs["mpp_target"]),
-                    "patch_um": float(attrs["patch_um"]),
-                }
-            return None
+            return read_patch_scale(path).to_dict()
     return None
 
 
-def train_fold(
-    fold: Any,
-    method: str,
-    preset_name: str,
-    out_dir: str | os.PathLike,
-    options: TrainOptions | None = None,
-    *,
-    backbone: str | None = None,
-    weights: str | None = None,
-    **config_overrides: Any,
-) -> TrainResult:
-    """Train ``method`` with ``preset_name`` on a fold (a :class:`stevs.folds.Fold` or path)."""
+def _training_data(fold: Fold, preset: Preset) -> tuple[Dataset, Dataset]:
+    """The fold's training and validation spots as Datasets."""
     from stevs.data import SpotDataset
-    from stevs.folds import Fold, load_fold
 
-    fold_obj = fold if isinstance(fold, Fold) else load_fold(fold)
-    if method not in METHODS:
-        raise StevsInputError(
-            None, f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
-        )
-    preset = get_preset(preset_name, backbone=backbone, weights=weights)
-    options = (options or TrainOptions()).resolved(preset)
-    train_data = SpotDataset(fold_obj, "train")
+    train_data = SpotDataset(fold, "train")
     if len(train_data) == 0:
-        raise StevsInputError(fold_obj.path, "the training split has no spots")
-    val_data = SpotDataset(fold_obj, "val")
+        raise StevsInputError(fold.path, "the training split has no spots")
+    val_data = SpotDataset(fold, "val")
     if train_data.patch_shape and train_data.patch_shape[0] != preset.backbone.img_size:
         log.info(
             "patches are %d px, the %s backbone takes %d px: resizing on the device",
@@ -717,36 +744,65 @@ def train_fold(
             preset.name,
             preset.backbone.img_size,
         )
+    return train_data, val_data
+
+
+def _run_config(
+    fold: Fold, method: str, preset: Preset, model: STevs, options: TrainOptions
+) -> dict[str, Any]:
+    """``config.json`` of a torch run: what rebuilds the model and what it was trained on."""
+    return {
+        "method": method,
+        "fold": fold.fold,
+        "fold_path": fold.path,
+        "fold_sha256": file_sha256(fold.path) if fold.path else None,
+        "preset": preset.to_dict(),
+        "model": model.config.to_dict(),
+        "genes": list(fold.genes),
+        "headline_genes": list(fold.headline_genes),
+        "normalisation": dict(fold.normalisation),
+        "patch_px": preset.patch_px,
+        "mpp": preset.mpp,
+        "patch_um": preset.patch_um,
+        "patches": training_patch_scale(fold),
+        "training": asdict(options),
+        "stevs_version": __version__,
+    }
+
+
+def train_fold(
+    fold: Fold | str | os.PathLike,
+    method: str,
+    out_dir: str | os.PathLike,
+    options: TrainOptions | None = None,
+    *,
+    preset: str = "cpu_small",
+    backbone: str | None = None,
+    weights: str | None = None,
+    **config_overrides: Any,
+) -> TrainResult:
+    """Train the torch method ``method`` with ``preset`` on a fold (a :class:`Fold` or path)."""
+    fold_obj = fold if isinstance(fold, Fold) else read_fold(fold)
+    if get_method(method).kind != "torch":
+        raise StevsInputError(None, f"{method} is not a torch method; see stevs.methods")
+    preset_obj = get_preset(preset, backbone=backbone, weights=weights)
+    options = (options or TrainOptions()).resolved(preset_obj)
+    train_data, val_data = _training_data(fold_obj, preset_obj)
     torch.manual_seed(options.seed)  # the model's initial weights depend on the seed only
     model = build_model(
         method,
-        preset,
+        preset_obj,
         fold_obj.genes,
         fold_obj.normalisation,
         latent_dim=options.latent_dim,
         **config_overrides,
     )
-    config = {
-        "method": method,
-        "fold": fold_obj.fold,
-        "fold_path": fold_obj.path,
-        "preset": preset.to_dict(),
-        "model": model.config.to_dict(),
-        "genes": list(fold_obj.genes),
-        "normalisation": dict(fold_obj.normalisation),
-        "patch_px": preset.patch_px,
-        "mpp": preset.mpp,
-        "patch_um": preset.patch_um,
-        "patches": training_patch_scale(fold_obj),
-        "training": asdict(options),
-        "n_train_spots": len(train_data),
-        "n_val_spots": len(val_data),
-        "stevs_version": __version__,
-    }
+    config = _run_config(fold_obj, method, preset_obj, model, options)
+    config.update(n_train_spots=len(train_data), n_val_spots=len(val_data))
     log.info(
         "training %s (%s) on fold %s: %d train / %d val spots, %d genes, device %s",
         method,
-        preset.name,
+        preset_obj.name,
         fold_obj.fold,
         len(train_data),
         len(val_data),
@@ -764,7 +820,7 @@ def train_fold(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs train``."""
     parser.add_argument("--fold", required=True, help="fold file (results/folds/FOLD.json)")
-    parser.add_argument("--method", default="stevs", choices=sorted([*METHODS, *RIDGE_METHODS]))
+    parser.add_argument("--method", default="stevs", choices=METHOD_NAMES)
     parser.add_argument("--preset", default="cpu_small", choices=sorted(PRESETS))
     parser.add_argument(
         "--out", required=True, help="output folder (resumes if it has a checkpoint)"
@@ -795,64 +851,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _options(args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr_heads=args.lr,
+        lr_backbone=args.lr_backbone,
+        latent_dim=args.latent_dim,
+        patience=args.patience,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        freeze_backbone=args.freeze_backbone,
+        compile=args.compile,
+        augment=not args.no_augment,
+        max_minutes=args.max_minutes,
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Model switches given on the command line (``--align`` only where the method aligns)."""
+    overrides = {
+        key: getattr(args, key)
+        for key in ("beta", "align_weight", "likelihood")
+        if getattr(args, key) is not None
+    }
+    if args.align is not None and get_method(args.method).switches.get("align", "") is not None:
+        overrides["align"] = args.align
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
-    """``stevs train``."""
+    """``stevs train``: dispatch through the method registry."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    method = get_method(args.method)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.method in RIDGE_METHODS:
-        from stevs.baselines import DEFAULT_BACKBONE, train_ridge
-
-        train_ridge(
-            args.fold, args.method, out, backbone=args.backbone or DEFAULT_BACKBONE, seed=args.seed
-        )
-        log.info("done: %s -> %s", args.method, out / "model.safetensors")
-        return 0
-    handler = logging.FileHandler(out / "train.log")
+    handler = logging.FileHandler(out / LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("stevs").addHandler(handler)
     try:
-        options = TrainOptions(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr_heads=args.lr,
-            lr_backbone=args.lr_backbone,
-            latent_dim=args.latent_dim,
-            patience=args.patience,
-            seed=args.seed,
-            workers=args.workers,
-            device=args.device,
-            freeze_backbone=args.freeze_backbone,
-            compile=args.compile,
-            augment=not args.no_augment,
-            max_minutes=args.max_minutes,
-        )
-        overrides = {
-            key: getattr(args, key)
-            for key in ("beta", "align_weight", "likelihood")
-            if getattr(args, key) is not None
-        }
-        if args.align is not None and METHODS[args.method].get("align", "") is not None:
-            overrides["align"] = args.align
+        if method.kind == "ridge":
+            method.entry("train")(
+                args.fold, args.method, out, backbone=args.backbone, seed=args.seed
+            )
+            log.info("done: %s -> %s", args.method, out)
+            return 0
         result = train_fold(
             args.fold,
             args.method,
-            args.preset,
             out,
-            options,
+            _options(args),
+            preset=args.preset,
             backbone=args.backbone,
             weights=args.weights,
-            **overrides,
+            **_overrides(args),
         )
     finally:
         logging.getLogger("stevs").removeHandler(handler)
         handler.close()
     log.info(
-        "done: %d epochs, best epoch %d, val mean Pearson r %s -> %s",
+        "done: %d epochs, best epoch %d, val headline r %s -> %s",
         result.epochs_done,
         result.best_epoch,
         "n/a" if result.best_val_pearson is None else f"{result.best_val_pearson:.3f}",
-        out / "model.safetensors",
+        out,
     )
     return 0

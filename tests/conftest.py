@@ -56,3 +56,44 @@ def pattern_image() -> np.ndarray:
     return np.stack(
         [(xx * 255 // 519), (yy * 255 // 399), ((xx + yy) * 255 // 918)], axis=-1
     ).astype(np.uint8)
+
+
+def make_fold_file(
+    path: Path,
+    slides: dict[str, tuple[Path, Path]],
+    *,
+    train: list[str],
+    test: list[str],
+    genes: list[str],
+    val: list[str] | None = None,
+    headline_genes: list[str] | None = None,
+    spots: dict | None = None,
+    scheme: str = "leave_one_slide_out",
+) -> Path:
+    """A complete fold file (through stevs.io.fold_file) over test-made slides.
+
+    ``slides`` maps slide id -> (slide AnnData, patch cache); normalisation statistics are
+    mean 0 / std 1, every slide is its own patient.
+    """
+    from stevs.io.fold_file import Fold, SlideEntry, write_fold
+
+    fold = Fold(
+        fold=path.stem,
+        scheme=scheme,
+        seed=0,
+        train=list(train),
+        val=list(val or []),
+        test=list(test),
+        genes=list(genes),
+        headline_genes=list(headline_genes if headline_genes is not None else genes),
+        panel={"method": "gene_list", "n": len(genes)},
+        normalisation={
+            "method": "log1p_cp10k",
+            "target_sum": 1e4,
+            "mean": [0.0] * len(genes),
+            "std": [1.0] * len(genes),
+        },
+        slides=[SlideEntry(s, s, str(a), str(p)) for s, (a, p) in slides.items()],
+        spots=spots,
+    )
+    return write_fold(fold, path)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_fold_file
 from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
 from scipy import sparse
 
@@ -62,21 +63,9 @@ def make_slide(tmp: Path, slide: str, n: int, rng: np.random.Generator) -> tuple
 def fold_file(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     slides = {s: make_slide(tmp_path, s, 60, rng) for s in ("A", "B", "C", "D")}
-    fold = {
-        "fold": "fold0",
-        "scheme": "leave_one_slide_out",
-        "seed": 0,
-        "train": ["A", "B"],
-        "val": ["C"],
-        "test": ["D"],
-        "genes": GENES,
-        "headline_genes": GENES,
-        "normalisation": {"method": "log1p_cp10k", "target_sum": 1e4},
-        "slides": {s: {"adata": str(a), "patches": str(p)} for s, (a, p) in slides.items()},
-    }
-    path = tmp_path / "fold0.json"
-    path.write_text(json.dumps(fold))
-    return path
+    return make_fold_file(
+        tmp_path / "fold0.json", slides, train=["A", "B"], val=["C"], test=["D"], genes=GENES
+    )
 
 
 def test_hsv_matches_matplotlib_and_stains_separate() -> None:
@@ -132,10 +121,11 @@ def test_fit_ridge_recovers_linear_signal_and_picks_alpha_by_group_cv() -> None:
 
 def test_train_predict_ridge_color_through_metrics(fold_file: Path, tmp_path: Path) -> None:
     model_dir = baselines.train_ridge(fold_file, "ridge_color", tmp_path / "models/ridge_color")
-    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "model.json"}
-    meta = json.loads((model_dir / "model.json").read_text())
+    names = {p.name for p in model_dir.iterdir()}
+    assert names == {"model.safetensors", "config.json", "metrics.csv"}
+    meta = json.loads((model_dir / "config.json").read_text())
     assert meta["training_slides"] == ["A", "B", "C"]  # train + val, never the test slide D
-    assert meta["n_train_spots"] == 180 and meta["method"] == "ridge_color"
+    assert meta["ridge"]["n_train_spots"] == 180 and meta["method"] == "ridge_color"
     out = baselines.predict_ridge(model_dir, fold_file, tmp_path / "pred")
     assert [p.name for p in out] == ["D.h5ad"]
     pred = ad.read_h5ad(out[0])
@@ -184,15 +174,15 @@ def test_ridge_embed_with_custom_and_timm_embedders(fold_file: Path, tmp_path: P
 
 def test_load_ridge_rejects_tampered_or_missing_files(fold_file: Path, tmp_path: Path) -> None:
     model_dir = baselines.train_ridge(fold_file, "ridge_color", tmp_path / "m")
-    meta = json.loads((model_dir / "model.json").read_text())
+    meta = json.loads((model_dir / "config.json").read_text())
     meta["model_sha256"] = "0" * 64
-    (model_dir / "model.json").write_text(json.dumps(meta))
+    (model_dir / "config.json").write_text(json.dumps(meta))
     with pytest.raises(StevsInputError, match="checksum"):
         baselines.load_ridge(model_dir)
-    with pytest.raises(StevsInputError, match="not found"):
+    with pytest.raises(StevsInputError, match="missing; is this the output folder"):
         baselines.load_ridge(tmp_path / "nowhere")
     fold = json.loads(fold_file.read_text())
-    fold["slides"]["A"]["patches"] = str(tmp_path / "missing.h5")
+    fold["slides"][0]["patches"] = str(tmp_path / "missing.h5")
     fold_file.write_text(json.dumps(fold))
     with pytest.raises(StevsInputError, match="missing.h5: patch cache"):
         baselines.train_ridge(fold_file, "ridge_color", tmp_path / "m2")

@@ -20,12 +20,12 @@ from stevs.folds import (
     VAL,
     FoldOptions,
     fold_names,
-    load_fold,
     make_folds,
     plan_folds,
     within_slice_labels,
     write_fold,
 )
+from stevs.io.fold_file import read_fold
 
 MPP = 0.5
 PITCH_UM = 100.0
@@ -181,7 +181,7 @@ def test_make_folds_writes_fold_files_that_load_back(slides, tmp_path) -> None:
     assert summary["fold"].tolist() == ["fold0", "fold1", "fold2"]
     assert summary["n_test_spots"].tolist() == [512, 256, 256]
     for fold in folds:
-        loaded = load_fold(tmp_path / f"{fold.fold}.json")
+        loaded = read_fold(tmp_path / f"{fold.fold}.json")
         assert loaded == fold
         assert len(loaded.genes) == 40 and len(loaded.headline_genes) == 40
         assert loaded.headline_genes == loaded.genes[:40]
@@ -226,7 +226,7 @@ def test_within_slice_fold_files_split_spots_with_a_buffer(slides, tmp_path) -> 
     coords = dict(zip([f"a-{i:04d}" for i in range(256)], hex_grid(), strict=True))
     tested: list[str] = []
     for fold in folds:
-        fold = load_fold(fold.path)
+        fold = read_fold(fold.path)
         spots = fold.spots
         assert fold.train == fold.val == fold.test == ["a", "b"]
         assert fold.n_spots["test"] == sum(len(v) for v in spots["test"].values())
@@ -279,7 +279,7 @@ def test_load_fold_rejects_broken_or_leaky_files(slides, tmp_path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(StevsInputError, match=rf"^{bad}: not a valid fold file"):
-        load_fold(bad)
+        read_fold(bad)
     for change, message in [
         ({"val": data["test"]}, "in both val and test"),
         ({"genes": [*data["genes"], "EXTRA"]}, "one number per panel gene"),
@@ -288,13 +288,13 @@ def test_load_fold_rejects_broken_or_leaky_files(slides, tmp_path) -> None:
     ]:
         bad.write_text(json.dumps({**data, **change}))
         with pytest.raises(StevsInputError, match=message):
-            load_fold(bad)
+            read_fold(bad)
     del data["genes"]
     bad.write_text(json.dumps(data))
     with pytest.raises(StevsInputError, match="lacks genes"):
-        load_fold(bad)
+        read_fold(bad)
     copy = write_fold(fold, tmp_path / "copy.json")
-    assert load_fold(copy) == fold
+    assert read_fold(copy) == fold
 
 
 def test_cli_writes_folds_and_reports_errors(slides, tmp_path, capsys) -> None:
@@ -302,6 +302,6 @@ def test_cli_writes_folds_and_reports_errors(slides, tmp_path, capsys) -> None:
     argv = ["folds", "--slides", *map(str, slides), "--out-dir", str(out)]
     assert stevs_main([*argv, "--scheme", "group_kfold", "--k", "2", "--n-genes", "20"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["fold0.json", "fold1.json", "folds.tsv"]
-    assert load_fold(out / "fold0.json").panel["method"] == "highly_variable"
+    assert read_fold(out / "fold0.json").panel["method"] == "highly_variable"
     assert stevs_main([*argv, "--scheme", "group_kfold", "--k", "5"]) == 2
     assert "k=5 needs at least 5 patients" in capsys.readouterr().err

@@ -3,13 +3,13 @@ and the ``stevs evaluate`` command on tiny fixture files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_fold_file
 from scipy import sparse, stats
 
 from stevs import metrics
@@ -52,21 +52,16 @@ def write_prediction(
 
 
 def write_fold(path: Path, slides: dict[str, Path], test: list[str], **extra) -> None:
-    """A fold file with the keys evaluation reads."""
-    fold = {
-        "fold": path.stem,
-        "scheme": "leave_one_slide_out",
-        "seed": 0,
-        "train": [s for s in slides if s not in test],
-        "val": [],
-        "test": test,
-        "genes": GENES,
-        "headline_genes": GENES[:3],
-        "normalisation": {"method": "log1p_cp10k", "target_sum": 1e4},
-        "slides": {s: {"adata": str(p), "patches": str(p) + ".h5"} for s, p in slides.items()},
+    """A fold file over ``slides`` (every slide not in ``test`` trains)."""
+    extra.setdefault("train", [s for s in slides if s not in test])
+    make_fold_file(
+        path,
+        {s: (p, Path(str(p) + ".h5")) for s, p in slides.items()},
+        test=test,
+        genes=GENES,
+        headline_genes=GENES[:3],
         **extra,
-    }
-    path.write_text(json.dumps(fold))
+    )
 
 
 def observed_of(counts: np.ndarray) -> np.ndarray:
@@ -238,7 +233,15 @@ def test_within_slice_fold_scores_test_spots_only(tmp_path: Path) -> None:
         "val": {"A": barcodes[15:20]},
         "test": {"A": test_spots},
     }
-    write_fold(tmp_path / "f.json", {"A": tmp_path / "A.h5ad"}, test=["A"], spots=spots)
+    write_fold(
+        tmp_path / "f.json",
+        {"A": tmp_path / "A.h5ad"},
+        test=["A"],
+        train=["A"],
+        val=["A"],
+        spots=spots,
+        scheme="within_slice",
+    )
     obs = observed_of(c)
     pred = obs.copy()
     pred[:20] = rng.normal(size=(20, len(GENES)))  # garbage on training spots: never scored
@@ -262,5 +265,5 @@ def test_bad_inputs_name_the_file(two_slide_fold: dict) -> None:
         metrics.evaluate_fold(two_slide_fold["fold"], tmp / "p", "m")
     bad = tmp / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(StevsInputError, match="bad.json: not valid JSON"):
-        metrics.load_fold(bad)
+    with pytest.raises(StevsInputError, match="bad.json: not a valid fold file"):
+        metrics.evaluate_fold(bad, tmp / "p", "m")

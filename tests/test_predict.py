@@ -14,7 +14,7 @@ import torch
 from stevs.cli import main
 from stevs.data import SpotDataset
 from stevs.errors import StevsInputError
-from stevs.folds import Fold, SlideEntry, load_fold, write_fold
+from stevs.io.fold_file import Fold, SlideEntry, read_fold, write_fold
 from stevs.panels import library_sizes, normalise
 from stevs.predict import load_model, predict_fold, predict_patches
 
@@ -131,7 +131,7 @@ def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["s3.h5ad"]
     prediction = ad.read_h5ad(out / "s3.h5ad")
-    source = ad.read_h5ad(load_fold(fold_path).slide_entry("s3").adata)
+    source = ad.read_h5ad(read_fold(fold_path).slide_entry("s3").adata)
     assert list(prediction.var_names) == GENES
     assert list(prediction.obs_names) == list(source.obs_names)
     np.testing.assert_array_equal(prediction.obsm["spatial"], source.obsm["spatial"])
@@ -144,7 +144,7 @@ def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model
     assert meta["model_sha256"] == sha
     assert meta["normalisation"]["method"] == "log1p_cp10k"
     # predictions are in log1p_cp10k units: near the training mean, not standardised ~0
-    train_mean = np.array(load_fold(fold_path).normalisation["mean"])
+    train_mean = np.array(read_fold(fold_path).normalisation["mean"])
     assert np.abs(prediction.X.mean(0) - train_mean).max() < 2.0
 
 
@@ -178,7 +178,7 @@ def test_predict_refuses_a_missing_model_and_another_panel(fold_path, model_dir,
         )
         == 2
     )
-    fold = load_fold(fold_path)
+    fold = read_fold(fold_path)
     fold.genes = list(reversed(fold.genes))
     with pytest.raises(StevsInputError, match="gene panel"):
         predict_fold(model_dir, fold, tmp_path / "p")

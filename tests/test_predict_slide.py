@@ -356,9 +356,9 @@ def trained_demo(tmp_path_factory) -> tuple[Path, Path]:
     train_fold(
         fold,
         "stevs",
-        "cpu_small",
         model,
-        TrainOptions(epochs=25, patience=25, workers=0, device="cpu", freeze_backbone=True),
+        preset="cpu_small",
+        options=TrainOptions(epochs=25, patience=25, workers=0, device="cpu", freeze_backbone=True),
     )
     return root, model
 

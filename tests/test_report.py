@@ -127,7 +127,7 @@ def make_run(root: Path) -> dict[str, Path]:
     pd.DataFrame(
         {
             "epoch": range(5),
-            "val_pearson_r": np.linspace(0.1, 0.6, 5),
+            "val_pearson_r_mean_headline": np.linspace(0.1, 0.6, 5),
             "train_loss": np.linspace(3, 1, 5),
         }
     ).to_csv(log_dir / "metrics.csv", index=False)

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,12 +17,11 @@ from stevs.errors import StevsInputError
 from stevs.models import BackboneSpec, Preset
 from stevs.predict import load_model
 from stevs.train import (
+    VAL_METRIC,
     TrainOptions,
     augment_patches,
     build_model,
     lr_factor,
-    mean_pearson_by_slide,
-    pearson_per_gene,
     train_model,
 )
 
@@ -134,7 +134,7 @@ def test_training_writes_weights_config_checkpoint_and_metrics(tmp_path):
         "train_elbo_img",
         "train_elbo_spatial",
         "train_align",
-        "val_pearson",
+        VAL_METRIC,
         "lr_backbone",
         "lr_heads",
         "epoch_seconds",
@@ -192,10 +192,28 @@ def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_checkpoint_of_another_method_is_refused(tmp_path):
+def test_checkpoint_of_another_run_is_not_resumed(tmp_path, caplog):
+    """A changed method or training argument trains from scratch, like a fresh folder."""
     run_training(tmp_path, epochs=1)
-    with pytest.raises(StevsInputError, match="checkpoint"):
-        run_training(tmp_path, method="stnet", epochs=1)
+    with caplog.at_level("WARNING", logger="stevs.train"):
+        changed = run_training(tmp_path, method="stnet", epochs=2, seed=5)
+    assert "another run" in caplog.text and "method" in caplog.text
+    assert "training.epochs" in caplog.text and "training.seed" in caplog.text
+    fresh = run_training(tmp_path / "fresh", method="stnet", epochs=2, seed=5)
+    assert changed.epochs_done == 2 and [r["train_loss"] for r in changed.history] == [
+        r["train_loss"] for r in fresh.history
+    ]
+    saved, expected = (
+        load_file(str(p / "model.safetensors")) for p in (tmp_path, tmp_path / "fresh")
+    )
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "stnet"
+
+
+def test_zero_epochs_is_an_error(tmp_path):
+    with pytest.raises(StevsInputError, match="--epochs must be a whole number >= 1"):
+        run_training(tmp_path, epochs=0)
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_frozen_backbone_trains_the_heads_only(tmp_path):
@@ -213,7 +231,7 @@ def test_frozen_backbone_trains_the_heads_only(tmp_path):
     assert result.epochs_done == 2
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone_before.items())
     assert any(not torch.equal(v, model.decoder.state_dict()[k]) for k, v in heads_before.items())
-    assert np.isfinite(result.history[-1]["val_pearson"])
+    assert np.isfinite(result.history[-1][VAL_METRIC])
 
 
 def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
@@ -233,20 +251,31 @@ def test_augmentation_keeps_shape_range_and_varies():
     assert torch.allclose(augment_patches(uniform).std(dim=(1, 2, 3)), torch.zeros(4), atol=1e-3)
 
 
-def test_pearson_helpers_match_numpy():
+def test_validation_score_is_the_evaluations_headline_metric():
+    """Same predictions, one gene held constant: validation and ``stevs evaluate`` agree (the
+    constant prediction scores 0 in both, it is not skipped)."""
+    from stevs import metrics
+
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(30, 4))
     prediction = truth + rng.normal(size=(30, 4))
-    prediction[:, 3] = 1.0  # constant gene -> NaN, skipped
-    r = pearson_per_gene(prediction, truth)
-    for g in range(3):
-        assert r[g] == pytest.approx(np.corrcoef(prediction[:, g], truth[:, g])[0, 1])
-    assert np.isnan(r[3])
+    prediction[:, 3] = 1.0
     slides = np.repeat([0, 1], 15)
-    expected = np.mean(
-        [np.nanmean(pearson_per_gene(prediction[slides == s], truth[slides == s])) for s in (0, 1)]
-    )
-    assert mean_pearson_by_slide(prediction, truth, slides) == pytest.approx(expected)
+    genes, headline = ["a", "b", "c", "d"], ["a", "b", "d"]
+    score = metrics.headline_pearson(truth, prediction, slides, genes, headline)
+    tables = [
+        metrics.per_gene_table(
+            truth[slides == s], prediction[slides == s], genes, headline_genes=headline
+        )
+        for s in (0, 1)
+    ]
+    summary = metrics.summarise_fold(pd.concat(tables, ignore_index=True))
+    assert score == pytest.approx(summary[metrics.HEADLINE_METRIC])
+    per_slide = [
+        metrics.pearson_per_gene(truth[slides == s], prediction[slides == s]) for s in (0, 1)
+    ]
+    expected = np.mean(np.mean(per_slide, axis=0)[[0, 1, 3]])
+    assert score == pytest.approx(expected) and np.mean(per_slide, axis=0)[3] == 0.0
 
 
 def test_learning_rate_warms_up_then_decays():

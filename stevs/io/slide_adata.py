@@ -49,8 +49,9 @@ class SlideMeta:
     @classmethod
     def from_uns(cls, uns: Any, path: str | os.PathLike | None = None) -> SlideMeta:
         """Parse ``uns["stevs"]``; unknown keys are ignored, missing ones take defaults."""
+        uns = {} if uns is None else uns
         if not isinstance(uns, dict):
-            raise StevsInputError(path, "uns['stevs'] is missing or not a dict")
+            raise StevsInputError(path, "uns['stevs'] must be a dict")
         known = {f.name for f in fields(cls)}
         values = {k: _plain(v) for k, v in uns.items() if k in known}
         fallback = Path(path).name.removesuffix(".h5ad") if path is not None else ""
