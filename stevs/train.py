@@ -137,6 +137,12 @@ def augment_patches(patch: Tensor) -> Tensor:
 
     uint8 (B, 3, H, W) -> float (B, 3, H, W) in [0, 255]. Uses the global torch RNG of the
     device (saved in checkpoints), so a resumed run draws the same augmentations.
+
+    Hand-written, not ``torchvision.transforms.v2.ColorJitter``: v2 draws one set of factors
+    per call, so per-patch factors need a Python loop over the batch. Measured (1 CPU thread,
+    64 patches of 64 px): this whole function (turns, flips and jitter) 14.5 ms per batch,
+    v2's jitter alone in a per-patch loop 15.7 ms; on a GPU the loop is also 64 small kernel
+    launches per operation instead of one.
     """
     x = patch.float()
     b = x.shape[0]

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from stevs.errors import StevsInputError
+from stevs.ids import SLIDE_ID_RULE, is_slide_id
 
 REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
 OPTIONAL_COLUMNS = ("patient", "spots", "mpp")
 FORMATS = ("visium", "st", "h5ad")
-SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PREDICT_REQUIRED_COLUMNS = ("slide_id", "image")
 
 
@@ -48,14 +47,8 @@ def _row_error(path: Path, table: pd.DataFrame, index: int, problem: str) -> Ste
 
 def _check_slide_ids(path: Path, table: pd.DataFrame) -> None:
     for index, slide in table["slide_id"].items():
-        if not SLIDE_ID_PATTERN.match(slide):
-            raise _row_error(
-                path,
-                table,
-                index,
-                "slide_id must be letters, digits, '_', '-' or '.', starting with a letter or "
-                "digit (it becomes a file name)",
-            )
+        if not is_slide_id(slide):
+            raise _row_error(path, table, index, f"slide_id must be {SLIDE_ID_RULE}")
     duplicated = table["slide_id"].duplicated(keep="first")
     if duplicated.any():
         index = int(duplicated.idxmax())
