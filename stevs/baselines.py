@@ -32,9 +32,10 @@ from stevs import __version__
 from stevs.errors import StevsInputError
 from stevs.hashing import file_sha256
 from stevs.io.fold_file import Fold, read_fold
-from stevs.io.model_dir import ModelDir
+from stevs.io.model_dir import ModelDir, check_trained_scale
 from stevs.io.patch_cache import PatchCache, read_patch_scale
-from stevs.io.prediction import new_prediction, write_prediction
+from stevs.io.prediction import new_prediction, prediction_meta, write_prediction
+from stevs.io.slide_adata import spots_of
 from stevs.methods import get_method, names
 from stevs.metrics import load_observed
 
@@ -595,8 +596,6 @@ def predict_ridge(
     Writes the prediction file of :mod:`stevs.io.prediction`; ``layers["std"]`` is the
     model's inner-CV residual std per gene.
     """
-    from stevs.predict import prediction_meta, spots_of_slide
-
     model = load_ridge(model_dir)
     fold = read_fold(fold_path)
     if list(model.genes) != fold.genes:
@@ -610,10 +609,11 @@ def predict_ridge(
     sha = ModelDir(model_dir).weights_sha256()
     written = []
     for slide in slides if slides is not None else fold.test:
+        check_trained_scale(model.meta, fold.slide_entry(slide).patches)
         features, _, barcodes = _slide_data(fold, "test", slide, method, embed)
         pred = model.predict(features)
         std = np.broadcast_to(model.residual_std.astype(np.float32), pred.shape)
-        obs, spatial = spots_of_slide(fold, slide, barcodes)
+        obs, spatial = spots_of(fold.slide_entry(slide).adata, barcodes)
         meta = prediction_meta(model.meta, fold, slide, sha)
         adata = new_prediction(pred, std, model.genes, obs, spatial, meta, source=model_dir)
         written.append(write_prediction(adata, Path(out_dir) / f"{slide}.h5ad"))

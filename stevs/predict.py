@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, read_fold
-from stevs.io.model_dir import ModelDir
-from stevs.io.prediction import new_prediction, write_prediction
-from stevs.io.slide_adata import read_slide_adata
+from stevs.io.model_dir import ModelDir, check_trained_scale
+from stevs.io.prediction import new_prediction, prediction_meta, write_prediction
+from stevs.io.slide_adata import spots_of
 from stevs.methods import get_method
 from stevs.models.stevs import STevs, STevsConfig
 from stevs.train import collate, resolve_device
@@ -160,27 +160,6 @@ def _test_slides(fold: Fold, slides: Sequence[str] | None) -> list[str]:
     return list(slides)
 
 
-def prediction_meta(config: Mapping[str, Any], fold: Fold, slide: str, sha: str) -> dict:
-    """``uns["stevs"]`` of a prediction file."""
-    return {
-        "method": config.get("method"),
-        "fold": fold.fold,
-        "slide": slide,
-        "model_sha256": sha,
-        "normalisation": {"method": fold.normalisation_method, "target_sum": fold.target_sum},
-    }
-
-
-def spots_of_slide(fold: Fold, slide: str, barcodes: Sequence[str]) -> tuple[Any, np.ndarray]:
-    """``obs`` and ``obsm["spatial"]`` of ``barcodes`` in the slide AnnData (for outputs)."""
-    entry = fold.slide_entry(slide)
-    source = read_slide_adata(entry.adata)
-    rows = source.obs_names.get_indexer(list(barcodes))
-    if (rows < 0).any():
-        raise StevsInputError(entry.adata, "spots of the patch cache are not in the slide")
-    return source.obs.iloc[rows], np.asarray(source.obsm["spatial"])[rows]
-
-
 def predict_fold(
     model_dir: str | os.PathLike,
     fold: Any,
@@ -215,12 +194,13 @@ def predict_fold(
     sha = ModelDir(model_dir).weights_sha256()
     written: list[Path] = []
     for slide in _test_slides(fold_obj, slides):
+        check_trained_scale(config, fold_obj.slide_entry(slide).patches)
         dataset = SpotDataset(fold_obj, "test", slides=[slide])
         torch.manual_seed(seed)
         mean, std = predict_patches(
             model, dataset, batch_size=batch_size, workers=workers, n_samples=n_samples
         )
-        obs, spatial = spots_of_slide(fold_obj, slide, dataset.barcodes)
+        obs, spatial = spots_of(fold_obj.slide_entry(slide).adata, dataset.barcodes)
         meta = prediction_meta(config, fold_obj, slide, sha)
         adata = new_prediction(mean, std, config["genes"], obs, spatial, meta, source=model_dir)
         path = write_prediction(adata, Path(out_dir) / f"{slide}.h5ad")

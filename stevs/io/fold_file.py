@@ -23,7 +23,6 @@ SCHEMES = ("leave_one_slide_out", "leave_one_patient_out", "group_kfold", "withi
 SPLITS = ("train", "val", "test")
 
 
-
 @dataclass
 class SlideEntry:
     """One slide of a fold: its id, patient and the files the fold reads."""

@@ -181,3 +181,20 @@ class ModelDir:
             return pd.read_csv(self.metrics_path)
         except Exception as err:
             raise StevsInputError(self.metrics_path, f"cannot read the metrics: {err}") from err
+
+
+def check_trained_scale(config: Mapping[str, Any], patches: str | os.PathLike) -> None:
+    """Refuse a patch cache cut at another field of view or pixel size than the model's
+    training caches (``config["patches"]``), naming both scales."""
+    from stevs.io.patch_cache import PatchScale, read_patch_scale
+
+    if not config.get("patches"):
+        return
+    trained = PatchScale.from_dict(config["patches"])
+    cache = read_patch_scale(patches)
+    if not trained.matches(cache):
+        raise StevsInputError(
+            patches,
+            f"patches are {cache.describe()} but the model was trained on {trained.describe()}; "
+            "tile this slide at the model's scale (stevs tile --patch-px / --patch-um)",
+        )

@@ -55,6 +55,17 @@ def new_prediction(
     return adata
 
 
+def prediction_meta(config: Mapping[str, Any], fold: Any, slide: str, sha: str) -> dict:
+    """``uns["stevs"]`` of a prediction file."""
+    return {
+        "method": config.get("method"),
+        "fold": fold.fold,
+        "slide": slide,
+        "model_sha256": sha,
+        "normalisation": {"method": fold.normalisation_method, "target_sum": fold.target_sum},
+    }
+
+
 def write_prediction(adata: Any, path: str | os.PathLike) -> Path:
     """Write a prediction AnnData atomically."""
     with atomic_path(path, suffix=".h5ad") as tmp:

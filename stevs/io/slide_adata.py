@@ -143,3 +143,12 @@ def write_slide_adata(adata: Any, meta: SlideMeta, path: str | os.PathLike) -> P
     with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
+
+
+def spots_of(path: str | os.PathLike, barcodes: Any) -> tuple[Any, np.ndarray]:
+    """``obs`` and ``obsm["spatial"]`` of ``barcodes`` in a slide AnnData (for outputs)."""
+    source = read_slide_adata(path)
+    rows = source.obs_names.get_indexer(list(barcodes))
+    if (rows < 0).any():
+        raise StevsInputError(path, f"{int((rows < 0).sum())} spots are not spots of this slide")
+    return source.obs.iloc[rows], np.asarray(source.obsm["spatial"])[rows]
