@@ -17,7 +17,13 @@ from scipy import sparse
 from stevs import demo
 from stevs.cli import main
 from stevs.errors import StevsInputError
-from stevs.io.expression import read_10x_h5, read_h5ad_expression, read_legacy_st, read_visium
+from stevs.io.expression import (
+    VISIUM_POSITION_COLUMNS,
+    read_10x_h5,
+    read_h5ad_expression,
+    read_legacy_st,
+    read_visium,
+)
 from stevs.io.ingest import build_slide_adata, ingest_from_sheet
 from stevs.io.samples import read_sample_sheet
 
@@ -61,17 +67,7 @@ def make_visium(
             x = 150 + c * pitch_px + (pitch_px / 2 if r % 2 else 0)
             y = 150 + r * pitch_px * np.sqrt(3) / 2
             rows.append((f"BC{r:02d}{c:02d}-1", 1, r, 2 * c + r % 2, y, x))
-    positions = pd.DataFrame(
-        rows,
-        columns=[
-            "barcode",
-            "in_tissue",
-            "array_row",
-            "array_col",
-            "pxl_row_in_fullres",
-            "pxl_col_in_fullres",
-        ],
-    )
+    positions = pd.DataFrame(rows, columns=VISIUM_POSITION_COLUMNS)
     positions.loc[len(positions)] = ("OFFTISSUE-1", 0, 99, 99, 10.0, 10.0)
     if header:
         positions.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
@@ -324,9 +320,9 @@ def write_sheet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_sample_sheet_validation(tmp_path):
-    outs, image = make_visium(tmp_path / "a")
-    good = {
+def visium_sheet_row(**overrides: str) -> dict[str, str]:
+    """A sample-sheet row of the Visium slide ``a`` that :func:`make_visium` writes."""
+    row = {
         "slide_id": "a",
         "patient": "P1",
         "image": "a/image.png",
@@ -335,6 +331,12 @@ def test_sample_sheet_validation(tmp_path):
         "spots": "",
         "mpp": "",
     }
+    return {**row, **overrides}
+
+
+def test_sample_sheet_validation(tmp_path):
+    outs, image = make_visium(tmp_path / "a")
+    good = visium_sheet_row()
     sheet = read_sample_sheet(write_sheet(tmp_path / "ok.tsv", [good]))
     assert sheet.loc["a", "image"] == str(image) and sheet.loc["a", "mpp"] is None
 
@@ -363,17 +365,7 @@ def test_ingest_command_writes_slide_adata(tmp_path):
     outs, image = make_visium(tmp_path / "a", mpp=0.5)
     sheet = write_sheet(
         tmp_path / "s.tsv",
-        [
-            {
-                "slide_id": "a",
-                "patient": "P1",
-                "image": "a/image.png",
-                "expression": "a/outs",
-                "format": "visium",
-                "spots": "",
-                "mpp": "0.5",
-            }
-        ],
+        [visium_sheet_row(mpp="0.5")],
     )
     out = tmp_path / "results" / "a.h5ad"
     assert main(["ingest", "--sample-sheet", str(sheet), "--slide-id", "a", "--out", str(out)]) == 0
