@@ -255,3 +255,124 @@ def test_ridge_pipeline_equals_sklearn_scaler_pca_ridge(n_spots: int) -> None:
     x_new = rng.normal(size=(20, 12))
     expected = ridge.predict(pca.transform(scaler.transform(x_new)))
     assert np.allclose(model.predict(x_new), expected, atol=1e-4)
+
+
+# ------------------------------------------- library replacements vs the old implementations
+
+
+def _old_stain_concentrations(patches: np.ndarray) -> np.ndarray:
+    """The lookup-table deconvolution the module used before skimage.color.separate_stains."""
+    optical_density = (-np.log10((np.arange(256) + 1.0) / 256.0)).astype(np.float32)
+    return np.maximum(optical_density[patches] @ baselines.HED_FROM_RGB.astype(np.float32), 0.0)
+
+
+def _he_like_patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.array([[200, 120, 190], [90, 60, 160], [245, 245, 245]], float)
+    labels = rng.integers(0, 3, size=(n, size // 8, size // 8))
+    img = base[labels].repeat(8, 1).repeat(8, 2) + rng.normal(0, 18, size=(n, size, size, 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    img[:, :4, :4] = 255  # white: hue and saturation ties
+    img[:, -4:, -4:] = 0  # black: the darkest optical density
+    img[:, :4, -4:] = [200, 200, 40]  # red = green: a hue tie between two channels
+    return img
+
+
+def test_hsv_kernel_equals_skimage_rgb2hsv_with_ties() -> None:
+    from skimage.color import rgb2hsv
+
+    rgb = _he_like_patches(8).astype(np.float32) / 255
+    assert np.abs(baselines.rgb_to_hsv(rgb) - rgb2hsv(rgb)).max() < 1e-6
+
+
+def test_stain_concentrations_equal_the_old_lookup_table_and_are_not_rgb2hed() -> None:
+    from skimage.color import rgb2hed
+
+    patches = _he_like_patches(8)
+    new = baselines.stain_concentrations(patches)
+    assert new.shape == patches.shape and new.dtype == np.float32
+    assert np.abs(new - _old_stain_concentrations(patches)).max() < 1e-5
+    # channel-first planes give the same values
+    planes = patches.reshape(8, -1, 3).transpose(0, 2, 1)
+    again = baselines.stain_concentrations(planes, channel_axis=1)
+    assert np.allclose(again, new.reshape(8, -1, 3).transpose(0, 2, 1), atol=1e-6)
+    # skimage's own rgb2hed is another feature (other stain vectors and intensity offset)
+    assert np.abs(rgb2hed(patches) - new).max() > 0.5
+
+
+def test_colour_features_stain_columns_equal_the_old_lookup_table() -> None:
+    patches = _he_like_patches(6)
+    feats = baselines.color_texture_features(patches, progress=False)
+    hed = _old_stain_concentrations(patches)[..., :2].reshape(6, -1, 2)
+    first = 6 + 3 * 8 + 6  # RGB mean/std, histogram, hue cos/sin + saturation + value
+    expected = np.concatenate(
+        [hed.mean(1), hed.std(1), np.percentile(hed[:, ::4], 90, axis=1)], axis=1
+    )
+    assert np.abs(feats[:, first : first + 6] - expected).max() < 1e-5
+
+
+def _old_fit_ridge(x, y, groups, alphas, max_components=256, n_splits=5):
+    """The hand-written scaler + PCA + ridge + grouped inner CV the module used before
+    scikit-learn's Pipeline: (alpha, predict(x_new), residual_std, inner_cv_mse)."""
+
+    def standardise_pca(f):
+        mean, scale = f.mean(0), f.std(0)
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        z = (f - mean) / scale
+        k = max(1, min(max_components, len(f) - 1, f.shape[1]))
+        if len(z) > z.shape[1]:
+            values, vectors = np.linalg.eigh(z.T @ z)
+            comps = vectors[:, np.argsort(values)[::-1][:k]].T
+        else:
+            comps = np.linalg.svd(z, full_matrices=False)[2][:k]
+        return mean, scale, comps, z @ comps.T
+
+    def ridge(scores, targets, alpha):
+        x_mean, y_mean = scores.mean(0), targets.mean(0)
+        c = scores - x_mean
+        coef = np.linalg.solve(c.T @ c + alpha * np.eye(c.shape[1]), c.T @ (targets - y_mean))
+        return coef, y_mean - x_mean @ coef
+
+    from sklearn.model_selection import GroupKFold
+
+    splits = GroupKFold(n_splits=min(n_splits, len(np.unique(groups)))).split(x, groups=groups)
+    res_sum, res_sq = np.zeros((len(alphas), y.shape[1])), np.zeros((len(alphas), y.shape[1]))
+    for train, held in splits:
+        mean, scale, comps, scores = standardise_pca(x[train])
+        held_scores = ((x[held] - mean) / scale) @ comps.T
+        for a, alpha in enumerate(alphas):
+            coef, intercept = ridge(scores, y[train], alpha)
+            residual = held_scores @ coef + intercept - y[held]
+            res_sum[a] += residual.sum(0)
+            res_sq[a] += (residual**2).sum(0)
+    best = int(np.argmin(res_sq.sum(1)))
+    n = len(y)
+    residual_std = np.sqrt(np.maximum((res_sq[best] - res_sum[best] ** 2 / n) / (n - 1), 0))
+    mean, scale, comps, scores = standardise_pca(x)
+    coef, intercept = ridge(scores, y, alphas[best])
+
+    def predict(x_new):
+        return ((x_new - mean) / scale) @ comps.T @ coef + intercept
+
+    return alphas[best], predict, residual_std, res_sq.sum(1) / y.size
+
+
+@pytest.mark.parametrize(("n_spots", "n_features"), [(240, 30), (24, 60)])
+def test_fit_ridge_equals_the_old_hand_written_pipeline(n_spots: int, n_features: int) -> None:
+    rng = np.random.default_rng(8)
+    latent = rng.normal(size=(n_spots, 5))
+    x = latent @ rng.normal(size=(5, n_features)) + rng.normal(size=(n_spots, n_features))
+    x = x * rng.uniform(0.2, 5, size=n_features) + 3
+    x[:, 0] = 2.0  # a constant feature
+    y = latent[:, :3] @ rng.normal(size=(3, 7)) + rng.normal(size=(n_spots, 7))
+    groups = np.repeat(["a", "b", "c", "d"], n_spots // 4)
+    alphas = baselines.DEFAULT_ALPHAS
+    model = baselines.fit_ridge(x, y, groups, list("abcdefg"), max_components=20)
+    alpha, predict, residual_std, cv_mse = _old_fit_ridge(x, y, groups, alphas, 20)
+    assert model.alpha == alpha
+    x_new = rng.normal(size=(50, n_features)) * x.std(0) + x.mean(0)
+    assert np.abs(model.predict(x_new) - predict(x_new)).max() < 1e-4
+    assert np.allclose(model.residual_std, residual_std, rtol=1e-8, atol=1e-10)
+    assert np.allclose(model.meta["inner_cv_mse"], cv_mse, rtol=1e-8)
+    assert model.components.shape == (min(20, n_spots - 1, n_features), n_features)
+    assert np.allclose(model.components @ model.components.T, np.eye(len(model.components)))

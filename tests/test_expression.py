@@ -14,28 +14,39 @@ import pytest
 from PIL import Image
 from scipy import sparse
 
+from stevs import demo
 from stevs.cli import main
 from stevs.errors import StevsInputError
-from stevs.io.expression import read_h5ad_expression, read_legacy_st, read_visium
+from stevs.io.expression import (
+    VISIUM_POSITION_COLUMNS,
+    read_10x_h5,
+    read_h5ad_expression,
+    read_legacy_st,
+    read_visium,
+)
 from stevs.io.ingest import build_slide_adata, ingest_from_sheet
 from stevs.io.samples import read_sample_sheet
 
 
 def write_10x_h5(path: Path, counts: np.ndarray, barcodes: list[str], genes: list[str]) -> None:
-    """counts: spots x genes."""
-    matrix = sparse.csc_matrix(np.asarray(counts).T)
+    """A Space Ranger v3 matrix (``stevs.demo``'s writer); counts: spots x genes."""
+    demo.write_10x_h5(path, np.asarray(counts), np.asarray(barcodes), tuple(genes), "test")
+
+
+def write_10x_h5_v2(path: Path, genomes: dict[str, tuple[np.ndarray, list[str], list[str]]]):
+    """The Cell Ranger v2 layout: one group per genome with ``genes`` / ``gene_names``;
+    ``genomes``: name -> (counts spots x genes, barcodes, gene names)."""
     with h5py.File(path, "w") as h5:
-        group = h5.create_group("matrix")
-        group["barcodes"] = np.array(barcodes, dtype="S")
-        group["data"] = matrix.data.astype(np.int32)
-        group["indices"] = matrix.indices
-        group["indptr"] = matrix.indptr
-        group["shape"] = np.array(matrix.shape)
-        features = group.create_group("features")
-        features["id"] = np.array([f"ENSG{i:05d}" for i in range(len(genes))], dtype="S")
-        features["name"] = np.array(genes, dtype="S")
-        features["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
-        features["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+        for genome, (counts, barcodes, genes) in genomes.items():
+            matrix = sparse.csc_matrix(np.asarray(counts).T)  # genes x spots
+            group = h5.create_group(genome)
+            group["barcodes"] = np.array(barcodes, dtype="S")
+            group["data"] = matrix.data.astype(np.int32)
+            group["indices"] = matrix.indices.astype(np.int64)
+            group["indptr"] = matrix.indptr.astype(np.int64)
+            group["shape"] = np.array(matrix.shape, dtype=np.int32)
+            group["genes"] = np.array([f"ENSG{i:05d}" for i in range(len(genes))], dtype="S")
+            group["gene_names"] = np.array(genes, dtype="S")
 
 
 def make_visium(
@@ -56,17 +67,7 @@ def make_visium(
             x = 150 + c * pitch_px + (pitch_px / 2 if r % 2 else 0)
             y = 150 + r * pitch_px * np.sqrt(3) / 2
             rows.append((f"BC{r:02d}{c:02d}-1", 1, r, 2 * c + r % 2, y, x))
-    positions = pd.DataFrame(
-        rows,
-        columns=[
-            "barcode",
-            "in_tissue",
-            "array_row",
-            "array_col",
-            "pxl_row_in_fullres",
-            "pxl_col_in_fullres",
-        ],
-    )
+    positions = pd.DataFrame(rows, columns=VISIUM_POSITION_COLUMNS)
     positions.loc[len(positions)] = ("OFFTISSUE-1", 0, 99, 99, 10.0, 10.0)
     if header:
         positions.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
@@ -139,6 +140,81 @@ def test_visium_bad_inputs(tmp_path):
     (outs / "spatial" / "moved.csv").rename(outs / "spatial" / "tissue_positions.csv")
     (outs / "filtered_feature_bc_matrix.h5").write_bytes(b"garbage")
     with pytest.raises(StevsInputError, match="filtered_feature_bc_matrix.h5: not a 10x HDF5"):
+        read_visium(outs)
+
+
+def test_10x_h5_v3_reads_counts_gene_ids_and_gene_expression_only(tmp_path):
+    rng = np.random.default_rng(4)
+    counts = rng.poisson(2.0, size=(7, 4))
+    h5 = tmp_path / "m.h5"
+    write_10x_h5(h5, counts, [f"BC{i}-1" for i in range(7)], ["A", "B", "A", "C"])
+    with h5py.File(h5, "a") as f:  # relabel the last feature as an antibody
+        types = f["matrix/features/feature_type"]
+        types[3] = b"Antibody Capture"
+    matrix, barcodes, var = read_10x_h5(h5)
+    assert sparse.isspmatrix_csr(matrix) and matrix.shape == (7, 3)
+    np.testing.assert_array_equal(matrix.toarray(), counts[:, :3])
+    assert list(barcodes) == [f"BC{i}-1" for i in range(7)]
+    assert list(var.index) == ["A", "B", "A-1"]  # duplicates made unique
+    assert list(var["gene_ids"]) == ["STEVSDEMO00001", "STEVSDEMO00002", "STEVSDEMO00003"]
+    assert set(var["feature_types"]) == {"Gene Expression"}
+
+
+def test_10x_h5_v2_layout_reads_like_v3(tmp_path):
+    rng = np.random.default_rng(5)
+    counts = rng.poisson(2.0, size=(6, 5))
+    barcodes, genes = [f"BC{i}-1" for i in range(6)], ["G1", "G2", "G3", "G4", "G5"]
+    v2 = tmp_path / "v2.h5"
+    write_10x_h5_v2(v2, {"GRCh38": (counts, barcodes, genes)})
+    matrix, read_barcodes, var = read_10x_h5(v2)
+    np.testing.assert_array_equal(matrix.toarray(), counts)
+    assert list(read_barcodes) == barcodes and list(var.index) == genes
+    assert list(var["gene_ids"]) == [f"ENSG{i:05d}" for i in range(5)]
+    write_10x_h5(tmp_path / "v3.h5", counts, barcodes, genes)
+    v3_matrix, v3_barcodes, v3_var = read_10x_h5(tmp_path / "v3.h5")
+    assert (v3_matrix != matrix).nnz == 0 and list(v3_barcodes) == barcodes
+    assert list(v3_var.columns) == list(var.columns) == ["gene_ids", "feature_types"]
+
+
+def test_visium_outs_with_a_v2_matrix(tmp_path):
+    outs, _ = make_visium(tmp_path)
+    v3 = read_visium(outs)
+    h5 = outs / "filtered_feature_bc_matrix.h5"
+    write_10x_h5_v2(h5, {"mm10": (v3.X.toarray(), list(v3.obs_names), list(v3.var_names))})
+    v2 = read_visium(outs)
+    assert v2.X.dtype == np.int32 and (v2.X != v3.X).nnz == 0
+    assert list(v2.obs_names) == list(v3.obs_names)
+    np.testing.assert_array_equal(v2.obsm["spatial"], v3.obsm["spatial"])
+
+
+def test_10x_h5_wrong_or_corrupt_files_name_the_file(tmp_path):
+    counts = np.ones((2, 2), dtype=int)
+    two = tmp_path / "two_genomes.h5"
+    write_10x_h5_v2(
+        two, {"hg": (counts, ["a", "b"], ["A", "B"]), "mm": (counts, ["a", "b"], ["C", "D"])}
+    )
+    empty = tmp_path / "empty.h5"
+    h5py.File(empty, "w").close()
+    partial = tmp_path / "partial.h5"
+    write_10x_h5(partial, counts, ["a", "b"], ["A", "B"])
+    with h5py.File(partial, "a") as f:
+        del f["matrix/indptr"]
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5 at all")
+    for path in (two, empty, partial, garbage):
+        with pytest.raises(StevsInputError, match=f"{path.name}: not a 10x HDF5"):
+            read_10x_h5(path)
+    with pytest.raises(StevsInputError, match="missing.h5: feature-barcode matrix not found"):
+        read_10x_h5(tmp_path / "missing.h5")
+
+
+def test_visium_non_integer_counts_are_rejected(tmp_path):
+    outs, _ = make_visium(tmp_path)
+    with h5py.File(outs / "filtered_feature_bc_matrix.h5", "a") as f:
+        data = f["matrix/data"][:].astype(np.float32) + 0.5
+        del f["matrix/data"]
+        f["matrix/data"] = data
+    with pytest.raises(StevsInputError, match="filtered_feature_bc_matrix.h5: X holds negative"):
         read_visium(outs)
 
 
@@ -244,9 +320,9 @@ def write_sheet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_sample_sheet_validation(tmp_path):
-    outs, image = make_visium(tmp_path / "a")
-    good = {
+def visium_sheet_row(**overrides: str) -> dict[str, str]:
+    """A sample-sheet row of the Visium slide ``a`` that :func:`make_visium` writes."""
+    row = {
         "slide_id": "a",
         "patient": "P1",
         "image": "a/image.png",
@@ -255,6 +331,12 @@ def test_sample_sheet_validation(tmp_path):
         "spots": "",
         "mpp": "",
     }
+    return {**row, **overrides}
+
+
+def test_sample_sheet_validation(tmp_path):
+    outs, image = make_visium(tmp_path / "a")
+    good = visium_sheet_row()
     sheet = read_sample_sheet(write_sheet(tmp_path / "ok.tsv", [good]))
     assert sheet.loc["a", "image"] == str(image) and sheet.loc["a", "mpp"] is None
 
@@ -283,17 +365,7 @@ def test_ingest_command_writes_slide_adata(tmp_path):
     outs, image = make_visium(tmp_path / "a", mpp=0.5)
     sheet = write_sheet(
         tmp_path / "s.tsv",
-        [
-            {
-                "slide_id": "a",
-                "patient": "P1",
-                "image": "a/image.png",
-                "expression": "a/outs",
-                "format": "visium",
-                "spots": "",
-                "mpp": "0.5",
-            }
-        ],
+        [visium_sheet_row(mpp="0.5")],
     )
     out = tmp_path / "results" / "a.h5ad"
     assert main(["ingest", "--sample-sheet", str(sheet), "--slide-id", "a", "--out", str(out)]) == 0

@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 from scipy import sparse
@@ -133,34 +133,35 @@ def _make_adata(
 
 
 def read_10x_h5(path: Path) -> tuple[sparse.csr_matrix, pd.Index, pd.DataFrame]:
-    """Read a 10x HDF5 feature-barcode matrix (v3): spots x genes counts, barcodes, var."""
+    """A 10x HDF5 feature-barcode matrix -> spots x genes counts, barcodes, var.
+
+    Read by ``scanpy.read_10x_h5``: Cell Ranger / Space Ranger v3+ files (``/matrix``,
+    Gene Expression features only) and the older v2 layout (one group per genome, which
+    must be single). ``var`` holds ``gene_ids`` (and ``feature_types``; v2 matrices are gene
+    expression only); duplicate gene names are made unique. Any failure to read the file
+    is a :class:`StevsInputError` naming it.
+    """
+    import scanpy as sc
+
     _require_file(path, "feature-barcode matrix")
     try:
-        with h5py.File(path, "r") as h5:
-            group = h5["matrix"]
-            n_genes, n_spots = (int(v) for v in group["shape"][:])
-            matrix = sparse.csc_matrix(
-                (group["data"][:], group["indices"][:], group["indptr"][:]),
-                shape=(n_genes, n_spots),
-            )
-            barcodes = pd.Index([b.decode() for b in group["barcodes"][:]])
-            features = group["features"]
-            names = [n.decode() for n in features["name"][:]]
-            ids = [n.decode() for n in features["id"][:]]
-            types = (
-                [t.decode() for t in features["feature_type"][:]]
-                if "feature_type" in features
-                else ["Gene Expression"] * len(names)
-            )
-    except (OSError, KeyError, ValueError) as err:
-        raise StevsInputError(path, f"not a 10x HDF5 feature-barcode matrix (v3): {err}") from err
-    var = pd.DataFrame({"gene_ids": ids, "feature_types": types}, index=pd.Index(names))
-    genes = np.asarray(var["feature_types"] == "Gene Expression")
-    counts = matrix.T.tocsr()[:, np.flatnonzero(genes)]
-    var = var.loc[genes].copy()
+        with warnings.catch_warnings():  # duplicate names: genes made unique, spots checked
+            warnings.filterwarnings("ignore", "(Variable|Observation) names are not unique")
+            adata = sc.read_10x_h5(path)
+    except Exception as err:  # scanpy raises a bare Exception for missing datasets
+        reason = f"{err}: {err.__cause__}" if err.__cause__ is not None else str(err)
+        if isinstance(err, IndexError):  # scanpy's v2 reader found no genome group
+            reason = "no /matrix group (v3) and no genome group (v2)"
+        raise StevsInputError(
+            path, f"not a 10x HDF5 feature-barcode matrix (v2 or v3): {reason}"
+        ) from err
+    var = pd.DataFrame(index=pd.Index(adata.var_names.astype(str)))
+    var["gene_ids"] = adata.var["gene_ids"].astype(str).to_numpy()
+    types = adata.var.get("feature_types")
+    var["feature_types"] = "Gene Expression" if types is None else types.astype(str).to_numpy()
     if var.index.duplicated().any():
-        var.index = ad.utils.make_index_unique(var.index.astype(str))
-    return counts, barcodes, var
+        var.index = ad.utils.make_index_unique(var.index)
+    return sparse.csr_matrix(adata.X), pd.Index(adata.obs_names.astype(str)), var
 
 
 def read_visium_positions(spatial_dir: Path) -> tuple[pd.DataFrame, Path]:

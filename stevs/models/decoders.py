@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributions import NegativeBinomial
 
 from stevs.models.experts import mlp
 from stevs.models.poe import clamp_logvar
@@ -53,25 +54,26 @@ class NegativeBinomialDecoder(GaussianDecoder):
         }
 
 
+def negative_binomial(log_mu: Tensor, log_theta: Tensor) -> NegativeBinomial:
+    """``torch.distributions.NegativeBinomial`` of mean ``exp(log_mu)``, inverse dispersion theta.
+
+    torch counts successes before ``total_count`` failures with success log-odds ``logits``,
+    whose mean is ``total_count * exp(logits)``: so ``total_count = theta`` and ``logits =
+    log(mu) - log(theta)``. Arguments are not validated (a check of every tensor per step).
+    """
+    return NegativeBinomial(
+        total_count=torch.exp(log_theta), logits=log_mu - log_theta, validate_args=False
+    )
+
+
 def negative_binomial_nll(
     counts: Tensor, library_size: Tensor, rate_logit: Tensor, log_theta: Tensor
 ) -> Tensor:
     """NB(mu = library_size * exp(rate_logit), theta) negative log-likelihood, summed per spot."""
     log_mu = torch.log(library_size.clamp_min(1.0)).unsqueeze(-1) + rate_logit
-    theta = torch.exp(log_theta)
-    log_theta_mu = torch.logaddexp(log_theta, log_mu)
-    log_prob = (
-        theta * (log_theta - log_theta_mu)
-        + counts * (log_mu - log_theta_mu)
-        + torch.lgamma(counts + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(counts + 1.0)
-    )
-    return -log_prob.sum(-1)
+    return -negative_binomial(log_mu, log_theta).log_prob(counts).sum(-1)
 
 
 def sample_negative_binomial(mu: Tensor, log_theta: Tensor) -> Tensor:
-    """Counts drawn from NB(mu, theta) via its Gamma-Poisson mixture."""
-    theta = torch.exp(log_theta)
-    rate = torch.distributions.Gamma(theta, theta / mu.clamp_min(1e-8)).sample()
-    return torch.poisson(rate)
+    """Counts drawn from NB(mu, theta) (torch's Gamma-Poisson sampler)."""
+    return negative_binomial(torch.log(mu.clamp_min(1e-8)), log_theta).sample()

@@ -2,16 +2,18 @@
 
 Everything works on log-variances, clamped to ``[LOGVAR_MIN, LOGVAR_MAX]``, so that
 precisions ``exp(-logvar)`` never overflow and a product of many confident experts stays
-finite. All divergences are summed over the latent dimension and returned per sample.
+finite. KL divergences, sampling and the Gaussian likelihood are ``torch.distributions``
+(``Normal``, ``kl_divergence``); all divergences are summed over the latent dimension and
+returned per sample.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.distributions import Normal, kl_divergence
 
 LOGVAR_MIN = -12.0
 LOGVAR_MAX = 8.0
@@ -60,20 +62,24 @@ def product_of_experts(
     return mu, logvar
 
 
+def normal(mu: Tensor, logvar: Tensor) -> Normal:
+    """The diagonal Gaussian ``N(mu, exp(logvar))`` with the log-variance clamped.
+
+    Arguments are not validated (``validate_args=False``): the clamp already guarantees a
+    positive finite scale, and validation would check every tensor on every training step.
+    """
+    return Normal(mu, torch.exp(0.5 * clamp_logvar(logvar)), validate_args=False)
+
+
 def kl_normal(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
-    """KL(q || p) between diagonal Gaussians, summed over the last dimension."""
-    logvar_q = clamp_logvar(logvar_q)
-    logvar_p = clamp_logvar(logvar_p)
-    kl = 0.5 * (
-        logvar_p - logvar_q + (torch.exp(logvar_q) + (mu_q - mu_p) ** 2) * torch.exp(-logvar_p) - 1
-    )
-    return kl.sum(-1)
+    """KL(q || p) between diagonal Gaussians (``torch.distributions``), summed per sample."""
+    return kl_divergence(normal(mu_q, logvar_q), normal(mu_p, logvar_p)).sum(-1)
 
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q || N(0, I)), summed over the last dimension."""
-    logvar = clamp_logvar(logvar)
-    return 0.5 * (torch.exp(logvar) + mu**2 - 1 - logvar).sum(-1)
+    """KL(q || N(0, I)) (``torch.distributions``), summed over the last dimension."""
+    prior = Normal(torch.zeros_like(mu), torch.ones_like(mu), validate_args=False)
+    return kl_divergence(normal(mu, logvar), prior).sum(-1)
 
 
 def symmetric_kl(mu_a: Tensor, logvar_a: Tensor, mu_b: Tensor, logvar_b: Tensor) -> Tensor:
@@ -108,20 +114,21 @@ def alignment_loss(name: str) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tens
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Draw z = mu + sigma * eps."""
-    return mu + torch.exp(0.5 * clamp_logvar(logvar)) * torch.randn_like(mu)
+    """Draw z = mu + sigma * eps (``Normal.rsample``, differentiable in mu and logvar)."""
+    return normal(mu, logvar).rsample()
 
 
 def gaussian_nll(x: Tensor, mean: Tensor, logvar: Tensor, variance_power: float = 0.0) -> Tensor:
-    """Gaussian negative log-likelihood, summed over the last dimension.
+    """Gaussian negative log-likelihood (``Normal.log_prob``), summed over the last dimension.
 
-    ``variance_power`` > 0 gives the beta-NLL of Seitzer et al. (ICLR 2022): each element's
-    term is weighted by its (gradient-stopped) variance to that power, so that values the
-    model calls noisy do not stop receiving gradient for their mean (0: the plain NLL; 1: the
-    mean gets exactly the squared-error gradient).
+    ``variance_power`` > 0 gives the beta-NLL of Seitzer et al. (ICLR 2022), which
+    ``torch.distributions`` does not have: each element's term is weighted by its
+    (gradient-stopped) variance to that power, so that values the model calls noisy do not
+    stop receiving gradient for their mean (0: the plain NLL; 1: the mean gets exactly the
+    squared-error gradient).
     """
     logvar = clamp_logvar(logvar)
-    nll = 0.5 * (logvar + (x - mean) ** 2 * torch.exp(-logvar) + math.log(2 * math.pi))
+    nll = -normal(mean, logvar).log_prob(x)
     if variance_power > 0:
         nll = nll * torch.exp(variance_power * logvar.detach())
     return nll.sum(-1)

@@ -3,8 +3,9 @@
 The module is split the way scvi-tools modules are: :meth:`STevs.inference` (encoders ->
 expert posteriors -> Product of Experts), :meth:`STevs.generative` (decoder) and
 :meth:`STevs.loss` (a :class:`LossOutput` of named terms). Ablations are switches of one
-:class:`STevsConfig` (see :data:`METHODS`), never copies; the ST-Net-style baseline is the
-same backbone with a linear regression head (``head="regression"``).
+:class:`STevsConfig` (read from the method registry :data:`stevs.methods.REGISTRY`), never
+copies; the ST-Net-style baseline is the same backbone with a linear regression head
+(``head="regression"``).
 
 Targets arrive in the fold's normalisation (log1p_cp10k); with ``standardise`` the model
 z-scores them with the fold's training mean/std (buffers) and :meth:`STevs.predict` maps its
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stevs.methods import REGISTRY
 from stevs.models.backbones import BackboneSpec, ImageBackbone
 from stevs.models.decoders import GaussianDecoder, NegativeBinomialDecoder, negative_binomial_nll
 from stevs.models.experts import GaussianHead, SpatialEncoder, mlp
@@ -32,14 +34,10 @@ from stevs.models.poe import (
     reparameterize,
 )
 
-#: method name -> switches applied to :class:`STevsConfig`
+#: torch method name -> switches applied to :class:`STevsConfig`; derived from the method
+#: registry :data:`stevs.methods.REGISTRY` (kept for backwards compatibility)
 METHODS: dict[str, dict[str, Any]] = {
-    "stevs": {},
-    "stevs_image_only": {"use_spatial": False, "align": None},
-    "stevs_spatial_only": {"use_image": False, "align": None},
-    "stevs_no_align": {"align": None},
-    "stevs_concat": {"combine": "concat", "align": None},
-    "stnet": {"head": "regression", "use_spatial": False, "align": None},
+    m.name: dict(m.switches) for m in REGISTRY.values() if m.kind == "torch"
 }
 
 
