@@ -904,8 +904,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """``stevs train``: dispatch through the method registry."""
-    if args.threads:
+    if args.threads:  # torch's threads and the BLAS pools numpy and scikit-learn use
+        from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     method = get_method(args.method)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
