@@ -154,14 +154,13 @@ def test_tissue_detection_and_spot_fractions_follow_the_tissue(blob_slide):
     speck = blob_image()
     speck[10:14, 400:404] = (90, 40, 130)
     fake = TissueDetection(speck, np.zeros(truth.shape, bool), 0, 1.0, MPP)
-    from stevs.predict_slide import clean_mask
-    from stevs.tiling import tissue_mask
+    from stevs.tissue import clean_mask, tissue_mask
 
     raw, _ = tissue_mask(fake.thumbnail)
     assert raw[10:14, 400:404].any() and not clean_mask(raw, MPP)[10:14, 400:404].any()
 
     grid = make_spot_grid((420, 360), MPP)
-    fractions = spot_tissue_fractions(grid, tissue, MPP, progress=False)
+    fractions = spot_tissue_fractions(grid, tissue, MPP)
     centre = np.clip(np.rint(grid.xy_px).astype(int), 0, [419, 359])
     deep = ndimage.binary_erosion(truth, iterations=20)[centre[:, 1], centre[:, 0]]
     outside = ~ndimage.binary_dilation(truth, iterations=20)[centre[:, 1], centre[:, 0]]
