@@ -506,3 +506,30 @@ def test_unreadable_level_is_reported_with_the_file(tmp_path: Path) -> None:
         tile_slide(adata, tmp_path / "p.h5", patch_px=32, patch_mpp=0.5)
     assert str(image) in str(info.value)
     assert list(tmp_path.glob("p.h5*")) == []
+
+
+def test_tile_spots_on_an_open_slide_matches_tile_slide(small_slide: Path, tmp_path: Path) -> None:
+    reference = tile_slide(small_slide, tmp_path / "a.h5", patch_px=32, patch_mpp=0.5)
+    spots = tiling.read_slide_spots(small_slide)
+    with open_slide(tmp_path / "s.tif", mpp=0.25) as slide:
+        ours = tile_spots(
+            slide,
+            spots.barcodes,
+            spots.centers_px,
+            tmp_path / "b.h5",
+            slide_id="s",
+            patch_px=32,
+            patch_mpp=0.5,
+            tissue=detect_tissue(slide),
+        )
+        # the same bytes: tile_slide is only the slide AnnData reader around tile_spots
+        assert (
+            hashlib.sha256(ours.read_bytes()).digest()
+            == hashlib.sha256(reference.read_bytes()).digest()
+        )
+        with pytest.raises(StevsInputError, match="1 of 2 spot centres lie outside") as info:
+            tile_spots(slide, ["a", "b"], [[5, 5], [900, 5]], tmp_path / "c.h5", slide_id="s")
+        assert str(info.value).startswith(str(slide.path))
+        with pytest.raises(StevsInputError, match="not unique"):
+            tile_spots(slide, ["a", "a"], [[5, 5], [9, 5]], tmp_path / "c.h5", slide_id="s")
+    assert not (tmp_path / "c.h5").exists()
