@@ -67,7 +67,6 @@ from stevs.tissue import (
     MIN_TISSUE_AREA_UM2,
     THUMBNAIL_PX,
     TissueDetection,
-    clean_mask,  # noqa: F401 - re-exported: predict_slide's tissue clean-up lives in stevs.tissue
     detect_tissue,
 )
 
