@@ -42,6 +42,15 @@ from scipy import ndimage
 from stevs import __version__
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
+from stevs.geometry import (
+    VISIUM_PITCH_UM,
+    VISIUM_SPOT_UM,
+    disk_lattice,
+    grid_indices,
+    grid_offsets_um,
+    grid_shape,
+    grid_steps_um,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +59,9 @@ TISSUE_TYPES: tuple[str, ...] = ("tumour", "stroma", "fat", "immune")
 #: all composition channels; ``background`` is glass outside the tissue outline
 TYPE_NAMES: tuple[str, ...] = (*TISSUE_TYPES, "background")
 
-SPOT_DIAMETER_UM = 55.0
-SPOT_PITCH_UM = 100.0
-ROW_STEP_UM = SPOT_PITCH_UM * math.sqrt(3.0) / 2.0
+SPOT_DIAMETER_UM = VISIUM_SPOT_UM
+SPOT_PITCH_UM = VISIUM_PITCH_UM
+ROW_STEP_UM = grid_steps_um("visium", SPOT_PITCH_UM)[0]
 FIDUCIAL_TO_SPOT = 1.615  # Space Ranger's fiducial/spot diameter ratio
 GRID_MARGIN_UM = 100.0
 HIRES_MAX_SIDE = 2000
@@ -283,29 +292,16 @@ def make_spot_grid(seed: int, size_um: float, offset_um: tuple[float, float]) ->
     Barcodes depend on (array_row, array_col) and the slide size only, as on real Visium
     slides, so slides of one demo share barcodes (unique within each slide).
     """
-    n_rows = int((size_um - 2 * GRID_MARGIN_UM) // ROW_STEP_UM) + 1
-    max_col = int((size_um - 2 * GRID_MARGIN_UM) // (SPOT_PITCH_UM / 2))
-    rows, cols = [], []
-    for r in range(n_rows):
-        c = np.arange(r % 2, max_col + 1, 2)
-        rows.append(np.full(c.size, r))
-        cols.append(c)
-    array_row = np.concatenate(rows)
-    array_col = np.concatenate(cols)
+    extent_um = size_um - 2 * GRID_MARGIN_UM
+    n_rows, n_cols = grid_shape("visium", SPOT_PITCH_UM, extent_um, extent_um)
+    array_row, array_col = grid_indices("visium", n_rows, n_cols)
     # barcodes from a whitelist shared by every slide of the same size, like real Visium
-    whitelist = _barcode_whitelist(seed, n_rows * (max_col + 1))
-    barcodes = whitelist[array_row * (max_col + 1) + array_col]
-    x_um = GRID_MARGIN_UM + offset_um[0] + array_col * (SPOT_PITCH_UM / 2)
-    y_um = GRID_MARGIN_UM + offset_um[1] + array_row * ROW_STEP_UM
+    whitelist = _barcode_whitelist(seed, n_rows * n_cols)
+    barcodes = whitelist[array_row * n_cols + array_col]
+    dx_um, dy_um = grid_offsets_um("visium", SPOT_PITCH_UM, array_row, array_col)
+    x_um = GRID_MARGIN_UM + offset_um[0] + dx_um
+    y_um = GRID_MARGIN_UM + offset_um[1] + dy_um
     return SpotGrid(barcodes, array_row, array_col, x_um, y_um)
-
-
-def _disk_offsets_um(radius_um: float, step_um: float = 2.5) -> np.ndarray:
-    """Lattice points inside a disk, to average a field over a spot."""
-    r = np.arange(-radius_um + step_um / 2, radius_um, step_um)
-    dx, dy = np.meshgrid(r, r)
-    inside = dx**2 + dy**2 <= radius_um**2
-    return np.stack([dx[inside], dy[inside]], axis=1)
 
 
 # --------------------------------------------------------------------------- slide scene
@@ -703,7 +699,7 @@ def spot_truth(scene: SlideScene, grid: SpotGrid) -> SpotTruth:
     """Average the composition over each spot disk (of the rounded pixel centre)."""
     x_um = (np.rint(grid.x_um / scene.mpp)) * scene.mpp
     y_um = (np.rint(grid.y_um / scene.mpp)) * scene.mpp
-    offsets = _disk_offsets_um(SPOT_DIAMETER_UM / 2)
+    offsets = disk_lattice(SPOT_DIAMETER_UM / 2, 2.5)  # lattice points 2.5 µm apart
     xs = (x_um[:, None] + offsets[None, :, 0]).ravel() / scene.comp_um - 0.5
     ys = (y_um[:, None] + offsets[None, :, 1]).ravel() / scene.comp_um - 0.5
     samples = _bilinear_points(scene.composition, ys, xs).reshape(len(TYPE_NAMES), x_um.size, -1)

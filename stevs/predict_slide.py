@@ -2,14 +2,15 @@
 
 ``stevs predict-slide`` (and :func:`predict_slide`) does, for one slide image:
 
-1. **Tissue**: a thumbnail of the slide (longest side at most 2000 px, read block by block
-   so memory stays bounded), Otsu's threshold on its saturation (:func:`stevs.tiling.tissue_mask`)
-   and morphology in physical units: closing, hole filling, opening, removal of specks.
+1. **Tissue**: :func:`stevs.tissue.detect_tissue`, the tissue detection the tiler uses too:
+   a thumbnail (longest side at most 2000 px, read block by block so memory stays bounded),
+   Otsu's threshold on its saturation and morphology in physical units (closing, hole
+   filling, opening, removal of specks).
 2. **Spot grid**: Visium's hexagonal grid (55 µm spots on a 100 µm pitch) by default, or a
-   square grid of a chosen pitch, over the whole image; a spot is kept when at least
-   ``min_tissue`` of its disk lies on tissue.
-3. **Patches**: the spots are written as a slide AnnData (``X`` with 0 genes) and cut by the
-   tiler (:func:`stevs.tiling.tile_slide`) at the patch scale the model was trained with.
+   square grid of a chosen pitch (:mod:`stevs.geometry`), over the whole image; a spot is
+   kept when at least ``min_tissue`` of its disk lies on tissue.
+3. **Patches**: the tiler (:func:`stevs.tiling.tile_spots`) cuts the kept spots into a patch
+   cache at the patch scale the model was trained with.
 4. **Prediction**: every model (one fold's, or all folds') predicts from the patch cache,
    read lazily, with the per-slide coordinate normalisation of :mod:`stevs.data`. Several
    models are combined as an ensemble: mean of the means, and std
@@ -47,117 +48,45 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from scipy import ndimage
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from stevs import __version__
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
+from stevs.geometry import (
+    GRID_KINDS,
+    VISIUM_PITCH_UM,
+    VISIUM_SPOT_UM,
+    check_grid_settings,
+    grid_indices,
+    grid_offsets_um,
+    grid_shape,
+)
+from stevs.io.patch_cache import PatchCache, read_patch_scale
+from stevs.tissue import (
+    MIN_TISSUE_AREA_UM2,
+    THUMBNAIL_PX,
+    TissueDetection,
+    detect_tissue,
+)
 
 log = logging.getLogger("stevs.predict_slide")
 
-GRID_KINDS = ("visium", "square")
-DEFAULT_PITCH_UM = 100.0
-DEFAULT_SPOT_UM = 55.0
+DEFAULT_PITCH_UM = VISIUM_PITCH_UM
+DEFAULT_SPOT_UM = VISIUM_SPOT_UM
 #: share of a spot's disk that must lie on tissue for the spot to be kept
 DEFAULT_MIN_TISSUE = 0.5
 #: longest side of the thumbnail used for tissue detection, the maps and ``hires``
-HIRES_MAX_SIDE = 2000
+HIRES_MAX_SIDE = THUMBNAIL_PX
 LOWRES_MAX_SIDE = 600
 #: longest side of the background image of the gene maps
 MAP_MAX_SIDE = 1000
 #: Space Ranger's fiducial/spot diameter ratio (for ``fiducial_diameter_fullres``)
 FIDUCIAL_TO_SPOT = 1.615
-#: morphology of the tissue mask, in µm: closing/opening radius, smallest kept piece
-CLOSE_UM = 20.0
-OPEN_UM = 20.0
-MIN_TISSUE_AREA_UM2 = 20_000.0
 #: relative difference of patch scales (µm per px, px) tolerated between model and cache
 SCALE_TOLERANCE = 0.02
 #: genes drawn by default (headline genes first)
 DEFAULT_MAP_GENES = 6
-#: spots handled per block when measuring their tissue fraction (bounded memory)
-SPOT_BLOCK = 20_000
-
-
-# -- tissue ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TissueDetection:
-    """A slide thumbnail and its cleaned tissue mask."""
-
-    thumbnail: np.ndarray  # uint8 (h, w, 3)
-    mask: np.ndarray  # bool (h, w)
-    threshold: int  # Otsu threshold on saturation (0-255)
-    scale: float  # thumbnail px per level-0 px (Space Ranger's ``tissue_hires_scalef``)
-    um_per_px: float  # µm per thumbnail px
-
-    @property
-    def tissue_fraction(self) -> float:
-        """Share of the thumbnail called tissue."""
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
-
-def _disk(radius_px: int) -> np.ndarray:
-    r = np.arange(-radius_px, radius_px + 1)
-    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px**2
-
-
-#: the morphology runs at a resolution where its disks are at most this many px in radius
-MORPHOLOGY_RADIUS_PX = 3
-
-
-def _block_fraction(mask: np.ndarray, factor: int) -> np.ndarray:
-    """Share of tissue in ``factor`` x ``factor`` blocks (edge blocks padded with glass)."""
-    height, width = mask.shape
-    pad_h, pad_w = -height % factor, -width % factor
-    padded = np.pad(mask, ((0, pad_h), (0, pad_w)))
-    blocks = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor)
-    return blocks.mean(axis=(1, 3))
-
-
-def clean_mask(mask: np.ndarray, um_per_px: float) -> np.ndarray:
-    """Close gaps, fill holes, open away thin debris and drop specks (sizes in µm).
-
-    Runs on a block-averaged copy of the mask coarse enough that the structuring disks are
-    at most :data:`MORPHOLOGY_RADIUS_PX` px in radius (fast on 2000 px thumbnails), and
-    returns a mask of the input's shape.
-    """
-    factor = max(1, int(min(CLOSE_UM, OPEN_UM) / MORPHOLOGY_RADIUS_PX / um_per_px))
-    work = _block_fraction(mask, factor) > 0 if factor > 1 else mask
-    work_um = um_per_px * factor
-    close_px = max(1, round(CLOSE_UM / work_um))
-    open_px = max(1, round(OPEN_UM / work_um))
-    padded = np.pad(work, close_px)  # closing must not glue tissue to the image border
-    closed = ndimage.binary_closing(padded, structure=_disk(close_px))[
-        close_px:-close_px, close_px:-close_px
-    ]
-    filled = ndimage.binary_fill_holes(closed)
-    opened = ndimage.binary_opening(filled, structure=_disk(open_px))
-    labels, n = ndimage.label(opened)
-    if n:
-        areas = np.bincount(labels.ravel(), minlength=n + 1) * work_um**2
-        keep = areas >= MIN_TISSUE_AREA_UM2
-        keep[0] = False
-        opened = keep[labels]
-    if factor > 1:
-        opened = np.repeat(np.repeat(opened, factor, axis=0), factor, axis=1)
-        opened = opened[: mask.shape[0], : mask.shape[1]]
-    return opened
-
-
-def detect_tissue(slide: Any, mpp: float, max_px: int = HIRES_MAX_SIDE) -> TissueDetection:
-    """Thumbnail + cleaned Otsu tissue mask of an open slide (``stevs.io.slide`` reader)."""
-    from stevs.tiling import read_thumbnail, tissue_mask
-
-    width, height = slide.dimensions
-    thumbnail = read_thumbnail(slide, min(max_px, max(width, height)))
-    scale = max(thumbnail.shape[:2]) / max(width, height)
-    um_per_px = mpp / scale
-    raw, threshold = tissue_mask(thumbnail)
-    return TissueDetection(thumbnail, clean_mask(raw, um_per_px), threshold, scale, um_per_px)
 
 
 # -- spot grid ---------------------------------------------------------------------------------
@@ -193,19 +122,6 @@ class SpotGrid:
         return [f"r{r:04d}c{c:04d}" for r, c in zip(self.array_row, self.array_col, strict=True)]
 
 
-def check_grid_settings(
-    kind: str, pitch_um: float, spot_um: float, path: str | os.PathLike | None = None
-) -> None:
-    """Refuse grids that make no sense (``path``: the slide, for the message)."""
-    if kind not in GRID_KINDS:
-        raise StevsInputError(path, f"unknown grid {kind!r}; use one of {', '.join(GRID_KINDS)}")
-    for name, value in (("pitch", pitch_um), ("spot diameter", spot_um)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise StevsInputError(
-                path, f"spot {name} must be a positive number of µm, not {value!r}"
-            )
-
-
 def make_spot_grid(
     dimensions: tuple[int, int],
     mpp: float,
@@ -222,54 +138,17 @@ def make_spot_grid(
     check_grid_settings(kind, pitch_um, spot_um)
     width_um, height_um = dimensions[0] * mpp, dimensions[1] * mpp
     margin = spot_um / 2.0
-    row_step = pitch_um * math.sqrt(3.0) / 2.0 if kind == "visium" else pitch_um
-    col_step = pitch_um / 2.0 if kind == "visium" else pitch_um
-    n_rows = int(math.floor((height_um - 2 * margin) / row_step)) + 1
-    n_cols = int(math.floor((width_um - 2 * margin) / col_step)) + 1
-    if height_um < 2 * margin or width_um < 2 * margin:
-        n_rows = n_cols = 0
-    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    rows, cols = rows.ravel(), cols.ravel()
-    if kind == "visium":
-        on_grid = (cols % 2) == (rows % 2)
-        rows, cols = rows[on_grid], cols[on_grid]
-    x_um = margin + cols * col_step
-    y_um = margin + rows * row_step
+    n_rows, n_cols = grid_shape(kind, pitch_um, width_um - 2 * margin, height_um - 2 * margin)
+    rows, cols = grid_indices(kind, n_rows, n_cols)
+    dx_um, dy_um = grid_offsets_um(kind, pitch_um, rows, cols)
     # pixel i spans [i, i + 1): the point u µm from the edge is pixel u / mpp - 0.5
-    xy = np.stack([x_um / mpp - 0.5, y_um / mpp - 0.5], axis=1)
-    return SpotGrid(xy, rows.astype(np.int64), cols.astype(np.int64), kind, pitch_um, spot_um)
+    xy = np.stack([(margin + dx_um) / mpp - 0.5, (margin + dy_um) / mpp - 0.5], axis=1)
+    return SpotGrid(xy, rows, cols, kind, pitch_um, spot_um)
 
 
-def _disk_offsets_px(radius_px: float, step_px: float) -> np.ndarray:
-    r = np.arange(-radius_px + step_px / 2, radius_px, step_px)
-    if r.size == 0:
-        r = np.zeros(1)
-    dx, dy = np.meshgrid(r, r)
-    inside = dx**2 + dy**2 <= radius_px**2
-    if not inside.any():
-        return np.zeros((1, 2))
-    return np.stack([dx[inside], dy[inside]], axis=1)
-
-
-def spot_tissue_fractions(
-    grid: SpotGrid, tissue: TissueDetection, mpp: float, progress: bool | None = None
-) -> np.ndarray:
-    """Share of each spot's disk that the thumbnail's tissue mask covers."""
-    radius_px = grid.spot_um / 2.0 / mpp * tissue.scale  # in thumbnail px
-    step = max(radius_px / 5.0, 0.5)
-    offsets = _disk_offsets_px(radius_px, step)
-    height, width = tissue.mask.shape
-    fractions = np.zeros(len(grid), np.float32)
-    starts = range(0, len(grid), SPOT_BLOCK)
-    for start in tqdm(starts, desc="spot grid", unit="block", disable=progress is False):
-        xy = grid.xy_px[start : start + SPOT_BLOCK]
-        centre = (xy + 0.5) * tissue.scale  # continuous thumbnail coordinates
-        xs = np.floor(centre[:, None, 0] + offsets[None, :, 0]).astype(np.int64)
-        ys = np.floor(centre[:, None, 1] + offsets[None, :, 1]).astype(np.int64)
-        inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
-        values = tissue.mask[np.clip(ys, 0, height - 1), np.clip(xs, 0, width - 1)] & inside
-        fractions[start : start + len(xy)] = values.mean(axis=1)
-    return fractions
+def spot_tissue_fractions(grid: SpotGrid, tissue: TissueDetection, mpp: float) -> np.ndarray:
+    """Share of each spot's disk that the slide's tissue mask covers."""
+    return tissue.disk_fractions(grid.xy_px, grid.spot_um / mpp)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -299,13 +178,12 @@ class PatchScale:
 
 
 def _cache_scale(path: Path) -> tuple[int, float] | None:
-    import h5py
-
+    """(patch_px, mpp_target) of a patch cache, None when it cannot be read."""
     try:
-        with h5py.File(path, "r") as handle:
-            return int(handle.attrs["patch_px"]), float(handle.attrs["mpp_target"])
-    except (OSError, KeyError, ValueError, TypeError):
+        scale = read_patch_scale(path)
+    except StevsInputError:
         return None
+    return scale.patch_px, scale.mpp_target
 
 
 def model_patch_scale(config: dict[str, Any], config_path: str | os.PathLike) -> PatchScale:
@@ -472,41 +350,31 @@ def combine_predictions(
 
 
 class PatchCacheDataset(Dataset):
-    """Items ``patch`` (3, H, W) uint8 and ``coords`` (2,) from a patch cache, read lazily."""
+    """Items ``patch`` (3, H, W) uint8 and ``coords`` (2,) from a patch cache, read lazily.
+
+    A thin torch view of :class:`stevs.io.patch_cache.PatchCache` (one HDF5 handle per
+    process, so DataLoader workers are safe).
+    """
 
     def __init__(self, path: str | os.PathLike, coords: np.ndarray) -> None:
-        import h5py
-
-        self.path = str(path)
-        with h5py.File(self.path, "r") as handle:
-            self._n = int(handle["patches"].shape[0])
-        if coords.shape != (self._n, 2):
-            raise ValueError(f"coords must be ({self._n}, 2), not {coords.shape}")
+        self.cache = PatchCache(path)
+        n = len(self.cache)
+        if coords.shape != (n, 2):
+            raise ValueError(f"coords must be ({n}, 2), not {coords.shape}")
         self.coords = np.asarray(coords, np.float32)
-        self._pid: int | None = None
-        self._file: Any = None
 
     def __len__(self) -> int:
-        return self._n
+        return len(self.cache)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        import h5py
-
-        if self._pid != os.getpid():  # a DataLoader worker opens its own handle
-            self._pid, self._file = os.getpid(), h5py.File(self.path, "r")
-        patch = self._file["patches"][index]
+        patch = self.cache[index]
         return {
             "patch": torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1))),
             "coords": torch.from_numpy(self.coords[index]),
         }
 
     def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._pid, self._file = None, None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pid": None, "_file": None}
+        self.cache.close()
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -650,20 +518,11 @@ class SlidePrediction:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _grid_slide_adata(
-    grid: SpotGrid,
-    fractions: np.ndarray,
-    slide_id: str,
-    image: str,
-    mpp: float,
-    mpp_source: str,
-    dimensions: tuple[int, int],
-) -> Any:
-    import anndata as ad
+def _grid_obs(grid: SpotGrid, fractions: np.ndarray) -> Any:
+    """``obs`` of the kept grid spots: Visium's columns and their disks' tissue fraction."""
     import pandas as pd
-    import scipy.sparse as sp
 
-    obs = pd.DataFrame(
+    return pd.DataFrame(
         {
             "in_tissue": np.ones(len(grid), np.int64),
             "array_row": grid.array_row,
@@ -672,23 +531,115 @@ def _grid_slide_adata(
         },
         index=pd.Index(grid.barcodes, name="barcode"),
     )
-    adata = ad.AnnData(X=sp.csr_matrix((len(grid), 0), dtype=np.float32), obs=obs)
-    adata.obsm["spatial"] = grid.xy_px.astype(np.float64)
-    adata.uns["stevs"] = {
-        "slide": slide_id,
-        "patient": slide_id,
-        "mpp": float(mpp),
-        "mpp_source": mpp_source,
-        "spot_diameter_um": float(grid.spot_um),
-        "spot_pitch_um": float(grid.pitch_um),
-        "technology": "visium" if grid.kind == "visium" else "square_grid",
-        "image_path": image,
-        "image_width": int(dimensions[0]),
-        "image_height": int(dimensions[1]),
-        "expression_path": "",
-        "stevs_version": __version__,
-    }
-    return adata
+
+
+def check_grid_options(
+    grid: str, pitch_um: float, spot_um: float, min_tissue: float, image: str | os.PathLike
+) -> None:
+    """Refuse a grid or a minimum tissue fraction that makes no sense (naming the slide)."""
+    check_grid_settings(grid, pitch_um, spot_um, image)
+    if not 0.0 < min_tissue <= 1.0:
+        raise StevsInputError(image, f"min tissue fraction must be in (0, 1], got {min_tissue!r}")
+
+
+def _open_and_detect(
+    image: str | os.PathLike, mpp: float | None
+) -> tuple[float, str, tuple[int, int], TissueDetection]:
+    """(µm per px, where it came from, level-0 size, tissue) of a slide image."""
+    from stevs.io.slide import open_slide
+
+    with open_slide(image, mpp=mpp) as slide:
+        try:
+            slide_mpp = slide.require_mpp()
+        except StevsInputError as err:
+            raise StevsInputError(
+                image,
+                "microns per pixel unknown: the file's metadata has none; give --mpp "
+                "(or the 'mpp' column of the predict sheet)",
+            ) from err
+        return slide_mpp, str(slide.mpp_source), slide.dimensions, detect_tissue(slide, slide_mpp)
+
+
+def _select_spots(
+    image: str | os.PathLike,
+    slide_id: str,
+    tissue: TissueDetection,
+    dimensions: tuple[int, int],
+    mpp: float,
+    mpp_source: str,
+    grid: str,
+    pitch_um: float,
+    spot_um: float,
+    min_tissue: float,
+) -> tuple[SpotGrid, np.ndarray]:
+    """The grid spots with at least ``min_tissue`` of their disk on tissue, and that share."""
+    if not tissue.mask.any():
+        raise StevsInputError(
+            image,
+            f"no tissue found: Otsu's threshold on saturation ({tissue.threshold}) leaves no "
+            "piece of tissue larger than "
+            f"{MIN_TISSUE_AREA_UM2 / 1e6:g} mm² (a blank or very faint slide?)",
+        )
+    full_grid = make_spot_grid(dimensions, mpp, grid, pitch_um, spot_um)
+    fractions = spot_tissue_fractions(full_grid, tissue, mpp)
+    keep = fractions >= min_tissue
+    if not keep.any():
+        raise StevsInputError(
+            image,
+            f"no tissue found under any {spot_um:g} µm spot of the {grid} grid "
+            f"(min tissue fraction {min_tissue:g}; {100 * tissue.tissue_fraction:.2f}% of the "
+            "thumbnail is tissue)",
+        )
+    spots = full_grid.subset(keep)
+    log.info(
+        "%s: %d x %d px at %g µm/px (%s); tissue %.1f%% of the slide; %d of %d %s grid spots "
+        "(%g µm on a %g µm pitch) on tissue",
+        slide_id,
+        *dimensions,
+        mpp,
+        mpp_source,
+        100 * tissue.tissue_fraction,
+        len(spots),
+        len(full_grid),
+        grid,
+        spot_um,
+        pitch_um,
+    )
+    return spots, fractions[keep]
+
+
+def _tile_grid(
+    image_path: str,
+    mpp: float,
+    spots: SpotGrid,
+    tissue: TissueDetection,
+    out_path: Path,
+    slide_id: str,
+    scale: PatchScale,
+    threads: int,
+    progress: bool | None,
+) -> Path:
+    """Cut the patches of the grid spots (no slide AnnData on disk) and check their scale."""
+    from stevs.io.slide import open_slide
+    from stevs.tiling import tile_spots
+
+    with open_slide(image_path, mpp=mpp) as slide:
+        cache = tile_spots(
+            slide,
+            spots.barcodes,
+            spots.xy_px,
+            out_path,
+            slide_id=slide_id,
+            patch_px=scale.patch_px,
+            patch_mpp=scale.patch_mpp,
+            threads=threads,
+            progress=progress,
+            tissue=tissue,
+        )
+    cached = read_patch_scale(cache)
+    if not scale.matches((cached.patch_px, cached.mpp_target)):
+        raise StevsInputError(cache, f"patch cache is {cached.describe()}, not {scale.describe()}")
+    return cache
 
 
 def predict_slide(
@@ -720,14 +671,10 @@ def predict_slide(
     import anndata as ad
 
     from stevs.data import normalise_coords
-    from stevs.io.slide import open_slide
     from stevs.predict import file_sha256, load_model, predict_patches
-    from stevs.tiling import tile_slide
 
     image_path = str(Path(image).resolve())
-    check_grid_settings(grid, pitch_um, spot_um, image)
-    if not 0.0 < min_tissue <= 1.0:
-        raise StevsInputError(image, f"min tissue fraction must be in (0, 1], got {min_tissue!r}")
+    check_grid_options(grid, pitch_um, spot_um, min_tissue, image)
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise StevsInputError(image, f"--mpp must be a positive number, got {mpp!r}")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", slide_id):
@@ -739,50 +686,18 @@ def predict_slide(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
-    with open_slide(image, mpp=mpp) as slide:
-        try:
-            slide_mpp = slide.require_mpp()
-        except StevsInputError as err:
-            raise StevsInputError(
-                image,
-                "microns per pixel unknown: the file's metadata has none; give --mpp "
-                "(or the 'mpp' column of the predict sheet)",
-            ) from err
-        mpp_source = str(slide.mpp_source)
-        dimensions = slide.dimensions
-        tissue = detect_tissue(slide, slide_mpp)
-    if not tissue.mask.any():
-        raise StevsInputError(
-            image,
-            f"no tissue found: Otsu's threshold on saturation ({tissue.threshold}) leaves no "
-            "piece of tissue larger than "
-            f"{MIN_TISSUE_AREA_UM2 / 1e6:g} mm² (a blank or very faint slide?)",
-        )
-    full_grid = make_spot_grid(dimensions, slide_mpp, grid, pitch_um, spot_um)
-    fractions = spot_tissue_fractions(full_grid, tissue, slide_mpp, progress=progress)
-    keep = fractions >= min_tissue
-    if not keep.any():
-        raise StevsInputError(
-            image,
-            f"no tissue found under any {spot_um:g} µm spot of the {grid} grid "
-            f"(min tissue fraction {min_tissue:g}; {100 * tissue.tissue_fraction:.2f}% of the "
-            "thumbnail is tissue)",
-        )
-    spots = full_grid.subset(keep)
-    fractions = fractions[keep]
-    log.info(
-        "%s: %d x %d px at %g µm/px (%s); tissue %.1f%% of the slide; %d of %d %s grid spots "
-        "(%g µm on a %g µm pitch) on tissue",
+    slide_mpp, mpp_source, dimensions, tissue = _open_and_detect(image, mpp)
+    spots, fractions = _select_spots(
+        image,
         slide_id,
-        *dimensions,
+        tissue,
+        dimensions,
         slide_mpp,
         mpp_source,
-        100 * tissue.tissue_fraction,
-        len(spots),
-        len(full_grid),
         grid,
-        spot_um,
         pitch_um,
+        spot_um,
+        min_tissue,
     )
 
     seconds["tissue"] = time.perf_counter() - clock
@@ -790,25 +705,19 @@ def predict_slide(
     work = Path(tempfile.mkdtemp(prefix=f".predict-slide-{slide_id}-", dir=out))
     kept_patches: Path | None = None
     try:
-        grid_path = work / f"{slide_id}.grid.h5ad"
-        grid_adata = _grid_slide_adata(
-            spots, fractions, slide_id, image_path, slide_mpp, mpp_source, dimensions
-        )
-        grid_adata.write_h5ad(grid_path)
-        cache = tile_slide(
-            grid_path,
+        grid_obs = _grid_obs(spots, fractions)
+        cache = _tile_grid(
+            image_path,
+            slide_mpp,
+            spots,
+            tissue,
             work / f"{slide_id}.patches.h5",
-            patch_px=scale.patch_px,
-            patch_mpp=scale.patch_mpp,
-            threads=threads,
-            image_path=image_path,
-            mpp_override=slide_mpp,
-            progress=progress,
+            slide_id,
+            scale,
+            threads,
+            progress,
         )
         seconds["tiling"] = time.perf_counter() - clock - sum(seconds.values())
-        cached = _cache_scale(cache)
-        if cached is None or not scale.matches(cached):
-            raise StevsInputError(cache, f"patch cache scale {cached} is not {scale.describe()}")
         coords = normalise_coords(spots.xy_px)
         dataset = PatchCacheDataset(cache, coords)
         means, stds, checksums = [], [], []
@@ -832,7 +741,7 @@ def predict_slide(
         del means, stds
         seconds["predict"] = time.perf_counter() - clock - sum(seconds.values())
 
-        adata = ad.AnnData(X=mean, obs=grid_adata.obs.copy())
+        adata = ad.AnnData(X=mean, obs=grid_obs)
         adata.var_names = models.genes
         adata.layers["std"] = std
         adata.obsm["spatial"] = spots.xy_px.astype(np.float64)

@@ -1,8 +1,8 @@
 """Spot-centred patches at a fixed physical field of view -> HDF5 patch cache.
 
-For every spot of a slide AnnData, a ``patch_px`` x ``patch_px`` RGB patch centred on the
-spot is cut at ``patch_mpp`` microns per pixel (default 224 px at 0.5 µm/px = 112 µm) and
-written, in obs order, to the patch cache of ``docs/architecture.md``.
+For every spot (of a slide AnnData, or of a grid), a ``patch_px`` x ``patch_px`` RGB patch
+centred on the spot is cut at ``patch_mpp`` microns per pixel (default 224 px at 0.5 µm/px
+= 112 µm) and written, in spot order, to the patch cache of ``docs/architecture.md``.
 
 How it stays fast and bounded in memory:
 
@@ -26,8 +26,13 @@ centres (the image convention of scanpy and matplotlib), so a spot at ``(x, y)``
 on the continuous point ``(x + 0.5, y + 0.5)`` where pixel ``i`` spans ``[i, i + 1)``.
 A patch covers the level-0 box of side ``patch_px * patch_mpp / mpp`` around that point;
 parts outside the slide are white and counted in ``outside_fraction``. ``tissue_fraction``
-is the share of the patch's box that an Otsu threshold on the saturation of a slide
-thumbnail calls tissue (as in CLAM).
+is the share of the patch's box on the slide's tissue mask (:mod:`stevs.tissue`: Otsu on
+the saturation of a thumbnail, as in CLAM, cleaned by morphology), the same mask
+``stevs predict-slide`` selects its grid spots with. The cache is written by
+:class:`stevs.io.patch_cache.PatchCacheWriter`.
+
+:func:`tile_spots` tiles spot centres on an open slide; :func:`tile_slide` (``stevs tile``)
+reads them from a slide AnnData.
 """
 
 from __future__ import annotations
@@ -36,20 +41,20 @@ import argparse
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from stevs import __version__
+from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
+from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
 from stevs.io.slide import SlideReader, open_slide
+from stevs.tissue import TissueDetection, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +62,14 @@ DEFAULT_PATCH_PX = 224
 DEFAULT_PATCH_MPP = 0.5
 #: side of a window's grid cell, in patches
 DEFAULT_WINDOW_PATCHES = 4
-#: longest side of the thumbnail used for the tissue mask and the QC picture
-THUMBNAIL_PX = 2048
-#: the thumbnail is read in blocks of at most this many level pixels a side (bounded memory)
-THUMBNAIL_BLOCK = 1024
 #: patch sizes outside this range (pixels) are refused
 PATCH_PX_RANGE = (8, 4096)
 #: target resolutions outside this range (µm per pixel) are refused
 PATCH_MPP_RANGE = (0.05, 50.0)
 #: refuse targets more than this many times finer than the slide (blurred upsamples)
 MAX_UPSAMPLING = 4.0
-#: saturation (0-255) below which a thumbnail pixel is never tissue (white glass)
-MIN_TISSUE_SATURATION = 15
 RESAMPLE = Image.Resampling.BICUBIC
+RESAMPLE_NAME = "bicubic (Pillow, antialiased)"
 #: extra source pixels around each patch box so the bicubic filter's support is inside
 #: the window (factor times the filter support of 2, plus rounding)
 _SUPPORT_MARGIN = 2
@@ -208,77 +208,7 @@ def cut_patches(
     return out
 
 
-# -- tissue mask and QC picture --------------------------------------------------------------
-
-
-def read_thumbnail(slide: SlideReader, max_px: int = THUMBNAIL_PX) -> np.ndarray:
-    """The whole slide, longest side ``max_px``, read in blocks so memory stays bounded.
-
-    ``SlideReader.thumbnail`` reads the whole box at once, which holds a whole level in
-    memory; on a slide without a coarse pyramid level that would be the whole slide.
-    """
-    width, height = slide.dimensions
-    scale = max(width, height) / max_px  # level-0 px per thumbnail px
-    thumb_w, thumb_h = max(1, round(width / scale)), max(1, round(height / scale))
-    sx, sy = width / thumb_w, height / thumb_h
-    level_ds = slide.level_downsamples[slide.best_level(min(sx, sy))]
-    # block side in thumbnail px so that one block is at most ~THUMBNAIL_BLOCK^2 level px
-    block = max(16, int(THUMBNAIL_BLOCK / max(sx / level_ds, sy / level_ds, 1.0)))
-    thumb = np.empty((thumb_h, thumb_w, 3), np.uint8)
-    for ty in range(0, thumb_h, block):
-        for tx in range(0, thumb_w, block):
-            bw, bh = min(block, thumb_w - tx), min(block, thumb_h - ty)
-            box = (tx * sx, ty * sy, bw * sx, bh * sy)
-            try:
-                thumb[ty : ty + bh, tx : tx + bw] = slide.read_region(box, (bw, bh))
-            except StevsInputError:
-                raise
-            except Exception as err:
-                raise StevsInputError(
-                    slide.path, f"cannot read the slide's thumbnail: {type(err).__name__}: {err}"
-                ) from err
-    return thumb
-
-
-def otsu_threshold(values: np.ndarray) -> int:
-    """Otsu's threshold of uint8 values: the t maximising between-class variance of <= t / > t."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
-    total = hist.sum()
-    weight_low = np.cumsum(hist)
-    weight_high = total - weight_low
-    cum_mean = np.cumsum(hist * np.arange(256))
-    mean_low = cum_mean / np.maximum(weight_low, 1)
-    mean_high = (cum_mean[-1] - cum_mean) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return int(np.argmax(between))
-
-
-def tissue_mask(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
-    """Boolean tissue mask of an RGB thumbnail (Otsu on saturation) and its threshold."""
-    rgb = thumbnail.astype(np.int16)
-    high, low = rgb.max(axis=2), rgb.min(axis=2)
-    saturation = np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0).astype(np.uint8)
-    threshold = max(otsu_threshold(saturation), MIN_TISSUE_SATURATION)
-    return saturation > threshold, threshold
-
-
-def tissue_fractions(
-    mask: np.ndarray, boxes: np.ndarray, dimensions: tuple[int, int]
-) -> np.ndarray:
-    """Share of each level-0 box that the thumbnail mask calls tissue (outside = none)."""
-    thumb_h, thumb_w = mask.shape
-    sx, sy = dimensions[0] / thumb_w, dimensions[1] / thumb_h
-    integral = np.zeros((thumb_h + 1, thumb_w + 1), np.int64)
-    integral[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
-    x0 = np.rint(boxes[:, 0] / sx).astype(np.int64)
-    y0 = np.rint(boxes[:, 1] / sy).astype(np.int64)
-    x1 = np.maximum(np.rint(boxes[:, 2] / sx).astype(np.int64), x0 + 1)
-    y1 = np.maximum(np.rint(boxes[:, 3] / sy).astype(np.int64), y0 + 1)
-    area = (x1 - x0) * (y1 - y0)
-    cx0, cx1 = np.clip(x0, 0, thumb_w), np.clip(x1, 0, thumb_w)
-    cy0, cy1 = np.clip(y0, 0, thumb_h), np.clip(y1, 0, thumb_h)
-    inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
-    return (inside / area).astype(np.float32)
+# -- QC picture ------------------------------------------------------------------------------
 
 
 def draw_qc(
@@ -345,12 +275,6 @@ def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
         raise StevsInputError(path, f"obsm['spatial'] must be (n, 2), got shape {centers.shape}")
     if len(centers) == 0:
         raise StevsInputError(path, "the slide AnnData has no spots")
-    bad = ~np.isfinite(centers).all(axis=1)
-    if bad.any():
-        examples = ", ".join(barcodes[i] for i in np.flatnonzero(bad)[:3])
-        raise StevsInputError(
-            path, f"{int(bad.sum())} spots have NaN or infinite coordinates (e.g. {examples})"
-        )
     mpp = meta.get("mpp")
     mpp = None if mpp is None else float(mpp)
     width, height = meta.get("image_width"), meta.get("image_height")
@@ -367,6 +291,42 @@ def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
     )
 
 
+def check_centers(
+    path: str | os.PathLike | None,
+    barcodes: Sequence[str],
+    centers_px: np.ndarray,
+    slide: SlideReader,
+) -> None:
+    """Refuse spot centres that are not finite or lie off ``slide`` (``path``: their source)."""
+    centers = np.asarray(centers_px)
+    if centers.ndim != 2 or centers.shape[1] != 2 or len(centers) != len(barcodes):
+        raise StevsInputError(
+            path,
+            f"spot centres must be ({len(barcodes)}, 2) like the barcodes, not {centers.shape}",
+        )
+    if len(centers) == 0:
+        raise StevsInputError(path, "no spots to tile")
+    if len(set(barcodes)) != len(barcodes):
+        raise StevsInputError(path, "spot barcodes are not unique")
+    bad = ~np.isfinite(centers).all(axis=1)
+    if bad.any():
+        examples = ", ".join(str(barcodes[i]) for i in np.flatnonzero(bad)[:3])
+        raise StevsInputError(
+            path, f"{int(bad.sum())} spots have NaN or infinite coordinates (e.g. {examples})"
+        )
+    width, height = slide.dimensions
+    x, y = centers[:, 0], centers[:, 1]
+    outside = (x < -0.5) | (y < -0.5) | (x >= width - 0.5) | (y >= height - 0.5)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise StevsInputError(
+            path,
+            f"{int(outside.sum())} of {len(x)} spot centres lie outside {slide.path} "
+            f"({width}x{height} px), e.g. {barcodes[i]} at ({x[i]:.1f}, {y[i]:.1f}): "
+            "is this slide AnnData from another image?",
+        )
+
+
 def check_spots_match_image(spots: SlideSpots, slide: SlideReader) -> None:
     """Refuse a slide AnnData whose spots or recorded size do not fit this image."""
     width, height = slide.dimensions
@@ -376,16 +336,7 @@ def check_spots_match_image(spots: SlideSpots, slide: SlideReader) -> None:
             f"recorded image size {spots.image_size[0]}x{spots.image_size[1]} does not match "
             f"{slide.path} ({width}x{height}): is this slide AnnData from another image?",
         )
-    x, y = spots.centers_px[:, 0], spots.centers_px[:, 1]
-    outside = (x < -0.5) | (y < -0.5) | (x >= width - 0.5) | (y >= height - 0.5)
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        raise StevsInputError(
-            spots.path,
-            f"{int(outside.sum())} of {len(x)} spot centres lie outside {slide.path} "
-            f"({width}x{height} px), e.g. {spots.barcodes[i]} at ({x[i]:.1f}, {y[i]:.1f}): "
-            "is this slide AnnData from another image?",
-        )
+    check_centers(spots.path, spots.barcodes, spots.centers_px, slide)
 
 
 def check_patch_settings(
@@ -445,59 +396,6 @@ def plan_geometry(
 # -- writing -----------------------------------------------------------------------------------
 
 
-def _temporary_path(out_path: Path) -> Path:
-    handle, name = tempfile.mkstemp(prefix=f"{out_path.name}.tmp-", dir=out_path.parent)
-    os.close(handle)
-    return Path(name)
-
-
-def _create_cache(
-    file: h5py.File,
-    spots: SlideSpots,
-    geometry: TileGeometry,
-    outside: np.ndarray,
-    tissue: np.ndarray,
-    source_path: str,
-) -> h5py.Dataset:
-    """Create the datasets and attributes of a patch cache; return the empty ``patches``."""
-    n, size = len(spots.barcodes), geometry.patch_px
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    # every chunk is placed at creation, so write order cannot change the file's bytes
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    patches = file.create_dataset(
-        "patches",
-        shape=(n, size, size, 3),
-        dtype=np.uint8,
-        chunks=(1, size, size, 3),
-        track_times=False,
-        dcpl=dcpl,
-        fill_time="never",
-    )
-    file.create_dataset(
-        "barcodes",
-        data=np.array(spots.barcodes, dtype=object),
-        dtype=h5py.string_dtype("utf-8"),
-        track_times=False,
-    )
-    file.create_dataset("centers_px", data=spots.centers_px, track_times=False)
-    file.create_dataset("outside_fraction", data=outside, track_times=False)
-    file.create_dataset("tissue_fraction", data=tissue, track_times=False)
-    attrs = {
-        "mpp_source": geometry.mpp_source,
-        "mpp_target": geometry.patch_mpp,
-        "patch_px": geometry.patch_px,
-        "patch_um": geometry.patch_um,
-        "slide": spots.slide,
-        "source_path": source_path,
-        "stevs_version": __version__,
-        "read_level": geometry.level,
-        "resample": "bicubic (Pillow, antialiased)",
-    }
-    for key, value in attrs.items():
-        file.attrs[key] = value
-    return patches
-
-
 def _iter_window_results(
     slide: SlideReader,
     windows: list[Window],
@@ -535,15 +433,99 @@ def _iter_window_results(
                 future.cancel()
 
 
-def _write_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(path)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def check_tiling_settings(
+    patch_px: int,
+    patch_mpp: float,
+    threads: int,
+    window_patches: int,
+    path: str | os.PathLike | None = None,
+) -> None:
+    """Refuse nonsense patch scales, thread counts and window sizes (``path``: for the message)."""
+    check_patch_settings(patch_px, patch_mpp, path)
+    if threads < 1:
+        raise StevsInputError(path, f"threads must be >= 1, got {threads}")
+    if window_patches < 1:
+        raise StevsInputError(path, f"window size must be >= 1 patch, got {window_patches}")
+
+
+def tile_spots(
+    slide: SlideReader,
+    barcodes: Sequence[str],
+    centers_px: np.ndarray,
+    out_path: str | os.PathLike,
+    *,
+    slide_id: str,
+    patch_px: int = DEFAULT_PATCH_PX,
+    patch_mpp: float = DEFAULT_PATCH_MPP,
+    threads: int = 1,
+    qc_path: str | os.PathLike | None = None,
+    window_patches: int = DEFAULT_WINDOW_PATCHES,
+    progress: bool | None = None,
+    tissue: TissueDetection | None = None,
+) -> Path:
+    """Cut a patch centred on every spot of an open slide into the patch cache ``out_path``.
+
+    ``centers_px``: (n, 2) level-0 (x, y), pixel centres at integers, in ``barcodes``'
+    order. ``tissue``: the slide's :func:`stevs.tissue.detect_tissue` when the caller has it
+    already (else it is computed). ``progress=None`` shows a progress bar on a terminal only.
+    A QC PNG is written to ``qc_path`` when given. Returns ``out_path``.
+    """
+    check_tiling_settings(patch_px, patch_mpp, threads, window_patches, slide.path)
+    barcodes = [str(b) for b in barcodes]
+    centers_px = np.asarray(centers_px, np.float64)
+    check_centers(slide.path, barcodes, centers_px, slide)
+    mpp_source = slide.require_mpp()
+    geometry = plan_geometry(slide, mpp_source, patch_px, patch_mpp)
+    boxes = geometry.boxes(centers_px)
+    outside = outside_fractions(boxes, slide.dimensions)
+    tissue = detect_tissue(slide, mpp_source) if tissue is None else tissue
+    windows = plan_windows(boxes, geometry, window_patches)
+    log.info(
+        "%s: %d patches of %d px at %g µm/px from level %d (downsample %g) of %s "
+        "in %d windows, %d threads; %d cross the slide's edge",
+        slide_id,
+        len(boxes),
+        patch_px,
+        patch_mpp,
+        geometry.level,
+        geometry.level_downsample,
+        slide.path,
+        len(windows),
+        threads,
+        int(np.count_nonzero(outside > 0)),
+    )
+    writer = PatchCacheWriter(
+        out_path,
+        barcodes=barcodes,
+        centers_px=centers_px,
+        outside_fraction=outside,
+        tissue_fraction=tissue.box_fractions(boxes),
+        scale=PatchScale(geometry.patch_px, geometry.patch_mpp),
+        info=PatchCacheInfo(
+            slide=slide_id,
+            source_path=str(slide.path),
+            mpp_source=mpp_source,
+            read_level=geometry.level,
+            resample=RESAMPLE_NAME,
+            tissue_threshold_saturation=tissue.threshold,
+        ),
+    )
+    bar = tqdm(
+        total=len(boxes),
+        unit="patch",
+        desc=f"tile {slide_id}",
+        disable=None if progress is None else not progress,
+    )
+    with writer, bar:
+        for window, cut in _iter_window_results(slide, windows, boxes, geometry, threads):
+            for index, patch in zip(window.indices, cut, strict=True):
+                writer.write(int(index), patch)
+            bar.update(len(window.indices))
+    if qc_path is not None:
+        picture = draw_qc(tissue.thumbnail, boxes, outside, slide.dimensions, slide_id)
+        with atomic_path(qc_path, suffix=".png") as tmp:
+            picture.save(tmp, format="PNG")
+    return Path(out_path)
 
 
 def tile_slide(
@@ -558,21 +540,13 @@ def tile_slide(
     window_patches: int = DEFAULT_WINDOW_PATCHES,
     progress: bool | None = None,
 ) -> Path:
-    """Cut a spot-centred patch for every spot of a slide AnnData into a patch cache.
+    """:func:`tile_spots` for every spot of a slide AnnData (``stevs tile``).
 
     ``image_path`` defaults to ``uns["stevs"]["image_path"]``, the slide's microns per
     pixel to ``uns["stevs"]["mpp"]`` (``mpp_override`` wins over both it and the image's
-    metadata). ``progress=None`` shows a progress bar on a terminal only. Returns
-    ``out_path``; a QC PNG is written to ``qc_path`` when given.
+    metadata). Returns ``out_path``.
     """
-    check_patch_settings(patch_px, patch_mpp, slide_adata_path)
-    if threads < 1:
-        raise StevsInputError(slide_adata_path, f"threads must be >= 1, got {threads}")
-    if window_patches < 1:
-        raise StevsInputError(
-            slide_adata_path, f"window size must be >= 1 patch, got {window_patches}"
-        )
-    out_path = Path(out_path)
+    check_tiling_settings(patch_px, patch_mpp, threads, window_patches, slide_adata_path)
     spots = read_slide_spots(slide_adata_path)
     image = image_path if image_path is not None else spots.image_path
     if image is None:
@@ -584,59 +558,22 @@ def tile_slide(
     mpp = mpp_override if mpp_override is not None else spots.mpp
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise StevsInputError(spots.path, f"uns['stevs']['mpp'] must be positive, got {mpp!r}")
-
     with open_slide(image, mpp=mpp) as slide:
-        mpp_source = slide.require_mpp()
+        slide.require_mpp()
         check_spots_match_image(spots, slide)
-        dimensions = slide.dimensions
-        geometry = plan_geometry(slide, mpp_source, patch_px, patch_mpp)
-        boxes = geometry.boxes(spots.centers_px)
-        outside = outside_fractions(boxes, slide.dimensions)
-        thumbnail = read_thumbnail(slide)
-        mask, threshold = tissue_mask(thumbnail)
-        tissue = tissue_fractions(mask, boxes, slide.dimensions)
-        windows = plan_windows(boxes, geometry, window_patches)
-        log.info(
-            "%s: %d patches of %d px at %g µm/px from level %d (downsample %g) of %s "
-            "in %d windows, %d threads; %d cross the slide's edge",
-            spots.slide,
-            len(boxes),
-            patch_px,
-            patch_mpp,
-            geometry.level,
-            geometry.level_downsample,
-            slide.path,
-            len(windows),
-            threads,
-            int(np.count_nonzero(outside > 0)),
+        return tile_spots(
+            slide,
+            spots.barcodes,
+            spots.centers_px,
+            out_path,
+            slide_id=spots.slide,
+            patch_px=patch_px,
+            patch_mpp=patch_mpp,
+            threads=threads,
+            qc_path=qc_path,
+            window_patches=window_patches,
+            progress=progress,
         )
-
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary_path(out_path)
-        try:
-            with h5py.File(tmp, "w") as file:
-                patches = _create_cache(file, spots, geometry, outside, tissue, str(image))
-                file.attrs["tissue_threshold_saturation"] = threshold
-                with tqdm(
-                    total=len(boxes),
-                    unit="patch",
-                    desc=f"tile {spots.slide}",
-                    disable=None if progress is None else not progress,
-                ) as bar:
-                    for window, cut in _iter_window_results(
-                        slide, windows, boxes, geometry, threads
-                    ):
-                        for index, patch in zip(window.indices, cut, strict=True):
-                            # uncompressed one-patch chunks: raw bytes, no conversion
-                            patches.id.write_direct_chunk((int(index), 0, 0, 0), patch.tobytes())
-                        bar.update(len(window.indices))
-            os.replace(tmp, out_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    if qc_path is not None:
-        _write_png(draw_qc(thumbnail, boxes, outside, dimensions, spots.slide), Path(qc_path))
-    return out_path
 
 
 # -- command line ------------------------------------------------------------------------------

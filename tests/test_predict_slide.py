@@ -154,14 +154,13 @@ def test_tissue_detection_and_spot_fractions_follow_the_tissue(blob_slide):
     speck = blob_image()
     speck[10:14, 400:404] = (90, 40, 130)
     fake = TissueDetection(speck, np.zeros(truth.shape, bool), 0, 1.0, MPP)
-    from stevs.predict_slide import clean_mask
-    from stevs.tiling import tissue_mask
+    from stevs.tissue import clean_mask, tissue_mask
 
     raw, _ = tissue_mask(fake.thumbnail)
     assert raw[10:14, 400:404].any() and not clean_mask(raw, MPP)[10:14, 400:404].any()
 
     grid = make_spot_grid((420, 360), MPP)
-    fractions = spot_tissue_fractions(grid, tissue, MPP, progress=False)
+    fractions = spot_tissue_fractions(grid, tissue, MPP)
     centre = np.clip(np.rint(grid.xy_px).astype(int), 0, [419, 359])
     deep = ndimage.binary_erosion(truth, iterations=20)[centre[:, 1], centre[:, 0]]
     outside = ~ndimage.binary_dilation(truth, iterations=20)[centre[:, 1], centre[:, 0]]
@@ -257,6 +256,46 @@ def test_predict_slide_writes_a_visium_like_anndata_that_scanpy_plots(models, bl
     axes = sc.pl.spatial(adata, color="TUMOUR_1", show=False)
     assert axes and axes[0].get_title() == "TUMOUR_1"
     plt.close("all")
+
+
+def test_grid_is_tiled_directly_into_a_cache_of_the_model_scale(
+    models, blob_slide, tmp_path, monkeypatch
+):
+    from stevs.io.patch_cache import PatchCache
+    from stevs.io.slide import open_slide
+    from stevs.tissue import detect_tissue as one_detection
+
+    written = []
+    real_write = ad.AnnData.write_h5ad
+    monkeypatch.setattr(
+        ad.AnnData,
+        "write_h5ad",
+        lambda self, path, **kw: (written.append(Path(path)), real_write(self, path, **kw)),
+    )
+    out = tmp_path / "blob"
+    result = predict_slide(
+        blob_slide,
+        "blob",
+        [models["a"]],
+        out,
+        device="cpu",
+        progress=False,
+        n_samples=0,
+        genes=["FAT_1"],
+        keep_patches=True,
+    )
+    assert len(written) == 1 and written[0].suffix == ".h5ad"  # only the result: no grid AnnData
+    adata = ad.read_h5ad(result.adata)
+    with PatchCache(result.patches) as cache:
+        assert cache.barcodes == list(adata.obs_names)
+        assert cache.scale.patch_px == PATCH_PX and cache.scale.mpp_target == PATCH_MPP
+        np.testing.assert_array_equal(cache.centers_px, adata.obsm["spatial"])
+        with open_slide(blob_slide) as slide:
+            threshold = one_detection(slide, MPP).threshold
+        # one tissue detection: the cache's threshold is predict_slide's
+        assert cache.attrs["tissue_threshold_saturation"] == threshold
+        assert adata.uns["stevs"]["tissue_threshold_saturation"] == threshold
+        assert (cache.tissue_fraction > 0.5).mean() > 0.9  # grid spots lie on tissue
 
 
 def test_an_ensemble_averages_the_models(models, blob_slide, tmp_path):

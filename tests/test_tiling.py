@@ -19,7 +19,8 @@ from stevs import tiling
 from stevs.cli import main as stevs_main
 from stevs.errors import StevsInputError
 from stevs.io.slide import open_slide
-from stevs.tiling import TileGeometry, tile_slide
+from stevs.tiling import TileGeometry, tile_slide, tile_spots
+from stevs.tissue import MIN_TISSUE_SATURATION, detect_tissue
 
 BACKGROUND = np.array([240, 238, 242], np.float64)  # glass: low saturation
 TISSUE = np.array([205, 130, 180], np.float64)  # eosin-pink: saturated
@@ -280,23 +281,26 @@ def test_edge_spots_are_padded_white_and_flagged(tmp_path: Path) -> None:
     assert tissue[0] == pytest.approx(0.25, abs=0.05)
 
 
-def test_tissue_fraction_from_otsu_on_thumbnail(tmp_path: Path) -> None:
-    mpp = 0.5
-    # tissue on the left 100 µm of a 256 µm wide slide, glass on the right
-    image = scene_slide(tmp_path / "s.tif", mpp, [], size_um=(256, 128), tissue_right_um=100)
-    points = np.array([[40.0, 64.0], [100.0, 64.0], [200.0, 64.0]])  # tissue, border, glass
+def test_tissue_fraction_from_the_cleaned_otsu_mask(tmp_path: Path) -> None:
+    mpp = 2.0
+    # tissue on the left 400 µm of a 1024 µm wide slide, glass on the right; a 6 µm speck
+    # of stain on the glass is below the smallest piece of tissue kept (0.02 mm²)
+    image = scene_slide(
+        tmp_path / "s.tif", mpp, [(900.0, 100.0, 6.0)], size_um=(1024, 512), tissue_right_um=400
+    )
+    points = np.array([[160.0, 256.0], [400.0, 256.0], [800.0, 256.0], [900.0, 100.0]])
     adata = write_slide_adata(tmp_path / "s.h5ad", image, um_to_px(points, mpp), mpp)
-    out = tile_slide(adata, tmp_path / "p.h5", patch_px=32, patch_mpp=1.0)
+    out = tile_slide(adata, tmp_path / "p.h5", patch_px=32, patch_mpp=4.0)  # 128 µm patches
     with h5py.File(out) as f:
         tissue = f["tissue_fraction"][:]
         assert f["tissue_fraction"].dtype == np.float32
-    np.testing.assert_allclose(tissue, [1.0, 0.5, 0.0], atol=0.05)
-
-
-def test_otsu_threshold_separates_two_populations() -> None:
-    values = np.r_[np.full(500, 10, np.uint8), np.full(300, 200, np.uint8)]
-    threshold = tiling.otsu_threshold(values)
-    assert 10 <= threshold < 200
+        threshold = int(f.attrs["tissue_threshold_saturation"])
+    # tissue, border, glass, the speck (dropped by the clean-up)
+    np.testing.assert_allclose(tissue, [1.0, 0.5, 0.0, 0.0], atol=0.05)
+    with open_slide(image) as slide:
+        detection = detect_tissue(slide)
+    assert detection.threshold == threshold
+    assert MIN_TISSUE_SATURATION <= threshold < 90  # between glass (~3) and tissue (~92)
 
 
 # -- files: atomic writes, reruns, QC, CLI -------------------------------------------------------
@@ -324,7 +328,7 @@ def test_forced_failure_leaves_no_cache_file(
     def failing_cut(*args, **kwargs):
         # while writing, only a temporary file exists under another name
         assert not out.exists()
-        assert len(list(out.parent.glob("p.h5.tmp-*"))) == 1
+        assert len(list(out.parent.glob(".p.h5.tmp-*"))) == 1
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("disk on fire")
@@ -370,7 +374,7 @@ def test_cache_contract_and_qc_picture(small_slide: Path, tmp_path: Path) -> Non
         assert isinstance(attrs["stevs_version"], str)
         outside = f["outside_fraction"][:]
     picture = np.asarray(Image.open(qc).convert("RGB"))
-    assert picture.shape[1] == 2048 or picture.shape[0] == 2048
+    assert picture.shape[:2] == (512, 768)  # the tissue thumbnail: <= 2000 px, never upsampled
     green = np.all(picture == (0, 170, 0), axis=2).sum()
     orange = np.all(picture == (255, 140, 0), axis=2).sum()
     assert green > 0
@@ -502,3 +506,30 @@ def test_unreadable_level_is_reported_with_the_file(tmp_path: Path) -> None:
         tile_slide(adata, tmp_path / "p.h5", patch_px=32, patch_mpp=0.5)
     assert str(image) in str(info.value)
     assert list(tmp_path.glob("p.h5*")) == []
+
+
+def test_tile_spots_on_an_open_slide_matches_tile_slide(small_slide: Path, tmp_path: Path) -> None:
+    reference = tile_slide(small_slide, tmp_path / "a.h5", patch_px=32, patch_mpp=0.5)
+    spots = tiling.read_slide_spots(small_slide)
+    with open_slide(tmp_path / "s.tif", mpp=0.25) as slide:
+        ours = tile_spots(
+            slide,
+            spots.barcodes,
+            spots.centers_px,
+            tmp_path / "b.h5",
+            slide_id="s",
+            patch_px=32,
+            patch_mpp=0.5,
+            tissue=detect_tissue(slide),
+        )
+        # the same bytes: tile_slide is only the slide AnnData reader around tile_spots
+        assert (
+            hashlib.sha256(ours.read_bytes()).digest()
+            == hashlib.sha256(reference.read_bytes()).digest()
+        )
+        with pytest.raises(StevsInputError, match="1 of 2 spot centres lie outside") as info:
+            tile_spots(slide, ["a", "b"], [[5, 5], [900, 5]], tmp_path / "c.h5", slide_id="s")
+        assert str(info.value).startswith(str(slide.path))
+        with pytest.raises(StevsInputError, match="not unique"):
+            tile_spots(slide, ["a", "a"], [[5, 5], [9, 5]], tmp_path / "c.h5", slide_id="s")
+    assert not (tmp_path / "c.h5").exists()

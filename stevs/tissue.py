@@ -1,0 +1,207 @@
+"""Tissue detection, defined once: the mask behind every ``tissue_fraction`` of stevs.
+
+:func:`detect_tissue` reads a thumbnail of the slide (longest side :data:`THUMBNAIL_PX`,
+block by block so memory stays bounded), thresholds its saturation with Otsu's method
+(``skimage.filters.threshold_otsu``, never below :data:`MIN_TISSUE_SATURATION`: white
+glass), and cleans the mask in physical units (:func:`clean_mask`: closing, hole filling,
+opening, removal of specks smaller than :data:`MIN_TISSUE_AREA_UM2`). The tiler stores the
+share of each patch's box on that mask (:meth:`TissueDetection.box_fractions`) and
+``stevs predict-slide`` keeps the grid spots whose disk is on it
+(:meth:`TissueDetection.disk_fractions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage import filters, morphology
+
+from stevs.errors import StevsInputError
+from stevs.geometry import disk_lattice
+from stevs.io.slide import SlideReader
+
+#: longest side of the thumbnail the mask is computed on (Space Ranger's hires size)
+THUMBNAIL_PX = 2000
+#: the thumbnail is read in blocks of at most this many level pixels a side (bounded memory)
+THUMBNAIL_BLOCK = 1024
+#: saturation (0-255) below which a thumbnail pixel is never tissue (white glass)
+MIN_TISSUE_SATURATION = 15
+#: morphology of the tissue mask, in µm: closing/opening radius, smallest kept piece
+CLOSE_UM = 20.0
+OPEN_UM = 20.0
+MIN_TISSUE_AREA_UM2 = 20_000.0
+#: the morphology runs at a resolution where its disks are at most this many px in radius
+MORPHOLOGY_RADIUS_PX = 3
+#: spots handled per block when measuring their tissue fraction (bounded memory)
+SPOT_BLOCK = 20_000
+
+
+@dataclass(frozen=True)
+class TissueDetection:
+    """A slide thumbnail and its cleaned tissue mask."""
+
+    thumbnail: np.ndarray  # uint8 (h, w, 3)
+    mask: np.ndarray  # bool (h, w)
+    threshold: int  # Otsu threshold on saturation (0-255): tissue is saturation > threshold
+    scale: float  # thumbnail px per level-0 px (Space Ranger's ``tissue_hires_scalef``)
+    um_per_px: float  # µm per thumbnail px
+    dimensions: tuple[int, int] = (0, 0)  # level-0 (width, height); (0, 0): from ``scale``
+
+    @property
+    def tissue_fraction(self) -> float:
+        """Share of the thumbnail called tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def _axis_scales(self) -> tuple[float, float]:
+        """Thumbnail px per level-0 px along x and y (they differ by the rounding of the size)."""
+        height, width = self.mask.shape
+        if self.dimensions[0] > 0 and self.dimensions[1] > 0:
+            return width / self.dimensions[0], height / self.dimensions[1]
+        return self.scale, self.scale
+
+    def box_fractions(self, boxes: np.ndarray) -> np.ndarray:
+        """Share of each level-0 box (left, top, right, bottom) on tissue (outside = none)."""
+        height, width = self.mask.shape
+        sx, sy = self._axis_scales()
+        integral = np.zeros((height + 1, width + 1), np.int64)
+        integral[1:, 1:] = self.mask.cumsum(axis=0).cumsum(axis=1)
+        x0 = np.rint(boxes[:, 0] * sx).astype(np.int64)
+        y0 = np.rint(boxes[:, 1] * sy).astype(np.int64)
+        x1 = np.maximum(np.rint(boxes[:, 2] * sx).astype(np.int64), x0 + 1)
+        y1 = np.maximum(np.rint(boxes[:, 3] * sy).astype(np.int64), y0 + 1)
+        area = (x1 - x0) * (y1 - y0)
+        cx0, cx1 = np.clip(x0, 0, width), np.clip(x1, 0, width)
+        cy0, cy1 = np.clip(y0, 0, height), np.clip(y1, 0, height)
+        inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
+        return (inside / area).astype(np.float32)
+
+    def disk_fractions(self, centers_px: np.ndarray, diameter_px: float) -> np.ndarray:
+        """Share of each disk (level-0 centre, pixel centres at integers) on tissue."""
+        sx, sy = self._axis_scales()
+        radius = diameter_px / 2.0 * sx  # in thumbnail px
+        offsets = disk_lattice(radius, max(radius / 5.0, 0.5))
+        height, width = self.mask.shape
+        fractions = np.zeros(len(centers_px), np.float32)
+        for start in range(0, len(centers_px), SPOT_BLOCK):
+            xy = np.asarray(centers_px[start : start + SPOT_BLOCK], np.float64)
+            xs = np.floor((xy[:, None, 0] + 0.5) * sx + offsets[None, :, 0]).astype(np.int64)
+            ys = np.floor((xy[:, None, 1] + 0.5) * sy + offsets[None, :, 1]).astype(np.int64)
+            inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+            values = self.mask[np.clip(ys, 0, height - 1), np.clip(xs, 0, width - 1)] & inside
+            fractions[start : start + len(xy)] = values.mean(axis=1)
+        return fractions
+
+
+def read_thumbnail(slide: SlideReader, max_px: int = THUMBNAIL_PX) -> np.ndarray:
+    """The whole slide, longest side ``max_px``, read in blocks so memory stays bounded.
+
+    ``SlideReader.thumbnail`` reads the whole box at once, which holds a whole level in
+    memory; on a slide without a coarse pyramid level that would be the whole slide.
+    """
+    width, height = slide.dimensions
+    scale = max(width, height) / max_px  # level-0 px per thumbnail px
+    thumb_w, thumb_h = max(1, round(width / scale)), max(1, round(height / scale))
+    sx, sy = width / thumb_w, height / thumb_h
+    level_ds = slide.level_downsamples[slide.best_level(min(sx, sy))]
+    # block side in thumbnail px so that one block is at most ~THUMBNAIL_BLOCK^2 level px
+    block = max(16, int(THUMBNAIL_BLOCK / max(sx / level_ds, sy / level_ds, 1.0)))
+    thumb = np.empty((thumb_h, thumb_w, 3), np.uint8)
+    for ty in range(0, thumb_h, block):
+        for tx in range(0, thumb_w, block):
+            bw, bh = min(block, thumb_w - tx), min(block, thumb_h - ty)
+            box = (tx * sx, ty * sy, bw * sx, bh * sy)
+            try:
+                thumb[ty : ty + bh, tx : tx + bw] = slide.read_region(box, (bw, bh))
+            except StevsInputError:
+                raise
+            except Exception as err:
+                raise StevsInputError(
+                    slide.path, f"cannot read the slide's thumbnail: {type(err).__name__}: {err}"
+                ) from err
+    return thumb
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation of uint8 RGB as uint8 0-255: ``(max - min) * 255 // max``.
+
+    Integer arithmetic instead of ``skimage.color.rgb2hsv``, which converts to float64 and
+    computes hue too: 0.29 s vs 1.12 s on a random 2000 x 2000 thumbnail (dev machine),
+    for identical values (``floor(S * 255)``).
+    """
+    high = rgb.max(axis=2).astype(np.int32)  # int32: (max - min) * 255 overflows int16
+    low = rgb.min(axis=2)
+    return ((high - low) * 255 // np.maximum(high, 1)).astype(np.uint8)
+
+
+def saturation_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of saturation values, never below :data:`MIN_TISSUE_SATURATION`.
+
+    An image of a single saturation has no two classes to split: the floor decides.
+    """
+    if values.size == 0 or values.min() == values.max():
+        return MIN_TISSUE_SATURATION
+    return max(int(filters.threshold_otsu(values)), MIN_TISSUE_SATURATION)
+
+
+def tissue_mask(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
+    """Raw (uncleaned) tissue mask of an RGB thumbnail and its saturation threshold."""
+    values = saturation(thumbnail)
+    threshold = saturation_threshold(values)
+    return values > threshold, threshold
+
+
+def _block_any(mask: np.ndarray, factor: int) -> np.ndarray:
+    """True for ``factor`` x ``factor`` blocks holding any tissue (edge blocks padded)."""
+    height, width = mask.shape
+    padded = np.pad(mask, ((0, -height % factor), (0, -width % factor)))
+    blocks = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor)
+    return blocks.any(axis=(1, 3))
+
+
+def clean_mask(mask: np.ndarray, um_per_px: float) -> np.ndarray:
+    """Close gaps, fill holes, open away thin debris and drop specks (sizes in µm).
+
+    Runs on a block-reduced copy of the mask coarse enough that the structuring disks are
+    at most :data:`MORPHOLOGY_RADIUS_PX` px in radius (fast on 2000 px thumbnails), and
+    returns a mask of the input's shape. Closing and opening use scipy.ndimage's binary
+    morphology: 0.27 s each on her2st C2's 2000 x 1871 px mask (disk of radius 6) against
+    0.68 s for ``skimage.morphology.closing``/``opening``, which take the grey-level path
+    (skimage 0.26 deprecates its own binary variants); the footprints and the removal of
+    specks are skimage's.
+    """
+    factor = max(1, int(min(CLOSE_UM, OPEN_UM) / MORPHOLOGY_RADIUS_PX / um_per_px))
+    work = _block_any(mask, factor) if factor > 1 else mask
+    work_um = um_per_px * factor
+    close_px = max(1, round(CLOSE_UM / work_um))
+    open_px = max(1, round(OPEN_UM / work_um))
+    padded = np.pad(work, close_px)  # closing must not glue tissue to the image border
+    closed = ndimage.binary_closing(padded, structure=morphology.disk(close_px))[
+        close_px:-close_px, close_px:-close_px
+    ]
+    filled = ndimage.binary_fill_holes(closed)
+    # opening whose erosion takes the outside for tissue: the image border is no tissue edge
+    disk = morphology.disk(open_px)
+    eroded = ndimage.binary_erosion(filled, structure=disk, border_value=1)
+    opened = ndimage.binary_dilation(eroded, structure=disk)
+    min_px = int(np.ceil(MIN_TISSUE_AREA_UM2 / work_um**2))  # smallest piece kept, in px
+    cleaned = morphology.remove_small_objects(opened, max_size=min_px - 1, connectivity=1)
+    if factor > 1:
+        cleaned = np.repeat(np.repeat(cleaned, factor, axis=0), factor, axis=1)
+        cleaned = cleaned[: mask.shape[0], : mask.shape[1]]
+    return cleaned
+
+
+def detect_tissue(
+    slide: SlideReader, mpp: float | None = None, max_px: int = THUMBNAIL_PX
+) -> TissueDetection:
+    """Thumbnail + cleaned Otsu tissue mask of an open slide (``mpp``: µm per level-0 px)."""
+    mpp = slide.require_mpp() if mpp is None else mpp
+    width, height = slide.dimensions
+    thumbnail = read_thumbnail(slide, min(max_px, max(width, height)))
+    scale = max(thumbnail.shape[:2]) / max(width, height)
+    um_per_px = mpp / scale
+    raw, threshold = tissue_mask(thumbnail)
+    mask = clean_mask(raw, um_per_px)
+    return TissueDetection(thumbnail, mask, threshold, scale, um_per_px, (width, height))
