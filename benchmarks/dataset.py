@@ -74,6 +74,7 @@ def write_slide(root: Path, slide: str, n_spots: int, patch_px: int, compression
             data[start:stop] = bank[np.arange(start, stop) % BANK]
         handle.create_dataset("barcodes", data=np.asarray(barcodes, dtype=object))
         handle.create_dataset("centers_px", data=coords)
+        handle.attrs.update({"patch_px": patch_px, "mpp_target": 2.0, "slide": slide})
     return path
 
 

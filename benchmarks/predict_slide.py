@@ -43,8 +43,9 @@ def make_model(directory: Path) -> Path:
     """An untrained cpu_small STevs folder as 'stevs train' writes it (64 px at 2 µm/px)."""
     import torch
 
+    from stevs.io.model_dir import ModelDir
     from stevs.models.presets import get_preset
-    from stevs.train import build_model, save_safetensors
+    from stevs.train import build_model
 
     if (directory / "config.json").is_file():
         return directory
@@ -53,7 +54,7 @@ def make_model(directory: Path) -> Path:
     norm = {"method": "log1p_cp10k", "target_sum": 1e4, "mean": [1.0] * 6, "std": [1.0] * 6}
     model = build_model("stevs", preset, GENES, norm)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.state_dict(), directory / "model.safetensors", None)
+    ModelDir(directory).write_tensors(model.state_dict(), {"method": "stevs"})
     config = {
         "method": "stevs",
         "fold": "fold0",

@@ -73,7 +73,7 @@ def write_study(directory: Path, n_spots: int, patch_px: int, n_slides: int = 2)
                 "barcodes", data=np.array(barcodes, dtype=object), dtype=h5py.string_dtype()
             )
             handle.create_dataset("centers_px", data=xy)
-            handle.attrs.update({"patch_px": patch_px, "slide": slide})
+            handle.attrs.update({"patch_px": patch_px, "mpp_target": 2.0, "slide": slide})
         entries.append(
             SlideEntry(
                 slide, slide, str(directory / f"{slide}.h5ad"), str(directory / f"{slide}.h5")

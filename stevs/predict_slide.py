@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,12 @@ from stevs.geometry import (
     grid_offsets_um,
     grid_shape,
 )
-from stevs.io.patch_cache import PatchCache, read_patch_scale
+from stevs.ids import check_slide_id
+from stevs.io.fold_file import read_fold
+from stevs.io.model_dir import ModelDir
+from stevs.io.patch_cache import PatchCache, PatchScale, read_patch_scale
+from stevs.io.prediction import new_prediction, write_prediction
+from stevs.methods import check_he_only
 from stevs.tissue import (
     MIN_TISSUE_AREA_UM2,
     THUMBNAIL_PX,
@@ -155,174 +159,163 @@ def spot_tissue_fractions(grid: SpotGrid, tissue: TissueDetection, mpp: float) -
 
 
 @dataclass(frozen=True)
-class PatchScale:
-    """Patch side (px) and resolution (µm per px) a model was trained on, and where it says so."""
+class TrainedScale:
+    """The patch scale models were trained on, and where that was read."""
 
-    patch_px: int
-    patch_mpp: float
+    scale: PatchScale
     source: str
     certain: bool = True  # False when read from the preset, which may not be what was tiled
 
-    @property
-    def patch_um(self) -> float:
-        return self.patch_px * self.patch_mpp
-
-    def matches(self, other: PatchScale | tuple[int, float]) -> bool:
-        px, mpp = (other.patch_px, other.patch_mpp) if isinstance(other, PatchScale) else other
-        return int(px) == self.patch_px and math.isclose(
-            float(mpp), self.patch_mpp, rel_tol=SCALE_TOLERANCE
-        )
+    def matches(self, other: PatchScale) -> bool:
+        return self.scale.matches(other, rel_tol=SCALE_TOLERANCE)
 
     def describe(self) -> str:
-        return f"{self.patch_px} px at {self.patch_mpp:g} µm/px ({self.patch_um:g} µm)"
+        return self.scale.describe()
 
 
-def _cache_scale(path: Path) -> tuple[int, float] | None:
-    """(patch_px, mpp_target) of a patch cache, None when it cannot be read."""
-    try:
-        scale = read_patch_scale(path)
-    except StevsInputError:
-        return None
-    return scale.patch_px, scale.mpp_target
+def _fold_cache_scale(fold_path: str, config_path: Path) -> TrainedScale | None:
+    """The scale of the training patch caches of the fold a model names, if they exist."""
+    with contextlib.suppress(StevsInputError, OSError, ValueError):
+        fold = read_fold(fold_path)
+        scales = {}
+        for slide in fold.train:
+            path = Path(fold.slide_entry(slide).patches)
+            if path.is_file():
+                scales[str(path)] = read_patch_scale(path)
+        if scales:
+            (first_path, first), *rest = scales.items()
+            for path, scale in rest:
+                if not first.matches(scale, rel_tol=SCALE_TOLERANCE):
+                    raise ValueError(
+                        f"the training patch caches disagree: {first_path} is "
+                        f"{first.describe()}, {path} is {scale.describe()}"
+                    )
+            return TrainedScale(first, f"patch cache {first_path}")
+    return None
 
 
-def model_patch_scale(config: dict[str, Any], config_path: str | os.PathLike) -> PatchScale:
+def model_patch_scale(config: dict[str, Any], config_path: str | os.PathLike) -> TrainedScale:
     """The patch scale a model was trained on (see the module docstring for the sources)."""
+    config_path = Path(config_path)
     recorded = config.get("patches")
     if isinstance(recorded, dict) and "patch_px" in recorded:
         try:
-            mpp = recorded.get("mpp_target", recorded.get("mpp"))
-            if mpp is None:
-                mpp = float(recorded["patch_um"]) / int(recorded["patch_px"])
-            return PatchScale(int(recorded["patch_px"]), float(mpp), f"{config_path} (patches)")
+            return TrainedScale(PatchScale.from_dict(recorded), f"{config_path} (patches)")
         except (KeyError, TypeError, ValueError) as err:
             raise StevsInputError(config_path, f"unreadable 'patches' entry: {err}") from err
     fold_path = config.get("fold_path")
     if fold_path and Path(fold_path).is_file():
-        with contextlib.suppress(StevsInputError, OSError, ValueError):
-            from stevs.folds import load_fold
-
-            fold = load_fold(fold_path)
-            scales = {}
-            for slide in fold.train:
-                path = Path(fold.slide_entry(slide).patches)
-                scale = _cache_scale(path) if path.is_file() else None
-                if scale is not None:
-                    scales[str(path)] = scale
-            if scales:
-                first_path, first = next(iter(scales.items()))
-                found = PatchScale(first[0], first[1], f"patch cache {first_path}")
-                for path, scale in scales.items():
-                    if not found.matches(scale):
-                        raise StevsInputError(
-                            config_path,
-                            f"the training patch caches disagree: {first_path} is "
-                            f"{found.describe()}, {path} is {scale[0]} px at {scale[1]:g} µm/px",
-                        )
-                return found
+        found = _fold_cache_scale(fold_path, config_path)
+        if found is not None:
+            return found
     try:
-        return PatchScale(
-            int(config["patch_px"]),
-            float(config["mpp"]),
-            f"{config_path} (the preset's patch_px/mpp)",
-            certain=False,
-        )
+        preset = PatchScale(int(config["patch_px"]), float(config["mpp"]))
     except (KeyError, TypeError, ValueError) as err:
         raise StevsInputError(
             config_path, f"cannot tell which patch scale the model was trained on: {err}"
         ) from err
+    return TrainedScale(preset, f"{config_path} (the preset's patch_px/mpp)", certain=False)
 
 
 @dataclass
 class ModelSet:
-    """Trained models that predict together: shared panel, normalisation and patch scale."""
+    """Trained models that predict together: shared normalisation and patch scale; the panel
+    is the union of theirs, each gene averaged over the models that predict it."""
 
     dirs: list[Path]
     configs: list[dict[str, Any]]
     genes: list[str]
     normalisation: dict[str, Any]
-    scale: PatchScale
+    scale: TrainedScale
     headline_genes: list[str] = field(default_factory=list)
 
+    def columns(self, index: int) -> np.ndarray:
+        """Positions of model ``index``'s genes in :attr:`genes`."""
+        position = {g: i for i, g in enumerate(self.genes)}
+        return np.array([position[g] for g in self.configs[index]["genes"]], dtype=np.int64)
 
-def _read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise StevsInputError(path, "missing; is this the output folder of 'stevs train'?")
-    if not (model_dir / "model.safetensors").is_file():
-        raise StevsInputError(
-            model_dir / "model.safetensors", "missing; has 'stevs train' finished?"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise StevsInputError(path, f"not a readable model config: {err}") from err
-    if not isinstance(config, dict) or not config.get("genes"):
-        raise StevsInputError(path, "not a stevs model config: no gene panel ('genes')")
-    return config
+    def models_per_gene(self) -> np.ndarray:
+        """How many models predict each gene of :attr:`genes`."""
+        counts = np.zeros(len(self.genes), dtype=np.int64)
+        for index in range(len(self.dirs)):
+            counts[self.columns(index)] += 1
+        return counts
 
 
 def _headline_genes(config: dict[str, Any]) -> list[str]:
+    if config.get("headline_genes"):
+        return [str(g) for g in config["headline_genes"]]
     fold_path = config.get("fold_path")
     if not fold_path or not Path(fold_path).is_file():
         return []
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(Path(fold_path).read_text())
-        return [str(g) for g in data.get("headline_genes", [])]
+    with contextlib.suppress(StevsInputError):
+        return list(read_fold(fold_path).headline_genes)
     return []
 
 
+def _check_same(first_dir: Path, first: dict, directory: Path, config: dict, scales: list) -> None:
+    """Refuse combining models whose normalisation or patch scale differ."""
+    path = directory / "config.json"
+    norm, other_norm = first.get("normalisation") or {}, config.get("normalisation") or {}
+    for key in ("method", "target_sum"):
+        if other_norm.get(key) != norm.get(key):
+            raise StevsInputError(
+                path,
+                f"normalisation {key} {other_norm.get(key)!r} differs from {first_dir}'s "
+                f"{norm.get(key)!r}: their predictions cannot be averaged",
+            )
+    if not scales[-1].matches(scales[0].scale):
+        raise StevsInputError(
+            path,
+            f"trained on patches of {scales[-1].describe()} (from {scales[-1].source}), but "
+            f"{first_dir} on {scales[0].describe()} (from {scales[0].source}): "
+            "models of one ensemble must share the patch scale",
+        )
+
+
 def check_models(model_dirs: Sequence[str | os.PathLike]) -> ModelSet:
-    """Read the models' configs; refuse models that cannot be combined."""
+    """Read the models' configs; refuse models that cannot predict H&E-only slides or cannot
+    be combined (normalisation, patch scale)."""
     if not model_dirs:
         raise StevsInputError(None, "no model given (--models)")
     dirs = [Path(d) for d in model_dirs]
-    configs = [_read_config(d) for d in dirs]
-    first_dir, first = dirs[0], configs[0]
-    genes = [str(g) for g in first["genes"]]
-    norm = dict(first.get("normalisation") or {})
-    scales = [model_patch_scale(c, d / "config.json") for d, c in zip(dirs, configs, strict=True)]
-    for directory, config, scale in zip(dirs[1:], configs[1:], scales[1:], strict=True):
-        path = directory / "config.json"
-        other = [str(g) for g in config["genes"]]
-        if other != genes:
-            differ = sorted(set(other) ^ set(genes))
-            detail = f"e.g. {', '.join(differ[:5])}" if differ else "same genes, another order"
-            raise StevsInputError(
-                path,
-                f"gene panel ({len(other)} genes) differs from that of {first_dir} "
-                f"({len(genes)} genes; {detail}): models of one ensemble must share the panel",
-            )
-        other_norm = dict(config.get("normalisation") or {})
-        for key in ("method", "target_sum"):
-            if other_norm.get(key) != norm.get(key):
-                raise StevsInputError(
-                    path,
-                    f"normalisation {key} {other_norm.get(key)!r} differs from {first_dir}'s "
-                    f"{norm.get(key)!r}: their predictions cannot be averaged",
-                )
-        if not scale.matches(scales[0]):
-            raise StevsInputError(
-                path,
-                f"trained on patches of {scale.describe()} (from {scale.source}), but "
-                f"{first_dir} on {scales[0].describe()} (from {scales[0].source}): "
-                "models of one ensemble must share the patch scale",
-            )
+    configs, scales = [], []
+    for directory in dirs:
+        folder = ModelDir(directory)
+        config = folder.read_config()
+        check_he_only(config["method"], str(folder.config_path))
+        configs.append(config)
+        scales.append(model_patch_scale(config, folder.config_path))
+        _check_same(dirs[0], configs[0], directory, config, scales)
+    genes = list(dict.fromkeys(str(g) for c in configs for g in c["genes"]))
     scale = next((s for s in scales if s.certain), scales[0])
-    return ModelSet(dirs, configs, genes, norm, scale, _headline_genes(first))
+    models = ModelSet(
+        dirs, configs, genes, dict(configs[0].get("normalisation") or {}), scale,
+        list(dict.fromkeys(g for c in configs for g in _headline_genes(c))),
+    )  # fmt: skip
+    shared = int((models.models_per_gene() == len(dirs)).sum())
+    if shared < len(genes):
+        log.info(
+            "%d models: %d genes predicted by all of them, %d by fewer (var['n_models'])",
+            len(dirs),
+            shared,
+            len(genes) - shared,
+        )
+    return models
 
 
 def resolve_patch_scale(
     models: ModelSet, patch_px: int | None, patch_um: float | None
-) -> PatchScale:
+) -> TrainedScale:
     """The scale to tile at: the models'; a scale given must agree with it."""
     if patch_px is None and patch_um is None:
         return models.scale
-    px = int(patch_px) if patch_px is not None else models.scale.patch_px
-    um = float(patch_um) if patch_um is not None else px * models.scale.patch_mpp
+    trained = models.scale.scale
+    px = int(patch_px) if patch_px is not None else trained.patch_px
+    um = float(patch_um) if patch_um is not None else px * trained.mpp_target
     if not (math.isfinite(um) and um > 0 and px > 0):
         raise StevsInputError(None, f"patch size must be positive, got {px} px / {um!r} µm")
-    asked = PatchScale(px, um / px, "the command line")
+    asked = PatchScale(px, um / px)
     if models.scale.matches(asked):
         return models.scale
     config_path = models.dirs[0] / "config.json"
@@ -333,19 +326,33 @@ def resolve_patch_scale(
     if models.scale.certain:
         raise StevsInputError(config_path, message + ": use a model trained at that scale")
     log.warning("%s: %s; tiling at the asked scale", config_path, message)
-    return asked
+    return TrainedScale(asked, "the command line")
 
 
 def combine_predictions(
-    means: Sequence[np.ndarray], stds: Sequence[np.ndarray]
+    means: Sequence[np.ndarray],
+    stds: Sequence[np.ndarray],
+    columns: Sequence[np.ndarray] | None = None,
+    n_genes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ensemble of models: mean of the means, std = sqrt(mean variance + variance of means)."""
+    """Ensemble of models, gene by gene: the mean of the means and std = sqrt(mean variance +
+    variance of means) over the models that predict a gene.
+
+    ``columns[i]`` places model ``i``'s genes in a union panel of ``n_genes``; without it all
+    models share one panel.
+    """
     if not means or len(means) != len(stds):
         raise ValueError("need one std per mean, at least one model")
-    stacked = np.stack([np.asarray(m, np.float64) for m in means])
-    variances = np.stack([np.asarray(s, np.float64) ** 2 for s in stds])
-    mean = stacked.mean(axis=0)
-    variance = variances.mean(axis=0) + stacked.var(axis=0)
+    if columns is None:
+        columns = [np.arange(np.shape(m)[1]) for m in means]
+        n_genes = np.shape(means[0])[1]
+    shape = (len(means), np.shape(means[0])[0], int(n_genes))
+    stacked, variances = np.full(shape, np.nan), np.full(shape, np.nan)
+    for i, (mean, std, cols) in enumerate(zip(means, stds, columns, strict=True)):
+        stacked[i][:, cols] = np.asarray(mean, np.float64)
+        variances[i][:, cols] = np.asarray(std, np.float64) ** 2
+    mean = np.nanmean(stacked, axis=0)
+    variance = np.nanmean(variances, axis=0) + np.nanvar(stacked, axis=0)
     return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
 
 
@@ -631,15 +638,126 @@ def _tile_grid(
             out_path,
             slide_id=slide_id,
             patch_px=scale.patch_px,
-            patch_mpp=scale.patch_mpp,
+            patch_mpp=scale.mpp_target,
             threads=threads,
             progress=progress,
             tissue=tissue,
         )
     cached = read_patch_scale(cache)
-    if not scale.matches((cached.patch_px, cached.mpp_target)):
+    if not scale.matches(cached, rel_tol=SCALE_TOLERANCE):
         raise StevsInputError(cache, f"patch cache is {cached.describe()}, not {scale.describe()}")
     return cache
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """How the virtual spots are laid: grid kind, pitch, spot diameter, minimum tissue."""
+
+    grid: str = "visium"
+    pitch_um: float = DEFAULT_PITCH_UM
+    spot_um: float = DEFAULT_SPOT_UM
+    min_tissue: float = DEFAULT_MIN_TISSUE
+
+
+def _predict_cache(
+    models: ModelSet,
+    cache: Path,
+    xy_px: np.ndarray,
+    *,
+    device: str,
+    batch_size: int,
+    n_samples: int,
+    progress: bool | None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every model on the grid's patches, combined gene by gene -> (mean, std, checksums)."""
+    from stevs.data import normalise_coords
+    from stevs.methods import get_method
+    from stevs.predict import predict_patches
+
+    dataset = PatchCacheDataset(cache, normalise_coords(xy_px))
+    means, stds, checksums = [], [], []
+    try:
+        for model_dir, config in zip(models.dirs, models.configs, strict=True):
+            model, _ = get_method(config["method"]).entry("load")(model_dir, device=device)
+            torch.manual_seed(0)  # seeded posterior samples: reruns give the same file
+            mean, std = predict_patches(
+                model, dataset, batch_size=batch_size, n_samples=n_samples,
+                progress=progress is not False,
+            )  # fmt: skip
+            means.append(mean)
+            stds.append(std)
+            checksums.append(ModelDir(model_dir).weights_sha256())
+            del model
+    finally:
+        dataset.close()
+    columns = [models.columns(i) for i in range(len(models.dirs))]
+    mean, std = combine_predictions(means, stds, columns, len(models.genes))
+    return mean, std, checksums
+
+
+def _slide_meta(
+    models: ModelSet, checksums: list[str], slide_id: str, info: dict[str, Any]
+) -> dict[str, Any]:
+    """``uns["stevs"]`` of an H&E-only prediction: models, ensemble rule and how it was cut."""
+    methods = sorted({str(c.get("method")) for c in models.configs})
+    normalisation = {k: v for k, v in models.normalisation.items() if k in ("method", "target_sum")}
+    return {
+        "slide": slide_id,
+        "method": methods[0] if len(methods) == 1 else ",".join(methods),
+        "fold": [str(c.get("fold", "")) for c in models.configs],
+        "model_dirs": [str(d) for d in models.dirs],
+        "model_sha256": checksums,
+        "n_models": len(models.dirs),
+        "ensemble": "per gene over the models that predict it: mean of means; "
+        "std = sqrt(mean variance + variance of means)",
+        "normalisation": {k: v for k, v in normalisation.items() if v is not None},
+        **info,
+        "stevs_version": __version__,
+    }
+
+
+def _draw_outputs(
+    out: Path,
+    adata: Any,
+    models: ModelSet,
+    map_genes: list[str],
+    tissue: TissueDetection,
+    spot_um: float,
+    slide_mpp: float,
+    slide_id: str,
+) -> tuple[list[Path], Path]:
+    """``maps/{gene}.png`` per chosen gene and the ``tissue.png`` QC picture."""
+    xy_thumb = (np.asarray(adata.obsm["spatial"]) + 0.5) * tissue.scale
+    diameter_thumb = spot_um / slide_mpp * tissue.scale
+    unit = str(models.normalisation.get("method") or "normalised")
+    maps = []
+    for gene in map_genes:
+        column = models.genes.index(gene)
+        maps.append(
+            draw_gene_map(
+                tissue.thumbnail,
+                xy_thumb,
+                diameter_thumb,
+                adata.X[:, column],
+                adata.layers["std"][:, column],
+                gene,
+                unit,
+                out / "maps" / f"{_safe_name(gene)}.png",
+            )  # fmt: skip
+        )
+    qc = draw_tissue_qc(tissue, xy_thumb, diameter_thumb, slide_id)
+    qc_path = _atomic_write(out / "tissue.png", ".png", lambda tmp: qc.save(tmp, format="PNG"))
+    return maps, qc_path
+
+
+def _check_inputs(
+    image: str | os.PathLike, slide_id: str, mpp: float | None, layout: GridOptions
+) -> None:
+    """Refuse a bad grid, mpp or slide id before any work (naming the slide)."""
+    check_grid_options(layout.grid, layout.pitch_um, layout.spot_um, layout.min_tissue, image)
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise StevsInputError(image, f"--mpp must be a positive number, got {mpp!r}")
+    check_slide_id(slide_id, image)
 
 
 def predict_slide(
@@ -665,153 +783,82 @@ def predict_slide(
 ) -> SlidePrediction:
     """Predict expression on a spot grid over the tissue of an H&E-only slide.
 
-    Writes ``{out_dir}/{slide_id}.h5ad``, ``{out_dir}/maps/{gene}.png`` and
-    ``{out_dir}/tissue.png``; with ``keep_patches`` also ``{out_dir}/{slide_id}.patches.h5``.
+    Stages: check the inputs and the models, detect tissue and lay the grid, tile the grid,
+    predict with every model, write the prediction file, draw the maps. Writes
+    ``{out_dir}/{slide_id}.h5ad``, ``{out_dir}/maps/{gene}.png`` and ``{out_dir}/tissue.png``;
+    with ``keep_patches`` also ``{out_dir}/{slide_id}.patches.h5``.
     """
-    import anndata as ad
-
-    from stevs.data import normalise_coords
-    from stevs.predict import file_sha256, load_model, predict_patches
-
+    layout = GridOptions(grid, pitch_um, spot_um, min_tissue)
+    _check_inputs(image, slide_id, mpp, layout)
     image_path = str(Path(image).resolve())
-    check_grid_options(grid, pitch_um, spot_um, min_tissue, image)
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise StevsInputError(image, f"--mpp must be a positive number, got {mpp!r}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", slide_id):
-        raise StevsInputError(image, f"slide id {slide_id!r} must be letters, digits, . _ -")
     models = check_models(model_dirs)
     scale = resolve_patch_scale(models, patch_px, patch_um)
     map_genes = choose_genes(models, genes)
     out = Path(out_dir)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    clock = Clock()
 
     slide_mpp, mpp_source, dimensions, tissue = _open_and_detect(image, mpp)
     spots, fractions = _select_spots(
-        image,
-        slide_id,
-        tissue,
-        dimensions,
-        slide_mpp,
-        mpp_source,
-        grid,
-        pitch_um,
-        spot_um,
-        min_tissue,
+        image, slide_id, tissue, dimensions, slide_mpp, mpp_source, *astuple(layout)
     )
-
-    seconds["tissue"] = time.perf_counter() - clock
+    clock.lap("tissue")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".predict-slide-{slide_id}-", dir=out))
     kept_patches: Path | None = None
     try:
-        grid_obs = _grid_obs(spots, fractions)
         cache = _tile_grid(
-            image_path,
-            slide_mpp,
-            spots,
-            tissue,
-            work / f"{slide_id}.patches.h5",
-            slide_id,
-            scale,
-            threads,
-            progress,
-        )
-        seconds["tiling"] = time.perf_counter() - clock - sum(seconds.values())
-        coords = normalise_coords(spots.xy_px)
-        dataset = PatchCacheDataset(cache, coords)
-        means, stds, checksums = [], [], []
-        try:
-            for model_dir in models.dirs:
-                model, _ = load_model(model_dir, device)
-                mean, std = predict_patches(
-                    model,
-                    dataset,
-                    batch_size=batch_size,
-                    n_samples=n_samples,
-                    progress=progress is not False,
-                )
-                means.append(mean)
-                stds.append(std)
-                checksums.append(file_sha256(model_dir / "model.safetensors"))
-                del model
-        finally:
-            dataset.close()
-        mean, std = combine_predictions(means, stds)
-        del means, stds
-        seconds["predict"] = time.perf_counter() - clock - sum(seconds.values())
-
-        adata = ad.AnnData(X=mean, obs=grid_obs)
-        adata.var_names = models.genes
-        adata.layers["std"] = std
-        adata.obsm["spatial"] = spots.xy_px.astype(np.float64)
+            image_path, slide_mpp, spots, tissue, work / f"{slide_id}.patches.h5", slide_id,
+            scale.scale, threads, progress,
+        )  # fmt: skip
+        clock.lap("tiling")
+        mean, std, checksums = _predict_cache(
+            models, cache, spots.xy_px, device=device, batch_size=batch_size,
+            n_samples=n_samples, progress=progress,
+        )  # fmt: skip
+        clock.lap("predict")
+        info = {
+            "image_path": image_path, "mpp": float(slide_mpp), "mpp_source": mpp_source,
+            "grid": grid, "spot_pitch_um": float(pitch_um), "spot_diameter_um": float(spot_um),
+            "min_tissue": float(min_tissue), "tissue_threshold_saturation": int(tissue.threshold),
+            "patch_px": scale.scale.patch_px, "patch_mpp": scale.scale.mpp_target,
+            "patch_scale_source": scale.source,
+        }  # fmt: skip
+        adata = new_prediction(
+            mean, std, models.genes, _grid_obs(spots, fractions), spots.xy_px,
+            _slide_meta(models, checksums, slide_id, info), source=image,
+        )  # fmt: skip
+        adata.var["n_models"] = models.models_per_gene()
         adata.uns["spatial"] = {
             slide_id: visium_spatial_uns(tissue, slide_mpp, spot_um, image_path)
         }
-        methods = sorted({str(c.get("method")) for c in models.configs})
-        adata.uns["stevs"] = {
-            "slide": slide_id,
-            "method": methods[0] if len(methods) == 1 else ",".join(methods),
-            "fold": [str(c.get("fold", "")) for c in models.configs],
-            "model_dirs": [str(d) for d in models.dirs],
-            "model_sha256": checksums,
-            "n_models": len(models.dirs),
-            "ensemble": "mean of means; std = sqrt(mean variance + variance of means)",
-            "normalisation": {
-                k: v
-                for k, v in models.normalisation.items()
-                if k in ("method", "target_sum") and v is not None
-            },
-            "image_path": image_path,
-            "mpp": float(slide_mpp),
-            "mpp_source": mpp_source,
-            "grid": grid,
-            "spot_pitch_um": float(pitch_um),
-            "spot_diameter_um": float(spot_um),
-            "min_tissue": float(min_tissue),
-            "tissue_threshold_saturation": int(tissue.threshold),
-            "patch_px": scale.patch_px,
-            "patch_mpp": scale.patch_mpp,
-            "patch_scale_source": scale.source,
-            "stevs_version": __version__,
-        }
-        adata_path = _atomic_write(out / f"{slide_id}.h5ad", ".h5ad", adata.write_h5ad)
+        adata_path = write_prediction(adata, out / f"{slide_id}.h5ad")
         if keep_patches:
             kept_patches = out / f"{slide_id}.patches.h5"
             os.replace(cache, kept_patches)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    xy_thumb = (spots.xy_px + 0.5) * tissue.scale
-    diameter_thumb = spot_um / slide_mpp * tissue.scale
-    unit = str(models.normalisation.get("method") or "normalised")
-    maps = []
-    for gene in map_genes:
-        column = models.genes.index(gene)
-        maps.append(
-            draw_gene_map(
-                tissue.thumbnail,
-                xy_thumb,
-                diameter_thumb,
-                adata.X[:, column],
-                adata.layers["std"][:, column],
-                gene,
-                unit,
-                out / "maps" / f"{_safe_name(gene)}.png",
-            )
-        )
-    qc = draw_tissue_qc(tissue, xy_thumb, diameter_thumb, slide_id)
-    qc_path = _atomic_write(out / "tissue.png", ".png", lambda tmp: qc.save(tmp, format="PNG"))
-    seconds["outputs"] = time.perf_counter() - clock - sum(seconds.values())
+    maps, qc_path = _draw_outputs(
+        out, adata, models, map_genes, tissue, spot_um, slide_mpp, slide_id
+    )
+    clock.lap("outputs")
     log.info(
         "%s: %d spots x %d genes -> %s; %d maps",
-        slide_id,
-        len(spots),
-        len(models.genes),
-        adata_path,
-        len(maps),
-    )
-    return SlidePrediction(adata_path, maps, qc_path, len(spots), kept_patches, seconds)
+        slide_id, len(spots), len(models.genes), adata_path, len(maps),
+    )  # fmt: skip
+    return SlidePrediction(adata_path, maps, qc_path, len(spots), kept_patches, clock.seconds)
+
+
+class Clock:
+    """Wall seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
 
 
 # -- command line ------------------------------------------------------------------------------

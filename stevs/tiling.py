@@ -54,6 +54,7 @@ from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
 from stevs.io.slide import SlideReader, open_slide
+from stevs.io.slide_adata import read_slide_adata, slide_meta
 from stevs.tissue import TissueDetection, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -253,41 +254,22 @@ class SlideSpots:
 
 def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
     """Read and check spot centres and slide metadata from a slide AnnData."""
-    import anndata
-
     path = Path(path)
-    if not path.is_file():
-        raise StevsInputError(path, "slide AnnData not found")
+    adata = read_slide_adata(path, backed=True)
     try:
-        adata = anndata.read_h5ad(path, backed="r")
-    except Exception as err:
-        raise StevsInputError(path, f"cannot read slide AnnData: {err}") from err
-    try:
-        if "spatial" not in adata.obsm:
-            raise StevsInputError(path, "no spot centres: obsm['spatial'] is missing")
         centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         barcodes = [str(b) for b in adata.obs_names]
-        meta = dict(adata.uns.get("stevs", {}))
+        meta = slide_meta(adata, path)
     finally:
-        if adata.isbacked:
-            adata.file.close()
-    if centers.ndim != 2 or centers.shape[1] != 2:
-        raise StevsInputError(path, f"obsm['spatial'] must be (n, 2), got shape {centers.shape}")
-    if len(centers) == 0:
-        raise StevsInputError(path, "the slide AnnData has no spots")
-    mpp = meta.get("mpp")
-    mpp = None if mpp is None else float(mpp)
-    width, height = meta.get("image_width"), meta.get("image_height")
-    image_size = None if width is None or height is None else (int(width), int(height))
-    image_path = meta.get("image_path")
+        adata.file.close()
     return SlideSpots(
         path=path,
-        slide=str(meta.get("slide", path.stem)),
+        slide=meta.slide,
         barcodes=barcodes,
         centers_px=centers,
-        mpp=mpp,
-        image_path=None if image_path is None else str(image_path),
-        image_size=image_size,
+        mpp=meta.mpp,
+        image_path=meta.image_path or None,
+        image_size=meta.image_size,
     )
 
 

@@ -97,3 +97,31 @@ def make_fold_file(
         spots=spots,
     )
     return write_fold(fold, path)
+
+
+def write_patch_cache(
+    path: Path,
+    patches: np.ndarray,
+    barcodes: list[str],
+    centers_px: np.ndarray,
+    *,
+    mpp_target: float = 1.0,
+    slide: str = "slide",
+) -> Path:
+    """A patch cache of test-made patches, through the one writer (stevs.io.patch_cache)."""
+    from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
+
+    n = len(barcodes)
+    info = PatchCacheInfo(slide, "test", mpp_target, 0, "none", 15)
+    with PatchCacheWriter(
+        path,
+        barcodes=barcodes,
+        centers_px=np.asarray(centers_px, np.float64),
+        outside_fraction=np.zeros(n, np.float32),
+        tissue_fraction=np.ones(n, np.float32),
+        scale=PatchScale(int(patches.shape[1]), mpp_target),
+        info=info,
+    ) as writer:
+        for row, patch in enumerate(patches):
+            writer.write(row, patch)
+    return path

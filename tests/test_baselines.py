@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_fold_file
+from conftest import make_fold_file, write_patch_cache
 from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
 from scipy import sparse
 
@@ -50,12 +49,7 @@ def make_slide(tmp: Path, slide: str, n: int, rng: np.random.Generator) -> tuple
     adata.uns["stevs"] = {"slide": slide, "patient": slide, "mpp": 0.5}
     adata_path, cache_path = tmp / f"{slide}.h5ad", tmp / f"{slide}.h5"
     adata.write_h5ad(adata_path)
-    with h5py.File(cache_path, "w") as h5:
-        h5.create_dataset("patches", data=patches, chunks=(1, PATCH, PATCH, 3))
-        h5.create_dataset(
-            "barcodes", data=np.array(barcodes, dtype=object), dtype=h5py.string_dtype()
-        )
-        h5.create_dataset("centers_px", data=adata.obsm["spatial"])
+    write_patch_cache(cache_path, patches, barcodes, adata.obsm["spatial"], slide=slide)
     return adata_path, cache_path
 
 

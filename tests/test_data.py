@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import write_patch_cache
 from torch.utils.data import DataLoader
 
 from stevs.data import SpotDataset, normalise_coords
@@ -49,10 +50,13 @@ def write_slide(root: Path, slide: str, patient: str, seed: int, shape=(12, 16))
     patches[:, 0, 0, 0] = np.arange(n_spots) % 256
     patches[:, 0, 0, 1] = np.arange(n_spots) // 256
     order = rng.permutation(n_spots)
-    with h5py.File(root / "patches" / f"{slide}.h5", "w") as handle:
-        handle.create_dataset("patches", data=patches[order], chunks=(1, PATCH, PATCH, 3))
-        handle.create_dataset("barcodes", data=np.asarray(barcodes, dtype=object)[order])
-        handle.create_dataset("centers_px", data=coords[order])
+    write_patch_cache(
+        root / "patches" / f"{slide}.h5",
+        patches[order],
+        [barcodes[i] for i in order],
+        coords[order],
+        slide=slide,
+    )
     return path
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 
 import anndata as ad
-import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import write_patch_cache
 
 from stevs.cli import main
 from stevs.data import SpotDataset
@@ -47,13 +47,7 @@ def write_slide(directory, slide: str, seed: int, n: int = 24) -> SlideEntry:
     adata_path = directory / f"{slide}.h5ad"
     adata.write_h5ad(adata_path)
     patches_path = directory / f"{slide}.h5"
-    with h5py.File(patches_path, "w") as handle:
-        handle.create_dataset("patches", data=patches, chunks=(1, PATCH, PATCH, 3))
-        handle.create_dataset(
-            "barcodes", data=np.array(barcodes, dtype=object), dtype=h5py.string_dtype()
-        )
-        handle.create_dataset("centers_px", data=xy)
-        handle.attrs.update({"patch_px": PATCH, "patch_um": 64.0, "slide": slide})
+    write_patch_cache(patches_path, patches, barcodes, xy, mpp_target=64.0 / PATCH, slide=slide)
     return SlideEntry(slide=slide, patient=slide, adata=str(adata_path), patches=str(patches_path))
 
 

@@ -18,10 +18,11 @@ from scipy import ndimage
 
 from stevs.cli import main
 from stevs.errors import StevsInputError
+from stevs.io.model_dir import ModelDir
+from stevs.io.patch_cache import PatchScale
 from stevs.models.presets import get_preset
 from stevs.predict_slide import (
     HIRES_MAX_SIDE,
-    PatchScale,
     TissueDetection,
     check_models,
     combine_predictions,
@@ -31,7 +32,7 @@ from stevs.predict_slide import (
     predict_slide,
     spot_tissue_fractions,
 )
-from stevs.train import build_model, save_safetensors
+from stevs.train import build_model
 from tests.conftest import write_pyramid_tiff
 
 matplotlib.use("Agg")
@@ -79,7 +80,7 @@ def untrained_model(
     }
     model = build_model(method, preset, genes, normalisation)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.state_dict(), directory / "model.safetensors", None)
+    ModelDir(directory).write_tensors(model.state_dict(), {"method": method})
     config = {
         "method": method,
         "fold": fold,
@@ -181,16 +182,30 @@ def test_combine_predictions_uses_the_law_of_total_variance():
     assert np.allclose(single_mean, means[0]) and np.allclose(single_std, stds[0])
 
 
-def test_models_with_another_panel_are_refused(models, tmp_path):
+def test_models_with_other_panels_combine_gene_by_gene(models, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(models["a"], other)
     config = json.loads((other / "config.json").read_text())
     config["genes"] = ["TUMOUR_9", *config["genes"][1:]]
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(StevsInputError, match="gene panel") as err:
-        check_models([models["a"], other])
-    assert str(other / "config.json") in str(err.value) and "TUMOUR_9" in str(err.value)
+    combined = check_models([models["a"], other])
+    assert combined.genes == [*GENES, "TUMOUR_9"]
+    assert combined.models_per_gene().tolist() == [1, 2, 2, 2, 2, 1]
     assert check_models([models["a"], models["b"]]).genes == GENES
+    # a gene predicted by one model keeps that model's values; shared genes are averaged
+    means = [np.array([[1.0, 2.0]]), np.array([[3.0, 5.0]])]
+    stds = [np.ones((1, 2)), np.ones((1, 2))]
+    mean, std = combine_predictions(means, stds, [np.array([0, 1]), np.array([1, 2])], 3)
+    assert np.allclose(mean, [[1.0, 2.5, 5.0]]) and np.allclose(std, [[1.0, 1.25**0.5, 1.0]])
+
+
+def test_models_that_cannot_predict_he_only_slides_are_refused(models, tmp_path):
+    ridge = tmp_path / "ridge"
+    shutil.copytree(models["a"], ridge)
+    config = json.loads((ridge / "config.json").read_text())
+    (ridge / "config.json").write_text(json.dumps({**config, "method": "ridge_color"}))
+    with pytest.raises(StevsInputError, match="ridge_color.*cannot predict H&E-only slides"):
+        check_models([ridge])
 
 
 def test_models_of_another_patch_scale_are_refused(models, blob_slide, tmp_path):
@@ -208,7 +223,7 @@ def test_patch_scale_falls_back_to_the_preset_with_a_warning(tmp_path):
     model = untrained_model(tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
     scale = model_patch_scale(config, model / "config.json")
-    assert scale == PatchScale(64, 2.0, scale.source, certain=False)
+    assert scale.scale == PatchScale(64, 2.0) and not scale.certain
     assert "preset" in scale.source
 
 
