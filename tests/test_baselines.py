@@ -193,27 +193,19 @@ def test_within_slice_fold_trains_on_train_val_spots_and_predicts_test_spots(
         "val": {"A": barcodes[50:60]},
         "test": {"A": barcodes[60:]},
     }
-    fold = {
-        "fold": "ws0",
-        "scheme": "within_slice",
-        "seed": 0,
-        "train": ["A"],
-        "val": ["A"],
-        "test": ["A"],
-        "spots": spots,
-        "genes": GENES,
-        "headline_genes": GENES,
-        "normalisation": {"method": "log1p_cp10k", "target_sum": 1e4},
-        # the list form that ``stevs folds`` writes
-        "slides": [
-            {"slide": "A", "patient": "P", "adata": str(adata_path), "patches": str(cache_path)}
-        ],
-    }
-    fold_path = tmp_path / "ws0.json"
-    fold_path.write_text(json.dumps(fold))
+    fold_path = make_fold_file(
+        tmp_path / "ws0.json",
+        {"A": (adata_path, cache_path)},
+        train=["A"],
+        val=["A"],
+        test=["A"],
+        genes=GENES,
+        spots=spots,
+        scheme="within_slice",
+    )
     model_dir = baselines.train_ridge(fold_path, "ridge_color", tmp_path / "m")
     model = baselines.load_ridge(model_dir)
-    assert model.meta["n_train_spots"] == 60
+    assert model.meta["ridge"]["n_train_spots"] == 60
     assert not model.meta["inner_cv_grouped_by_slide"]  # one slide: inner CV over spots
     [path] = baselines.predict_ridge(model_dir, fold_path, tmp_path / "p")
     assert ad.read_h5ad(path).obs_names.tolist() == barcodes[60:]

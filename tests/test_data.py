@@ -168,7 +168,7 @@ def test_slide_subset_and_bad_inputs(workspace, tmp_path) -> None:
     with h5py.File(broken / "patches" / "a.h5", "a") as handle:
         del handle["barcodes"]
         handle["barcodes"] = np.asarray([f"x-{i}" for i in range(192)], dtype=object)
-    with pytest.raises(StevsInputError, match=r"a\.h5: \d+ spots have no patch"):
+    with pytest.raises(StevsInputError, match=r"a\.h5: \d+ of \d+ spots have no patch"):
         SpotDataset(made, "train")
     (broken / "patches" / "a.h5").unlink()
     with pytest.raises(StevsInputError, match="patch cache not found"):

@@ -95,7 +95,12 @@ def make_run(root: Path) -> dict[str, Path]:
             "genes": GENES,
             "headline_genes": GENES[:4],
             "panel": {"method": "highly_variable", "n": len(GENES), "dropped": {"ribosomal": 1}},
-            "normalisation": {"method": "log1p_cp10k", "target_sum": 10000},
+            "normalisation": {
+                "method": "log1p_cp10k",
+                "target_sum": 10000,
+                "mean": [0.0] * len(GENES),
+                "std": [1.0] * len(GENES),
+            },
             "validation": "slide",
             "slides": [
                 {"slide": s, "patient": s, "adata": str(p), "patches": str(p) + ".h5"}
