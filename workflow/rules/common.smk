@@ -65,6 +65,14 @@ validate(config, schema=CONFIG_SCHEMA)  # fills in the schema's defaults
 # The write_config rule stores it as {results}/config.yaml (for the report's provenance).
 CONFIG_YAML = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
+_gene_list = config["folds"]["gene_list"]
+if config["folds"]["panel"] == "gene_list" and not _gene_list:
+    raise WorkflowError(
+        "config: folds.panel is gene_list, so folds.gene_list must name a file"
+    )
+if _gene_list and not Path(_gene_list).is_file():
+    raise WorkflowError(f"config: folds.gene_list: {_gene_list} is not a file")
+
 DEMO = config["demo"]["generate"]
 DEMO_SHEET = str(Path(config["demo"]["out"]) / "samples.tsv")
 SCHEME = config["folds"]["scheme"]

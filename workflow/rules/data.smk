@@ -77,6 +77,7 @@ rule tile_slide:
 rule make_folds:
     input:
         slides=expand(f"{RESULTS}/slides/{{slide}}.h5ad", slide=SLIDES),
+        gene_list=config["folds"]["gene_list"] or [],
     output:
         folds=expand(f"{RESULTS}/folds/{{fold}}.json", fold=FOLDS),
         summary=f"{RESULTS}/folds/folds.tsv",
