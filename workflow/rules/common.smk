@@ -56,14 +56,30 @@ def config_problem(data, schema):
 
 
 with open(workflow.source_path(CONFIG_SCHEMA)) as _schema_file:
-    _problem = config_problem(config, yaml.safe_load(_schema_file))
+    _schema = yaml.safe_load(_schema_file)
+_problem = config_problem(config, _schema)
 if _problem:
     raise WorkflowError(_problem)
 validate(config, schema=CONFIG_SCHEMA)  # fills in the schema's defaults
 
+
+def in_schema_order(data, schema):
+    """A copy of the config with keys in the schema's order (not the order of the files)."""
+    if not isinstance(data, dict):
+        return data
+    properties = schema.get("properties", {})
+    keys = [k for k in properties if k in data] + [
+        k for k in data if k not in properties
+    ]
+    return {k: in_schema_order(data[k], properties.get(k, {})) for k in keys}
+
+
 # What this run really uses: every --configfile merged, --config overrides, the defaults.
-# The write_config rule stores it as {results}/config.yaml (for the report's provenance).
-CONFIG_YAML = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+# The write_config rule stores it as {results}/config.yaml (for the report's provenance);
+# in the schema's key order, so the same settings always give the same text.
+CONFIG_YAML = yaml.safe_dump(
+    in_schema_order(config, _schema), sort_keys=False, default_flow_style=False
+)
 
 _gene_list = config["folds"]["gene_list"]
 if config["folds"]["panel"] == "gene_list" and not _gene_list:
