@@ -207,6 +207,8 @@ def test_merged_config_reaches_the_report(tmp_path):
         "results: out/exp2\ntraining:\n  epochs: 7\n  seed: 11\nmethods: [stevs, stnet]\n",
         "second.yaml",
     )
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(BASE.read_text())  # the directive's file
     configs = ("--configfile", str(BASE), str(second))
     plan = snakemake("-n", "-p", *configs, cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
@@ -226,8 +228,8 @@ def test_merged_config_reaches_the_report(tmp_path):
     # unchanged config: nothing to do; a changed one rewrites the file (params trigger)
     again = snakemake("-n", *configs, "--", "out/exp2/config.yaml", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout
-    # the same settings merged in another order (config.yaml by the Snakefile's configfile
-    # directive only) give the same text: still nothing to do
+    # the same settings merged in another order (config/config.yaml read by the Snakefile's
+    # configfile directive, after the --configfile files) give the same text: nothing to do
     alone = snakemake("-n", "--configfile", str(second), "--", "out/exp2/config.yaml", cwd=tmp_path)
     assert "Nothing to be done" in alone.stdout + alone.stderr, alone.stdout
     changed = snakemake(
