@@ -204,7 +204,8 @@ def test_merged_config_reaches_the_report(tmp_path):
     file's values, the first's and the schema's defaults) and the report shows that file."""
     second = overlay(
         tmp_path,
-        "results: out/exp2\ntraining:\n  epochs: 7\n  seed: 11\nmethods: [stevs, stnet]\n",
+        "results: out/exp2\ntraining:\n  epochs: 7\n  seed: 11\n"
+        "  extra_args: \"--lr 3e-4 'it''s' $HOME `x`\"\nmethods: [stevs, stnet]\n",
         "second.yaml",
     )
     (tmp_path / "config").mkdir()
@@ -221,6 +222,7 @@ def test_merged_config_reaches_the_report(tmp_path):
     merged = yaml.safe_load(merged_path.read_text())
     assert merged["training"]["epochs"] == 7 and merged["training"]["seed"] == 11  # second
     assert merged["methods"] == ["stevs", "stnet"]
+    assert merged["training"]["extra_args"] == "--lr 3e-4 'it''s' $HOME `x`"  # written verbatim
     assert merged["folds"]["n_genes"] == 60  # the first file (config.yaml)
     assert merged["demo"]["generate"] is True
     assert merged["training"]["preset"] == "cpu_small"

@@ -4,13 +4,14 @@ rule write_config:
     log:
         f"{RESULTS}/logs/write_config.log",
     localrule: True
+    conda:
+        "../../envs/stevs.yaml"
     params:
         # the merged config is a parameter: an unchanged config leaves the file (and the
         # report) alone, a changed one rewrites it (--rerun-triggers params, the default)
         text=CONFIG_YAML,
-    run:
-        Path(output[0]).write_text(params.text)
-        Path(log[0]).write_text(f"wrote the merged config to {output[0]}\n")
+    shell:
+        "printf '%s' {params.text:q} > {output} 2> {log}"
 
 
 rule evaluate:
