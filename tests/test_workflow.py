@@ -242,3 +242,30 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
         "make_demo", "write_config", "ingest_slide", "tile_slide", "make_folds",
         "train", "predict", "evaluate",
     }  # fmt: skip
+
+
+def test_ingest_reads_only_its_own_row(tmp_path):
+    """A slide's ingest job depends on its row's files and the row's text, not on the whole
+    sheet: editing another row re-ingests (and retiles) nothing else."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    for name in ("outs_a", "outs_b"):
+        (tmp_path / name).mkdir()
+    rows = [
+        {**ROW, "slide_id": "a", "image": "a.png", "expression": "outs_a"},
+        {**ROW, "slide_id": "b", "image": "b.png", "expression": "outs_b", "patient": "P2"},
+    ]
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    config = _config(tmp_path, sheet)
+    result = snakemake("-n", "--configfile", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ingest = {
+        Path(j["output"]).stem: j["input"].split(", ")
+        for j in _jobs(result.stdout)
+        if j["rule"] == "ingest_slide"
+    }
+    assert ingest == {
+        "a": [str(tmp_path / "a.png"), str(tmp_path / "outs_a")],
+        "b": [str(tmp_path / "b.png"), str(tmp_path / "outs_b")],
+    }, ingest

@@ -120,9 +120,24 @@ def _load_samples():
     except StevsInputError as err:
         raise WorkflowError(f"sample sheet: {err}") from None
     validate(table.drop(columns=["mpp"]), schema="../schemas/samples.schema.yaml")
+    for _, row in table.iterrows():
+        SAMPLE_ROWS[row["slide_id"]] = {
+            column: "" if row[column] is None else str(row[column])
+            for column in (
+                "slide_id",
+                "patient",
+                "image",
+                "expression",
+                "format",
+                "spots",
+                "mpp",
+            )
+        }
     return list(table["slide_id"]), list(table["patient"])
 
 
+# slide -> its sample-sheet row (paths resolved); empty for the demo
+SAMPLE_ROWS = {}
 SLIDES, PATIENTS = _load_samples()
 try:
     FOLD_PLANS = {
@@ -148,9 +163,25 @@ wildcard_constraints:
     method="|".join(map(re.escape, METHODS)),
 
 
-def sample_sheet_input(wildcards):
-    """The sample sheet (made by the demo rule when the demo is on)."""
-    return DEMO_SHEET if DEMO else config["samples"]
+def ingest_inputs(wildcards):
+    """What one slide's ingest reads: its own row's image and expression files (for the
+    demo: the sheet the demo rule makes). Not the sheet itself, so that editing or adding
+    another row does not re-ingest (and retile) every slide; the row is a parameter."""
+    if DEMO:
+        return {"sheet": DEMO_SHEET}
+    row = SAMPLE_ROWS[wildcards.slide]
+    return {
+        column: row[column]
+        for column in ("image", "expression", "spots")
+        if row[column]
+    }
+
+
+def ingest_row(wildcards):
+    """The slide's sample-sheet row as text: a changed row re-ingests that slide only."""
+    if DEMO:
+        return ""
+    return "\t".join(f"{k}={v}" for k, v in SAMPLE_ROWS[wildcards.slide].items())
 
 
 def all_metrics():
