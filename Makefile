@@ -1,11 +1,12 @@
-# The two commands of the README: `make demo` and `make test`.
+# The two commands of the README: `make demo` and `make test`; CI (.ci/run) adds
+# `make test-workflow` (the tiny .test/ run) and `make lint`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.stevs-installed
 
-.PHONY: install demo test lint clean her2st her2st-effnet her2st-gpu
+.PHONY: install demo test test-workflow lint clean her2st her2st-effnet her2st-gpu
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -38,10 +39,18 @@ her2st-gpu: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The tiny end-to-end run of .test/config/config.yaml (about 2.5 minutes on 2 cores): every
+# rule runs once on 4 small demo slides; outputs under .test/results (gitignored).
+TEST_CONFIG := .test/config/config.yaml
+test-workflow: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(TEST_CONFIG)
+	$(BIN)/python .ci/check_demo.py $(TEST_CONFIG) --min-stevs-r -1
+
 lint: install
 	$(BIN)/ruff check stevs tests benchmarks
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --configfile config/config.yaml
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --configfile $(TEST_CONFIG)
 
 clean:
-	rm -rf results resources/demo .snakemake
+	rm -rf results resources/demo .test/results .test/resources .snakemake

@@ -1,12 +1,22 @@
-"""Check the demo run's report: every configured method present, STevs above r = 0.3.
+"""Check a workflow run's report: every configured method present, the merged config in the
+provenance, and (for the full demo) STevs above r = 0.3.
 
-Usage: python .ci/check_demo.py config/config.yaml
+Usage:
+    python .ci/check_demo.py config/config.yaml                        # the full demo
+    python .ci/check_demo.py .test/config/config.yaml --min-stevs-r -1  # the .test smoke run
+
+The config given is the one passed to ``--configfile``; what the run really used is read from
+``{results}/config.yaml`` (written by the workflow: every config file merged, the defaults
+filled in), which must agree with it on every key the given file sets.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import html as html_lib
+import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -15,32 +25,65 @@ HEADLINE = "pearson_r_mean_headline_mean"
 MIN_STEVS_R = 0.3
 
 
-def main(config_path: str) -> int:
-    config = yaml.safe_load(Path(config_path).read_text())
-    results = Path(config.get("results", "results"))
-    html, summary_path = results / "report" / "index.html", results / "report" / "summary.tsv"
-    problems = [f"{p} is missing" for p in (html, summary_path) if not p.is_file()]
+def disagreements(given: Any, merged: Any, where: str = "") -> list[str]:
+    """Keys whose value in ``given`` differs from the merged config (``given`` wins there)."""
+    if isinstance(given, dict) and isinstance(merged, dict):
+        return [
+            problem
+            for key, value in given.items()
+            for problem in disagreements(value, merged.get(key), f"{where}{key}.")
+        ]
+    if given != merged:
+        return [f"{where.rstrip('.')}: {given!r} in the config file, {merged!r} in the run"]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="config/config.yaml")
+    parser.add_argument(
+        "--min-stevs-r",
+        type=float,
+        default=MIN_STEVS_R,
+        help="STevs' headline mean Pearson r must be above this (finite in any case)",
+    )
+    args = parser.parse_args(argv)
+    given = yaml.safe_load(Path(args.config).read_text())
+    results = Path(given.get("results", "results"))
+    html_path, summary_path = results / "report" / "index.html", results / "report" / "summary.tsv"
+    merged_path = results / "config.yaml"
+    needed = (html_path, summary_path, merged_path)
+    problems = [f"{p} is missing" for p in needed if not p.is_file()]
     if problems:
         print("\n".join(problems))
         return 1
+    merged_text = merged_path.read_text()
+    merged = yaml.safe_load(merged_text)
+    problems += [f"{merged_path}: {p}" for p in disagreements(given, merged)]
     summary = pd.read_csv(summary_path, sep="\t").set_index("method")
     print(summary[[HEADLINE, "pearson_r_mean_all_mean", "mse_mean_mean"]].to_string())
-    missing = sorted(set(config["methods"]) - set(summary.index))
+    methods = merged["methods"]
+    missing = sorted(set(methods) - set(summary.index))
     if missing:
         problems.append(f"methods missing from the report table: {missing}")
-    text = html.read_text()
-    problems += [f"{m} missing from index.html" for m in config["methods"] if m not in text]
+    text = html_path.read_text()
+    problems += [f"{m} missing from index.html" for m in methods if m not in text]
+    if html_lib.escape(merged_text) not in text:
+        problems.append(f"index.html does not show the merged config {merged_path}")
     stevs_r = float(summary.loc["stevs", HEADLINE]) if "stevs" in summary.index else float("nan")
-    if not stevs_r > MIN_STEVS_R:
-        problems.append(f"STevs headline mean Pearson r {stevs_r:.3f} <= {MIN_STEVS_R}")
+    if not (math.isfinite(stevs_r) and stevs_r > args.min_stevs_r):
+        problems.append(f"STevs headline mean Pearson r {stevs_r:.3f} <= {args.min_stevs_r}")
     if "ridge_color" in summary.index:
         floor = float(summary.loc["ridge_color", HEADLINE])
         verdict = "beats" if stevs_r > floor else "does NOT beat"
         # reported, not enforced: docs/benchmarks.md records the comparison honestly
         print(f"STevs ({stevs_r:.3f}) {verdict} the colour/texture ridge floor ({floor:.3f})")
-    print("\n".join(problems) or f"demo check passed: STevs headline r = {stevs_r:.3f}")
+    if (merged.get("predict_slides") or {}).get("sheet"):
+        if not list((results / "predict_slides").glob("*/maps/*.png")):
+            problems.append(f"predict_slides.sheet is set; no maps in {results}/predict_slides")
+    print("\n".join(problems) or f"check passed ({results}): STevs headline r = {stevs_r:.3f}")
     return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "config/config.yaml"))
+    raise SystemExit(main())

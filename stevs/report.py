@@ -582,13 +582,19 @@ def build_report(
 def provenance_html(
     fold_data: dict[str, dict[str, Any]], config_path: str | os.PathLike | None
 ) -> str:
-    """Versions, git commit, seeds, fold protocol in words and the config file verbatim."""
+    """Versions, git commit, seeds, fold protocol in words and the config file verbatim.
+
+    ``config_path`` is the config the run used: in the workflow, ``{results}/config.yaml``,
+    the merged config Snakemake ran with (every ``--configfile``, ``--config`` overrides and
+    the schema's defaults). Its seeds are every key named ``seed`` at any depth
+    (``training.seed``, ``folds.seed``, ``demo.seed``).
+    """
     versions = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
         for k, v in package_versions().items()
     )
     seeds = sorted({str(d.get("seed")) for d in fold_data.values()})
-    config_text, config_seed = "(no config file given)", None
+    config_text, config_seeds, config_name = "(no config file given)", "n/a", ""
     if config_path is not None:
         path = Path(config_path)
         if not path.exists():
@@ -598,22 +604,44 @@ def provenance_html(
             import yaml
 
             parsed = yaml.safe_load(config_text)
-            if isinstance(parsed, dict) and "seed" in parsed:
-                config_seed = parsed["seed"]
         except Exception as err:  # yaml errors: the report shows the text anyway
             log.warning("%s: config not parsed (%s)", path, err)
+            parsed = None
+        found = _config_seeds(parsed)
+        config_seeds = ", ".join(f"{k} {v}" for k, v in found) if found else "none set"
+        config_name = html.escape(str(path))
     protocol = "".join(f"<li>{describe_fold(d)}</li>" for d in fold_data.values())
     return (
         "<h2>Provenance</h2><table id='versions'><tr><th>package</th><th>version</th></tr>"
         f"{versions}</table>"
         f"<p>git commit: <code>{html.escape(git_commit())}</code> (working directory); "
         f"stevs source: <code>{html.escape(git_commit(Path(__file__).resolve().parent))}</code><br>"
-        f"seed (config): <code>{html.escape(str(config_seed))}</code>; fold seeds: "
+        f"seeds (config): <code>{html.escape(config_seeds)}</code>; fold seeds: "
         f"<code>{html.escape(', '.join(seeds) or 'n/a')}</code></p>"
         "<h3>Fold protocol</h3>"
         + (f"<ul>{protocol}</ul>" if protocol else "<p>No fold files given.</p>")
-        + f"<h3>Config</h3><pre>{html.escape(config_text)}</pre>"
+        + "<h3>Config</h3>"
+        + (
+            f"<p>The config this run used (<code>{config_name}</code>):</p>"
+            if config_path is not None
+            else ""
+        )
+        + f"<pre id='config'>{html.escape(config_text)}</pre>"
     )
+
+
+def _config_seeds(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every ``seed`` key of a parsed config, at any depth, as (dotted key, value)."""
+    if not isinstance(config, dict):
+        return []
+    found: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key == "seed" and not isinstance(value, dict | list):
+            found.append((name, value))
+        elif isinstance(value, dict):
+            found += _config_seeds(value, f"{name}.")
+    return found
 
 
 # --------------------------------------------------------------------------- CLI
@@ -625,7 +653,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", help="folder of {method}/{fold}/{slide}.h5ad (maps)")
     parser.add_argument("--folds", help="folder of {fold}.json fold files (protocol, maps)")
     parser.add_argument("--models", help="folder of {method}/{fold}/metrics.csv (curves)")
-    parser.add_argument("--config", help="the run's config.yaml, copied into the report")
+    parser.add_argument(
+        "--config",
+        help="the config the run used (the workflow passes {results}/config.yaml, the merged "
+        "config), copied into the report",
+    )
     parser.add_argument("--out", required=True, help="report folder (index.html + TSVs)")
     parser.add_argument("--max-map-slides", type=int, default=4, help="test slides with maps")
 

@@ -171,3 +171,101 @@ def test_threads_per_job_come_from_the_config(tmp_path):
     assert all("--threads 3" in line for line in train_commands + predict_commands)
     demo = snakemake("-n", "-p", "--cores", "4", cwd=tmp_path)  # config.yaml: 1 per job
     assert all("--threads 1" in line for line in demo.stdout.splitlines() if "stevs train" in line)
+
+
+def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
+    """The jobs of a `snakemake -n` listing: rule, input, output."""
+    jobs = []
+    for block in dry_run_stdout.split("\n\n"):
+        lines = block.strip().splitlines()
+        head = [line for line in lines if line.startswith(("rule ", "localrule "))]
+        if not head:
+            continue
+        job = {"rule": head[0].split()[-1].rstrip(":"), "input": "", "output": ""}
+        for line in lines:
+            key, _, value = line.strip().partition(": ")
+            if key in ("input", "output"):
+                job[key] = value
+        jobs.append(job)
+    return jobs
+
+
+def test_fold_jobs_read_only_the_folds_slides(tmp_path):
+    """train reads the fold's train + val slides; predict and evaluate its test slides."""
+    from stevs.folds import plan_folds
+
+    ids = [f"demo_{i}" for i in range(1, 7)]
+    plans = {
+        p.name: p for p in plan_folds("leave_one_patient_out", ids, ["P1", "P2"] * 3, k=3, seed=0)
+    }
+    result = snakemake("-n", "--cores", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = _jobs(result.stdout)
+    checked = {"train": 0, "predict": 0, "evaluate": 0}
+    for job in jobs:
+        if job["rule"] not in checked:
+            continue
+        fold = next(f for f in plans if f"/{f}" in job["output"])
+        plan = plans[fold]
+        wanted = set(plan.train + plan.val) if job["rule"] == "train" else set(plan.test)
+        inputs = job["input"].split(", ")
+        adatas = {Path(i).stem for i in inputs if i.startswith("results/slides/")}
+        patches = {Path(i).stem for i in inputs if i.startswith("results/patches/")}
+        assert adatas == wanted, job
+        assert patches == (set() if job["rule"] == "evaluate" else wanted), job
+        assert f"results/folds/{fold}.json" in inputs
+        checked[job["rule"]] += 1
+    assert checked == {"train": 14, "predict": 14, "evaluate": 14}, checked
+
+
+def test_readme_forcerun_example_retrains_one_fold(tmp_path):
+    """The README's retrain command plans that fold's jobs only (the target is not swallowed
+    by --forcerun, which takes any number of rules or files)."""
+    readme = (ROOT / "README.md").read_text()
+    lines = [
+        line
+        for line in readme.splitlines()
+        if line.startswith("snakemake ") and ("--forcerun" in line or " -R " in line)
+    ]
+    assert lines, "README has no --forcerun example"
+    command = lines[0].split("#")[0].split()
+    assert command[:3] == ["snakemake", "--cores", "4"], command
+    result = snakemake("-n", *command[3:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = _jobs(result.stdout)
+    fold_jobs = [j for j in jobs if j["rule"] in ("train", "predict", "evaluate", "report")]
+    assert sorted(j["rule"] for j in fold_jobs) == ["evaluate", "predict", "train"], fold_jobs
+    assert all("stevs/fold0" in j["output"] for j in fold_jobs), fold_jobs
+    assert "results/models/stevs/fold0/model.safetensors" in " ".join(command)
+    # (from an empty folder, also the stages before it; never another fold or the report)
+    assert {j["rule"] for j in jobs} <= {
+        "make_demo", "write_config", "ingest_slide", "tile_slide", "make_folds",
+        "train", "predict", "evaluate",
+    }  # fmt: skip
+
+
+def test_ingest_reads_only_its_own_row(tmp_path):
+    """A slide's ingest job depends on its row's files and the row's text, not on the whole
+    sheet: editing another row re-ingests (and retiles) nothing else."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    for name in ("outs_a", "outs_b"):
+        (tmp_path / name).mkdir()
+    rows = [
+        {**ROW, "slide_id": "a", "image": "a.png", "expression": "outs_a"},
+        {**ROW, "slide_id": "b", "image": "b.png", "expression": "outs_b", "patient": "P2"},
+    ]
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    config = _config(tmp_path, sheet)
+    result = snakemake("-n", "--configfile", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ingest = {
+        Path(j["output"]).stem: j["input"].split(", ")
+        for j in _jobs(result.stdout)
+        if j["rule"] == "ingest_slide"
+    }
+    assert ingest == {
+        "a": [str(tmp_path / "a.png"), str(tmp_path / "outs_a")],
+        "b": [str(tmp_path / "b.png"), str(tmp_path / "outs_b")],
+    }, ingest

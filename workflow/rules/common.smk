@@ -1,35 +1,115 @@
 """Helpers shared by the rules: config and sample-sheet validation, slide and fold lists."""
 
+import difflib
 import re
 import shlex
 from pathlib import Path
 
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from stevs.errors import StevsInputError
 from stevs.folds import plan_folds
 from stevs.io.samples import read_sample_sheet
+from stevs.methods import check_he_only, names
 
-validate(config, schema="../schemas/config.schema.yaml")
+CONFIG_SCHEMA = "../schemas/config.schema.yaml"
+
+
+def _key_path(parts):
+    """('training', 'epochs') -> 'training.epochs'; list indices as [i]."""
+    text = ""
+    for part in parts:
+        text += (
+            f"[{part}]"
+            if isinstance(part, int)
+            else (f".{part}" if text else str(part))
+        )
+    return text
+
+
+def config_problem(data, schema):
+    """The config's first problem against the schema as one line, or None when it is valid."""
+    error = best_match(Draft202012Validator(schema).iter_errors(data))
+    if error is None:
+        return None
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        unknown = [key for key in error.instance if key not in allowed]
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        hint = (
+            f" (did you mean '{_key_path([*error.absolute_path, close[0]])}'?)"
+            if close
+            else ""
+        )
+        return (
+            f"config: unknown key '{_key_path([*error.absolute_path, key])}'{hint};"
+            f" allowed {'under ' + where if where else 'at the top level'}:"
+            f" {', '.join(allowed)}"
+        )
+    return f"config: {where or 'top level'}: {error.message}"
+
+
+with open(workflow.source_path(CONFIG_SCHEMA)) as _schema_file:
+    _schema = yaml.safe_load(_schema_file)
+_problem = config_problem(config, _schema)
+if _problem:
+    raise WorkflowError(_problem)
+validate(config, schema=CONFIG_SCHEMA)  # fills in the schema's defaults
+
+
+def in_schema_order(data, schema):
+    """A copy of the config with keys in the schema's order (not the order of the files)."""
+    if not isinstance(data, dict):
+        return data
+    properties = schema.get("properties", {})
+    keys = [k for k in properties if k in data] + [
+        k for k in data if k not in properties
+    ]
+    return {k: in_schema_order(data[k], properties.get(k, {})) for k in keys}
+
+
+# What this run really uses: every --configfile merged, --config overrides, the defaults.
+# The write_config rule stores it as {results}/config.yaml (for the report's provenance);
+# in the schema's key order, so the same settings always give the same text.
+CONFIG_YAML = yaml.safe_dump(
+    in_schema_order(config, _schema), sort_keys=False, default_flow_style=False
+)
+
+_gene_list = config["folds"]["gene_list"]
+if config["folds"]["panel"] == "gene_list" and not _gene_list:
+    raise WorkflowError(
+        "config: folds.panel is gene_list, so folds.gene_list must name a file"
+    )
+if _gene_list and not Path(_gene_list).is_file():
+    raise WorkflowError(f"config: folds.gene_list: {_gene_list} is not a file")
 
 DEMO = config["demo"]["generate"]
 DEMO_SHEET = str(Path(config["demo"]["out"]) / "samples.tsv")
 SCHEME = config["folds"]["scheme"]
 RESULTS = config["results"].rstrip("/")
 METHODS = list(config["methods"])
-TORCH_METHODS = [m for m in METHODS if not m.startswith("ridge_")]
+TORCH_METHODS = [m for m in METHODS if m in names("torch")]
+RIDGE_METHODS = [m for m in METHODS if m in names("ridge")]
 
 
 def _load_samples():
-    """The sample sheet as a validated table; the demo's ids are known before it exists."""
+    """Slide ids and patients: from the validated sample sheet, or the demo's (known from
+    the config, before and after make_demo writes its sheet: demo_1..n, patients P1/P2).
+    """
     sheet = config["samples"]
     needs_patient = SCHEME in ("leave_one_patient_out", "group_kfold")
-    if DEMO and not Path(sheet).is_file():
-        if str(Path(sheet)) != str(Path(DEMO_SHEET)):
-            raise WorkflowError(
-                f"config: demo.generate is true, so 'samples' must be {DEMO_SHEET}, not {sheet}"
-            )
+    if DEMO and Path(sheet).resolve() != Path(DEMO_SHEET).resolve():
+        raise WorkflowError(
+            f"config: demo.generate is true, so 'samples' must be the demo's sheet {DEMO_SHEET},"
+            f" not {sheet}; set demo.generate: false to run on your own sample sheet"
+        )
+    if DEMO:
         ids = [f"demo_{i}" for i in range(1, config["demo"]["n_slides"] + 1)]
         patients = ["P1" if i % 2 else "P2" for i in range(1, len(ids) + 1)]
         return ids, patients
@@ -40,9 +120,24 @@ def _load_samples():
     except StevsInputError as err:
         raise WorkflowError(f"sample sheet: {err}") from None
     validate(table.drop(columns=["mpp"]), schema="../schemas/samples.schema.yaml")
+    for _, row in table.iterrows():
+        SAMPLE_ROWS[row["slide_id"]] = {
+            column: "" if row[column] is None else str(row[column])
+            for column in (
+                "slide_id",
+                "patient",
+                "image",
+                "expression",
+                "format",
+                "spots",
+                "mpp",
+            )
+        }
     return list(table["slide_id"]), list(table["patient"])
 
 
+# slide -> its sample-sheet row (paths resolved); empty for the demo
+SAMPLE_ROWS = {}
 SLIDES, PATIENTS = _load_samples()
 try:
     FOLD_PLANS = {
@@ -68,9 +163,25 @@ wildcard_constraints:
     method="|".join(map(re.escape, METHODS)),
 
 
-def sample_sheet_input(wildcards):
-    """The sample sheet (made by the demo rule when the demo is on)."""
-    return DEMO_SHEET if DEMO else config["samples"]
+def ingest_inputs(wildcards):
+    """What one slide's ingest reads: its own row's image and expression files (for the
+    demo: the sheet the demo rule makes). Not the sheet itself, so that editing or adding
+    another row does not re-ingest (and retile) every slide; the row is a parameter."""
+    if DEMO:
+        return {"sheet": DEMO_SHEET}
+    row = SAMPLE_ROWS[wildcards.slide]
+    return {
+        column: row[column]
+        for column in ("image", "expression", "spots")
+        if row[column]
+    }
+
+
+def ingest_row(wildcards):
+    """The slide's sample-sheet row as text: a changed row re-ingests that slide only."""
+    if DEMO:
+        return ""
+    return "\t".join(f"{k}={v}" for k, v in SAMPLE_ROWS[wildcards.slide].items())
 
 
 def all_metrics():
@@ -79,15 +190,44 @@ def all_metrics():
     )
 
 
-def training_args():
-    """Command-line options of `stevs train` from the config."""
+def fold_slides(fold, split):
+    """Slides of a fold that a stage reads: `fit` (train + val, for training) or `test`."""
+    plan = FOLD_PLANS[fold]
+    slides = [*plan.train, *plan.val] if split == "fit" else list(plan.test)
+    return list(dict.fromkeys(slides))
+
+
+def fold_inputs(split, patches=True):
+    """Input function: the fold file plus its `split` slides' AnnDatas (and patch caches)."""
+
+    def inputs(wildcards):
+        slides = fold_slides(wildcards.fold, split)
+        files = {
+            "fold": f"{RESULTS}/folds/{wildcards.fold}.json",
+            "adatas": expand(f"{RESULTS}/slides/{{slide}}.h5ad", slide=slides),
+        }
+        if patches:
+            files["patches"] = expand(f"{RESULTS}/patches/{{slide}}.h5", slide=slides)
+        return files
+
+    return inputs
+
+
+def training_args(method):
+    """Command-line options of `stevs train` for one method, from the config.
+
+    Torch methods get every training option; ridge methods only those they use (preset,
+    seed, device), so a new `training.epochs` does not refit the ridge baselines.
+    """
     training = config["training"]
     args = [
         f"--preset {training['preset']}",
         f"--seed {training['seed']}",
         f"--device {shlex.quote(training['device'])}",
-        f"--workers {training['workers']}",
     ]
+    if method in RIDGE_METHODS:
+        return " ".join(args)
+    args.append(f"--workers {training['workers']}")
     if training["epochs"] is not None:
         args.append(f"--epochs {training['epochs']}")
     if training["batch_size"] is not None:

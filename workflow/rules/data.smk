@@ -24,7 +24,7 @@ rule make_demo:
 
 rule ingest_slide:
     input:
-        sheet=sample_sheet_input,
+        unpack(ingest_inputs),
     output:
         f"{RESULTS}/slides/{{slide}}.h5ad",
     log:
@@ -38,9 +38,11 @@ rule ingest_slide:
         mem_mb=4000,
         runtime=20,
     params:
+        sheet=DEMO_SHEET if DEMO else config["samples"],
+        row=ingest_row,
         data_root=f"--data-root {config['data_root']}" if config["data_root"] else "",
     shell:
-        "stevs ingest --sample-sheet {input.sheet} --slide-id {wildcards.slide}"
+        "stevs ingest --sample-sheet {params.sheet} --slide-id {wildcards.slide}"
         " {params.data_root} --out {output} > {log} 2>&1"
 
 
@@ -77,6 +79,7 @@ rule tile_slide:
 rule make_folds:
     input:
         slides=expand(f"{RESULTS}/slides/{{slide}}.h5ad", slide=SLIDES),
+        gene_list=config["folds"]["gene_list"] or [],
     output:
         folds=expand(f"{RESULTS}/folds/{{fold}}.json", fold=FOLDS),
         summary=f"{RESULTS}/folds/folds.tsv",

@@ -1,6 +1,23 @@
+rule write_config:
+    output:
+        f"{RESULTS}/config.yaml",
+    log:
+        f"{RESULTS}/logs/write_config.log",
+    localrule: True
+    conda:
+        "../../envs/stevs.yaml"
+    params:
+        # the merged config is a parameter: an unchanged config leaves the file (and the
+        # report) alone, a changed one rewrites it (--rerun-triggers params, the default)
+        text=CONFIG_YAML,
+    shell:
+        "printf '%s' {params.text:q} > {output} 2> {log}"
+
+
 rule evaluate:
     input:
-        fold=f"{RESULTS}/folds/{{fold}}.json",
+        # the fold file and its test slides' observed expression
+        unpack(fold_inputs("test", patches=False)),
         predictions=f"{RESULTS}/predictions/{{method}}/{{fold}}",
     output:
         f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv",
@@ -27,6 +44,7 @@ rule report:
             method=METHODS,
             fold=FOLDS,
         ),
+        config=f"{RESULTS}/config.yaml",
     output:
         html=report(
             f"{RESULTS}/report/index.html",
@@ -49,11 +67,10 @@ rule report:
         mem_mb=4000,
         runtime=20,
     params:
-        config=workflow.configfiles[0] if workflow.configfiles else "config/config.yaml",
         max_map_slides=config["report"]["max_map_slides"],
         results=lambda wildcards, output: str(Path(output.html).parent.parent),
     shell:
         "stevs report --metrics {params.results}/metrics"
         " --predictions {params.results}/predictions --folds {params.results}/folds"
-        " --models {params.results}/models --config {params.config}"
+        " --models {params.results}/models --config {input.config}"
         " --max-map-slides {params.max_map_slides} --out {params.results}/report > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule train:
     input:
-        fold=f"{RESULTS}/folds/{{fold}}.json",
-        patches=expand(f"{RESULTS}/patches/{{slide}}.h5", slide=SLIDES),
+        # the fold file and only the slides the fold trains and validates on
+        unpack(fold_inputs("fit")),
     output:
         model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
     log:
@@ -17,7 +17,7 @@ rule train:
         gpu=config["resources"]["gpu"],
     params:
         out=lambda wildcards, output: str(Path(output.model).parent),
-        args=training_args(),
+        args=lambda wildcards: training_args(wildcards.method),
     shell:
         "stevs train --fold {input.fold} --method {wildcards.method} {params.args}"
         " --threads {threads} --out {params.out} > {log} 2>&1"
@@ -25,7 +25,8 @@ rule train:
 
 rule predict:
     input:
-        fold=f"{RESULTS}/folds/{{fold}}.json",
+        # the fold file and only its test slides
+        unpack(fold_inputs("test")),
         model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
     output:
         directory(f"{RESULTS}/predictions/{{method}}/{{fold}}"),

@@ -9,6 +9,17 @@ from stevs.io.samples import read_predict_sheet
 
 PREDICT = config["predict_slides"]
 DEMO_PREDICT_SHEET = str(Path(config["demo"]["out"]) / "predict.tsv")
+# the model must be trained here and able to predict from H&E alone (stevs.methods)
+if PREDICT["sheet"]:
+    try:
+        check_he_only(PREDICT["model"])
+    except StevsInputError as err:
+        raise WorkflowError(f"config: predict_slides.model: {err}") from None
+    if PREDICT["model"] not in METHODS:
+        raise WorkflowError(
+            f"config: predict_slides.model '{PREDICT['model']}' is not one of the methods"
+            f" ({', '.join(METHODS)}): add it to methods so its models are trained"
+        )
 PREDICT_IS_DEMO = DEMO and str(Path(PREDICT["sheet"])) == str(Path(DEMO_PREDICT_SHEET))
 
 # slide id -> image; the demo's H&E-only slide is known before the demo exists
@@ -26,11 +37,6 @@ elif PREDICT["sheet"]:
         raise WorkflowError(f"predict sheet: {err}") from None
     PREDICT_IMAGES = dict(zip(_predict_table["slide_id"], _predict_table["image"]))
 PSLIDES = list(PREDICT_IMAGES)
-if PSLIDES and PREDICT["model"] not in METHODS:
-    raise WorkflowError(
-        f"config: predict_slides.model '{PREDICT['model']}' is not one of the methods"
-        f" ({', '.join(METHODS)})"
-    )
 PREDICTED_SLIDES = expand(
     f"{RESULTS}/predict_slides/{{pslide}}/{{pslide}}.h5ad", pslide=PSLIDES
 )
