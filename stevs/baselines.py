@@ -486,7 +486,7 @@ def load_ridge(model_dir: str | os.PathLike, device: str | None = None) -> Ridge
     return RidgeModel(
         alpha=float(config["alpha"]),
         genes=list(config["genes"]),
-        meta=config,
+        meta={**config.get("ridge", {}), **config},  # the fit's statistics and config.json
         **{k: arrays[k] for k in _RIDGE_ARRAYS},
     )
 

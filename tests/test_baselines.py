@@ -205,7 +205,7 @@ def test_within_slice_fold_trains_on_train_val_spots_and_predicts_test_spots(
     )
     model_dir = baselines.train_ridge(fold_path, "ridge_color", tmp_path / "m")
     model = baselines.load_ridge(model_dir)
-    assert model.meta["ridge"]["n_train_spots"] == 60
+    assert model.meta["n_train_spots"] == 60
     assert not model.meta["inner_cv_grouped_by_slide"]  # one slide: inner CV over spots
     [path] = baselines.predict_ridge(model_dir, fold_path, tmp_path / "p")
     assert ad.read_h5ad(path).obs_names.tolist() == barcodes[60:]
