@@ -13,7 +13,8 @@ grouped by training slide (the scaler and PCA are refitted inside every inner sp
 predictive std of a gene is the std of its out-of-fold inner-CV residuals at the chosen
 alpha, so ``stevs evaluate`` can compute interval coverage.
 
-Models are stored as ``model.safetensors`` (arrays) + ``model.json`` (metadata), no pickle.
+Models are complete model folders (:mod:`stevs.io.model_dir`): ``model.safetensors`` (arrays),
+``config.json`` (metadata) and ``metrics.csv`` (inner-CV error per penalty); no pickle.
 """
 
 from __future__ import annotations

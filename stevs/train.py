@@ -3,15 +3,17 @@
 Why a plain PyTorch loop and not Lightning: the loop is ~300 lines, has no extra dependency,
 and owns exactly the behaviour the workflow relies on: a checkpoint after every epoch that
 holds only tensors and plain types (loaded back with ``weights_only=True``), bit-identical
-resume on CPU (RNG states, per-epoch shuffling seeded by ``seed + epoch``), early stopping on
-the validation slides' mean Pearson r and atomic outputs. Multi-GPU stays reachable: the
+resume on CPU (RNG states, per-epoch shuffling seeded by ``seed + epoch``) of the same run
+only, early stopping on the evaluation's headline Pearson r of the validation spots and
+atomic outputs. Multi-GPU stays reachable: the
 model's ``forward`` returns the loss, so it is wrapped in ``DistributedDataParallel`` when the
 script runs under ``torchrun`` (``WORLD_SIZE > 1``), with a ``DistributedSampler``; rank 0
 validates and writes, and broadcasts the early-stopping decision.
 
-Outputs in ``--out``: ``config.json`` (rebuilds the model), ``checkpoint.pt`` (resume state),
-``metrics.csv`` (one row per epoch: every loss term, val mean Pearson r, learning rates,
-time), ``train.log`` and, when training ends, ``model.safetensors`` (best weights).
+Outputs in ``--out`` (a model folder of :mod:`stevs.io.model_dir`): ``checkpoint.pt`` (resume
+state) and ``metrics.csv`` (one row per epoch: every loss term, ``val_pearson_r_mean_headline``,
+learning rates, time) after every epoch, ``train.log``, and when training ends
+``model.safetensors`` (best weights) with ``config.json`` (rebuilds the model) beside it.
 """
 
 from __future__ import annotations

@@ -50,6 +50,15 @@ def test_schema_method_enums_are_the_registry():
     assert properties["methods"]["default"] == ["stevs"]
 
 
+def test_schema_slide_id_pattern_is_the_one_rule():
+    from stevs.ids import SLIDE_ID_PATTERN
+
+    samples = yaml.safe_load((ROOT / "workflow" / "schemas" / "samples.schema.yaml").read_text())
+    assert samples["properties"]["slide_id"]["pattern"] == f"^{SLIDE_ID_PATTERN.pattern}$"
+    rules = (ROOT / "workflow" / "rules" / "predict_slide.smk").read_text()
+    assert "pslide=SLIDE_ID_PATTERN.pattern" in rules
+
+
 def test_schema_preset_enum_is_the_presets():
     from stevs.models.presets import PRESETS
 

@@ -272,7 +272,7 @@ def test_gene_list_and_panel_size_errors(slides, tmp_path) -> None:
         make_folds(slides[:2], "p", tmp_path / "y", too_many)
 
 
-def test_load_fold_rejects_broken_or_leaky_files(slides, tmp_path) -> None:
+def test_read_fold_rejects_broken_or_leaky_files(slides, tmp_path) -> None:
     options = FoldOptions(scheme="leave_one_patient_out", panel="highly_expressed", n_genes=10)
     fold = make_folds(slides, "p", tmp_path, options)[1]
     data = json.loads(Path(fold.path).read_text())

@@ -5,6 +5,7 @@ method whose models predict) and `genes` (maps to draw; empty = the headline gen
 """
 
 from stevs.demo import HEONLY_ID
+from stevs.ids import SLIDE_ID_PATTERN
 from stevs.io.samples import read_predict_sheet
 
 PREDICT = config["predict_slides"]
@@ -74,7 +75,7 @@ rule predict_slide:
     benchmark:
         f"{RESULTS}/benchmarks/predict_slide/{{pslide}}.tsv"
     wildcard_constraints:
-        pslide="[A-Za-z0-9._-]+",
+        pslide=SLIDE_ID_PATTERN.pattern,
     conda:
         "../../envs/stevs.yaml"
     threads: 2
