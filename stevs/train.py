@@ -113,7 +113,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
-        raise StevsInputError(None, f"--device {name!r} is not a device name ({err})") from None
+        raise StevsInputError(
+            None, f"--device {name} is not a device name; use auto, cpu, cuda, cuda:N or mps"
+        ) from err
     available = {
         "cuda": torch.cuda.is_available(),
         "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),

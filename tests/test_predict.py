@@ -176,3 +176,69 @@ def test_predict_refuses_a_missing_model_and_another_panel(fold_path, model_dir,
     fold.genes = list(reversed(fold.genes))
     with pytest.raises(StevsInputError, match="gene panel"):
         predict_fold(model_dir, fold, tmp_path / "p")
+
+
+# -- silent failures made loud -------------------------------------------------------------
+
+
+def _predict(model_dir, fold_path, out, *extra):
+    return main(
+        ["predict", "--model-dir", str(model_dir), "--fold", str(fold_path)]
+        + ["--out-dir", str(out), "--device", "cpu", "--samples", "4", *extra]
+    )
+
+
+def _copy_model(model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model_copy"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+def test_patches_at_another_scale_are_refused_naming_both(fold_path, model_dir, tmp_path, capsys):
+    import json
+
+    copy = _copy_model(model_dir, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    assert config["patches"] == {"patch_px": PATCH, "mpp_target": 4.0, "patch_um": 64.0}
+    config["patches"] = {"patch_px": PATCH, "mpp_target": 8.0, "patch_um": 128.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    assert _predict(copy, fold_path, tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert "s3.h5: patches are 16 px at 4 µm/px" in error and "trained on 16 px at 8" in error
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_corrupt_weights_give_an_error_and_no_file(fold_path, model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    copy = _copy_model(model_dir, tmp_path)
+    weights = load_file(copy / "model.safetensors")
+    name = next(k for k in weights if k.startswith("decoder") and weights[k].is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, copy / "model.safetensors")
+    assert _predict(copy, fold_path, tmp_path / "out") == 2
+    assert "NaN or infinite values" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "s3.h5ad").exists()
+
+
+def test_predictions_are_byte_identical_on_rerun(fold_path, model_dir, tmp_path):
+    digests = []
+    for name in ("a", "b"):
+        assert _predict(model_dir, fold_path, tmp_path / name) == 0
+        digests.append(hashlib.sha256((tmp_path / name / "s3.h5ad").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("device", ["quantum", "cuda:7" if torch.cuda.is_available() else "cuda"])
+def test_a_device_the_machine_lacks_is_one_clear_line(
+    fold_path, model_dir, tmp_path, capsys, device
+):
+    code = main(
+        ["predict", "--model-dir", str(model_dir), "--fold", str(fold_path)]
+        + ["--out-dir", str(tmp_path / "out"), "--device", device]
+    )
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"--device {device}" in error[0]
