@@ -921,9 +921,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("stevs").addHandler(handler)
     try:
         if method.kind == "ridge":
-            method.entry("train")(
-                args.fold, args.method, out, backbone=args.backbone, seed=args.seed
-            )
+            backbone = {"backbone": args.backbone} if args.backbone else {}  # else its default
+            method.entry("train")(args.fold, args.method, out, seed=args.seed, **backbone)
             log.info("done: %s -> %s", args.method, out)
             return 0
         result = train_fold(

@@ -362,3 +362,23 @@ def test_fit_ridge_equals_the_old_hand_written_pipeline(n_spots: int, n_features
     assert np.allclose(model.meta["inner_cv_mse"], cv_mse, rtol=1e-8)
     assert model.components.shape == (min(20, n_spots - 1, n_features), n_features)
     assert np.allclose(model.components @ model.components.T, np.eye(len(model.components)))
+
+
+@pytest.mark.parametrize("method", ["ridge_color", "ridge_embed"])
+def test_stevs_train_and_predict_cli_run_ridge_methods_with_defaults(
+    fold_file: Path, tmp_path: Path, method: str
+) -> None:
+    """The workflow's commands: no --backbone given, the registry dispatches both ways."""
+    from stevs.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--fold", str(fold_file), "--method", method, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method
+    if method == "ridge_embed":
+        assert config["feature_source"] == f"backbone:{baselines.DEFAULT_BACKBONE}"
+    assert (out / "train.log").is_file()
+    pred = tmp_path / "p"
+    argv = ["predict", "--model-dir", str(out), "--fold", str(fold_file), "--out-dir", str(pred)]
+    assert main(argv) == 0
+    assert ad.read_h5ad(pred / "D.h5ad").uns["stevs"]["method"] == method
