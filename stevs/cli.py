@@ -11,9 +11,13 @@ import argparse
 import importlib
 import logging
 import sys
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from stevs import __version__
 from stevs.errors import StevsInputError
+
+T = TypeVar("T")
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +31,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("stevs.report", "build the HTML report"),
     "predict-slide": ("stevs.predict_slide", "predict expression maps for an H&E-only slide"),
 }
+
+
+def options_from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """A dataclass of options from parsed arguments: every field with a same-named argument,
+    then ``values`` (renamed or derived options) on top."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **values})
 
 
 def _top_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from stevs.atomic import atomic_write_text
+from stevs.cli import options_from_args
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import (
     SCHEMES,
@@ -657,19 +658,7 @@ def run(args: argparse.Namespace) -> int:
         raise StevsInputError(None, f"--block-um must be positive, got {args.block_um}")
     if args.buffer_pitches < 0:
         raise StevsInputError(None, f"--buffer-pitches must be >= 0, got {args.buffer_pitches}")
-    options = FoldOptions(
-        scheme=args.scheme,
-        k=args.k,
-        seed=args.seed,
-        panel=args.panel,
-        n_genes=args.n_genes,
-        gene_list=args.gene_list,
-        n_headline=args.n_headline,
-        exclude_mito_ribo=not args.keep_mito_ribo,
-        normalisation=args.normalisation,
-        block_um=args.block_um,
-        buffer_pitches=args.buffer_pitches,
-    )
+    options = options_from_args(FoldOptions, args, exclude_mito_ribo=not args.keep_mito_ribo)
     folds = make_folds(args.slides, args.patches_dir, args.out_dir, options)
     for fold in folds:
         log.info(

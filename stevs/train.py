@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from stevs import __version__
+from stevs.cli import options_from_args
 from stevs.errors import StevsInputError
 from stevs.hashing import file_sha256
 from stevs.io.fold_file import Fold, read_fold
@@ -877,21 +878,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> TrainOptions:
-    return TrainOptions(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr_heads=args.lr,
-        lr_backbone=args.lr_backbone,
-        latent_dim=args.latent_dim,
-        patience=args.patience,
-        seed=args.seed,
-        workers=args.workers,
-        device=args.device,
-        freeze_backbone=args.freeze_backbone,
-        compile=args.compile,
-        augment=not args.no_augment,
-        max_minutes=args.max_minutes,
-    )
+    """Training options from ``stevs train``'s arguments."""
+    return options_from_args(TrainOptions, args, lr_heads=args.lr, augment=not args.no_augment)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
