@@ -323,6 +323,8 @@ def read_h5ad_expression(path: str | os.PathLike) -> ad.AnnData:
         if column in source.obs:
             obs[column] = source.obs[column].astype(int).to_numpy()
     var = pd.DataFrame(index=source.var_names.astype(str))
+    if "gene_ids" in source.var.columns:  # e.g. Space Ranger's, through scanpy
+        var["gene_ids"] = source.var["gene_ids"].astype(str).to_numpy()
     if var.index.duplicated().any():
         var.index = ad.utils.make_index_unique(var.index)
     adata = _make_adata(counts, obs, var, spatial[:, :2])
