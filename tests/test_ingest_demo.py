@@ -40,9 +40,7 @@ def test_demo_tiff_through_both_backends(demo):
 def test_ingest_every_demo_slide(demo, tmp_path):
     sheet = read_sample_sheet(demo)
     for slide_id, row in sheet.iterrows():
-        adata = ad.read_h5ad(
-            ingest_from_sheet(demo, slide_id, tmp_path / f"{slide_id}.h5ad")
-        )
+        adata = ad.read_h5ad(ingest_from_sheet(demo, slide_id, tmp_path / f"{slide_id}.h5ad"))
         info = adata.uns["stevs"]
         assert info["mpp"] == pytest.approx(0.8) and info["mpp_source"] == "metadata"
         assert info["patient"] == row["patient"]
