@@ -77,7 +77,10 @@ def _rgb_uint8(image: Any, what: str) -> np.ndarray:
 
 
 def _positive(value: Any, what: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{what} must be a positive number, got {value!r}")
     return number
