@@ -20,7 +20,7 @@ from scipy import sparse
 from stevs import __version__, baselines
 from stevs.errors import StevsInputError
 from stevs.io.ingest import build_slide_adata
-from stevs.io.prediction import new_prediction
+from stevs.io.prediction import new_prediction, read_prediction
 from stevs.io.slide_adata import SlideSpots, read_slide_adata, slide_meta, write_slide_adata
 from stevs.io.visium_uns import HIRES_MAX_SIDE, LOWRES_MAX_SIDE, spatial_uns
 from stevs.tiling import tile_slide
@@ -125,6 +125,12 @@ def test_predictions_from_ingested_slides_reuse_their_images(st_image, tmp_path,
         np.testing.assert_array_equal(got["images"][key], want["images"][key])
     assert pred.uns["spatial"]["C"]["scalefactors"] == slide.uns["spatial"]["C"]["scalefactors"]
     assert_draws_over_he(pred, "GENE_C")
+    # evaluation reads the prediction without its images: same numbers as anndata's reader
+    read = read_prediction(path, GENES[::-1])
+    np.testing.assert_allclose(read.mean, pred[:, GENES[::-1]].X)
+    np.testing.assert_allclose(read.std, pred[:, GENES[::-1]].layers["std"])
+    assert list(read.barcodes) == list(pred.obs_names) and read.meta["slide"] == "C"
+    np.testing.assert_array_equal(read.spatial, pred.obsm["spatial"])
 
 
 def test_a_slide_without_images_still_gives_a_prediction_without_them():

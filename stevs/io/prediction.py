@@ -102,15 +102,47 @@ def _dense(matrix: Any) -> np.ndarray:
     return matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
 
 
+@dataclass
+class _Parts:
+    """The elements of a prediction file that evaluation reads (never the H&E images)."""
+
+    X: Any
+    var_names: pd.Index
+    obs_names: pd.Index
+    layers: dict[str, Any]
+    obsm: dict[str, Any]
+    uns: dict[str, Any]
+
+
+def _read_parts(path: Path) -> _Parts:
+    """``X``, names, ``layers["std"]``, ``obsm["spatial"]`` and ``uns["stevs"]`` only: the
+    ``uns["spatial"]`` images are most of the file and evaluation does not need them."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as file:
+
+        def optional(key: str) -> dict[str, Any]:
+            name = key.rsplit("/", 1)[1]
+            return {name: read_elem(file[key])} if key in file else {}
+
+        return _Parts(
+            X=read_elem(file["X"]),
+            var_names=pd.Index(read_elem(file["var"]).index),
+            obs_names=pd.Index(read_elem(file["obs"]).index),
+            layers=optional("layers/std"),
+            obsm=optional("obsm/spatial"),
+            uns=optional("uns/stevs"),
+        )
+
+
 def read_prediction(path: str | os.PathLike, genes: Sequence[str]) -> Prediction:
     """Read a prediction file on ``genes`` (in that order); checks names the file."""
-    import anndata as ad
-
     path = Path(path)
     if not path.is_file():
         raise StevsInputError(path, "prediction file not found")
     try:
-        pred = ad.read_h5ad(path)
+        pred = _read_parts(path)
     except Exception as err:
         raise StevsInputError(path, f"cannot read the prediction file: {err}") from err
     gene_index = pred.var_names.get_indexer(list(genes))
