@@ -1,10 +1,11 @@
 """Expression readers: Space Ranger ``outs/``, legacy ST count tables, AnnData ``.h5ad``.
 
 Each reader returns an :class:`anndata.AnnData` with raw integer counts in ``X`` (CSR),
-unique barcodes as ``obs_names``, gene symbols as ``var_names``, spot centres in level-0
-pixels (x, y) in ``obsm["spatial"]`` and ``obs["array_row"]``/``obs["array_col"]`` where
-the technology has an array. Slide-level metadata (mpp, patient, ...) is added by
-:mod:`stevs.io.ingest`.
+unique barcodes as ``obs_names``, gene symbols as ``var_names`` (``var["gene_ids"]`` where
+the input has gene ids: Space Ranger's features, an ``.h5ad``'s ``var["gene_ids"]``), spot
+centres in level-0 pixels (x, y) in ``obsm["spatial"]`` and
+``obs["array_row"]``/``obs["array_col"]`` where the technology has an array. Slide-level
+metadata (mpp, patient, images, ...) is added by :mod:`stevs.io.ingest`.
 """
 
 from __future__ import annotations
