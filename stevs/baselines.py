@@ -651,8 +651,8 @@ def predict_ridge(
         features, _, barcodes = _slide_data(fold, "test", slide, method, embed)
         pred = model.predict(features)
         std = np.broadcast_to(model.residual_std.astype(np.float32), pred.shape)
-        obs, spatial = spots_of(fold.slide_entry(slide).adata, barcodes)
+        spots = spots_of(fold.slide_entry(slide).adata, barcodes)
         meta = prediction_meta(model.meta, fold, slide, sha)
-        adata = new_prediction(pred, std, model.genes, obs, spatial, meta, source=model_dir)
+        adata = new_prediction(pred, std, model.genes, spots, meta, source=model_dir)
         written.append(write_prediction(adata, Path(out_dir) / f"{slide}.h5ad"))
     return written

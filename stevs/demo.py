@@ -51,6 +51,7 @@ from stevs.geometry import (
     grid_shape,
     grid_steps_um,
 )
+from stevs.io.visium_uns import FIDUCIAL_TO_SPOT, HIRES_MAX_SIDE, LOWRES_MAX_SIDE
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,7 @@ TYPE_NAMES: tuple[str, ...] = (*TISSUE_TYPES, "background")
 SPOT_DIAMETER_UM = VISIUM_SPOT_UM
 SPOT_PITCH_UM = VISIUM_PITCH_UM
 ROW_STEP_UM = grid_steps_um("visium", SPOT_PITCH_UM)[0]
-FIDUCIAL_TO_SPOT = 1.615  # Space Ranger's fiducial/spot diameter ratio
 GRID_MARGIN_UM = 100.0
-HIRES_MAX_SIDE = 2000
-LOWRES_MAX_SIDE = 600
 TIFF_TILE = 256
 PYRAMID_MIN_SIDE = 512
 JPEG_QUALITY = 90

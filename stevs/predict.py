@@ -2,8 +2,9 @@
 
 One prediction AnnData per test slide (docs/architecture.md, "Prediction AnnData"): ``X`` the
 predicted mean on the panel in the targets' normalisation, ``layers["std"]`` the predictive
-standard deviation, ``obs`` and ``obsm["spatial"]`` copied from the slide AnnData, and
-``uns["stevs"]`` = method, fold, slide, model_sha256, normalisation.
+standard deviation, ``obs``, ``obsm["spatial"]``, ``uns["spatial"]`` (H&E images and scale
+factors) and ``var["gene_ids"]`` copied from the slide AnnData, and ``uns["stevs"]`` = method,
+fold, slide, model_sha256, normalisation, stevs_version.
 
 :func:`load_model` and :func:`predict_patches` are the building blocks that H&E-only slide
 prediction reuses.
@@ -200,9 +201,9 @@ def predict_fold(
         mean, std = predict_patches(
             model, dataset, batch_size=batch_size, workers=workers, n_samples=n_samples
         )
-        obs, spatial = spots_of(fold_obj.slide_entry(slide).adata, dataset.barcodes)
+        spots = spots_of(fold_obj.slide_entry(slide).adata, dataset.barcodes)
         meta = prediction_meta(config, fold_obj, slide, sha)
-        adata = new_prediction(mean, std, config["genes"], obs, spatial, meta, source=model_dir)
+        adata = new_prediction(mean, std, config["genes"], spots, meta, source=model_dir)
         path = write_prediction(adata, Path(out_dir) / f"{slide}.h5ad")
         dataset.close()
         log.info("%s: %d spots x %d genes -> %s", slide, adata.n_obs, adata.n_vars, path)

@@ -66,6 +66,8 @@ from stevs.io.fold_file import read_fold
 from stevs.io.model_dir import ModelDir
 from stevs.io.patch_cache import PatchCache, PatchScale, read_patch_scale
 from stevs.io.prediction import new_prediction, write_prediction
+from stevs.io.slide_adata import SlideSpots
+from stevs.io.visium_uns import resize_max, spatial_uns
 from stevs.methods import check_he_only
 from stevs.tissue import (
     MIN_TISSUE_AREA_UM2,
@@ -82,11 +84,8 @@ DEFAULT_SPOT_UM = VISIUM_SPOT_UM
 DEFAULT_MIN_TISSUE = 0.5
 #: longest side of the thumbnail used for tissue detection, the maps and ``hires``
 HIRES_MAX_SIDE = THUMBNAIL_PX
-LOWRES_MAX_SIDE = 600
 #: longest side of the background image of the gene maps
 MAP_MAX_SIDE = 1000
-#: Space Ranger's fiducial/spot diameter ratio (for ``fiducial_diameter_fullres``)
-FIDUCIAL_TO_SPOT = 1.615
 #: relative difference of patch scales (µm per px, px) tolerated between model and cache
 SCALE_TOLERANCE = 0.02
 #: genes drawn by default (headline genes first)
@@ -394,32 +393,13 @@ def _atomic_write(path: Path, suffix: str, write: Any) -> Path:
     return path
 
 
-def _resize_max(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """``image`` with its longest side at most ``max_side``, and the factor applied."""
-    height, width = image.shape[:2]
-    factor = min(1.0, max_side / max(height, width))
-    if factor >= 1.0:
-        return image, 1.0
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    resized = Image.fromarray(image).resize(size, Image.Resampling.LANCZOS)
-    return np.asarray(resized), size[0] / width
-
-
 def visium_spatial_uns(
     tissue: TissueDetection, mpp: float, spot_um: float, image_path: str
 ) -> dict[str, Any]:
-    """``uns["spatial"][library_id]`` as scanpy's ``read_visium`` builds it."""
-    lowres, factor = _resize_max(tissue.thumbnail, LOWRES_MAX_SIDE)
-    return {
-        "images": {"hires": tissue.thumbnail, "lowres": lowres},
-        "scalefactors": {
-            "tissue_hires_scalef": float(tissue.scale),
-            "tissue_lowres_scalef": float(tissue.scale * factor),
-            "spot_diameter_fullres": float(spot_um / mpp),
-            "fiducial_diameter_fullres": float(spot_um * FIDUCIAL_TO_SPOT / mpp),
-        },
-        "metadata": {"source_image_path": image_path, "software_version": f"stevs {__version__}"},
-    }
+    """``uns["spatial"][library_id]`` of an H&E-only slide: its tissue thumbnail as ``hires``
+    (the one builder, :func:`stevs.io.visium_uns.spatial_uns`)."""
+    metadata = {"source_image_path": image_path, "images_source": "stevs thumbnail"}
+    return spatial_uns(tissue.thumbnail, tissue.scale, spot_um / mpp, metadata=metadata)
 
 
 def _safe_name(gene: str) -> str:
@@ -441,7 +421,7 @@ def draw_gene_map(
     from matplotlib.collections import EllipseCollection
     from matplotlib.figure import Figure
 
-    thumbnail, factor = _resize_max(thumbnail, MAP_MAX_SIDE)  # plenty for a 4-inch panel
+    thumbnail, factor = resize_max(thumbnail, MAP_MAX_SIDE)  # plenty for a 4-inch panel
     xy_thumb, spot_diameter_thumb = xy_thumb * factor, spot_diameter_thumb * factor
     height, width = thumbnail.shape[:2]
     aspect = width / max(height, 1)
@@ -823,14 +803,12 @@ def predict_slide(
             "patch_px": scale.scale.patch_px, "patch_mpp": scale.scale.mpp_target,
             "patch_scale_source": scale.source,
         }  # fmt: skip
+        images = {slide_id: visium_spatial_uns(tissue, slide_mpp, spot_um, image_path)}
         adata = new_prediction(
-            mean, std, models.genes, _grid_obs(spots, fractions), spots.xy_px,
+            mean, std, models.genes, SlideSpots(_grid_obs(spots, fractions), spots.xy_px, images),
             _slide_meta(models, checksums, slide_id, info), source=image,
         )  # fmt: skip
         adata.var["n_models"] = models.models_per_gene()
-        adata.uns["spatial"] = {
-            slide_id: visium_spatial_uns(tissue, slide_mpp, spot_um, image_path)
-        }
         adata_path = write_prediction(adata, out / f"{slide_id}.h5ad")
         if keep_patches:
             kept_patches = out / f"{slide_id}.patches.h5"

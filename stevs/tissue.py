@@ -21,9 +21,11 @@ from skimage import filters, morphology
 from stevs.errors import StevsInputError
 from stevs.geometry import disk_lattice
 from stevs.io.slide import SlideReader
+from stevs.io.visium_uns import HIRES_MAX_SIDE
 
-#: longest side of the thumbnail the mask is computed on (Space Ranger's hires size)
-THUMBNAIL_PX = 2000
+#: longest side of the thumbnail the mask is computed on (Space Ranger's hires size, which
+#: is also the ``hires`` image of ``uns["spatial"]``)
+THUMBNAIL_PX = HIRES_MAX_SIDE
 #: the thumbnail is read in blocks of at most this many level pixels a side (bounded memory)
 THUMBNAIL_BLOCK = 1024
 #: saturation (0-255) below which a thumbnail pixel is never tissue (white glass)

@@ -125,3 +125,72 @@ def write_patch_cache(
         for row, patch in enumerate(patches):
             writer.write(row, patch)
     return path
+
+
+def he_like_image(width: int, height: int, xy: np.ndarray, diameter_px: float) -> np.ndarray:
+    """White glass with pink 'tissue' disks (dark nuclei dots) around the spot centres ``xy``."""
+    rng = np.random.default_rng(0)
+    image = np.full((height, width, 3), 245, np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    radius = max(diameter_px, 4.0)
+    tissue = np.zeros((height, width), bool)
+    for x, y in np.asarray(xy, np.float64):
+        y0, y1 = max(0, int(y - radius)), min(height, int(y + radius) + 1)
+        x0, x1 = max(0, int(x - radius)), min(width, int(x + radius) + 1)
+        box = (xx[y0:y1, x0:x1] - x) ** 2 + (yy[y0:y1, x0:x1] - y) ** 2 <= radius**2
+        tissue[y0:y1, x0:x1] |= box
+    image[tissue] = (225, 150, 200)
+    image[tissue & (rng.random(tissue.shape) < 0.05)] = (90, 40, 130)
+    return image
+
+
+def add_he_images(adata, slide: str, diameter_px: float = 20.0) -> None:
+    """``uns["spatial"][slide]`` of a test-made slide AnnData, through the one builder: an
+    H&E-like image as large as the spots need, at full resolution."""
+    from stevs.io.visium_uns import spatial_uns
+
+    xy = np.asarray(adata.obsm["spatial"], np.float64)
+    width, height = (int(np.ceil(v + diameter_px)) + 1 for v in xy.max(axis=0))
+    image = he_like_image(width, height, xy, diameter_px / 2)
+    adata.uns["spatial"] = {slide: spatial_uns(image, 1.0, diameter_px)}
+
+
+def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> None:
+    """``scanpy.pl.spatial(adata, color=gene)`` with default arguments draws the spots over the
+    H&E: one library, hires uint8 at most 2000 px a side, every spot centre (x scale factor)
+    inside both images and on tissue (not white glass) in hires, an AxesImage of hires drawn."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    from matplotlib.image import AxesImage
+
+    library_id = library_id or adata.uns["stevs"]["slide"]
+    assert list(adata.uns["spatial"]) == [library_id]
+    entry = adata.uns["spatial"][library_id]
+    hires = entry["images"]["hires"]
+    assert hires.dtype == np.uint8 and hires.ndim == 3 and hires.shape[2] == 3
+    assert max(hires.shape) <= 2000
+    for key in ("hires", "lowres"):
+        image = entry["images"][key]
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+        xy = np.asarray(adata.obsm["spatial"]) * entry["scalefactors"][f"tissue_{key}_scalef"]
+        assert (xy >= -0.5).all(), key
+        assert (xy[:, 0] < image.shape[1] - 0.5).all() and (xy[:, 1] < image.shape[0] - 0.5).all()
+    xy = np.rint(np.asarray(adata.obsm["spatial"]) * entry["scalefactors"]["tissue_hires_scalef"])
+    on_spots = hires[xy[:, 1].astype(int), xy[:, 0].astype(int)]
+    assert (on_spots.min(axis=1) < 230).mean() > 0.8  # spot centres are on tissue, not glass
+    assert entry["scalefactors"]["spot_diameter_fullres"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scanpy recommends squidpy
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # scanpy's cmap.set_bad
+        axes = sc.pl.spatial(adata, color=gene, show=False)
+    try:
+        assert len(axes) == 1 and axes[0].get_title() == gene
+        drawn = [c for c in axes[0].get_children() if isinstance(c, AxesImage)]
+        assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == hires.shape[:2]
+    finally:
+        plt.close("all")

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_fold_file, write_patch_cache
+from conftest import add_he_images, assert_draws_over_he, make_fold_file, write_patch_cache
 from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
 from scipy import sparse
 
-from stevs import baselines, metrics
+from stevs import __version__, baselines, metrics
 from stevs.errors import StevsInputError
 
 torch.set_num_threads(1)
@@ -47,6 +47,7 @@ def make_slide(tmp: Path, slide: str, n: int, rng: np.random.Generator) -> tuple
     )
     adata.obsm["spatial"] = rng.uniform(0, 1000, size=(n, 2))
     adata.uns["stevs"] = {"slide": slide, "patient": slide, "mpp": 0.5}
+    add_he_images(adata, slide, diameter_px=30.0)
     adata_path, cache_path = tmp / f"{slide}.h5ad", tmp / f"{slide}.h5"
     adata.write_h5ad(adata_path)
     write_patch_cache(cache_path, patches, barcodes, adata.obsm["spatial"], slide=slide)
@@ -129,6 +130,10 @@ def test_train_predict_ridge_color_through_metrics(fold_file: Path, tmp_path: Pa
     assert np.allclose(pred.layers["std"][0], meta_std(model_dir))
     source = ad.read_h5ad(tmp_path / "D.h5ad")
     assert np.allclose(pred.obsm["spatial"], source.obsm["spatial"])
+    assert pred.uns["stevs"]["stevs_version"] == __version__
+    assert "gene_ids" not in pred.var  # the slide has none
+    assert pred.uns["spatial"]["D"]["scalefactors"] == source.uns["spatial"]["D"]["scalefactors"]
+    assert_draws_over_he(pred, "red_gene")
     per_gene, summary, _ = metrics.evaluate_fold(fold_file, tmp_path / "pred", "ridge_color")
     r = per_gene.set_index("gene")["pearson_r"]
     assert r["red_gene"] > 0.6 and r["dark_gene"] > 0.6

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import write_patch_cache
+from conftest import add_he_images, assert_draws_over_he, write_patch_cache
 
+from stevs import __version__
 from stevs.cli import main
 from stevs.data import SpotDataset
 from stevs.errors import StevsInputError
@@ -43,7 +44,9 @@ def write_slide(directory, slide: str, seed: int, n: int = 24) -> SlideEntry:
     adata.var_names = GENES
     adata.obs["array_row"], adata.obs["array_col"] = rows, cols
     adata.obsm["spatial"] = xy
+    adata.var["gene_ids"] = [f"ENSG{i:011d}" for i in range(len(GENES))]
     adata.uns["stevs"] = {"slide": slide, "patient": slide, "mpp": 1.0}
+    add_he_images(adata, slide, diameter_px=55.0)
     adata_path = directory / f"{slide}.h5ad"
     adata.write_h5ad(adata_path)
     patches_path = directory / f"{slide}.h5"
@@ -137,9 +140,15 @@ def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model
     sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert meta["model_sha256"] == sha
     assert meta["normalisation"]["method"] == "log1p_cp10k"
+    assert meta["stevs_version"] == __version__
     # predictions are in log1p_cp10k units: near the training mean, not standardised ~0
     train_mean = np.array(read_fold(fold_path).normalisation["mean"])
     assert np.abs(prediction.X.mean(0) - train_mean).max() < 2.0
+    # the slide's gene ids and H&E images travel with the prediction: scanpy draws it
+    assert list(prediction.var["gene_ids"]) == list(source.var["gene_ids"])
+    images = prediction.uns["spatial"]["s3"]["images"]
+    np.testing.assert_array_equal(images["hires"], source.uns["spatial"]["s3"]["images"]["hires"])
+    assert_draws_over_he(prediction, GENES[0])
 
 
 def test_predict_patches_from_arrays_equals_the_dataset_path(fold_path, model_dir):

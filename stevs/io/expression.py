@@ -1,10 +1,11 @@
 """Expression readers: Space Ranger ``outs/``, legacy ST count tables, AnnData ``.h5ad``.
 
 Each reader returns an :class:`anndata.AnnData` with raw integer counts in ``X`` (CSR),
-unique barcodes as ``obs_names``, gene symbols as ``var_names``, spot centres in level-0
-pixels (x, y) in ``obsm["spatial"]`` and ``obs["array_row"]``/``obs["array_col"]`` where
-the technology has an array. Slide-level metadata (mpp, patient, ...) is added by
-:mod:`stevs.io.ingest`.
+unique barcodes as ``obs_names``, gene symbols as ``var_names`` (``var["gene_ids"]`` where
+the input has gene ids: Space Ranger's features, an ``.h5ad``'s ``var["gene_ids"]``), spot
+centres in level-0 pixels (x, y) in ``obsm["spatial"]`` and
+``obs["array_row"]``/``obs["array_col"]`` where the technology has an array. Slide-level
+metadata (mpp, patient, images, ...) is added by :mod:`stevs.io.ingest`.
 """
 
 from __future__ import annotations
@@ -323,6 +324,8 @@ def read_h5ad_expression(path: str | os.PathLike) -> ad.AnnData:
         if column in source.obs:
             obs[column] = source.obs[column].astype(int).to_numpy()
     var = pd.DataFrame(index=source.var_names.astype(str))
+    if "gene_ids" in source.var.columns:  # e.g. Space Ranger's, through scanpy
+        var["gene_ids"] = source.var["gene_ids"].astype(str).to_numpy()
     if var.index.duplicated().any():
         var.index = ad.utils.make_index_unique(var.index)
     adata = _make_adata(counts, obs, var, spatial[:, :2])

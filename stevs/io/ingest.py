@@ -4,6 +4,11 @@ Microns per pixel come, in this order, from the sample sheet, the image's metada
 the spot grid (median nearest-neighbour distance = the technology's pitch: 100 µm for
 Visium, 200 µm for legacy ST); the source is recorded in ``uns["stevs"]["mpp_source"]``
 and logged.
+
+``uns["spatial"][slide_id]`` (:mod:`stevs.io.visium_uns`) makes the slide AnnData draw over
+its H&E with ``scanpy.pl.spatial``: Space Ranger's own hires/lowres PNGs and scale factors
+when the ``outs/spatial/`` folder has them (and they fit the image), else thumbnails of the
+slide image (longest side 2000 and 600 px) with their scale factors.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -20,6 +26,7 @@ from stevs.errors import StevsInputError
 from stevs.io.expression import (
     SPOT_GEOMETRY_UM,
     estimate_mpp_from_spot_grid,
+    estimate_spot_pitch_px,
     read_h5ad_expression,
     read_legacy_st,
     read_visium,
@@ -27,11 +34,14 @@ from stevs.io.expression import (
 from stevs.io.samples import read_sample_sheet
 from stevs.io.slide import open_slide
 from stevs.io.slide_adata import SlideMeta, slide_meta, write_slide_adata
+from stevs.io.visium_uns import slide_spatial_uns, spaceranger_spatial_uns
 
 log = logging.getLogger(__name__)
 
 #: disagreement between metadata mpp and the spot grid's estimate that earns a warning
 MPP_MISMATCH_WARNING = 0.2
+#: drawn spot diameter / spot pitch where the technology's diameter is unknown (Visium's)
+DRAWN_SPOT_TO_PITCH = 0.55
 
 
 def read_expression(fmt: str, expression: str | os.PathLike, spots: str | None) -> ad.AnnData:
@@ -111,6 +121,30 @@ def _check_spots_inside(adata: ad.AnnData, size: tuple[int, int], image_path: st
         )
 
 
+def _drawn_spot_diameter_px(adata: ad.AnnData, diameter_px: float, size: tuple[int, int]) -> float:
+    """The spot diameter ``scanpy.pl.spatial`` draws, in level-0 px: the technology's, else
+    :data:`DRAWN_SPOT_TO_PITCH` of the spot pitch, else 1% of the image's longest side."""
+    if np.isfinite(diameter_px) and diameter_px > 0:
+        return float(diameter_px)
+    if adata.n_obs >= 3:
+        pitch = estimate_spot_pitch_px(np.asarray(adata.obsm["spatial"]))
+        if np.isfinite(pitch) and pitch > 0:
+            return DRAWN_SPOT_TO_PITCH * pitch
+    return max(size) / 100
+
+
+def _image_entry(
+    fmt: str, expression: str | os.PathLike, slide: Any, diameter_px: float, image: Any
+) -> dict[str, Any]:
+    """``uns["spatial"][slide_id]``: Space Ranger's images if usable, else the slide's."""
+    image_path = str(Path(image).resolve())
+    if fmt == "visium":
+        entry = spaceranger_spatial_uns(Path(expression) / "spatial", slide.dimensions, image_path)
+        if entry is not None:
+            return entry
+    return slide_spatial_uns(slide, diameter_px, image_path)
+
+
 def build_slide_adata(
     slide_id: str,
     image: str | os.PathLike,
@@ -123,15 +157,17 @@ def build_slide_adata(
     """Read one slide's expression, check it against its image, attach metadata."""
     adata = read_expression(fmt, expression, spots)
     technology = _technology(fmt, adata)
+    pitch_um, diameter_um = SPOT_GEOMETRY_UM.get(technology, (float("nan"), float("nan")))
+    scalefactors = adata.uns.pop("scalefactors", None)
     with open_slide(image, mpp=mpp) as slide:
         size = slide.dimensions
         slide_mpp, source = _resolve_mpp(slide.mpp, slide.mpp_source, adata, technology, str(image))
-    _check_spots_inside(adata, size, str(image))
-    pitch_um, diameter_um = SPOT_GEOMETRY_UM.get(technology, (float("nan"), float("nan")))
-    scalefactors = adata.uns.pop("scalefactors", None)
-    adata.uns.pop("source_mpp", None)
-    if scalefactors and "spot_diameter_fullres" in scalefactors:
-        diameter_um = float(scalefactors["spot_diameter_fullres"]) * slide_mpp
+        _check_spots_inside(adata, size, str(image))
+        adata.uns.pop("source_mpp", None)
+        if scalefactors and "spot_diameter_fullres" in scalefactors:
+            diameter_um = float(scalefactors["spot_diameter_fullres"]) * slide_mpp
+        drawn_px = _drawn_spot_diameter_px(adata, diameter_um / slide_mpp, size)
+        adata.uns["spatial"] = {slide_id: _image_entry(fmt, expression, slide, drawn_px, image)}
     meta = SlideMeta(
         slide=slide_id,
         patient=patient or slide_id,

@@ -3,9 +3,12 @@ H&E-only ``{slide}.h5ad`` of ``stevs predict-slide``): its one writer and one re
 
 Layout (docs/architecture.md, "Prediction AnnData"): ``X`` float32 predicted expression on
 the panel (the targets' normalisation), ``layers["std"]`` float32 predictive standard
-deviation, ``obs`` and ``obsm["spatial"]`` of the slide's spots, ``uns["stevs"]`` = method,
-fold, slide, model_sha256, normalisation (plus what the writer adds). A prediction with a
-NaN or infinite value is never written: it is an error.
+deviation, ``obs`` and ``obsm["spatial"]`` of the slide's spots, ``uns["spatial"]`` the
+slide's Visium-like H&E images and scale factors (``scanpy.pl.spatial`` draws the file
+over the H&E), ``var["gene_ids"]`` where the slide has gene ids, ``uns["stevs"]`` = method,
+fold, slide, model_sha256, normalisation, stevs_version (plus what the writer adds). A
+prediction with a NaN or infinite value is never written: it is an error. Written gzip
+(the images dominate the file).
 """
 
 from __future__ import annotations
@@ -20,27 +23,31 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from stevs import __version__
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
+from stevs.io.slide_adata import SlideSpots
 
 
 def new_prediction(
     mean: np.ndarray,
     std: np.ndarray,
     genes: Sequence[str],
-    obs: pd.DataFrame,
-    spatial: np.ndarray,
+    spots: SlideSpots,
     meta: Mapping[str, Any],
     *,
     source: str | os.PathLike | None = None,
 ) -> Any:
-    """The prediction AnnData of one slide; non-finite values are an error naming ``source``."""
+    """The prediction AnnData of one slide on ``spots`` (its obs, coordinates, images and
+    gene ids: :func:`stevs.io.slide_adata.spots_of`); non-finite values are an error naming
+    ``source``."""
     import anndata as ad
 
     mean = np.asarray(mean, dtype=np.float32)
     std = np.asarray(std, dtype=np.float32)
-    if mean.shape != std.shape or mean.shape != (len(obs), len(genes)):
-        raise ValueError(f"mean {mean.shape}, std {std.shape}, {len(obs)} spots x {len(genes)}")
+    n_spots = len(spots.obs)
+    if mean.shape != std.shape or mean.shape != (n_spots, len(genes)):
+        raise ValueError(f"mean {mean.shape}, std {std.shape}, {n_spots} spots x {len(genes)}")
     bad = int((~np.isfinite(mean)).sum() + (~np.isfinite(std)).sum())
     if bad:
         raise StevsInputError(
@@ -48,10 +55,16 @@ def new_prediction(
             f"the model predicted {bad} NaN or infinite values: its weights are corrupt or "
             "training diverged; retrain it (nothing was written)",
         )
-    adata = ad.AnnData(X=mean, obs=obs.copy(), var=pd.DataFrame(index=pd.Index(list(genes))))
+    var = pd.DataFrame(index=pd.Index(list(genes)))
+    if spots.gene_ids is not None:
+        var["gene_ids"] = spots.gene_ids.reindex(var.index).fillna("").astype(str).to_numpy()
+    adata = ad.AnnData(X=mean, obs=spots.obs.copy(), var=var)
     adata.layers["std"] = std
-    adata.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
+    adata.obsm["spatial"] = np.asarray(spots.spatial, dtype=np.float64)
+    if spots.images:
+        adata.uns["spatial"] = dict(spots.images)
     adata.uns["stevs"] = {k: v for k, v in meta.items() if v is not None}
+    adata.uns["stevs"].setdefault("stevs_version", __version__)
     return adata
 
 
@@ -67,9 +80,9 @@ def prediction_meta(config: Mapping[str, Any], fold: Any, slide: str, sha: str) 
 
 
 def write_prediction(adata: Any, path: str | os.PathLike) -> Path:
-    """Write a prediction AnnData atomically."""
+    """Write a prediction AnnData atomically (gzip)."""
     with atomic_path(path, suffix=".h5ad") as tmp:
-        adata.write_h5ad(tmp)
+        adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
 
 
@@ -89,15 +102,47 @@ def _dense(matrix: Any) -> np.ndarray:
     return matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
 
 
+@dataclass
+class _Parts:
+    """The elements of a prediction file that evaluation reads (never the H&E images)."""
+
+    X: Any
+    var_names: pd.Index
+    obs_names: pd.Index
+    layers: dict[str, Any]
+    obsm: dict[str, Any]
+    uns: dict[str, Any]
+
+
+def _read_parts(path: Path) -> _Parts:
+    """``X``, names, ``layers["std"]``, ``obsm["spatial"]`` and ``uns["stevs"]`` only: the
+    ``uns["spatial"]`` images are most of the file and evaluation does not need them."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as file:
+
+        def optional(key: str) -> dict[str, Any]:
+            name = key.rsplit("/", 1)[1]
+            return {name: read_elem(file[key])} if key in file else {}
+
+        return _Parts(
+            X=read_elem(file["X"]),
+            var_names=pd.Index(read_elem(file["var"]).index),
+            obs_names=pd.Index(read_elem(file["obs"]).index),
+            layers=optional("layers/std"),
+            obsm=optional("obsm/spatial"),
+            uns=optional("uns/stevs"),
+        )
+
+
 def read_prediction(path: str | os.PathLike, genes: Sequence[str]) -> Prediction:
     """Read a prediction file on ``genes`` (in that order); checks names the file."""
-    import anndata as ad
-
     path = Path(path)
     if not path.is_file():
         raise StevsInputError(path, "prediction file not found")
     try:
-        pred = ad.read_h5ad(path)
+        pred = _read_parts(path)
     except Exception as err:
         raise StevsInputError(path, f"cannot read the prediction file: {err}") from err
     gene_index = pred.var_names.get_indexer(list(genes))

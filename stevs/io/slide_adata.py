@@ -2,7 +2,9 @@
 
 Layout (docs/architecture.md, "Slide AnnData"): ``X`` raw integer counts (CSR), unique
 barcodes as ``obs_names``, unique genes as ``var_names``, ``obsm["spatial"]`` float64
-(n, 2) spot centres in level-0 px (x, y), ``uns["stevs"]`` the :class:`SlideMeta`.
+(n, 2) spot centres in level-0 px (x, y), ``uns["stevs"]`` the :class:`SlideMeta`,
+``uns["spatial"][slide]`` the Visium-like H&E images and scale factors
+(:mod:`stevs.io.visium_uns`), ``var["gene_ids"]`` where the input had gene ids.
 Every stage reads a slide through :func:`read_slide_adata` (validated, errors name the
 file) and :func:`slide_meta`; :mod:`stevs.io.ingest` writes it with
 :func:`write_slide_adata`, building ``uns["stevs"]`` from a :class:`SlideMeta`, never by hand.
@@ -10,6 +12,7 @@ file) and :func:`slide_meta`; :mod:`stevs.io.ingest` writes it with
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -17,11 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from stevs import __version__
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
+from stevs.io.visium_uns import check_spatial_uns
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,8 @@ def check_slide_adata(adata: Any, path: str | os.PathLike) -> None:
     if not adata.var_names.is_unique:
         _fail(path, "gene names (var_names) must be unique")
     SlideMeta.from_uns(adata.uns.get("stevs"), path)
+    if "spatial" in adata.uns:
+        check_spatial_uns(adata.uns["spatial"], path)
 
 
 def read_slide_adata(path: str | os.PathLike, *, backed: bool = False) -> Any:
@@ -145,10 +154,33 @@ def write_slide_adata(adata: Any, meta: SlideMeta, path: str | os.PathLike) -> P
     return Path(path)
 
 
-def spots_of(path: str | os.PathLike, barcodes: Any) -> tuple[Any, np.ndarray]:
-    """``obs`` and ``obsm["spatial"]`` of ``barcodes`` in a slide AnnData (for outputs)."""
+@dataclass(frozen=True)
+class SlideSpots:
+    """What a prediction file takes from its slide: spots, images, gene ids."""
+
+    obs: pd.DataFrame
+    spatial: np.ndarray  # float64 (n, 2) level-0 px (x, y)
+    images: dict[str, Any]  # ``uns["spatial"]`` ({library_id: entry}); {} when absent
+    gene_ids: pd.Series | None = None  # ``var["gene_ids"]`` by gene name, when known
+
+
+def spots_of(path: str | os.PathLike, barcodes: Any) -> SlideSpots:
+    """``obs``, ``obsm["spatial"]``, ``uns["spatial"]`` and ``var["gene_ids"]`` of a slide
+    AnnData, for the outputs made on ``barcodes`` (prediction files copy them)."""
     source = read_slide_adata(path)
     rows = source.obs_names.get_indexer(list(barcodes))
     if (rows < 0).any():
         raise StevsInputError(path, f"{int((rows < 0).sum())} spots are not spots of this slide")
-    return source.obs.iloc[rows], np.asarray(source.obsm["spatial"])[rows]
+    gene_ids = None
+    if "gene_ids" in source.var.columns:
+        gene_ids = source.var["gene_ids"].astype(str)
+    images = dict(source.uns.get("spatial", {}))
+    if not images:
+        log.warning(
+            "%s has no uns['spatial'] (ingested by an older stevs?): its predictions cannot "
+            "be drawn over the H&E; re-run 'stevs ingest' for it",
+            path,
+        )
+    return SlideSpots(
+        source.obs.iloc[rows], np.asarray(source.obsm["spatial"])[rows], images, gene_ids
+    )
