@@ -26,7 +26,7 @@ from scipy import sparse
 from stevs import __version__
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
-from stevs.io.visium_uns import check_spatial_uns
+from stevs.io.visium_uns import check_spatial_uns, lowres_only
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def spots_of(path: str | os.PathLike, barcodes: Any) -> SlideSpots:
     gene_ids = None
     if "gene_ids" in source.var.columns:
         gene_ids = source.var["gene_ids"].astype(str)
-    images = dict(source.uns.get("spatial", {}))
+    images = lowres_only(source.uns.get("spatial", {}))
     if not images:
         log.warning(
             "%s has no uns['spatial'] (ingested by an older stevs?): its predictions cannot "
