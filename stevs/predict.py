@@ -231,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
     """``stevs predict``: the model folder's method (config.json) picks the predictor."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_size < 1 or args.samples < 0:
+        raise StevsInputError(None, "--batch-size must be >= 1 and --samples >= 0")
     folder = ModelDir(args.model_dir)
     method = get_method(folder.read_config()["method"], str(folder.config_path))
     options: dict[str, Any] = {"slides": args.slides}

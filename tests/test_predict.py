@@ -252,3 +252,8 @@ def test_a_device_the_machine_lacks_is_one_clear_line(
     assert code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"--device {device}" in error[0]
+
+
+def test_batch_size_zero_is_one_clear_line(fold_path, model_dir, tmp_path, capsys):
+    assert _predict(model_dir, fold_path, tmp_path / "out", "--batch-size", "0") == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
