@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +201,19 @@ def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> Non
         assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == shown.shape[:2]
     finally:
         plt.close("all")
+
+
+def run_snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The project's Snakefile run by this interpreter's snakemake in ``cwd`` (tests only)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [str(bin_dir / "snakemake"), "--directory", str(cwd), "-s", str(root / "Snakefile"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )

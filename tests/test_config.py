@@ -3,7 +3,6 @@ runs with one line naming the problem, and the merged config reaches the report.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_snakemake
 
 from stevs import metrics
 from stevs.cli import main
@@ -24,14 +24,7 @@ BASE = ROOT / "config" / "config.yaml"
 
 
 def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        [str(BIN / "snakemake"), "--directory", str(cwd), "-s", str(ROOT / "Snakefile"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return run_snakemake(*args, cwd=cwd)
 
 
 def overlay(tmp_path: Path, text: str, name: str = "overlay.yaml") -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -18,14 +18,7 @@ BIN = Path(sys.executable).parent
 def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     if "--configfile" not in args:
         args = (*args, "--configfile", str(ROOT / "config" / "config.yaml"))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        [str(BIN / "snakemake"), "--directory", str(cwd), "-s", str(ROOT / "Snakefile"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return run_snakemake(*args, cwd=cwd)
 
 
 def test_snakemake_lint_is_clean():
