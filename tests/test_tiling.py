@@ -19,7 +19,7 @@ from stevs import tiling
 from stevs.cli import main as stevs_main
 from stevs.errors import StevsInputError
 from stevs.io.slide import open_slide
-from stevs.tiling import TileGeometry, tile_slide, tile_spots
+from stevs.tiling import QC_MAX_PX, TileGeometry, draw_qc, save_qc, tile_slide, tile_spots
 from stevs.tissue import MIN_TISSUE_SATURATION, detect_tissue
 
 BACKGROUND = np.array([240, 238, 242], np.float64)  # glass: low saturation
@@ -533,3 +533,15 @@ def test_tile_spots_on_an_open_slide_matches_tile_slide(small_slide: Path, tmp_p
         with pytest.raises(StevsInputError, match="not unique"):
             tile_spots(slide, ["a", "a"], [[5, 5], [9, 5]], tmp_path / "c.h5", slide_id="s")
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_qc_picture_is_small_and_keeps_the_box_colours(tmp_path: Path) -> None:
+    thumbnail = np.full((2000, 1500, 3), 230, np.uint8)
+    boxes = np.array([[0, 0, 400, 400], [3000, 3000, 3400, 3400]], dtype=np.float64)
+    picture = draw_qc(thumbnail, boxes, np.array([0.5, 0.0]), (6000, 8000), "s")
+    assert max(picture.size) == QC_MAX_PX
+    save_qc(picture, tmp_path / "qc.png")
+    saved = Image.open(tmp_path / "qc.png")
+    assert saved.mode == "P"  # palette PNG, not lossless RGB
+    rgb = np.asarray(saved.convert("RGB"))
+    assert np.all(rgb == (0, 170, 0), axis=2).any() and np.all(rgb == (255, 140, 0), axis=2).any()
