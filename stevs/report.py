@@ -31,7 +31,7 @@ from stevs.atomic import atomic_write_text
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import read_fold
 from stevs.io.model_dir import ModelDir
-from stevs.io.prediction import Prediction, read_prediction
+from stevs.io.prediction import Background, Prediction, read_background, read_prediction
 from stevs.metrics import (
     PER_GENE_COLUMNS,
     SUMMARY_METRICS,
@@ -73,7 +73,9 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
        max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+/* wide tables scroll inside the page instead of running off it */
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; display: block;
+        overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #f0f0f0; }
 td:first-child, th:first-child { text-align: left; }
@@ -282,6 +284,7 @@ def spatial_maps(
         )
         r_lookup = per_gene[(per_gene["fold"] == fold_name) & (per_gene["slide"] == slide)]
         r_lookup = r_lookup.set_index(["method", "gene"])["pearson_r"]
+        background = read_background(preds[lead_method].path)
         for row, gene in enumerate(genes):
             for col, name in enumerate(columns):
                 ax = axes[row, col]
@@ -296,15 +299,35 @@ def spatial_maps(
                     values = preds[name].mean[rows, fold.genes.index(gene)]
                     r = r_lookup.get((name, gene), float("nan"))
                     title = f"{name} (r={r:.2f})"
-                low, high = np.percentile(values, [1, 99]) if len(values) else (0, 1)
-                ax.scatter(xy[:, 0], xy[:, 1], c=values, s=dot, cmap="viridis", vmin=low, vmax=high)
+                draw_spot_map(ax, xy, values, background, dot=dot)
                 ax.set_title(title, fontsize=8)
-                ax.set_aspect("equal")
-                ax.invert_yaxis()
-                ax.set_xticks([])
-                ax.set_yticks([])
         figures.append((f"{fold_name} / test slide {slide}", _png(fig)))
     return figures, notes
+
+
+def draw_spot_map(
+    ax: Any, xy: np.ndarray, values: np.ndarray, background: Background | None, *, dot: float
+) -> None:
+    """Spots coloured by ``values`` (1st-99th percentile, with a colour bar) over the slide's
+    H&E when the prediction file carries one, cropped to the spots."""
+    if background is not None and len(xy):
+        height, width = background.image.shape[:2]
+        extent = (0, width / background.scalef, height / background.scalef, 0)
+        ax.imshow(background.image, extent=extent)
+        pad = 0.05 * float(np.ptp(xy, axis=0).max() or 1.0)
+        ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
+        ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
+    else:
+        ax.invert_yaxis()
+    low, high = np.percentile(values, [1, 99]) if len(values) else (0, 1)
+    points = ax.scatter(
+        xy[:, 0], xy[:, 1], c=values, s=dot, cmap="viridis", vmin=low, vmax=high, linewidths=0
+    )
+    colorbar = ax.figure.colorbar(points, ax=ax, fraction=0.046, pad=0.02)
+    colorbar.ax.tick_params(labelsize=6)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 # --------------------------------------------------------------------------- provenance

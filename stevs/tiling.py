@@ -219,7 +219,9 @@ QC_MAX_PX = 1400
 def save_qc(picture: Image.Image, path: str | os.PathLike) -> None:
     """Write the QC picture atomically as a palette PNG."""
     with atomic_path(path, suffix=".png") as tmp:
-        picture.quantize(256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True)
+        picture.quantize(256, method=Image.Quantize.FASTOCTREE).save(
+            tmp, format="PNG", optimize=True
+        )
 
 
 def draw_qc(

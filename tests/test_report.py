@@ -227,3 +227,37 @@ def test_report_without_optional_inputs_and_bad_input(tmp_path: Path, built_repo
         report.build_report(
             built_report["metrics"], tmp_path / "r3", config_path=tmp_path / "x.yaml"
         )
+
+
+def test_wide_tables_scroll_inside_the_page() -> None:
+    rule = re.search(r"(?m)^table \{([^}]*)\}", report.CSS).group(1)
+    assert "overflow-x: auto" in rule and "display: block" in rule and "max-width: 100%" in rule
+
+
+def test_spot_map_draws_over_the_he_with_a_colour_bar(tmp_path: Path) -> None:
+    plt = report._pyplot()
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[..., 0] = 200
+    adata = ad.AnnData(np.zeros((3, 1), np.float32))
+    adata.uns["spatial"] = {
+        "s": {"images": {"lowres": image}, "scalefactors": {"tissue_lowres_scalef": 0.1}}
+    }
+    adata.write_h5ad(tmp_path / "p.h5ad")
+    background = report.read_background(tmp_path / "p.h5ad")
+    assert background.image.shape == (60, 80, 3) and background.scalef == 0.1
+    xy = np.array([[100.0, 100.0], [300.0, 200.0], [500.0, 400.0]])
+    fig, ax = plt.subplots()
+    report.draw_spot_map(ax, xy, np.array([0.0, 1.0, 2.0]), background, dot=5)
+    assert len(ax.images) == 1  # the H&E underneath
+    assert ax.images[0].get_extent() == [0, 800.0, 600.0, 0]  # image px -> level-0 px
+    assert len(fig.axes) == 2  # the colour bar's own axes
+    x0, x1 = ax.get_xlim()
+    assert x0 < 100 and x1 > 500 and x1 < 800  # cropped to the spots
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # image orientation: y down
+    plt.close(fig)
+    assert report.read_background(_write_plain(tmp_path)) is None
+
+
+def _write_plain(tmp_path: Path) -> Path:
+    ad.AnnData(np.zeros((2, 1), np.float32)).write_h5ad(tmp_path / "plain.h5ad")
+    return tmp_path / "plain.h5ad"

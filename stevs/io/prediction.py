@@ -162,3 +162,36 @@ def read_prediction(path: str | os.PathLike, genes: Sequence[str]) -> Prediction
     spatial = np.asarray(pred.obsm["spatial"]) if "spatial" in pred.obsm else None
     meta = dict(pred.uns.get("stevs", {}))
     return Prediction(path, mean, std, pred.obs_names.copy(), spatial, meta)
+
+
+@dataclass
+class Background:
+    """The H&E image a prediction file carries, with its scale to ``obsm["spatial"]`` px."""
+
+    image: np.ndarray  # uint8 (h, w, 3)
+    scalef: float  # image px per level-0 px
+
+
+def read_background(path: str | os.PathLike) -> Background | None:
+    """The lowres (else hires) H&E of a prediction file's ``uns["spatial"]``; None if absent."""
+    import h5py
+    from anndata.io import read_elem
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as file:
+            libraries = file.get("uns/spatial")
+            if libraries is None or not len(libraries):
+                return None
+            entry = libraries[next(iter(libraries))]
+            for key, factor in (
+                ("lowres", "tissue_lowres_scalef"),
+                ("hires", "tissue_hires_scalef"),
+            ):
+                if f"images/{key}" in entry and f"scalefactors/{factor}" in entry:
+                    image = np.asarray(read_elem(entry[f"images/{key}"]))
+                    scalef = float(read_elem(entry[f"scalefactors/{factor}"]))
+                    return Background(image, scalef)
+    except OSError as err:
+        raise StevsInputError(path, f"cannot read the prediction file: {err}") from err
+    return None
