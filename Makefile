@@ -8,12 +8,14 @@ STAMP := $(VENV)/.stevs-installed
 
 .PHONY: install demo test test-workflow lint clean her2st her2st-effnet her2st-gpu
 
-$(STAMP): pyproject.toml
+# Installs the versions the tests run with: envs/versions.txt (envs/generate.py writes it and
+# envs/stevs.yaml from pyproject.toml) as pip constraints.
+$(STAMP): pyproject.toml envs/versions.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "stevs needs Python >= 3.11: run 'make PYTHON=python3.11 ...'"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c envs/versions.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,7 +49,8 @@ test-workflow: install
 	$(BIN)/python .ci/check_demo.py $(TEST_CONFIG) --min-stevs-r -1
 
 lint: install
-	$(BIN)/ruff check stevs tests benchmarks
+	$(BIN)/ruff check stevs tests benchmarks envs
+	$(BIN)/python envs/generate.py --check
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --configfile config/config.yaml
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint --configfile $(TEST_CONFIG)
