@@ -16,3 +16,11 @@ class StevsInputError(ValueError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class StevsOutputError(StevsInputError):
+    """An output cannot be written (full disk, read-only or foreign folder).
+
+    A :class:`StevsInputError` so that the command line reports it the same way: one line
+    starting with the output's path, exit code 2.
+    """
