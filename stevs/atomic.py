@@ -42,13 +42,31 @@ def is_disk_error(err: BaseException) -> bool:
 def output_error(path: str | os.PathLike, err: OSError) -> StevsOutputError:
     """One line naming the output and why it cannot be written."""
     reason = err.strerror or str(err)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
     if err.errno in (errno.ENOSPC, errno.EDQUOT) or "space" in reason or "quota" in reason:
-        hint = f"free space on the disk of {Path(path).parent}, then rerun"
+        hint = f"free space on the disk of {folder}, then rerun"
     elif err.errno in PERMISSION_ERRNOS or isinstance(err, PermissionError):
-        hint = f"the folder {Path(path).parent} is not writable: choose another output folder"
+        hint = f"the folder {folder} is not writable: choose another output folder"
     else:
         hint = "check the output folder"
     return StevsOutputError(path, f"cannot write this output: {reason}; {hint}")
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure files can be created in it.
+
+    Long jobs call it first, so a read-only output folder stops them before the work,
+    not at the first write hours later.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=".stevs-write-test-", dir=folder)
+    except OSError as err:
+        raise output_error(folder, err) from err
+    os.close(handle)
+    os.unlink(name)
+    return folder
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:

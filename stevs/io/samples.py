@@ -33,8 +33,12 @@ def _resolve(value: str, base: Path) -> str:
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise StevsInputError(path, "sample sheet not found")
+    if path.stat().st_size == 0:
+        raise StevsInputError(path, "the sample sheet is empty (0 bytes): it needs a header row")
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    except pd.errors.EmptyDataError as err:
+        raise StevsInputError(path, "the sample sheet has no header row (only comments?)") from err
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise StevsInputError(path, f"cannot read sample sheet: {err}") from err
     table.columns = [str(c).strip() for c in table.columns]
