@@ -29,7 +29,8 @@ parts outside the slide are white and counted in ``outside_fraction``. ``tissue_
 is the share of the patch's box on the slide's tissue mask (:mod:`stevs.tissue`: Otsu on
 the saturation of a thumbnail, as in CLAM, cleaned by morphology), the same mask
 ``stevs predict-slide`` selects its grid spots with. The cache is written by
-:class:`stevs.io.patch_cache.PatchCacheWriter`.
+:class:`stevs.io.patch_cache.PatchCacheWriter`. Measured spots (``stevs tile``) must fall
+on that tissue: :func:`check_spots_on_tissue` stops coordinates in another image's scale.
 
 :func:`tile_spots` tiles spot centres on an open slide; :func:`tile_slide` (``stevs tile``)
 reads them from a slide AnnData.

@@ -582,6 +582,28 @@ def test_positions_list_with_a_header_line_is_read(tmp_path):
     assert str(info.value).startswith(str(bad / "tissue_positions_list.csv"))
 
 
+def test_equal_weights_give_byte_identical_files_in_separate_processes(tmp_path):
+    """safetensors keeps metadata in a hash map whose order changes per process: the
+    weights file (and the checksum predictions record) changed between identical runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from stevs.io.model_dir import ModelDir; "
+        "ModelDir(sys.argv[1]).write_arrays({'w': np.arange(6.0), 'b': np.ones(2)}, "
+        "{'method': 'ridge_color', 'alpha': 1.0, 'epochs_done': 3, 'best_epoch': 2})"
+    )
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True)
+    files = {(tmp_path / name / "model.safetensors").read_bytes() for name in ("a", "b", "c")}
+    assert len(files) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "np") as handle:
+        assert handle.metadata()["best_epoch"] == "2"
+        assert np.array_equal(handle.get_tensor("w"), np.arange(6.0))
+
+
 # -- training --------------------------------------------------------------------------------------
 
 
