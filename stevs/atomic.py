@@ -47,6 +47,8 @@ def output_error(path: str | os.PathLike, err: OSError) -> StevsOutputError:
         hint = f"free space on the disk of {folder}, then rerun"
     elif err.errno in PERMISSION_ERRNOS or isinstance(err, PermissionError):
         hint = f"the folder {folder} is not writable: choose another output folder"
+    elif err.errno == errno.EISDIR:
+        hint = "a folder of that name is in the way: give a file path"
     else:
         hint = "check the output folder"
     return StevsOutputError(path, f"cannot write this output: {reason}; {hint}")
