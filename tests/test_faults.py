@@ -318,6 +318,15 @@ def test_permission_error_outside_the_atomic_writer_is_one_line(run, tmp_path, c
     assert_one_line_error(code, err, str(tmp_path / "out"), "Permission denied")
 
 
+def test_output_path_taken_by_a_folder_is_one_line(run, tmp_path, capsys):
+    """`--out` names an existing folder: was an IsADirectoryError traceback at the rename."""
+    out = tmp_path / "out"
+    (out / "demo_1.h5ad").mkdir(parents=True)
+    code, err = run_cli(capsys, *commands(run, out)["ingest"])
+    assert_one_line_error(code, err, str(out / "demo_1.h5ad"), "a folder of that name")
+    assert files_under(out) == []
+
+
 def test_stale_temporary_files_of_a_killed_run_are_removed(run, tmp_path, capsys):
     """A killed `stevs tile` leaves `.X.h5.tmp-*`; the rerun removes it (and only its own)."""
     out = tmp_path / "out"
