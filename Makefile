@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.stevs-installed
 
-.PHONY: install demo test test-workflow lint clean her2st her2st-effnet her2st-gpu
+.PHONY: install demo test test-workflow test-workflow-rerun lint clean her2st her2st-effnet her2st-gpu
 
 # Installs the versions the tests run with: envs/versions.txt (envs/generate.py writes it and
 # envs/stevs.yaml from pyproject.toml) as pip constraints.
@@ -47,6 +47,11 @@ TEST_CONFIG := .test/config/config.yaml
 test-workflow: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(TEST_CONFIG)
 	$(BIN)/python .ci/check_demo.py $(TEST_CONFIG) --min-stevs-r -1
+
+# Reruns after a config change (folds.panel, training.seed) retrain and equal a fresh run:
+# tests/test_workflow_rerun.py, five small Snakemake runs (about 5 minutes on 2 cores).
+test-workflow-rerun: install
+	$(BIN)/python -m pytest -q -m workflow_rerun tests/test_workflow_rerun.py
 
 lint: install
 	$(BIN)/ruff check stevs tests benchmarks envs

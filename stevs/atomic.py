@@ -1,19 +1,95 @@
 """Atomic file output: write to a temporary sibling, rename it into place when complete.
 
-A killed job therefore never leaves a complete-looking output behind. Finished files get
-the usual permissions (0666 minus the umask), not the 0600 of a temporary file.
+A killed job therefore never leaves a complete-looking output behind, and its temporary
+file (``.{name}.tmp-*``) is removed by the next write of the same output. Finished files
+get the usual permissions (0666 minus the umask), not the 0600 of a temporary file. A full
+disk, a read-only or foreign folder is a :class:`stevs.errors.StevsOutputError` naming the
+output: one line, no traceback, nothing left behind.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stevs.errors import StevsOutputError
+
+log = logging.getLogger(__name__)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+#: errors of a write that are about the disk, never about the data written
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+#: errors of creating or renaming a file in a folder one may not write to
+PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+_DISK_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def is_disk_error(err: BaseException) -> bool:
+    """True for a full disk, an exceeded quota or a read-only file system (also when a
+    library such as HDF5 reports it only in its message)."""
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        return True
+    return isinstance(err, OSError) and any(word in str(err) for word in _DISK_WORDS)
+
+
+def output_error(path: str | os.PathLike, err: OSError) -> StevsOutputError:
+    """One line naming the output and why it cannot be written."""
+    reason = err.strerror or str(err)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or "space" in reason or "quota" in reason:
+        hint = f"free space on the disk of {folder}, then rerun"
+    elif err.errno in PERMISSION_ERRNOS or isinstance(err, PermissionError):
+        hint = f"the folder {folder} is not writable: choose another output folder"
+    elif err.errno == errno.EISDIR:
+        hint = "a folder of that name is in the way: give a file path"
+    else:
+        hint = "check the output folder"
+    return StevsOutputError(path, f"cannot write this output: {reason}; {hint}")
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure files can be created in it.
+
+    Long jobs call it first, so a read-only output folder stops them before the work,
+    not at the first write hours later.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=".stevs-write-test-", dir=folder)
+    except OSError as err:
+        raise output_error(folder, err) from err
+    os.close(handle)
+    os.unlink(name)
+    return folder
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the ``.{name}.tmp-*`` siblings a killed earlier write of ``path`` left."""
+    path = Path(path)
+    removed = []
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            stale.unlink()
+        except OSError:
+            continue
+        removed.append(stale)
+    if removed:
+        log.info("%s: removed %d temporary file(s) of an interrupted write", path, len(removed))
+    return removed
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give the finished temporary file normal permissions and rename it to ``path``."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
 
 
 @contextmanager
@@ -21,17 +97,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it to ``path`` if the block succeeds.
 
     The temporary file is removed when the block raises. ``suffix`` keeps an extension
-    for writers that look at it (e.g. ``.h5ad``).
+    for writers that look at it (e.g. ``.h5ad``). Stale temporaries of ``path`` from a
+    killed run are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    except OSError as err:
+        raise output_error(path, err) from err
     os.close(handle)
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        try:
+            _publish(tmp, path)
+        except OSError as err:
+            raise output_error(path, err) from err
+    except OSError as err:
+        if is_disk_error(err):
+            raise output_error(path, err) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -15,6 +15,7 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from stevs import __version__
+from stevs.atomic import is_disk_error, output_error
 from stevs.errors import StevsInputError
 
 T = TypeVar("T")
@@ -75,10 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = module.run(args)
     except StevsInputError as err:
-        logging.getLogger("stevs").error("%s", err)
-        print(f"stevs {command}: error: {err}", file=sys.stderr)
-        return 2
+        return _report(command, err)
+    except OSError as err:  # a write outside stevs.atomic: full disk, folder not writable
+        if not (is_disk_error(err) or isinstance(err, PermissionError)) or not err.filename:
+            raise
+        return _report(command, output_error(err.filename, err))
     return int(result or 0)
+
+
+def _report(command: str, err: StevsInputError) -> int:
+    """Log and print the one-line error; the exit code of bad input."""
+    logging.getLogger("stevs").error("%s", err)
+    print(f"stevs {command}: error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

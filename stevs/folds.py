@@ -528,6 +528,22 @@ def build_fold(
     return fold
 
 
+def check_patches_dir(patches_dir: str | PathLike) -> None:
+    """Refuse a patches folder that does not exist (fold files would point at nothing).
+
+    Caches may still be missing inside an existing folder (the workflow tiles while folds are
+    built); those are only logged.
+    """
+    folder = Path(patches_dir)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise StevsInputError(
+            folder,
+            f"patches folder {what}: give --patches-dir the folder 'stevs tile' wrote "
+            "{slide}.h5 into (fold files record each cache's path there)",
+        )
+
+
 def make_folds(
     slide_paths: Sequence[str | PathLike],
     patches_dir: str | PathLike,
@@ -553,6 +569,9 @@ def make_folds(
                 f"slide id {record.slide} is also used by {slides[record.slide].adata_path}",
             )
         slides[record.slide] = record
+    missing = [r.slide for r in records if not Path(r.patches_path).is_file()]
+    if missing:
+        log.info("%s: no patch cache yet for %s", patches_dir, ", ".join(missing))
     plans = plan_folds(
         options.scheme,
         list(slides),
@@ -560,7 +579,6 @@ def make_folds(
         k=options.k,
         seed=options.seed,
     )
-    out_dir = Path(out_dir)
     folds = []
     for index, plan in enumerate(tqdm(plans, desc="building folds")):
         fold = build_fold(plan, index, slides, options, gene_list)
@@ -571,10 +589,29 @@ def make_folds(
                 plan.name,
                 ", ".join(fold.shared_patients),
             )
-        fold.path = str(write_fold(fold, out_dir / f"{fold.fold}.json"))
         folds.append(fold)
-    write_summary(folds, out_dir / "folds.tsv")
+    write_folds(folds, out_dir)
     return folds
+
+
+def write_folds(folds: Sequence[Fold], out_dir: str | PathLike) -> None:
+    """Write every ``{fold}.json`` and ``folds.tsv``, all or nothing.
+
+    Called only once every fold is built; if a write fails (full disk, no permission), the
+    files of this call already written are removed again.
+    """
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    try:
+        for fold in folds:
+            path = write_fold(fold, out_dir / f"{fold.fold}.json")
+            written.append(path)
+            fold.path = str(path)
+        written.append(write_summary(folds, out_dir / "folds.tsv"))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def write_summary(folds: Sequence[Fold], path: str | PathLike) -> Path:
@@ -658,6 +695,7 @@ def run(args: argparse.Namespace) -> int:
         raise StevsInputError(None, f"--block-um must be positive, got {args.block_um}")
     if args.buffer_pitches < 0:
         raise StevsInputError(None, f"--buffer-pitches must be >= 0, got {args.buffer_pitches}")
+    check_patches_dir(args.patches_dir)
     options = options_from_args(FoldOptions, args, exclude_mito_ribo=not args.keep_mito_ribo)
     folds = make_folds(args.slides, args.patches_dir, args.out_dir, options)
     for fold in folds:

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from stevs.atomic import check_writable
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, read_fold
 from stevs.io.model_dir import ModelDir, check_trained_scale
@@ -233,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1 or args.samples < 0:
         raise StevsInputError(None, "--batch-size must be >= 1 and --samples >= 0")
+    resolve_device(args.device)  # a device this machine lacks stops here, before any work
+    check_writable(args.out_dir)
     folder = ModelDir(args.model_dir)
     method = get_method(folder.read_config()["method"], str(folder.config_path))
     options: dict[str, Any] = {"slides": args.slides}

@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from stevs import __version__
-from stevs.atomic import atomic_path
+from stevs.atomic import atomic_path, check_writable
 from stevs.errors import StevsInputError
 from stevs.geometry import (
     GRID_KINDS,
@@ -901,6 +901,10 @@ def run(args: argparse.Namespace) -> int:
     """``stevs predict-slide``."""
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
+    from stevs.train import resolve_device
+
+    resolve_device(args.device)  # a device this machine lacks stops here, before any work
+    check_writable(args.out_dir)
     image, mpp = args.image, args.mpp
     if args.sheet:
         from stevs.io.samples import read_predict_sheet

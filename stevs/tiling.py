@@ -29,7 +29,8 @@ parts outside the slide are white and counted in ``outside_fraction``. ``tissue_
 is the share of the patch's box on the slide's tissue mask (:mod:`stevs.tissue`: Otsu on
 the saturation of a thumbnail, as in CLAM, cleaned by morphology), the same mask
 ``stevs predict-slide`` selects its grid spots with. The cache is written by
-:class:`stevs.io.patch_cache.PatchCacheWriter`.
+:class:`stevs.io.patch_cache.PatchCacheWriter`. Measured spots (``stevs tile``) must fall
+on that tissue: :func:`check_spots_on_tissue` stops coordinates in another image's scale.
 
 :func:`tile_spots` tiles spot centres on an open slide; :func:`tile_slide` (``stevs tile``)
 reads them from a slide AnnData.
@@ -389,6 +390,59 @@ def plan_geometry(
     )
 
 
+# -- spots vs tissue ---------------------------------------------------------------------------
+
+#: a patch with less than this share of its box on tissue is background
+BACKGROUND_TISSUE_FRACTION = 0.1
+#: spots are refused when more than this share of their patches is background ...
+MAX_BACKGROUND_SHARE = 0.5
+#: ... and the bounding box of the patches holds less than this share of the detected tissue
+MIN_TISSUE_WITHIN_SPOTS = 0.5
+#: tissue this many times larger than the spots' extent suggests a downscaled image's pixels
+SCALE_HINT_RATIO = 1.5
+
+
+def check_spots_on_tissue(
+    path: str | os.PathLike | None,
+    slide_path: str | os.PathLike,
+    tissue: TissueDetection,
+    boxes: np.ndarray,
+    tissue_fraction: np.ndarray,
+) -> None:
+    """Refuse spots whose patches mostly miss the slide's detected tissue.
+
+    That is what coordinates in another image's scale look like (e.g. Space Ranger's hires
+    pixels given for the full-resolution image: every spot crowds into a corner of glass).
+    Fires only when most patches are background *and* the spots' bounding box misses most
+    of the tissue, so faint staining under correctly placed spots does not trip it.
+    """
+    within = tissue.tissue_within(boxes)
+    if len(boxes) == 0 or not math.isfinite(within):
+        log.warning("%s: no tissue detected; cannot check where the spots fall", slide_path)
+        return
+    background = float(np.mean(tissue_fraction < BACKGROUND_TISSUE_FRACTION))
+    if background <= MAX_BACKGROUND_SHARE or within >= MIN_TISSUE_WITHIN_SPOTS:
+        return
+    spots_w = float(boxes[:, 2].max() - boxes[:, 0].min())
+    spots_h = float(boxes[:, 3].max() - boxes[:, 1].min())
+    tissue_w, tissue_h = tissue.extent_px()
+    ratio = max(tissue_w / spots_w, tissue_h / spots_h)
+    if ratio >= SCALE_HINT_RATIO:
+        hint = (
+            f"the tissue spans {ratio:.1f}x the spots' extent: are the coordinates in the "
+            "pixels of a downscaled image (e.g. Space Ranger's hires image: multiply them by "
+            "1/tissue_hires_scalef)?"
+        )
+    else:
+        hint = "are the coordinates from another image, shifted, or with x and y swapped?"
+    raise StevsInputError(
+        path,
+        f"{background:.0%} of the {len(boxes)} spot patches are background (under "
+        f"{BACKGROUND_TISSUE_FRACTION:.0%} tissue) and the spots cover {within:.0%} of the "
+        f"tissue detected on {slide_path}: {hint}",
+    )
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 
@@ -458,13 +512,16 @@ def tile_spots(
     window_patches: int = DEFAULT_WINDOW_PATCHES,
     progress: bool | None = None,
     tissue: TissueDetection | None = None,
+    spots_path: str | os.PathLike | None = None,
 ) -> Path:
     """Cut a patch centred on every spot of an open slide into the patch cache ``out_path``.
 
     ``centers_px``: (n, 2) level-0 (x, y), pixel centres at integers, in ``barcodes``'
     order. ``tissue``: the slide's :func:`stevs.tissue.detect_tissue` when the caller has it
     already (else it is computed). ``progress=None`` shows a progress bar on a terminal only.
-    A QC PNG is written to ``qc_path`` when given. Returns ``out_path``.
+    A QC PNG is written to ``qc_path`` when given. ``spots_path``: the file the measured
+    spots come from; when given, spots mostly off the slide's tissue are refused naming it
+    (:func:`check_spots_on_tissue`). Returns ``out_path``.
     """
     check_tiling_settings(patch_px, patch_mpp, threads, window_patches, slide.path)
     barcodes = [str(b) for b in barcodes]
@@ -475,6 +532,9 @@ def tile_spots(
     boxes = geometry.boxes(centers_px)
     outside = outside_fractions(boxes, slide.dimensions)
     tissue = detect_tissue(slide, mpp_source) if tissue is None else tissue
+    tissue_fraction = tissue.box_fractions(boxes)
+    if spots_path is not None:
+        check_spots_on_tissue(spots_path, slide.path, tissue, boxes, tissue_fraction)
     windows = plan_windows(boxes, geometry, window_patches)
     log.info(
         "%s: %d patches of %d px at %g µm/px from level %d (downsample %g) of %s "
@@ -495,7 +555,7 @@ def tile_spots(
         barcodes=barcodes,
         centers_px=centers_px,
         outside_fraction=outside,
-        tissue_fraction=tissue.box_fractions(boxes),
+        tissue_fraction=tissue_fraction,
         scale=PatchScale(geometry.patch_px, geometry.patch_mpp),
         info=PatchCacheInfo(
             slide=slide_id,
@@ -568,6 +628,7 @@ def tile_slide(
             qc_path=qc_path,
             window_patches=window_patches,
             progress=progress,
+            spots_path=spots.path,
         )
 
 

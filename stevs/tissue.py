@@ -79,6 +79,29 @@ class TissueDetection:
         inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
         return (inside / area).astype(np.float32)
 
+    def tissue_within(self, boxes: np.ndarray) -> float:
+        """Share of the detected tissue inside the bounding box of level-0 ``boxes``
+        (NaN when no tissue was detected)."""
+        total = int(self.mask.sum())
+        if total == 0 or len(boxes) == 0:
+            return float("nan")
+        height, width = self.mask.shape
+        sx, sy = self._axis_scales()
+        x0 = int(np.clip(np.floor(boxes[:, 0].min() * sx), 0, width))
+        y0 = int(np.clip(np.floor(boxes[:, 1].min() * sy), 0, height))
+        x1 = int(np.clip(np.ceil(boxes[:, 2].max() * sx), 0, width))
+        y1 = int(np.clip(np.ceil(boxes[:, 3].max() * sy), 0, height))
+        return float(self.mask[y0:y1, x0:x1].sum()) / total
+
+    def extent_px(self) -> tuple[float, float]:
+        """Level-0 width and height of the detected tissue's bounding box ((0, 0): none)."""
+        rows = np.flatnonzero(self.mask.any(axis=1))
+        cols = np.flatnonzero(self.mask.any(axis=0))
+        if rows.size == 0:
+            return 0.0, 0.0
+        sx, sy = self._axis_scales()
+        return (cols[-1] + 1 - cols[0]) / sx, (rows[-1] + 1 - rows[0]) / sy
+
     def disk_fractions(self, centers_px: np.ndarray, diameter_px: float) -> np.ndarray:
         """Share of each disk (level-0 centre, pixel centres at integers) on tissue."""
         sx, sy = self._axis_scales()

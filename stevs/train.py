@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from stevs import __version__
+from stevs.atomic import check_writable
 from stevs.cli import options_from_args
 from stevs.errors import StevsInputError
 from stevs.hashing import file_sha256
@@ -902,8 +903,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)
     method = get_method(args.method)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resolve_device(args.device)  # also for ridge methods, which run on the CPU anyway
+    out = check_writable(args.out)
     handler = logging.FileHandler(out / LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("stevs").addHandler(handler)

@@ -300,6 +300,7 @@ def test_read_fold_rejects_broken_or_leaky_files(slides, tmp_path) -> None:
 def test_cli_writes_folds_and_reports_errors(slides, tmp_path, capsys) -> None:
     out = tmp_path / "folds"
     argv = ["folds", "--slides", *map(str, slides), "--out-dir", str(out)]
+    argv += ["--patches-dir", str(tmp_path)]
     assert stevs_main([*argv, "--scheme", "group_kfold", "--k", "2", "--n-genes", "20"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["fold0.json", "fold1.json", "folds.tsv"]
     assert read_fold(out / "fold0.json").panel["method"] == "highly_variable"

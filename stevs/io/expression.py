@@ -165,23 +165,49 @@ def read_10x_h5(path: Path) -> tuple[sparse.csr_matrix, pd.Index, pd.DataFrame]:
     return sparse.csr_matrix(adata.X), pd.Index(adata.obs_names.astype(str)), var
 
 
-def read_visium_positions(spatial_dir: Path) -> tuple[pd.DataFrame, Path]:
-    """In-tissue spot positions from ``tissue_positions.csv`` (or the older ``_list`` file)."""
-    with_header = spatial_dir / "tissue_positions.csv"
-    without_header = spatial_dir / "tissue_positions_list.csv"
-    if with_header.is_file():
-        path, table = with_header, pd.read_csv(with_header)
-    elif without_header.is_file():
-        path = without_header
-        table = pd.read_csv(without_header, header=None, names=VISIUM_POSITION_COLUMNS)
-    else:
-        raise StevsInputError(
-            spatial_dir, "no tissue_positions.csv or tissue_positions_list.csv in this folder"
-        )
+def _read_positions_csv(path: Path) -> pd.DataFrame:
+    """A Space Ranger positions table, with or without its header line.
+
+    Space Ranger 1 writes ``tissue_positions_list.csv`` without a header, 2+ writes
+    ``tissue_positions.csv`` with one; either file name is read whichever it holds (a header
+    is a first line starting with ``barcode``).
+    """
+    try:
+        with path.open(encoding="utf-8") as handle:
+            first = handle.readline()
+        has_header = first.split(",", 1)[0].strip().strip('"') == "barcode"
+        if has_header:
+            table = pd.read_csv(path)
+        else:
+            table = pd.read_csv(path, header=None, names=VISIUM_POSITION_COLUMNS)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise StevsInputError(path, f"cannot read the spot positions: {err}") from err
     missing = [c for c in VISIUM_POSITION_COLUMNS if c not in table.columns]
     if missing:
         raise StevsInputError(path, f"missing columns {missing}")
-    table = table.astype({"barcode": str}).set_index("barcode")
+    numeric = VISIUM_POSITION_COLUMNS[1:]
+    values = table[numeric].apply(pd.to_numeric, errors="coerce")
+    bad = values.isna().any(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise StevsInputError(
+            path,
+            f"{int(bad.sum())} rows have non-numeric {', '.join(numeric)} (e.g. data row "
+            f"{row + 1}: {table.iloc[row].tolist()})",
+        )
+    table[numeric] = values
+    return table.astype({"barcode": str})
+
+
+def read_visium_positions(spatial_dir: Path) -> tuple[pd.DataFrame, Path]:
+    """In-tissue spot positions from ``tissue_positions.csv`` (or the older ``_list`` file)."""
+    candidates = [spatial_dir / "tissue_positions.csv", spatial_dir / "tissue_positions_list.csv"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise StevsInputError(
+            spatial_dir, "no tissue_positions.csv or tissue_positions_list.csv in this folder"
+        )
+    table = _read_positions_csv(path).set_index("barcode")
     table = table.loc[table["in_tissue"].astype(int) == 1]
     if table.empty:
         raise StevsInputError(path, "no spot is marked in_tissue")

@@ -37,8 +37,23 @@ LOG = "train.log"
 
 
 def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """safetensors metadata as strings, in sorted key order (byte-identical reruns)."""
+    """safetensors metadata as strings (:func:`_canonical` fixes their order in the file)."""
     return {k: str(metadata[k]) for k in sorted(metadata or {})}
+
+
+def _canonical(data: bytes) -> bytes:
+    """A safetensors file with its JSON header in sorted key order.
+
+    safetensors keeps the metadata in a Rust HashMap, so its order (and the file's bytes and
+    checksum) changes from process to process even for equal weights; the header is
+    rewritten with sorted keys, padded with spaces to 8 bytes as the format asks. The data
+    offsets are relative to the end of the header, so the tensors are untouched.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 class ModelDir:
@@ -103,7 +118,7 @@ class ModelDir:
 
         self.path.mkdir(parents=True, exist_ok=True)
         data = save(dict(tensors), metadata=_metadata(metadata))
-        return atomic_write_bytes(self.weights_path, data)
+        return atomic_write_bytes(self.weights_path, _canonical(data))
 
     def write_arrays(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> Path:
         """numpy arrays -> ``model.safetensors`` (atomic)."""
@@ -111,7 +126,8 @@ class ModelDir:
 
         self.path.mkdir(parents=True, exist_ok=True)
         plain = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-        return atomic_write_bytes(self.weights_path, save(plain, metadata=_metadata(metadata)))
+        data = save(plain, metadata=_metadata(metadata))
+        return atomic_write_bytes(self.weights_path, _canonical(data))
 
     def read_tensors(self) -> dict[str, Any]:
         """``model.safetensors`` as torch tensors (CPU)."""

@@ -111,6 +111,18 @@ def _open_file(path: Path) -> h5py.File:
         ) from err
 
 
+def _damaged(path: Path, err: BaseException, what: str = "the cache") -> StevsInputError:
+    """A read failing inside the file: corrupt or truncated, to be tiled again."""
+    if isinstance(err, StevsInputError):
+        return err
+    reason = " ".join(str(err).split())[:200]
+    return StevsInputError(
+        path,
+        f"cannot read {what}: the patch cache is damaged or truncated ({type(err).__name__}: "
+        f"{reason}); delete it and run 'stevs tile' again",
+    )
+
+
 def _check_patches(path: Path, handle: h5py.File) -> tuple[int, int, int]:
     for key in (PATCHES, BARCODES, CENTERS):
         if key not in handle or not isinstance(handle[key], h5py.Dataset):
@@ -169,6 +181,16 @@ class PatchCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        try:
+            self._read_index()
+        except (OSError, KeyError, RuntimeError) as err:  # HDF5's errors of a damaged file
+            raise _damaged(self.path, err) from err
+        self._row = {b: i for i, b in enumerate(self.barcodes)}
+        self._pid: int | None = None
+        self._file: h5py.File | None = None
+
+    def _read_index(self) -> None:
+        """Shape, barcodes, centres, fractions and attributes, validated."""
         with _open_file(self.path) as handle:
             self.patch_shape = _check_patches(self.path, handle)
             n = int(handle[PATCHES].shape[0])
@@ -184,9 +206,6 @@ class PatchCache:
                 f"patches are {self.patch_shape[1]}x{self.patch_shape[0]} px but the "
                 f"patch_px attribute says {self.scale.patch_px}",
             )
-        self._row = {b: i for i, b in enumerate(self.barcodes)}
-        self._pid: int | None = None
-        self._file: h5py.File | None = None
 
     def __len__(self) -> int:
         return len(self.barcodes)
@@ -219,7 +238,10 @@ class PatchCache:
         index = int(row)
         if not -n <= index < n:
             raise IndexError(f"{self.path}: row {row} outside 0..{n - 1}")
-        return self._patches()[index % n]
+        try:
+            return self._patches()[index % n]
+        except (OSError, KeyError, RuntimeError) as err:
+            raise _damaged(self.path, err, f"patch row {index % n}") from err
 
     def read_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """Patches of ``rows`` (any order, repeats allowed): (n, H, W, 3) uint8."""
@@ -229,7 +251,10 @@ class PatchCache:
         if rows.min() < 0 or rows.max() >= len(self):
             raise IndexError(f"{self.path}: rows must lie in 0..{len(self) - 1}")
         unique, inverse = np.unique(rows, return_inverse=True)
-        return self._patches()[unique][inverse]  # h5py wants increasing indices
+        try:
+            return self._patches()[unique][inverse]  # h5py wants increasing indices
+        except (OSError, KeyError, RuntimeError) as err:
+            raise _damaged(self.path, err, f"{len(unique)} patch rows") from err
 
     def close(self) -> None:
         """Close this process's handle (a later read reopens it)."""

@@ -2,8 +2,9 @@
 
 Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format`` (``visium``,
 ``st`` or ``h5ad``), ``spots`` (legacy ST spot file; empty otherwise), ``mpp`` (microns
-per level-0 pixel; empty to take it from the image or the spot grid). Relative paths are
-resolved against ``data_root`` when given, else against the sheet's own folder.
+per level-0 pixel, within :data:`stevs.io.slide.MPP_RANGE`; empty, row by row, to take it
+from the image or the spot grid). Relative paths are resolved against ``data_root`` when
+given, else against the sheet's own folder. ``mpp`` comes back as a float or None per row.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd
 
 from stevs.errors import StevsInputError
 from stevs.ids import SLIDE_ID_RULE, is_slide_id
+from stevs.io.slide import MPP_RANGE
 
 REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
 OPTIONAL_COLUMNS = ("patient", "spots", "mpp")
@@ -31,8 +33,12 @@ def _resolve(value: str, base: Path) -> str:
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise StevsInputError(path, "sample sheet not found")
+    if path.stat().st_size == 0:
+        raise StevsInputError(path, "the sample sheet is empty (0 bytes): it needs a header row")
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    except pd.errors.EmptyDataError as err:
+        raise StevsInputError(path, "the sample sheet has no header row (only comments?)") from err
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise StevsInputError(path, f"cannot read sample sheet: {err}") from err
     table.columns = [str(c).strip() for c in table.columns]
@@ -55,7 +61,9 @@ def _check_slide_ids(path: Path, table: pd.DataFrame) -> None:
         raise _row_error(path, table, index, "duplicate slide_id")
 
 
-def _parse_mpp(path: Path, table: pd.DataFrame) -> list[float | None]:
+def _parse_mpp(path: Path, table: pd.DataFrame) -> pd.Series:
+    """The ``mpp`` column as float or None per row (object dtype: an empty cell stays None,
+    never NaN), each given value within :data:`MPP_RANGE`."""
     values: list[float | None] = []
     for index, raw in table["mpp"].items():
         if raw == "":
@@ -67,8 +75,16 @@ def _parse_mpp(path: Path, table: pd.DataFrame) -> list[float | None]:
             raise _row_error(path, table, index, f"mpp '{raw}' is not a number") from None
         if not (math.isfinite(value) and value > 0):
             raise _row_error(path, table, index, f"mpp must be positive, got {raw}")
+        if not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+            raise _row_error(
+                path,
+                table,
+                index,
+                f"mpp {raw} µm/px is outside {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px: "
+                "microns per pixel of the full-resolution image (e.g. 0.25 at 40x, 0.5 at 20x)",
+            )
         values.append(value)
-    return values
+    return pd.Series(values, index=table.index, dtype=object)
 
 
 def read_sample_sheet(

@@ -97,5 +97,6 @@ rule make_folds:
         args=folds_args(),
         results=lambda wildcards, output: str(Path(output.summary).parent.parent),
     shell:
-        "stevs folds --slides {input.slides} --patches-dir {params.results}/patches {params.args}"
+        "mkdir -p {params.results}/patches && stevs folds --slides {input.slides}"
+        " --patches-dir {params.results}/patches {params.args}"
         " --out-dir {params.results}/folds > {log} 2>&1"

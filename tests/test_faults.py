@@ -1,0 +1,648 @@
+"""Faults and bad input, tried as a new user would (issue 14).
+
+Every case ends the same way: exit code 2 from ``stevs.cli.main``, one line on stderr that
+names the file (or the option) and the problem, and no output that looks valid. Cases
+tested in their module's own test file are listed in :data:`ELSEWHERE`, so this file and
+that list together are the catalogue of fault classes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_patch_cache
+from safetensors.torch import load_file
+from test_predict_slide import untrained_model
+from test_train import TINY_PRESET, TinySpots, normalisation, run_training
+
+import stevs.atomic
+from stevs.cli import main
+from stevs.errors import StevsInputError
+from stevs.io.fold_file import read_fold
+from stevs.train import TrainOptions, build_model, train_model
+
+#: fault classes with their test in the module's own test file
+ELSEWHERE = {
+    "resume of another run's checkpoint": "test_train.py::"
+    "test_checkpoint_of_another_run_is_not_resumed",
+    "killed training resumes to the same weights": "test_train.py::"
+    "test_run_killed_after_an_epoch_resumes_to_the_same_weights",
+    "patch cache at another scale than the model's": "test_predict.py::"
+    "test_patches_at_another_scale_are_refused_naming_both",
+    "weights with NaN values": "test_predict.py::test_corrupt_weights_give_an_error_and_no_file",
+    "unseeded predictive std": "test_predict.py::test_predictions_are_byte_identical_on_rerun",
+    "--epochs 0": "test_train.py::test_zero_epochs_is_an_error",
+    "--batch-size 0 (predict)": "test_predict.py::test_batch_size_zero_is_one_clear_line",
+    "missing model / other panel": "test_predict.py::"
+    "test_predict_refuses_a_missing_model_and_another_panel",
+    "unknown config keys, demo.generate with a custom sheet": "test_config.py::"
+    "test_bad_config_stops_before_any_job",
+    "bad sample sheet in the workflow": "test_workflow.py::"
+    "test_bad_sample_sheet_stops_before_running",
+    "spots off the image, NaN coordinates, another image": "test_tiling.py::"
+    "test_slide_adata_from_another_image_is_refused, test_nan_coordinates_are_refused",
+    "nonsense patch settings": "test_tiling.py::test_nonsense_patch_settings",
+    "unreadable slide level": "test_tiling.py::test_unreadable_level_is_reported_with_the_file",
+    "malformed fold files": "test_folds.py::test_read_fold_rejects_broken_or_leaky_files",
+}
+
+PATCH_PX, PATCH_UM = 64, 128  # cpu_small's 64 px at 2 µm/px, the demo's own resolution
+
+
+def test_the_catalogue_points_at_tests_that_exist():
+    """Every fault class tested elsewhere names a test that is there."""
+    here = Path(__file__).parent
+    for fault, where in ELSEWHERE.items():
+        module, names = where.split("::")
+        text = (here / module).read_text(encoding="utf-8")
+        for name in names.split(", "):
+            assert f"def {name}(" in text, (fault, module, name)
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
+    """``stevs ARGV`` in-process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def files_under(folder: Path) -> list[str]:
+    """Files (not folders, not logs) under ``folder``, relative, sorted."""
+    if not folder.exists():
+        return []
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix != ".log"
+    )
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit code 2 and a one-line ``stevs X: error: ...`` holding every needle."""
+    lines = [line for line in err.splitlines() if ": error: " in line]  # not progress bars
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("stevs "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# -- a tiny demo run, every stage's inputs ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """Three small demo slides ingested and tiled, LOSO folds, an untrained STevs model of
+    fold0's panel, its predictions and metrics: the inputs of every subcommand."""
+    root = tmp_path_factory.mktemp("run")
+    argv = ["demo", "--out", root / "demo", "--n-slides", 3, "--size-um", 800, "--mpp", 2]
+    assert main([*map(str, argv), "--n-genes", "41"]) == 0
+    sheet = root / "demo" / "samples.tsv"
+    slides = []
+    for i in (1, 2, 3):
+        slide = root / "slides" / f"demo_{i}.h5ad"
+        assert main(["ingest", "--sample-sheet", str(sheet), "--slide-id", f"demo_{i}",
+                     "--out", str(slide)]) == 0  # fmt: skip
+        assert main(["tile", "--slide", str(slide), "--out", str(root / "patches" / f"demo_{i}.h5"),
+                     "--patch-px", str(PATCH_PX), "--patch-um", str(PATCH_UM)]) == 0  # fmt: skip
+        slides.append(str(slide))
+    assert main(["folds", "--slides", *slides, "--patches-dir", str(root / "patches"),
+                 "--scheme", "leave_one_slide_out", "--n-genes", "20",
+                 "--out-dir", str(root / "folds")]) == 0  # fmt: skip
+    fold = root / "folds" / "fold0.json"
+    scale = {"patch_px": PATCH_PX, "mpp_target": PATCH_UM / PATCH_PX}
+    model = untrained_model(root / "models" / "stevs" / "fold0", read_fold(fold).genes,
+                            patches=scale)  # fmt: skip
+    predictions = root / "predictions" / "stevs" / "fold0"
+    assert main(["predict", "--model-dir", str(model), "--fold", str(fold),
+                 "--out-dir", str(predictions), "--device", "cpu",
+                 "--samples", "2"]) == 0  # fmt: skip
+    metrics = root / "metrics"
+    assert main(["evaluate", "--fold", str(fold), "--predictions", str(predictions),
+                 "--method", "stevs",
+                 "--out", str(metrics / "stevs" / "fold0.tsv")]) == 0  # fmt: skip
+    return {
+        "root": root,
+        "sheet": sheet,
+        "predict_sheet": root / "demo" / "predict.tsv",
+        "slide": Path(slides[0]),
+        "slides": root / "slides",
+        "patches": root / "patches",
+        "fold": fold,
+        "model": model,
+        "predictions": predictions,
+        "metrics": metrics,
+    }
+
+
+def commands(run: dict[str, Path], out: Path) -> dict[str, list[object]]:
+    """One working command line per subcommand, every output under ``out``."""
+    slides = sorted(run["slides"].glob("*.h5ad"))
+    return {
+        "demo": [
+            "demo",
+            "--out",
+            out / "demo",
+            "--n-slides",
+            1,
+            "--size-um",
+            600,
+            "--mpp",
+            2,
+            "--n-genes",
+            41,
+        ],  # fmt: skip
+        "ingest": [
+            "ingest",
+            "--sample-sheet",
+            run["sheet"],
+            "--slide-id",
+            "demo_1",
+            "--out",
+            out / "demo_1.h5ad",
+        ],  # fmt: skip
+        "tile": [
+            "tile",
+            "--slide",
+            run["slide"],
+            "--out",
+            out / "demo_1.h5",
+            "--patch-px",
+            PATCH_PX,
+            "--patch-um",
+            PATCH_UM,
+        ],  # fmt: skip
+        "folds": [
+            "folds",
+            "--slides",
+            *slides,
+            "--patches-dir",
+            run["patches"],
+            "--scheme",
+            "leave_one_slide_out",
+            "--n-genes",
+            20,
+            "--out-dir",
+            out,
+        ],  # fmt: skip
+        "train": [
+            "train",
+            "--fold",
+            run["fold"],
+            "--method",
+            "ridge_color",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],  # fmt: skip
+        "predict": [
+            "predict",
+            "--model-dir",
+            run["model"],
+            "--fold",
+            run["fold"],
+            "--out-dir",
+            out,
+            "--device",
+            "cpu",
+            "--samples",
+            2,
+        ],  # fmt: skip
+        "evaluate": [
+            "evaluate",
+            "--fold",
+            run["fold"],
+            "--predictions",
+            run["predictions"],
+            "--method",
+            "stevs",
+            "--out",
+            out / "fold0.tsv",
+        ],  # fmt: skip
+        "report": ["report", "--metrics", run["metrics"], "--out", out],
+        "predict-slide": [
+            "predict-slide",
+            "--sheet",
+            run["predict_sheet"],
+            "--slide-id",
+            "demo_heonly",
+            "--models",
+            run["model"],
+            "--out-dir",
+            out,
+            "--device",
+            "cpu",
+            "--samples",
+            2,
+        ],  # fmt: skip
+    }
+
+
+SUBCOMMANDS = ["demo", "ingest", "tile", "folds", "train", "predict", "evaluate", "report",
+               "predict-slide"]  # fmt: skip
+DEVICE_SUBCOMMANDS = ["train", "predict", "predict-slide"]
+
+
+def test_every_subcommand_runs_on_the_fixture(run, tmp_path, capsys):
+    """The command lines below work, so each fault test fails for its fault only."""
+    for name in ("tile", "folds", "evaluate"):
+        code, err = run_cli(capsys, *commands(run, tmp_path / name)[name])
+        assert code == 0, err
+        assert files_under(tmp_path / name)
+
+
+# -- outputs: full disk, read-only folder -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_full_disk_is_one_line_naming_the_output(run, tmp_path, capsys, monkeypatch, name):
+    """The disk fills while the first output is finished: one line, nothing left behind."""
+
+    def full(tmp: Path, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    monkeypatch.setattr(stevs.atomic, "_publish", full)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *commands(run, out)[name])
+    assert_one_line_error(code, err, str(out), "No space left on device", "free space")
+    assert files_under(out) == []  # neither outputs nor their temporary files
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_read_only_folder_is_one_line_naming_it(run, tmp_path, capsys, monkeypatch, name):
+    """No file can be created in the output folder (what chmod 555 does for a non-root user)."""
+
+    def refuse(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr(stevs.atomic, "tempfile", types.SimpleNamespace(mkstemp=refuse))
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *commands(run, out)[name])
+    assert_one_line_error(code, err, str(out), "Permission denied", "not writable")
+    assert files_under(out) == []
+
+
+def test_a_write_failing_inside_the_writer_is_one_line(run, tmp_path, capsys, monkeypatch):
+    """ENOSPC raised by the library writing the file (here anndata), not by the rename."""
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *commands(run, out)["ingest"])
+    assert_one_line_error(code, err, str(out / "demo_1.h5ad"), "No space left on device")
+    assert files_under(out) == []
+
+
+def test_permission_error_outside_the_atomic_writer_is_one_line(run, tmp_path, capsys, monkeypatch):
+    """A folder the command creates itself (train's model folder) cannot be created."""
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self == tmp_path / "out":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    code, err = run_cli(capsys, *commands(run, tmp_path / "out")["train"])
+    assert_one_line_error(code, err, str(tmp_path / "out"), "Permission denied")
+
+
+def test_output_path_taken_by_a_folder_is_one_line(run, tmp_path, capsys):
+    """`--out` names an existing folder: was an IsADirectoryError traceback at the rename."""
+    out = tmp_path / "out"
+    (out / "demo_1.h5ad").mkdir(parents=True)
+    code, err = run_cli(capsys, *commands(run, out)["ingest"])
+    assert_one_line_error(code, err, str(out / "demo_1.h5ad"), "a folder of that name")
+    assert files_under(out) == []
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed(run, tmp_path, capsys):
+    """A killed `stevs tile` leaves `.X.h5.tmp-*`; the rerun removes it (and only its own)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".demo_1.h5.tmp-abc123"
+    stale.write_bytes(b"half a cache")
+    other = out / ".demo_2.h5.tmp-def456"  # another output's: not ours to remove
+    other.write_bytes(b"another job")
+    code, err = run_cli(capsys, *commands(run, out)["tile"])
+    assert code == 0, err
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in out.iterdir()) == [other.name, "demo_1.h5"]
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DEVICE_SUBCOMMANDS)
+def test_cuda_without_a_gpu_is_one_line(run, tmp_path, capsys, monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    argv = commands(run, out)[name]
+    argv[argv.index("--device") + 1] = "cuda"
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "--device cuda: this machine has no cuda")
+    assert files_under(out) == []
+
+
+@pytest.mark.parametrize("name", DEVICE_SUBCOMMANDS)
+def test_bogus_device_name_is_one_line(run, tmp_path, capsys, name):
+    out = tmp_path / "out"
+    argv = commands(run, out)[name]
+    argv[argv.index("--device") + 1] = "gpu0"
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "--device gpu0 is not a device name")
+    assert files_under(out) == []
+
+
+# -- sample sheets -----------------------------------------------------------------------------
+
+
+def demo_rows(run: dict[str, Path]) -> pd.DataFrame:
+    sheet = pd.read_csv(run["sheet"], sep="\t", dtype=str, keep_default_na=False)
+    base = run["sheet"].parent
+    for column in ("image", "expression"):
+        sheet[column] = [str(base / v) for v in sheet[column]]
+    return sheet
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: None, "the sample sheet is empty (0 bytes)"),
+        (lambda t: t.iloc[:0], "sample sheet has no rows"),
+        (lambda t: t.drop(columns="format"), "missing column(s) format"),
+        (lambda t: t.assign(slide_id="demo_1"), "row 3 (slide 'demo_1'): duplicate slide_id"),
+        (lambda t: t.assign(format="visum"), "format 'visum' unknown"),
+        (lambda t: t.assign(mpp="two"), "mpp 'two' is not a number"),
+        (lambda t: t.assign(mpp="-1"), "mpp must be positive"),
+        (lambda t: t.assign(mpp="250"), "mpp 250 µm/px is outside 0.05-20 µm/px"),
+        (lambda t: t.assign(image="/nowhere/x.tif"), "image '/nowhere/x.tif' does not exist"),
+        (lambda t: t.assign(slide_id="demo 1"), "slide_id must be"),
+    ],
+    ids=[
+        "zero-bytes",
+        "no-rows",
+        "no-format",
+        "duplicate-id",
+        "bad-format",
+        "mpp-text",
+        "mpp-negative",
+        "mpp-range",
+        "missing-image",
+        "bad-id",
+    ],  # fmt: skip
+)
+def test_bad_sample_sheet_is_one_line_naming_it(run, tmp_path, capsys, edit, message):
+    sheet = tmp_path / "samples.tsv"
+    table = edit(demo_rows(run))
+    if table is None:
+        sheet.write_bytes(b"")
+    else:
+        table.to_csv(sheet, sep="\t", index=False)
+    out = tmp_path / "out" / "demo_1.h5ad"
+    code, err = run_cli(capsys, "ingest", "--sample-sheet", sheet, "--slide-id", "demo_1",
+                        "--out", out)  # fmt: skip
+    assert_one_line_error(code, err, str(sheet), message)
+    assert not out.exists()
+
+
+def test_mpp_given_on_some_rows_only_means_not_given_on_the_others(run, tmp_path, capsys):
+    """Was: 'got nan', blaming the image. An empty cell is "not given", row by row."""
+    table = demo_rows(run)
+    table["mpp"] = ""
+    table.loc[table["slide_id"] == "demo_2", "mpp"] = "2.0"
+    sheet = tmp_path / "samples.tsv"
+    table.to_csv(sheet, sep="\t", index=False)
+    sources = {}
+    for slide in ("demo_1", "demo_2"):
+        out = tmp_path / f"{slide}.h5ad"
+        code, err = run_cli(capsys, "ingest", "--sample-sheet", sheet, "--slide-id", slide,
+                            "--out", out)  # fmt: skip
+        assert code == 0, err
+        meta = ad.read_h5ad(out, backed="r").uns["stevs"]
+        sources[slide] = (meta["mpp_source"], meta["mpp"])
+    assert sources == {"demo_1": ("metadata", 2.0), "demo_2": ("given", 2.0)}
+
+
+# -- spot coordinates in the wrong scale --------------------------------------------------------
+
+
+def test_spots_in_hires_pixels_are_refused_with_the_fix(run, tmp_path, capsys):
+    """Coordinates of a downscaled image (Space Ranger's hires, scale factor 0.2) for the
+    full-resolution image: every patch on glass. Was: a cache of background, exit 0."""
+    adata = ad.read_h5ad(run["slide"])
+    adata.obsm["spatial"] = adata.obsm["spatial"] * 0.2
+    wrong = tmp_path / "hires.h5ad"
+    adata.write_h5ad(wrong)
+    out = tmp_path / "out" / "demo_1.h5"
+    code, err = run_cli(capsys, "tile", "--slide", wrong, "--out", out,
+                        "--patch-px", PATCH_PX, "--patch-um", PATCH_UM)  # fmt: skip
+    assert_one_line_error(code, err, str(wrong), "spot patches are background",
+                          "multiply them by 1/tissue_hires_scalef")  # fmt: skip
+    assert files_under(tmp_path / "out") == []
+
+
+def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_dir):
+    """The check stays quiet on the 5 real sections; the same spots at hires scale stop it."""
+    from stevs.io.expression import estimate_mpp_from_spot_grid, read_legacy_st
+    from stevs.io.slide import open_slide
+    from stevs.tiling import TileGeometry, check_spots_on_tissue
+    from stevs.tissue import detect_tissue
+
+    sheet = pd.read_csv(Path(__file__).parents[1] / "config" / "her2st.tsv", sep="\t")
+    assert len(sheet) == 5
+    for row in sheet.itertuples():
+        adata = read_legacy_st(her2st_dir / row.expression, her2st_dir / row.spots)
+        mpp = estimate_mpp_from_spot_grid(adata, "st")
+        with open_slide(her2st_dir / row.image, mpp=mpp) as slide:
+            tissue = detect_tissue(slide, mpp)
+        geometry = TileGeometry(mpp, 224, 0.5, 0, 1.0)
+        boxes = geometry.boxes(np.asarray(adata.obsm["spatial"]))
+        check_spots_on_tissue(row.slide_id, row.image, tissue, boxes, tissue.box_fractions(boxes))
+        shrunk = geometry.boxes(np.asarray(adata.obsm["spatial"]) * tissue.scale)
+        with pytest.raises(StevsInputError, match="tissue_hires_scalef"):
+            check_spots_on_tissue(
+                row.slide_id, row.image, tissue, shrunk, tissue.box_fractions(shrunk)
+            )
+
+
+# -- folds --------------------------------------------------------------------------------
+
+
+def test_folds_with_a_missing_patches_dir_write_nothing(run, tmp_path, capsys):
+    """Was: fold files pointing at caches that do not exist, exit 0."""
+    argv = commands(run, tmp_path / "folds")["folds"]
+    missing = tmp_path / "no_such_patches"
+    argv[argv.index("--patches-dir") + 1] = missing
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, str(missing), "patches folder does not exist")
+    assert files_under(tmp_path / "folds") == []
+
+
+def test_a_failing_fold_leaves_no_fold_file(run, tmp_path, capsys):
+    """within_slice on one small slide: fold0 builds, fold1 has no validation spots left.
+    Was: fold0.json left beside the failed fold1."""
+    out = tmp_path / "folds"
+    code, err = run_cli(capsys, "folds", "--slides", run["slide"], "--patches-dir",
+                        run["patches"], "--scheme", "within_slice", "--k", 2, "--block-um", 200,
+                        "--n-genes", 20, "--out-dir", out)  # fmt: skip
+    assert_one_line_error(code, err, str(run["slide"]), "fold1: no val spots are left")
+    assert files_under(out) == []
+
+
+def test_a_fold_write_failing_removes_the_folds_written(run, tmp_path, capsys, monkeypatch):
+    """The disk fills at fold1.json: fold0.json of the same call is removed again."""
+    import stevs.folds
+
+    real = stevs.folds.write_fold
+
+    def full_at_second(fold, path):
+        if fold.fold != "fold0":
+            raise stevs.atomic.output_error(path, OSError(errno.ENOSPC, "No space left on device"))
+        return real(fold, path)
+
+    monkeypatch.setattr(stevs.folds, "write_fold", full_at_second)
+    out = tmp_path / "folds"
+    code, err = run_cli(capsys, *commands(run, out)["folds"])
+    assert_one_line_error(code, err, str(out / "fold1.json"), "No space left on device")
+    assert files_under(out) == []
+
+
+# -- inputs of the later stages -------------------------------------------------------------------
+
+
+def test_damaged_patch_cache_names_the_cache(run, tmp_path, capsys):
+    """A B-tree overwritten inside the file: was an HDF5 traceback from a DataLoader worker."""
+    cache = tmp_path / "demo_1.h5"
+    patches = np.zeros((12, 16, 16, 3), np.uint8)
+    write_patch_cache(cache, patches, [f"s{i}" for i in range(12)], np.zeros((12, 2)))
+    data = bytearray(cache.read_bytes())
+    trees = [i for i in range(len(data) - 3) if data[i : i + 4] == b"TREE"]
+    assert len(trees) == 2  # the root group's and the patches' chunk index
+    from stevs.io.patch_cache import PatchCache
+
+    for offset, where in zip(trees, ("the cache", "2 patch rows"), strict=True):
+        damaged = bytearray(data)
+        damaged[offset : offset + 4] = b"XXXX"
+        cache.write_bytes(bytes(damaged))
+        with pytest.raises(StevsInputError, match="damaged or truncated") as info:
+            PatchCache(cache).read_rows([0, 5])
+        assert str(info.value).startswith(f"{cache}: cannot read {where}")
+    truncated = tmp_path / "truncated.h5"  # a new name: HDF5 reuses open handles by file
+    truncated.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(StevsInputError, match="corrupt or truncated") as info:
+        PatchCache(truncated)
+    assert str(info.value).startswith(f"{truncated}: ")
+
+
+def test_damaged_cache_read_in_a_dataloader_worker_is_one_line(tmp_path):
+    """torch re-raises a worker's error from its message only; the one line survives."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Broken(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> None:
+            raise StevsInputError(tmp_path / "c.h5", "cannot read patch row 1: damaged")
+
+    with pytest.raises(StevsInputError) as info:
+        list(DataLoader(Broken(), num_workers=1))
+    assert str(info.value) == f"{tmp_path / 'c.h5'}: cannot read patch row 1: damaged"
+
+
+def test_positions_list_with_a_header_line_is_read(tmp_path):
+    """Space Ranger's headerless tissue_positions_list.csv, saved with a header by a user
+    (or tissue_positions.csv without one): was a ValueError traceback."""
+    from stevs.io.expression import read_visium_positions
+
+    rows = "AAAC-1,1,0,0,100,200\nAAAG-1,0,0,2,100,300\nAACC-1,1,1,1,186,250\n"
+    header = "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\n"
+    expected = None
+    for name, text in [
+        ("tissue_positions_list.csv", rows),
+        ("tissue_positions_list.csv", header + rows),
+        ("tissue_positions.csv", header + rows),
+        ("tissue_positions.csv", rows),
+    ]:
+        folder = tmp_path / f"{name}-{len(text)}"
+        folder.mkdir()
+        (folder / name).write_text(text)
+        table, path = read_visium_positions(folder)
+        assert path == folder / name and list(table.index) == ["AAAC-1", "AACC-1"]
+        expected = table if expected is None else expected
+        pd.testing.assert_frame_equal(table, expected)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tissue_positions_list.csv").write_text(header + "AAAC-1,yes,0,0,100,200\n")
+    with pytest.raises(StevsInputError, match="non-numeric") as info:
+        read_visium_positions(bad)
+    assert str(info.value).startswith(str(bad / "tissue_positions_list.csv"))
+
+
+def test_equal_weights_give_byte_identical_files_in_separate_processes(tmp_path):
+    """safetensors keeps metadata in a hash map whose order changes per process: the
+    weights file (and the checksum predictions record) changed between identical runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from stevs.io.model_dir import ModelDir; "
+        "ModelDir(sys.argv[1]).write_arrays({'w': np.arange(6.0), 'b': np.ones(2)}, "
+        "{'method': 'ridge_color', 'alpha': 1.0, 'epochs_done': 3, 'best_epoch': 2})"
+    )
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True)
+    files = {(tmp_path / name / "model.safetensors").read_bytes() for name in ("a", "b", "c")}
+    assert len(files) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "np") as handle:
+        assert handle.metadata()["best_epoch"] == "2"
+        assert np.array_equal(handle.get_tensor("w"), np.arange(6.0))
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def test_resuming_with_another_preset_trains_from_scratch(tmp_path, caplog):
+    """Was a state-dict traceback; now another preset is another run: fresh, and logged."""
+    run_training(tmp_path / "m", epochs=1)
+    wide = replace(TINY_PRESET, name="tiny_wide", hidden_dim=48)
+    with caplog.at_level(logging.WARNING, logger="stevs.train"):
+        again = run_training(tmp_path / "m", preset=wide, epochs=1)
+    assert "another run" in caplog.text and "model" in caplog.text
+    run_training(tmp_path / "fresh", preset=wide, epochs=1)
+    assert again.epochs_done == 1
+    a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "m", tmp_path / "fresh"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["hidden_dim"] == 48
+
+
+def test_divergence_to_nan_names_the_epoch_and_writes_no_weights(tmp_path):
+    class Diverging(TinySpots):
+        """Fine data whose targets turn infinite: the loss is no longer finite."""
+
+        def __getitem__(self, i: int) -> dict:
+            item = super().__getitem__(i)
+            return {**item, "target": item["target"] * float("inf")}
+
+    torch.manual_seed(0)
+    genes = [f"g{i}" for i in range(5)]
+    model = build_model("stevs", TINY_PRESET, genes, normalisation())
+    options = TrainOptions(workers=0, device="cpu", epochs=2).resolved(TINY_PRESET)
+    with pytest.raises(StevsInputError, match="training diverged at epoch 1") as info:
+        train_model(model, Diverging(16, (0,), 1), None, tmp_path, options, {"method": "stevs"})
+    assert str(info.value).startswith(str(tmp_path)) and "--lr" in str(info.value)
+    assert not (tmp_path / "model.safetensors").exists()
