@@ -68,7 +68,9 @@ class TissueDetection:
         """Share of each level-0 box (left, top, right, bottom) on tissue (outside = none)."""
         height, width = self.mask.shape
         sx, sy = self._axis_scales()
-        integral = np.zeros((height + 1, width + 1), np.int64 if self.mask.size >= 2**31 else np.int32)
+        integral = np.zeros(
+            (height + 1, width + 1), np.int64 if self.mask.size >= 2**31 else np.int32
+        )
         np.cumsum(self.mask, axis=0, dtype=integral.dtype, out=integral[1:, 1:])
         np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
         x0 = np.rint(boxes[:, 0] * sx).astype(np.int64)
@@ -195,7 +197,9 @@ def disk_erode(mask: np.ndarray, radius: int, border: bool) -> np.ndarray:
     segments: dict[int, np.ndarray] = {}
     for half in set(half_widths.values()):
         left, right = radius - half, radius + half + 1  # window [x - half, x + half]
-        segments[half] = (background[:, right : right + width] - background[:, left : left + width]) == 0
+        segments[half] = (
+            background[:, right : right + width] - background[:, left : left + width]
+        ) == 0
     out = np.ones((height, width), bool)
     for dy, half in half_widths.items():
         out &= segments[half][radius + dy : radius + dy + height]

@@ -489,7 +489,8 @@ class ImageReader(SlideReader):
         try:
             pixels = self._bands.decode_rows(row0, row1, level)
         except (OSError, ValueError) as err:
-            raise StevsInputError(self.path, f"cannot decode image rows {row0}-{row1}: {err}")
+            problem = f"cannot decode image rows {row0}-{row1}: {err}"
+            raise StevsInputError(self.path, problem) from err
         return composite_to_rgb(pixels, self.path)
 
     def _level(self, level: int) -> np.ndarray:
@@ -532,7 +533,9 @@ class ImageReader(SlideReader):
                 (level, band),
                 lambda row0=row0: self._decode_rows(row0, row0 + band_rows, level),
             )
-            _, cy, cx, sy, sx = _paste_into_white(pixels, x, y - band * band_h, width, height, False)
+            _, cy, cx, sy, sx = _paste_into_white(
+                pixels, x, y - band * band_h, width, height, False
+            )
             canvas[cy, cx] = pixels[sy, sx]
         return canvas
 
