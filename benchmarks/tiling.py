@@ -288,14 +288,18 @@ def peak_rss_mb() -> float:
 def run_variant(args: argparse.Namespace) -> None:
     """Entry point of a variant subprocess: prints one JSON line."""
     start = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = usage.ru_utime + usage.ru_stime
     if args.variant == "naive":
         n = run_naive(Path(args.adata), Path(args.out))
     else:
         threads = int(args.variant.split("-t")[1])
         n = run_stevs(Path(args.adata), Path(args.out), threads, args.patch_px, args.patch_mpp)
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = usage.ru_utime + usage.ru_stime - cpu_start  # all threads of this process
     peak_mb = peak_rss_mb()
-    print(json.dumps({"patches": n, "seconds": seconds, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"patches": n, "seconds": seconds, "cpu_s": cpu_s, "peak_rss_mb": peak_mb}))
 
 
 # -- comparison and orchestration ----------------------------------------------------------------
@@ -397,9 +401,10 @@ def benchmark(
     agreement = compare_patches(outputs[f"stevs-t{threads[0]}"], outputs["naive"])
     if before:
         agreement["before_vs_stevs"] = compare_before(outputs["before-t1"], outputs["stevs-t1"])
-    naive_rate = rows[0]["patches_per_s"]
+    naive_rate, naive_cpu = rows[0]["patches_per_s"], rows[0]["cpu_s"]
     for row in rows:
         row["speedup_vs_naive"] = row["patches_per_s"] / naive_rate
+        row["cpu_speedup_vs_naive"] = naive_cpu / row["cpu_s"]
     rows[0]["agreement_vs_stevs"] = agreement
     for path in outputs.values():
         path.unlink(missing_ok=True)
@@ -484,13 +489,17 @@ def hd_benchmark(out_dir: Path, size: int, threads: list[int], patch: tuple[int,
 
 
 def _print_results(rows: list[dict]) -> None:
-    print("| input | variant | patches | seconds | patches/s | speed-up | peak RSS (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| input | variant | patches | seconds | patches/s | speed-up | CPU s | patches per "
+        "CPU s | CPU speed-up | peak RSS (MB) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['dataset']} | {row['variant']} | {row['patches']} | {row['seconds']:.1f} "
             f"| {row['patches_per_s']:.0f} | {row['speedup_vs_naive']:.2f}x "
-            f"| {row['peak_rss_mb']:.0f} |"
+            f"| {row['cpu_s']:.1f} | {row['patches'] / row['cpu_s']:.0f} "
+            f"| {row['cpu_speedup_vs_naive']:.2f}x | {row['peak_rss_mb']:.0f} |"
         )
     for row in rows:
         if "agreement_vs_stevs" in row:
