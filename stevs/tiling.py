@@ -6,20 +6,24 @@ centred on the spot is cut at ``patch_mpp`` microns per pixel (default 224 px at
 
 How it stays fast and bounded in memory:
 
-* Spots are grouped into *windows*: cells of a square grid a few patches wide. Each window
-  is read once, from the coarsest pyramid level still at least as fine as the target
-  resolution, and every patch of the window is resampled from it (Pillow, antialiased
-  bicubic, sub-pixel exact box). When that level already has the target resolution (e.g.
-  level 1 of a 0.25 µm/px scan for 0.5 µm/px patches), patches are cut at the nearest
-  whole pixel instead: no interpolation blur, centre within half a target pixel of the
-  spot. Only a handful of windows (two per thread) are held at a time, so a gigapixel
-  pyramidal slide is never held whole. Plain JPEG/PNG images cannot be read in parts: the
-  slide reader decodes them whole (about 3 bytes per pixel, e.g. 275 MB for a her2st
-  section), so memory grows with such an image.
+* Spots are grouped into *windows*: cells of a square grid a few patches wide, rounded to
+  whole tiles of the level read (:meth:`SlideReader.tile_size`: a pyramid's tiles, a JPEG's
+  decoded bands) so that a tile is decoded for one window, and the few it shares with a
+  neighbour come from the reader's bounded tile cache. Each window is read once, from the
+  coarsest pyramid level still at least as fine as the target resolution, and every patch
+  of the window is resampled from it (Pillow, antialiased bicubic, sub-pixel exact box).
+  When that level already has the target resolution (e.g. level 1 of a 0.25 µm/px scan
+  for 0.5 µm/px patches), patches are cut at the nearest whole pixel instead: no
+  interpolation blur, centre within half a target pixel of the spot. Only a handful of
+  windows (two per thread) are held at a time, so a gigapixel pyramidal slide is never
+  held whole. A plain JPEG with restart markers is decoded band by band where windows fall
+  (:mod:`stevs.io.jpeg_bands`); other plain JPEG/PNG images are decoded whole (about 3
+  bytes per pixel), so memory grows with such an image.
 * Windows run in a thread pool (``threads``); OpenSlide, tifffile's codecs, numpy and
-  Pillow's resampling release the GIL. Patches are written by the main thread into an HDF5
-  dataset whose chunks are all allocated up front, so the file's bytes do not depend on
-  the order in which windows finish: reruns with the same inputs give the same bytes.
+  Pillow's resampling release the GIL. A writer thread (:class:`BackgroundWriter`) stores
+  the patches while the next window decodes, into an HDF5 dataset whose chunks are all
+  allocated up front, so the file's bytes do not depend on the order in which windows
+  finish: reruns with the same inputs give the same bytes.
 
 Geometry: ``obsm["spatial"]`` holds level-0 pixel coordinates with integer values at pixel
 centres (the image convention of scanpy and matplotlib), so a spot at ``(x, y)`` is centred
