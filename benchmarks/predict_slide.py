@@ -5,12 +5,13 @@ H&E-like texture at 0.25 µm/px, written from pre-encoded tiles in seconds): 40,
 side (1.68 gigapixels, 5 GB decoded) in the full run, 10,240 px in ``--quick``. The model
 is an untrained ``cpu_small`` STevs (random weights; speed does not depend on them) on
 64 px patches at 2 µm/px; the Visium grid (55 µm spots, 100 µm pitch) is laid over the
-tissue. Each run is a subprocess, so its peak resident memory (``ru_maxrss``) is its own.
+tissue. Each run is a subprocess, so its peak resident memory (``VmHWM``) is its own.
 
 Usage::
 
     .venv/bin/python -W ignore benchmarks/predict_slide.py            # full (minutes)
     .venv/bin/python -W ignore benchmarks/predict_slide.py --quick    # < 1 minute
+    .venv/bin/python -W ignore benchmarks/predict_slide.py --quick --hd --threads 1  # 16 µm bins
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -86,9 +86,12 @@ def child(args: argparse.Namespace) -> None:
         n_samples=args.samples,
         genes=GENES[:2],
         progress=False,
+        grid=args.grid,
+        pitch_um=args.pitch,
+        spot_um=args.spot,
     )
     total = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _tiling_benchmark().peak_rss_mb()
     print(
         json.dumps(
             {
@@ -111,10 +114,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="posterior samples")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--grid", default="visium", help="visium (default) or square")
+    parser.add_argument("--pitch", type=float, default=100.0, help="grid pitch in µm (100)")
+    parser.add_argument("--spot", type=float, default=55.0, help="spot diameter in µm (55)")
+    parser.add_argument(
+        "--hd",
+        action="store_true",
+        help="Visium HD-scale grid: square 16 µm bins (--grid square --pitch 16 --spot 16)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slide", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hd:
+        args.grid, args.pitch, args.spot = "square", 16.0, 16.0
     if args.child:
         args.threads = args.threads[0]
         child(args)
@@ -133,14 +146,15 @@ def main() -> None:
         command = [
             sys.executable, "-W", "ignore", __file__, "--child", "--slide", str(slide),
             "--model", str(model), "--threads", str(threads), "--samples", str(args.samples),
-            "--out", str(args.out),
+            "--out", str(args.out), "--grid", args.grid, "--pitch", str(args.pitch),
+            "--spot", str(args.spot),
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             sys.exit(f"run with {threads} threads failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        result["slide_px"] = size
+        result.update(slide_px=size, grid=f"{args.grid} {args.pitch:g} µm, {args.spot:g} µm spots")
         results.append(result)
         print(json.dumps(result))
     print(

@@ -7,7 +7,8 @@ Two inputs:
     spots on a Visium hexagonal 100 µm pitch (~12,000 spots);
 (b) the her2st section C2 (plain 9274 x 9911 JPEG, ~0.686 µm/px, 187 legacy-ST spots).
 
-Variants, each in its own subprocess so that peak memory (``ru_maxrss``) is its own:
+Variants, each in its own subprocess so that peak memory (``VmHWM`` of
+``/proc/self/status``: ``ru_maxrss`` would carry the parent's peak over ``exec``) is its own:
 
 * ``naive``: what ST-Net/HisToGene-style code does: for every spot one
   ``OpenSlide.read_region`` at level 0 (for a plain JPEG: crop of the whole decoded image),
@@ -252,26 +253,53 @@ def run_naive(adata_path: Path, out: Path) -> int:
     return len(centres)
 
 
-def run_stevs(adata_path: Path, out: Path, threads: int) -> int:
+def run_stevs(
+    adata_path: Path,
+    out: Path,
+    threads: int,
+    patch_px: int = PATCH_PX,
+    patch_mpp: float = PATCH_MPP,
+) -> int:
     from stevs.tiling import tile_slide
 
-    tile_slide(adata_path, out, PATCH_PX, PATCH_MPP, threads=threads, progress=False)
+    tile_slide(adata_path, out, patch_px, patch_mpp, threads=threads, progress=False)
     import h5py
 
     with h5py.File(out) as f:
         return len(f["patches"])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB) since its ``exec``.
+
+    ``VmHWM`` from ``/proc/self/status`` where there is one (Linux): ``ru_maxrss`` keeps the
+    high-water mark of the process that forked it across ``exec``, so a subprocess of a
+    large benchmark driver would report the driver's memory.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_variant(args: argparse.Namespace) -> None:
     """Entry point of a variant subprocess: prints one JSON line."""
     start = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = usage.ru_utime + usage.ru_stime
     if args.variant == "naive":
         n = run_naive(Path(args.adata), Path(args.out))
     else:
-        n = run_stevs(Path(args.adata), Path(args.out), int(args.variant.split("-t")[1]))
+        threads = int(args.variant.split("-t")[1])
+        n = run_stevs(Path(args.adata), Path(args.out), threads, args.patch_px, args.patch_mpp)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"patches": n, "seconds": seconds, "peak_rss_mb": peak_mb}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = usage.ru_utime + usage.ru_stime - cpu_start  # all threads of this process
+    peak_mb = peak_rss_mb()
+    print(json.dumps({"patches": n, "seconds": seconds, "cpu_s": cpu_s, "peak_rss_mb": peak_mb}))
 
 
 # -- comparison and orchestration ----------------------------------------------------------------
@@ -327,22 +355,40 @@ def compare_patches(ours: Path, naive: Path) -> dict[str, float]:
     }
 
 
-def run_in_subprocess(variant: str, adata: Path, out: Path) -> dict:
+def run_in_subprocess(
+    variant: str,
+    adata: Path,
+    out: Path,
+    before: Path | None = None,
+    patch: tuple[int, float] = (PATCH_PX, PATCH_MPP),
+) -> dict:
+    """One variant in its own process; ``before-tN`` runs the stevs checkout ``before``."""
     out.unlink(missing_ok=True)
-    command = [sys.executable, __file__, "--variant", variant, "--adata", str(adata)]
+    command = [sys.executable, __file__, "--variant", variant.replace("before", "stevs")]
+    command += ["--adata", str(adata), "--patch-px", str(patch[0]), "--patch-mpp", str(patch[1])]
+    code = before if variant.startswith("before") else REPO
+    env = {**os.environ, "PYTHONPATH": str(code)}
     result = subprocess.run(
-        [*command, "--out", str(out)], check=True, capture_output=True, text=True, timeout=3600
+        [*command, "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env=env,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def benchmark(name: str, adata: Path, out_dir: Path, threads: list[int]) -> list[dict]:
+def benchmark(
+    name: str, adata: Path, out_dir: Path, threads: list[int], before: Path | None = None
+) -> list[dict]:
+    """naive, [before-t1,] stevs-tN on one input, side by side; agreement naive vs stevs-t1."""
     rows = []
-    variants = ["naive", *(f"stevs-t{t}" for t in threads)]
+    variants = ["naive", *(["before-t1"] if before else []), *(f"stevs-t{t}" for t in threads)]
     outputs = {v: out_dir / f"{name}.{v}.h5" for v in variants}
     for variant in variants:
         print(f"  {name}: {variant} ...", flush=True)
-        stats = run_in_subprocess(variant, adata, outputs[variant])
+        stats = run_in_subprocess(variant, adata, outputs[variant], before)
         stats.update(
             dataset=name, variant=variant, patches_per_s=stats["patches"] / stats["seconds"]
         )
@@ -353,68 +399,107 @@ def benchmark(name: str, adata: Path, out_dir: Path, threads: list[int]) -> list
             flush=True,
         )
     agreement = compare_patches(outputs[f"stevs-t{threads[0]}"], outputs["naive"])
-    naive_rate = rows[0]["patches_per_s"]
+    if before:
+        agreement["before_vs_stevs"] = compare_before(outputs["before-t1"], outputs["stevs-t1"])
+    naive_rate, naive_cpu = rows[0]["patches_per_s"], rows[0]["cpu_s"]
     for row in rows:
         row["speedup_vs_naive"] = row["patches_per_s"] / naive_rate
+        row["cpu_speedup_vs_naive"] = naive_cpu / row["cpu_s"]
     rows[0]["agreement_vs_stevs"] = agreement
     for path in outputs.values():
         path.unlink(missing_ok=True)
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small synthetic slide (< 1 min)")
-    parser.add_argument("--size", type=int, help="synthetic slide side in px (40960; quick 10240)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--her2st", type=Path, default=DEFAULT_HER2ST)
-    parser.add_argument("--section", default="C2")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--adata", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.variant:
-        run_variant(args)
-        return
+def compare_before(before: Path, ours: Path) -> dict[str, float]:
+    """How far this version's patches and tissue fractions are from the version before."""
+    import h5py
 
-    size = args.size or (10_240 if args.quick else 40_960)
-    mpp = 0.25
-    out_dir = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with h5py.File(before) as fa, h5py.File(ours) as fb:
+        diffs, equal = [], 0
+        for start in range(0, len(fa["patches"]), 256):
+            a = fa["patches"][start : start + 256].astype(np.int16)
+            b = fb["patches"][start : start + 256].astype(np.int16)
+            d = np.abs(a - b).mean(axis=(1, 2, 3))
+            diffs.extend(d.tolist())
+            equal += int((d == 0).sum())
+        tissue = np.abs(fa["tissue_fraction"][:] - fb["tissue_fraction"][:])
+    return {
+        "patches_identical": equal,
+        "patches": len(diffs),
+        "mae": float(np.mean(diffs)),
+        "mae_max_patch": float(np.max(diffs)),
+        "tissue_fraction_max_abs_diff": float(tissue.max()),
+    }
+
+
+def hd_grid(size: int, mpp: float, pitch_um: float) -> np.ndarray:
+    """Bin centres of a Visium HD-like square grid (``pitch_um``) over the whole slide."""
+    pitch = pitch_um / mpp
+    axis = np.arange(pitch / 2, size - pitch / 2 + 1e-9, pitch)
+    xs, ys = np.meshgrid(axis, axis)
+    return np.stack([xs.ravel(), ys.ravel()], axis=1).round()
+
+
+def compressed_size(path: Path, compression: str, scratch: Path) -> tuple[int, float]:
+    """Bytes of a copy of a patch cache whose ``patches`` are compressed, and seconds taken."""
+    import h5py
+
     started = time.perf_counter()
-    slide = make_synthetic_slide(out_dir / f"synthetic_{size}.tif", size, mpp)
-    centres = visium_spots(size, mpp)
-    synthetic = write_slide_adata(
-        out_dir / f"synthetic_{size}.h5ad", slide, centres, mpp, (size, size)
-    )
-    print(
-        f"synthetic slide {size} x {size} px ({slide.stat().st_size / 1e6:.0f} MB), "
-        f"{len(centres)} spots, ready in {time.perf_counter() - started:.1f} s",
-        flush=True,
-    )
-    rows = benchmark(f"synthetic_{size}", synthetic, out_dir, args.threads)
-    if (args.her2st / "images").is_dir():
-        rows += benchmark(
-            f"her2st_{args.section}",
-            her2st_adata(args.her2st, args.section, out_dir),
-            out_dir,
-            args.threads,
+    with h5py.File(path) as src, h5py.File(scratch, "w") as dst:
+        patches = src["patches"]
+        out = dst.create_dataset(
+            "patches", patches.shape, np.uint8, chunks=patches.chunks, compression=compression
         )
-    else:
-        print(f"her2st data not found under {args.her2st}: skipped")
+        for start in range(0, len(patches), 1024):
+            out[start : start + 1024] = patches[start : start + 1024]
+        for key in src:
+            if key != "patches":
+                src.copy(key, dst)
+    size = scratch.stat().st_size
+    scratch.unlink()
+    return size, time.perf_counter() - started
 
+
+def hd_benchmark(out_dir: Path, size: int, threads: list[int], patch: tuple[int, float]) -> list:
+    """Tiling a Visium HD-scale grid of 16 µm bins: patches/s, peak memory, cache size."""
+    mpp = 0.25
+    slide = make_synthetic_slide(out_dir / f"synthetic_{size}.tif", size, mpp)
+    centres = hd_grid(size, mpp, 16.0)
+    adata = write_slide_adata(out_dir / f"hd_{size}.h5ad", slide, centres, mpp, (size, size))
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"python {platform.python_version()}; patches {PATCH_PX} px at {PATCH_MPP} µm/px"
+        f"HD case: {len(centres):,} bins of 16 µm on {size} px, {patch[0]} px at {patch[1]} µm/px"
     )
-    print("| input | variant | patches | seconds | patches/s | speed-up | peak RSS (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for t in threads:
+        out = out_dir / f"hd_{size}.t{t}.h5"
+        stats = run_in_subprocess(f"stevs-t{t}", adata, out, patch=patch)
+        stats.update(dataset=f"hd_{size}", variant=f"stevs-t{t}", bins=len(centres))
+        stats["patches_per_s"] = stats["patches"] / stats["seconds"]
+        stats["cache_mb"] = out.stat().st_size / 1e6
+        if t == threads[0]:
+            for method in ("lzf", "gzip"):
+                nbytes, seconds = compressed_size(out, method, out_dir / "hd_copy.h5")
+                stats[f"cache_{method}_mb"] = nbytes / 1e6
+                stats[f"{method}_copy_s"] = seconds
+        out.unlink()
+        print(f"    {json.dumps(stats)}", flush=True)
+        rows.append(stats)
+    return rows
+
+
+def _print_results(rows: list[dict]) -> None:
+    print(
+        "| input | variant | patches | seconds | patches/s | speed-up | CPU s | patches per "
+        "CPU s | CPU speed-up | peak RSS (MB) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['dataset']} | {row['variant']} | {row['patches']} | {row['seconds']:.1f} "
             f"| {row['patches_per_s']:.0f} | {row['speedup_vs_naive']:.2f}x "
-            f"| {row['peak_rss_mb']:.0f} |"
+            f"| {row['cpu_s']:.1f} | {row['patches'] / row['cpu_s']:.0f} "
+            f"| {row['cpu_speedup_vs_naive']:.2f}x | {row['peak_rss_mb']:.0f} |"
         )
     for row in rows:
         if "agreement_vs_stevs" in row:
@@ -426,6 +511,91 @@ def main() -> None:
                 f"shift {a['best_shift_px']} (dy, dx) of the naive patch: {a['mae_best_shift']:.2f}"
                 f"; {a['edge_patches']} edge patches (naive: black padding, stevs: white)"
             )
+            if "before_vs_stevs" in a:
+                b = a["before_vs_stevs"]
+                print(
+                    f"{row['dataset']}: before vs now: {b['patches_identical']} of {b['patches']} "
+                    f"patches identical, mean abs diff {b['mae']:.3f} (worst patch "
+                    f"{b['mae_max_patch']:.3f}); tissue_fraction differs by at most "
+                    f"{b['tissue_fraction_max_abs_diff']:.4f}"
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small synthetic slide (< 1 min)")
+    parser.add_argument("--size", type=int, help="synthetic slide side in px (40960; quick 10240)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--her2st", type=Path, default=DEFAULT_HER2ST)
+    parser.add_argument("--section", default="C2")
+    parser.add_argument(
+        "--before", type=Path, help="a stevs checkout to run side by side (variant before-t1)"
+    )
+    parser.add_argument(
+        "--hd",
+        type=int,
+        nargs="?",
+        const=20_480,
+        metavar="SIZE",
+        help="only the Visium HD-scale case: 16 µm bins over a SIZE px slide (20480: 102,400 bins)",
+    )
+    parser.add_argument("--hd-patch-px", type=int, default=64, help="HD patch side (64 px)")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--adata", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--patch-px", type=int, default=PATCH_PX, help=argparse.SUPPRESS)
+    parser.add_argument("--patch-mpp", type=float, default=PATCH_MPP, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        run_variant(args)
+        return
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.hd:
+        rows = hd_benchmark(out_dir, args.hd, args.threads, (args.hd_patch_px, PATCH_MPP))
+        print(
+            "| bins | threads | seconds | patches/s | peak RSS (MB) | cache MB | lzf MB | gzip MB |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['bins']:,} | {r['variant'][-1]} | {r['seconds']:.1f} | "
+                f"{r['patches_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['cache_mb']:.0f} | "
+                f"{r.get('cache_lzf_mb', math.nan):.0f} | {r.get('cache_gzip_mb', math.nan):.0f} |"
+            )
+        (out_dir / f"results_hd_{args.hd}.json").write_text(json.dumps(rows, indent=2))
+        return
+
+    size = args.size or (10_240 if args.quick else 40_960)
+    mpp = 0.25
+    started = time.perf_counter()
+    slide = make_synthetic_slide(out_dir / f"synthetic_{size}.tif", size, mpp)
+    centres = visium_spots(size, mpp)
+    synthetic = write_slide_adata(
+        out_dir / f"synthetic_{size}.h5ad", slide, centres, mpp, (size, size)
+    )
+    print(
+        f"synthetic slide {size} x {size} px ({slide.stat().st_size / 1e6:.0f} MB), "
+        f"{len(centres)} spots, ready in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    rows = benchmark(f"synthetic_{size}", synthetic, out_dir, args.threads, args.before)
+    if (args.her2st / "images").is_dir():
+        rows += benchmark(
+            f"her2st_{args.section}",
+            her2st_adata(args.her2st, args.section, out_dir),
+            out_dir,
+            args.threads,
+            args.before,
+        )
+    else:
+        print(f"her2st data not found under {args.her2st}: skipped")
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"python {platform.python_version()}; patches {PATCH_PX} px at {PATCH_MPP} µm/px"
+    )
+    _print_results(rows)
     (out_dir / f"results_{size}.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -12,6 +12,9 @@ The goal is that the data path costs under 10% (``overhead = 1 - cache / memory`
     python benchmarks/train.py --quick                  # < 1 minute on 2 CPU cores
     python benchmarks/train.py --spots 4096 --steps 40  # cpu_small, fuller run
     python benchmarks/train.py --preset swin_t --device cuda --spots 8192 --steps 100
+    python benchmarks/train.py ... --channels-last --compile   # as benchmarks/gpu_check.sh
+
+On CUDA the forward pass runs under bf16 autocast and the peak GPU memory is reported.
 """
 
 from __future__ import annotations
@@ -100,8 +103,20 @@ def write_study(directory: Path, n_spots: int, patch_px: int, n_slides: int = 2)
     return write_fold(fold, directory / "bench.json")
 
 
-def time_steps(model, optimizer, batches, device: torch.device, steps: int, warmup: int) -> float:
-    """Spots per second over ``steps`` training steps after ``warmup`` untimed ones."""
+def time_steps(
+    model,
+    optimizer,
+    batches,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    channels_last: bool = False,
+) -> float:
+    """Spots per second over ``steps`` training steps after ``warmup`` untimed ones.
+
+    On CUDA the forward pass runs under bf16 autocast; ``channels_last`` hands the patches
+    to the model in NHWC memory order (the model itself is converted by the caller).
+    """
     model.train()
     iterator = iter(batches)
     n_spots = 0
@@ -114,6 +129,8 @@ def time_steps(model, optimizer, batches, device: torch.device, steps: int, warm
             n_spots = 0
         batch = to_device(next(iterator), device)
         batch["patch"] = augment_patches(batch["patch"])
+        if channels_last:
+            batch["patch"] = batch["patch"].contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             output = model(batch, 0.1)
         optimizer.zero_grad(set_to_none=True)
@@ -158,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="small run, under a minute")
     parser.add_argument("--json", help="write the numbers here too")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="model and patches in NHWC memory order"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (inductor; 'eager' checks the code path without compiling)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.spots, args.steps, args.warmup = 768, 8, 2
@@ -175,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "workers": args.workers,
         "patch_px": preset.patch_px,
+        "bf16_autocast": device.type == "cuda",
+        "channels_last": args.channels_last,
+        "compile": args.compile_backend if args.compile else None,
     }
     with tempfile.TemporaryDirectory() as tmp:
         fold_path = write_study(Path(tmp), args.spots * 2, preset.patch_px)
@@ -182,18 +211,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = build_model(args.method, preset, dataset.genes, dataset.fold.normalisation)
         model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if args.compile:
+            model = torch.compile(model, backend=args.compile_backend)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         sampler = EpochSampler(len(dataset), 0)
         loader = make_loader(dataset, args.batch_size, args.workers, device, sampler, True)
         # alternate the two feeds twice so that drift in machine load hits both alike
         cache, memory = [], []
         cache_iter, memory_iter = cycle(loader, sampler), memory_batches(dataset, args.batch_size)
+        timing = (device, args.steps, args.warmup, args.channels_last)
         for _ in range(2):
-            cache.append(time_steps(model, optimizer, cache_iter, device, args.steps, args.warmup))
-            memory.append(
-                time_steps(model, optimizer, memory_iter, device, args.steps, args.warmup)
-            )
+            cache.append(time_steps(model, optimizer, cache_iter, *timing))
+            memory.append(time_steps(model, optimizer, memory_iter, *timing))
         dataset.close()
+    if device.type == "cuda":
+        results["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     results["cache_spots_per_s"] = round(float(np.mean(cache)), 1)
     results["memory_spots_per_s"] = round(float(np.mean(memory)), 1)
     results["data_path_overhead"] = round(

@@ -6,20 +6,24 @@ centred on the spot is cut at ``patch_mpp`` microns per pixel (default 224 px at
 
 How it stays fast and bounded in memory:
 
-* Spots are grouped into *windows*: cells of a square grid a few patches wide. Each window
-  is read once, from the coarsest pyramid level still at least as fine as the target
-  resolution, and every patch of the window is resampled from it (Pillow, antialiased
-  bicubic, sub-pixel exact box). When that level already has the target resolution (e.g.
-  level 1 of a 0.25 µm/px scan for 0.5 µm/px patches), patches are cut at the nearest
-  whole pixel instead: no interpolation blur, centre within half a target pixel of the
-  spot. Only a handful of windows (two per thread) are held at a time, so a gigapixel
-  pyramidal slide is never held whole. Plain JPEG/PNG images cannot be read in parts: the
-  slide reader decodes them whole (about 3 bytes per pixel, e.g. 275 MB for a her2st
-  section), so memory grows with such an image.
+* Spots are grouped into *windows*: cells of a square grid a few patches wide, rounded to
+  whole tiles of the level read (:meth:`SlideReader.tile_size`: a pyramid's tiles, a JPEG's
+  decoded bands) so that a tile is decoded for one window, and the few it shares with a
+  neighbour come from the reader's bounded tile cache. Each window is read once, from the
+  coarsest pyramid level still at least as fine as the target resolution, and every patch
+  of the window is resampled from it (Pillow, antialiased bicubic, sub-pixel exact box).
+  When that level already has the target resolution (e.g. level 1 of a 0.25 µm/px scan
+  for 0.5 µm/px patches), patches are cut at the nearest whole pixel instead: no
+  interpolation blur, centre within half a target pixel of the spot. Only a handful of
+  windows (two per thread) are held at a time, so a gigapixel pyramidal slide is never
+  held whole. A plain JPEG with restart markers is decoded band by band where windows fall
+  (:mod:`stevs.io.jpeg_bands`); other plain JPEG/PNG images are decoded whole (about 3
+  bytes per pixel), so memory grows with such an image.
 * Windows run in a thread pool (``threads``); OpenSlide, tifffile's codecs, numpy and
-  Pillow's resampling release the GIL. Patches are written by the main thread into an HDF5
-  dataset whose chunks are all allocated up front, so the file's bytes do not depend on
-  the order in which windows finish: reruns with the same inputs give the same bytes.
+  Pillow's resampling release the GIL. A writer thread (:class:`BackgroundWriter`) stores
+  the patches while the next window decodes, into an HDF5 dataset whose chunks are all
+  allocated up front, so the file's bytes do not depend on the order in which windows
+  finish: reruns with the same inputs give the same bytes.
 
 Geometry: ``obsm["spatial"]`` holds level-0 pixel coordinates with integer values at pixel
 centres (the image convention of scanpy and matplotlib), so a spot at ``(x, y)`` is centred
@@ -42,6 +46,8 @@ import argparse
 import logging
 import math
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -55,7 +61,7 @@ from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
 from stevs.io.slide import SlideReader, open_slide
-from stevs.io.slide_adata import read_slide_adata, slide_meta
+from stevs.io.slide_adata import read_slide_centres
 from stevs.tissue import TissueDetection, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -137,26 +143,37 @@ def outside_fractions(boxes: np.ndarray, dimensions: tuple[int, int]) -> np.ndar
     return np.clip(1.0 - inside_w * inside_h / area, 0.0, 1.0).astype(np.float32)
 
 
-def plan_windows(boxes: np.ndarray, geometry: TileGeometry, window_patches: int) -> list[Window]:
+def plan_windows(
+    boxes: np.ndarray,
+    geometry: TileGeometry,
+    window_patches: int,
+    tile: tuple[int, int] | None = None,
+) -> list[Window]:
     """Group patches into windows: grid cells ``window_patches`` patches wide.
 
     Each window is the bounding box, in pixels of the read level, of its patches' boxes plus
-    a margin for the resampling filter. Windows are ordered row by row, so neighbouring
+    a margin for the resampling filter. With ``tile`` (the read level's tile or band size,
+    :meth:`SlideReader.tile_size`), cells are whole multiples of it on its grid, so most
+    tiles are decoded for one window only. Windows are ordered row by row, so neighbouring
     windows (sharing pyramid tiles) are read close together in time.
     """
     if window_patches < 1:
         raise ValueError(f"window_patches must be >= 1, got {window_patches}")
-    cell = window_patches * geometry.patch_level0_px
-    centres_x = (boxes[:, 0] + boxes[:, 2]) / 2.0
-    centres_y = (boxes[:, 1] + boxes[:, 3]) / 2.0
-    cell_col = np.floor(centres_x / cell).astype(np.int64)
-    cell_row = np.floor(centres_y / cell).astype(np.int64)
+    cell = window_patches * geometry.patch_level0_px / geometry.level_downsample  # level px
+    cell_w = cell_h = cell
+    if tile is not None:
+        cell_w = max(1, round(cell / tile[0])) * tile[0]
+        cell_h = max(1, round(cell / tile[1])) * tile[1]
+    level_boxes = boxes / geometry.level_downsample
+    centres_x = (level_boxes[:, 0] + level_boxes[:, 2]) / 2.0
+    centres_y = (level_boxes[:, 1] + level_boxes[:, 3]) / 2.0
+    cell_col = np.floor(centres_x / cell_w).astype(np.int64)
+    cell_row = np.floor(centres_y / cell_h).astype(np.int64)
     order = np.lexsort((np.arange(len(boxes)), cell_col, cell_row))
     keys = np.stack([cell_row[order], cell_col[order]], axis=1)
     starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
     ends = np.r_[starts[1:], len(order)]
     margin = math.ceil(_SUPPORT_MARGIN * max(geometry.level_to_target, 1.0)) + 1
-    level_boxes = boxes / geometry.level_downsample
     windows = []
     for start, end in zip(starts, ends, strict=True):
         indices = np.sort(order[start:end])
@@ -270,13 +287,7 @@ class SlideSpots:
 def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
     """Read and check spot centres and slide metadata from a slide AnnData."""
     path = Path(path)
-    adata = read_slide_adata(path, backed=True)
-    try:
-        centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-        barcodes = [str(b) for b in adata.obs_names]
-        meta = slide_meta(adata, path)
-    finally:
-        adata.file.close()
+    barcodes, centers, meta = read_slide_centres(path)
     return SlideSpots(
         path=path,
         slide=meta.slide,
@@ -483,6 +494,51 @@ def _iter_window_results(
                 future.cancel()
 
 
+class BackgroundWriter:
+    """Hands windows of patches to a thread that writes them, so decoding and HDF5 overlap.
+
+    HDF5 calls hold the GIL but the decoders (libjpeg-turbo via imagecodecs/Pillow,
+    OpenSlide) release it, so the next window decodes while this one is written. At most
+    ``depth`` windows wait in the queue (bounded memory); an error of the writer thread is
+    raised in the caller at its next :meth:`put` or at the end of the block.
+    """
+
+    _DONE = object()
+
+    def __init__(self, writer: PatchCacheWriter, depth: int = 4) -> None:
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="stevs-write", daemon=True)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            if self._error is not None:
+                continue  # drain after a failure, so put() never blocks forever
+            indices, patches = item
+            try:
+                for index, patch in zip(indices, patches, strict=True):
+                    self._writer.write(int(index), patch)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+                self._error = err
+
+    def put(self, indices: np.ndarray, patches: np.ndarray) -> None:
+        """Queue the patches of rows ``indices`` for writing."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((indices, patches))
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+
 def check_tiling_settings(
     patch_px: int,
     patch_mpp: float,
@@ -535,7 +591,7 @@ def tile_spots(
     tissue_fraction = tissue.box_fractions(boxes)
     if spots_path is not None:
         check_spots_on_tissue(spots_path, slide.path, tissue, boxes, tissue_fraction)
-    windows = plan_windows(boxes, geometry, window_patches)
+    windows = plan_windows(boxes, geometry, window_patches, slide.tile_size(geometry.level))
     log.info(
         "%s: %d patches of %d px at %g µm/px from level %d (downsample %g) of %s "
         "in %d windows, %d threads; %d cross the slide's edge",
@@ -572,10 +628,9 @@ def tile_spots(
         desc=f"tile {slide_id}",
         disable=None if progress is None else not progress,
     )
-    with writer, bar:
+    with writer, bar, BackgroundWriter(writer) as background:
         for window, cut in _iter_window_results(slide, windows, boxes, geometry, threads):
-            for index, patch in zip(window.indices, cut, strict=True):
-                writer.write(int(index), patch)
+            background.put(window.indices, cut)
             bar.update(len(window.indices))
     if qc_path is not None:
         picture = draw_qc(tissue.thumbnail, boxes, outside, slide.dimensions, slide_id)

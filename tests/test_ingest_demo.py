@@ -14,7 +14,7 @@ from conftest import assert_draws_over_he
 from stevs.demo import make_demo
 from stevs.io.ingest import build_slide_adata, ingest_from_sheet
 from stevs.io.samples import read_predict_sheet, read_sample_sheet
-from stevs.io.slide import OpenSlideReader, open_slide
+from stevs.io.slide import OpenSlideReader, TiffReader, open_slide
 from stevs.io.visium_uns import spaceranger_spatial_uns
 
 
@@ -27,7 +27,9 @@ def demo(tmp_path_factory):
 def test_demo_tiff_through_both_backends(demo):
     sheet = read_sample_sheet(demo)
     image = sheet.iloc[0]["image"]
-    with open_slide(image) as a, open_slide(image, backend="tifffile") as b:
+    with open_slide(image) as auto:  # a plain tiled TIFF: tifffile (OpenSlide's generic-tiff)
+        assert isinstance(auto, TiffReader)
+    with open_slide(image, backend="openslide") as a, open_slide(image, backend="tifffile") as b:
         assert isinstance(a, OpenSlideReader)
         assert a.mpp == pytest.approx(0.8) and b.mpp == pytest.approx(0.8)
         assert a.level_count == b.level_count > 1

@@ -14,7 +14,10 @@ from stevs.io.slide import ImageReader, OpenSlideReader, TiffReader, open_slide
 
 def test_openslide_reads_pyramid_levels_and_mpp(tmp_path, pattern_image):
     path = write_pyramid_tiff(tmp_path / "s.tif", pattern_image, mpp=0.25)
-    with open_slide(path) as slide:
+    with open_slide(path) as auto:  # a plain tiled TIFF: tifffile, same levels as OpenSlide
+        assert isinstance(auto, TiffReader) and auto.level_count == 3
+        assert auto.tile_size(0) == (64, 64)
+    with open_slide(path, backend="openslide") as slide:
         assert isinstance(slide, OpenSlideReader)
         assert slide.dimensions == (520, 400)
         assert slide.level_count == 3
@@ -138,3 +141,86 @@ def test_her2st_jpeg_reads(her2st_dir):
     assert patch.shape == (64, 64, 3) and patch.dtype == np.uint8
     assert patch.std() > 5  # tissue, not blank glass
     assert thumb.shape[0] == 256
+
+
+def _banded_jpeg(path, image: np.ndarray, restart_rows: int = 1, **options):
+    """A 4:2:0 JPEG with restart markers every ``restart_rows`` rows of 16 px blocks."""
+    options = options or {"restart_marker_rows": restart_rows}
+    Image.fromarray(image).save(path, "JPEG", quality=90, subsampling=2, **options)
+    return path
+
+
+@pytest.fixture
+def photo() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:700, 0:650]
+    base = np.stack([xx % 256, yy % 256, (xx * yy) % 256], axis=-1).astype(np.float64)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("restart_rows", [1, 3])
+def test_jpeg_bands_decode_the_same_pixels_as_the_whole_image(tmp_path, photo, restart_rows):
+    from stevs.io import jpeg_bands
+
+    path = _banded_jpeg(tmp_path / "banded.jpg", photo, restart_rows)
+    bands = jpeg_bands.parse_jpeg_bands(path)
+    assert bands is not None and bands.granule_px == 16 * restart_rows
+    for level in range(4):
+        with Image.open(path) as whole:
+            if level:
+                whole.draft("RGB", (whole.width // 2**level, whole.height // 2**level))
+            expected = np.asarray(whole)
+        scale, step = 2**level, bands.granule_px
+        for row0, row1 in ((0, step), (step, 5 * step), (640 - 640 % step, 700)):
+            got = bands.decode_rows(row0, row1, level)
+            np.testing.assert_array_equal(got, expected[row0 // scale : -(-row1 // scale)])
+    with open_slide(path, mpp=0.5) as slide:  # the reader: bands at level 0, equal pixels
+        assert isinstance(slide, ImageReader) and slide.tile_size(0) is not None
+        with Image.open(path) as whole:
+            np.testing.assert_array_equal(
+                slide.read_region((-5, 100, 660, 300)), _white_pad(np.asarray(whole), -5, 100)
+            )
+
+
+def _white_pad(image: np.ndarray, x: int, y: int) -> np.ndarray:
+    out = np.full((300, 660, 3), 255, np.uint8)
+    out[:, -x : -x + image.shape[1]] = image[y : y + 300]
+    return out
+
+
+def test_jpegs_without_usable_restart_markers_are_decoded_whole(tmp_path, photo):
+    from stevs.io import jpeg_bands
+
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(photo).save(plain, quality=90)
+    progressive = tmp_path / "progressive.jpg"
+    Image.fromarray(photo).save(progressive, quality=90, progressive=True)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(_banded_jpeg(tmp_path / "b.jpg", photo).read_bytes()[:-5000])
+    # 41 blocks a row, intervals of 5 blocks: intervals do not start at block rows
+    unaligned = _banded_jpeg(tmp_path / "unaligned.jpg", photo, restart_marker_blocks=5)
+    for path in (plain, progressive, truncated, unaligned):
+        assert jpeg_bands.parse_jpeg_bands(path) is None
+    with open_slide(plain) as slide:
+        assert slide.tile_size(0) is None
+        with Image.open(plain) as whole:
+            np.testing.assert_array_equal(slide.read_region((0, 0, 650, 700)), np.asarray(whole))
+    with pytest.raises(StevsInputError, match="truncated.jpg: cannot read image"):
+        open_slide(truncated)
+
+
+def test_pixel_cache_is_bounded_and_loads_each_key_once():
+    from stevs.io.slide import PixelCache
+
+    calls = []
+
+    def load(key):
+        calls.append(key)
+        return np.zeros(100, np.uint8)
+
+    cache = PixelCache(max_bytes=250)
+    for key in (1, 2, 1, 3, 1):
+        cache.get(key, lambda key=key: load(key))
+    assert calls == [1, 2, 3]  # 1 stayed (recently used), 2 was evicted for 3
+    cache.get(2, lambda: load(2))
+    assert calls == [1, 2, 3, 2]

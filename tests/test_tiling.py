@@ -545,3 +545,50 @@ def test_qc_picture_is_small_and_keeps_the_box_colours(tmp_path: Path) -> None:
     assert saved.mode == "P"  # palette PNG, not lossless RGB
     rgb = np.asarray(saved.convert("RGB"))
     assert np.all(rgb == (0, 170, 0), axis=2).any() and np.all(rgb == (255, 140, 0), axis=2).any()
+
+
+def test_windows_follow_the_tile_grid_of_the_level_read() -> None:
+    geometry = TileGeometry(0.25, 224, 0.5, level=1, level_downsample=2.0)
+    rng = np.random.default_rng(2)
+    centers = rng.uniform(0, 40_000, (3_000, 2))
+    boxes = geometry.boxes(centers)
+    windows = tiling.plan_windows(boxes, geometry, window_patches=4, tile=(256, 512))
+    served = np.sort(np.concatenate([w.indices for w in windows]))
+    np.testing.assert_array_equal(served, np.arange(len(centers)))
+    cell_w, cell_h = 1024, 1024  # 4 patches of 224 level px, rounded to whole tiles
+    for w in windows:
+        level = boxes[w.indices] / 2.0
+        cx, cy = (level[:, 0] + level[:, 2]) / 2, (level[:, 1] + level[:, 3]) / 2
+        assert len(set(np.floor(cx / cell_w))) == 1 and len(set(np.floor(cy / cell_h))) == 1
+
+
+def test_background_writer_raises_the_writers_error() -> None:
+    class Failing:
+        def __init__(self) -> None:
+            self.rows: list[int] = []
+
+        def write(self, row: int, patch: np.ndarray) -> None:
+            if row == 3:
+                raise ValueError("disk full")
+            self.rows.append(row)
+
+    writer = Failing()
+    patches = np.zeros((2, 4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="disk full"):
+        with tiling.BackgroundWriter(writer, depth=1) as background:  # type: ignore[arg-type]
+            for start in range(0, 40, 2):
+                background.put(np.arange(start, start + 2), patches)
+    assert writer.rows == [0, 1, 2]
+
+
+def test_spot_centres_are_read_without_anndata_alike(tmp_path: Path) -> None:
+    from stevs.io.slide_adata import read_slide_adata, read_slide_centres, slide_meta
+
+    image = scene_slide(tmp_path / "s.tif", 0.25, [])
+    centres = np.array([[10.5, 10], [300, 20.25], [40, 400]])
+    path = write_slide_adata(tmp_path / "s.h5ad", image, centres, 0.25, image_width=768)
+    barcodes, centres, meta = read_slide_centres(path)
+    adata = read_slide_adata(path)
+    assert barcodes == list(adata.obs_names)
+    np.testing.assert_array_equal(centres, adata.obsm["spatial"])
+    assert meta == slide_meta(adata, path)

@@ -85,3 +85,21 @@ def test_thumbnail_of_a_large_slide_is_bounded(tmp_path: Path) -> None:
     assert tissue.thumbnail.shape == (150, 1200, 3) and tissue.scale == 0.5
     assert tissue.um_per_px == 2.0
     assert tissue.mask[:, 320:880].all() and not tissue.mask[:, :280].any()
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 6, 9])
+def test_disk_morphology_equals_scipy_with_skimage_disks(radius: int) -> None:
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    from stevs.tissue import disk_dilate, disk_erode
+
+    rng = np.random.default_rng(radius)
+    mask = ndimage.binary_opening(rng.random((90, 130)) > 0.35)  # blobs, holes, edges
+    footprint = disk(radius)
+    for border in (True, False):
+        expected = ndimage.binary_erosion(mask, footprint, border_value=int(border))
+        np.testing.assert_array_equal(disk_erode(mask, radius, border), expected)
+    np.testing.assert_array_equal(
+        disk_dilate(mask, radius), ndimage.binary_dilation(mask, footprint)
+    )

@@ -17,16 +17,18 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-from scipy import sparse
 
 from stevs import __version__
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 from stevs.io.visium_uns import check_spatial_uns, lowres_only
+
+if TYPE_CHECKING:  # pandas and scipy are imported where used: `stevs tile` needs neither
+    import pandas as pd
+    from scipy import sparse
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,52 @@ def read_slide_adata(path: str | os.PathLike, *, backed: bool = False) -> Any:
     return adata
 
 
+def _h5_strings(dataset: Any) -> list[str]:
+    return [str(v) for v in dataset.asstr()[()]]
+
+
+def read_slide_centres(path: str | os.PathLike) -> tuple[list[str], np.ndarray, SlideMeta]:
+    """Barcodes, ``obsm["spatial"]`` and ``uns["stevs"]`` of a slide AnnData, checked.
+
+    Read with h5py alone when the file has the usual h5ad layout (anndata's import, about a
+    second, is most of what a small slide costs to tile); any other layout goes through
+    :func:`read_slide_adata`. The same checks on centres and barcodes as there.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise StevsInputError(path, "slide AnnData not found (run 'stevs ingest' first)")
+    try:
+        with h5py.File(path, "r") as handle:
+            obs = handle["obs"]
+            barcodes = _h5_strings(obs[obs.attrs["_index"]])
+            coords = np.asarray(handle["obsm/spatial"][()], np.float64)
+            group = handle["uns/stevs"] if "uns/stevs" in handle else {}
+            uns = {}
+            for key in group:
+                value = group[key][()]
+                uns[key] = value.decode() if isinstance(value, bytes) else _plain(value)
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        adata = read_slide_adata(path, backed=True)
+        try:
+            barcodes = [str(b) for b in adata.obs_names]
+            return barcodes, np.asarray(adata.obsm["spatial"], np.float64), slide_meta(adata, path)
+        finally:
+            adata.file.close()
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(barcodes):
+        _fail(path, f"obsm['spatial'] must be (n_spots, 2) x, y pixels, got {coords.shape}")
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        examples = ", ".join(barcodes[i] for i in np.flatnonzero(bad)[:3])
+        _fail(path, f"{int(bad.sum())} spots have NaN or infinite coordinates (e.g. {examples})")
+    if not barcodes:
+        _fail(path, "the slide AnnData has no spots")
+    if len(set(barcodes)) != len(barcodes):
+        _fail(path, "spot barcodes (obs_names) must be unique")
+    return barcodes, coords, SlideMeta.from_uns(uns, path)
+
+
 def slide_meta(adata: Any, path: str | os.PathLike | None = None) -> SlideMeta:
     """The :class:`SlideMeta` of a slide AnnData read by :func:`read_slide_adata`."""
     return SlideMeta.from_uns(adata.uns.get("stevs"), path)
@@ -139,6 +187,8 @@ def slide_meta(adata: Any, path: str | os.PathLike | None = None) -> SlideMeta:
 
 def raw_counts(adata: Any, path: str | os.PathLike | None = None) -> sparse.csr_matrix:
     """``X`` as CSR raw counts; negative values are an error naming ``path``."""
+    from scipy import sparse
+
     counts = sparse.csr_matrix(adata.X)
     if counts.nnz and (counts.data < 0).any():
         raise StevsInputError(path, "X must hold raw counts (found negative values)")
