@@ -1,13 +1,19 @@
 """The sample sheet: one row per slide (``config/samples.tsv``).
 
-Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format`` (``visium``,
-``st`` or ``h5ad``), ``spots`` (legacy ST spot file; empty otherwise), ``mpp`` (microns
-per level-0 pixel; empty to take it from the image or the spot grid). Relative paths are
+Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format``, ``spots``
+(legacy ST spot file; empty otherwise), ``mpp`` (microns per level-0 pixel; empty to take
+it from the input's metadata, the image or the spot grid). Formats and their
+``expression``: ``visium`` (Space Ranger ``outs/``), ``visium_hd`` (a
+``binned_outputs/square_008um``-like bin folder, or the ``outs/`` above it), ``st``
+(legacy ST count table + ``spots``), ``h5ad``, ``hest`` (a HEST-1k ``st/{id}.h5ad``; its
+``metadata/{id}.json`` is read beside it and ``image`` may be left empty for
+``wsis/{id}.tif``), ``spatialdata`` (a SpatialData ``.zarr`` store). Relative paths are
 resolved against ``data_root`` when given, else against the sheet's own folder.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -19,8 +25,44 @@ from stevs.ids import SLIDE_ID_RULE, is_slide_id
 
 REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
 OPTIONAL_COLUMNS = ("patient", "spots", "mpp")
-FORMATS = ("visium", "st", "h5ad")
+FORMATS = ("visium", "visium_hd", "st", "h5ad", "hest", "spatialdata")
 PREDICT_REQUIRED_COLUMNS = ("slide_id", "image")
+
+
+def hest_metadata_path(st_path: Path) -> Path:
+    """``{root}/metadata/{id}.json`` of a HEST-1k ``{root}/st/{id}.h5ad``."""
+    return st_path.parent.parent / "metadata" / f"{st_path.name.removesuffix('.h5ad')}.json"
+
+
+def hest_image_path(st_path: Path) -> Path:
+    """``{root}/wsis/{id}.tif`` of a HEST-1k ``{root}/st/{id}.h5ad``."""
+    return st_path.parent.parent / "wsis" / f"{st_path.name.removesuffix('.h5ad')}.tif"
+
+
+def _hest_patient(metadata: Path) -> str:
+    """The ``patient`` of a HEST-1k sample's metadata JSON ("" when absent or unreadable:
+    ingest reports a broken metadata file, naming it)."""
+    try:
+        value = json.loads(metadata.read_text()).get("patient")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _hest_defaults(table: pd.DataFrame, base: Path) -> None:
+    """HEST rows: an empty ``image`` is ``wsis/{id}.tif`` beside the sample's ``st/`` folder,
+    an empty ``patient`` the metadata's ``patient``."""
+    if "format" not in table.columns or "expression" not in table.columns:
+        return
+    rows = (table["format"] == "hest") & (table["expression"] != "")
+    for index in table.index[rows]:
+        expression = Path(table.at[index, "expression"])
+        if table.at[index, "image"] == "":
+            table.at[index, "image"] = str(hest_image_path(expression))
+        if table.at[index, "patient"] == "":
+            table.at[index, "patient"] = _hest_patient(
+                hest_metadata_path(Path(_resolve(str(expression), base)))
+            )
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -93,6 +135,8 @@ def read_sample_sheet(
     for column in OPTIONAL_COLUMNS:
         if column not in table.columns:
             table[column] = ""
+    base = Path(data_root) if data_root else path.parent
+    _hest_defaults(table, base)
     if require_patient:
         if (table["patient"] == "").all():
             raise StevsInputError(
@@ -113,7 +157,6 @@ def read_sample_sheet(
             raise _row_error(path, table, index, "format 'st' needs a spot file in 'spots'")
     table["mpp"] = _parse_mpp(path, table)
     table.loc[table["patient"] == "", "patient"] = table["slide_id"]
-    base = Path(data_root) if data_root else path.parent
     for column in ("image", "expression", "spots"):
         table[column] = [_resolve(v, base) if v else "" for v in table[column]]
     if check_paths:

@@ -13,7 +13,7 @@ from snakemake.utils import validate
 
 from stevs.errors import StevsInputError
 from stevs.folds import plan_folds
-from stevs.io.samples import read_sample_sheet
+from stevs.io.samples import hest_metadata_path, read_sample_sheet
 from stevs.methods import check_he_only, names
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
@@ -170,11 +170,14 @@ def ingest_inputs(wildcards):
     if DEMO:
         return {"sheet": DEMO_SHEET}
     row = SAMPLE_ROWS[wildcards.slide]
-    return {
+    inputs = {
         column: row[column]
         for column in ("image", "expression", "spots")
         if row[column]
     }
+    if row["format"] == "hest":  # a HEST-1k sample's metadata/{id}.json (its pixel size)
+        inputs["metadata"] = str(hest_metadata_path(Path(row["expression"])))
+    return inputs
 
 
 def ingest_row(wildcards):
