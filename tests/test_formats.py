@@ -179,3 +179,22 @@ def test_a_spatialdata_store_is_read_in_as_a_sheet_format(demo_slide, tmp_path):
     )
     with pytest.raises(StevsInputError, match="nowhere.zarr: SpatialData store not found"):
         build_slide_adata("x", image, tmp_path / "nowhere.zarr", "spatialdata")
+
+
+def test_a_visium_store_written_by_spatialdata_io_reads_like_the_outs_folder(demo_slide, tmp_path):
+    import spatialdata_io
+
+    slide, sheet = demo_slide
+    row = pd.read_csv(sheet, sep="\t").iloc[0]
+    outs, image = (Path(sheet).parent / row[c] for c in ("expression", "image"))
+    spatialdata_io.visium(outs, dataset_id="demo_1").write(tmp_path / "sdio.zarr")
+    adata = build_slide_adata("demo_1", image, tmp_path / "sdio.zarr", "spatialdata")
+    original = ad.read_h5ad(slide)
+    assert adata.n_obs == original.n_obs
+    original = original[adata.obs_names]  # same spots, in the table's order
+    np.testing.assert_allclose(adata.obsm["spatial"], original.obsm["spatial"])
+    assert (adata.X != original.X).nnz == 0
+    np.testing.assert_array_equal(adata.obs["array_row"], original.obs["array_row"])
+    assert adata.uns["stevs"]["spot_diameter_um"] == pytest.approx(
+        original.uns["stevs"]["spot_diameter_um"]
+    )

@@ -105,7 +105,8 @@ def write_hest_sample(root: Path, sample_id: str, outs: Path, image: Path, patie
 
 
 def test_hest_samples_run_through_ingest_tiling_folds_and_prediction(tmp_path: Path) -> None:
-    demo = read_sample_sheet(make_demo(tmp_path / "demo", seed=2, n_slides=3, size_um=1000.0, mpp=0.8))
+    sheet = make_demo(tmp_path / "demo", seed=2, n_slides=3, size_um=1000.0, mpp=0.8)
+    demo = read_sample_sheet(sheet)
     hest = tmp_path / "hest"
     ids = {}
     for i, (slide_id, row) in enumerate(demo.iterrows()):

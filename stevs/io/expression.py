@@ -400,9 +400,9 @@ def _one_table(path: Path, sdata: object) -> tuple[ad.AnnData, str, str, str]:
 
 def read_spatialdata(path: str | os.PathLike) -> ad.AnnData:
     """A SpatialData zarr store: the table's raw counts (X or ``layers["counts"]``) and the
-    centres of the spot shapes it annotates, in the ``global`` coordinate system (= level-0
-    px of the sample sheet's image, as spatialdata-io's Visium reader and ``stevs export``
-    write it). Circle radii give the drawn spot diameter."""
+    centres of the spot shapes it annotates in their own (intrinsic) coordinates, which are
+    level-0 px of the sample sheet's image in the stores of spatialdata-io's Visium reader
+    and of ``stevs export``. Circle radii give the drawn spot diameter."""
     path = Path(path)
     if not path.exists():
         raise StevsInputError(path, "SpatialData store not found")
@@ -417,7 +417,7 @@ def read_spatialdata(path: str | os.PathLike) -> ad.AnnData:
     except Exception as err:  # zarr / ome-zarr raise many kinds
         raise StevsInputError(path, f"not a readable SpatialData zarr store: {err}") from err
     table, region, region_key, instance_key = _one_table(path, sdata)
-    shapes = sd.transform(sdata.shapes[region], to_coordinate_system="global")
+    shapes = sdata.shapes[region]  # intrinsic coordinates: level-0 px of the image
     rows = table.obs[region_key].astype(str) == region
     instances = table.obs.loc[rows, instance_key].to_numpy()
     missing = pd.Index(instances).difference(shapes.index)
