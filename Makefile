@@ -40,10 +40,12 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # The tiny end-to-end run of .test/config/config.yaml (about 2.5 minutes on 2 cores): every
-# rule runs once on 4 small demo slides; outputs under .test/results (gitignored).
+# rule runs once on 4 small demo slides (and every SpatialData export); outputs under
+# .test/results (gitignored).
 TEST_CONFIG := .test/config/config.yaml
 test-workflow: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(TEST_CONFIG)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(TEST_CONFIG) \
+		all export_all
 	$(BIN)/python .ci/check_demo.py $(TEST_CONFIG) --min-stevs-r -1
 
 lint: install

@@ -23,6 +23,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/predict_slide.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

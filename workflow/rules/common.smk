@@ -175,7 +175,9 @@ def ingest_inputs(wildcards):
         for column in ("image", "expression", "spots")
         if row[column]
     }
-    if row["format"] == "hest":  # a HEST-1k sample's metadata/{id}.json (its pixel size)
+    if (
+        row["format"] == "hest"
+    ):  # a HEST-1k sample's metadata/{id}.json (its pixel size)
         inputs["metadata"] = str(hest_metadata_path(Path(row["expression"])))
     return inputs
 
@@ -254,3 +256,16 @@ def folds_args():
     if folds["keep_mito_ribo"]:
         args.append("--keep-mito-ribo")
     return " ".join(args)
+
+
+def all_exports():
+    """Every SpatialData store `export_all` makes (PSLIDES: predict_slide.smk)."""
+    stores = [
+        f"{RESULTS}/export/{method}/{fold}/{slide}.zarr"
+        for method in METHODS
+        for fold in FOLDS
+        for slide in FOLD_PLANS[fold].test
+    ]
+    stores += expand(f"{RESULTS}/export/slides/{{slide}}.zarr", slide=SLIDES)
+    stores += expand(f"{RESULTS}/export/predict_slides/{{pslide}}.zarr", pslide=PSLIDES)
+    return stores
