@@ -44,8 +44,9 @@ test: install
 # .test/results (gitignored).
 TEST_CONFIG := .test/config/config.yaml
 test-workflow: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(TEST_CONFIG) \
-		all export_all
+	# targets before --configfile, which takes every word after it as a config file
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake all export_all --cores $(CORES) \
+		--configfile $(TEST_CONFIG)
 	$(BIN)/python .ci/check_demo.py $(TEST_CONFIG) --min-stevs-r -1
 
 lint: install

@@ -24,9 +24,11 @@ from stevs.errors import StevsInputError
 from stevs.ids import SLIDE_ID_RULE, is_slide_id
 
 REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
-OPTIONAL_COLUMNS = ("patient", "spots", "mpp")
+OPTIONAL_COLUMNS = ("patient", "spots", "mpp", "split")
 FORMATS = ("visium", "visium_hd", "st", "h5ad", "hest", "spatialdata")
 PREDICT_REQUIRED_COLUMNS = ("slide_id", "image")
+#: values of the ``split`` column (fold scheme ``fixed``); empty = not in the fold
+SPLIT_VALUES = ("train", "val", "test")
 
 
 def hest_metadata_path(st_path: Path) -> Path:
@@ -156,6 +158,9 @@ def read_sample_sheet(
         if fmt == "st" and table.at[index, "spots"] == "":
             raise _row_error(path, table, index, "format 'st' needs a spot file in 'spots'")
     table["mpp"] = _parse_mpp(path, table)
+    for index, split in table["split"].items():
+        if split not in ("", *SPLIT_VALUES):
+            raise _row_error(path, table, index, f"split '{split}' must be train, val or test")
     table.loc[table["patient"] == "", "patient"] = table["slide_id"]
     for column in ("image", "expression", "spots"):
         table[column] = [_resolve(v, base) if v else "" for v in table[column]]
@@ -189,3 +194,67 @@ def read_predict_sheet(
             if not Path(image).is_file():
                 raise _row_error(path, table, index, f"image '{image}' does not exist")
     return table.set_index("slide_id", drop=False)
+
+
+def _hest_split_files(folder: Path) -> list[tuple[Path, Path]]:
+    """HEST-Benchmark's ``splits/train_{i}.csv`` + ``test_{i}.csv`` pairs, i = 0, 1, ..."""
+    pairs = []
+    while (folder / f"train_{len(pairs)}.csv").is_file():
+        i = len(pairs)
+        test = folder / f"test_{i}.csv"
+        if not test.is_file():
+            raise StevsInputError(test, f"split {i} has a train_{i}.csv but no test_{i}.csv")
+        pairs.append((folder / f"train_{i}.csv", test))
+    if not pairs:
+        raise StevsInputError(folder, "no train_0.csv / test_0.csv (HEST-Benchmark splits)")
+    return pairs
+
+
+def _split_ids(path: Path, column: str) -> list[str]:
+    try:
+        table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise StevsInputError(path, f"cannot read split file: {err}") from err
+    if column not in table.columns:
+        raise StevsInputError(path, f"no '{column}' column")
+    return [str(v).strip() for v in table[column] if str(v).strip()]
+
+
+def read_fixed_splits(path: str | os.PathLike, slide_ids: list[str]) -> list[dict[str, str]]:
+    """Fold scheme ``fixed``: per fold, slide -> ``train`` / ``val`` / ``test``.
+
+    ``path`` is either a table with ``slide_id`` and ``split`` columns (a sample sheet: one
+    fold; empty split = not in it) or a HEST-Benchmark ``splits/`` folder (fold i from
+    ``train_{i}.csv`` and ``test_{i}.csv``, samples by ``sample_id``). Every named slide must
+    be among ``slide_ids``; every fold needs a training and a test slide.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folds = []
+        for train, test in _hest_split_files(path):
+            split = {s: "train" for s in _split_ids(train, "sample_id")}
+            split.update({s: "test" for s in _split_ids(test, "sample_id")})
+            folds.append((test, split))
+    else:
+        if not path.is_file():
+            raise StevsInputError(path, "split file or HEST splits folder not found")
+        table = _read_table(path)
+        for column in ("slide_id", "split"):
+            if column not in table.columns:
+                raise StevsInputError(path, f"no '{column}' column (fold scheme fixed)")
+        rows = table.loc[table["split"] != ""]
+        bad = sorted(set(rows["split"]) - set(SPLIT_VALUES))
+        if bad:
+            raise StevsInputError(path, f"split values must be train, val or test, not {bad}")
+        folds = [(path, dict(zip(rows["slide_id"], rows["split"], strict=True)))]
+    known = set(slide_ids)
+    for where, split in folds:
+        unknown = sorted(set(split) - known)
+        if unknown:
+            raise StevsInputError(
+                where, f"{len(unknown)} slide(s) not in the sample sheet, e.g. {unknown[:3]}"
+            )
+        for needed in ("train", "test"):
+            if needed not in split.values():
+                raise StevsInputError(where, f"no {needed} slide in this split")
+    return [split for _, split in folds]

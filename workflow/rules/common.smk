@@ -13,7 +13,7 @@ from snakemake.utils import validate
 
 from stevs.errors import StevsInputError
 from stevs.folds import plan_folds
-from stevs.io.samples import hest_metadata_path, read_sample_sheet
+from stevs.io.samples import hest_metadata_path, read_fixed_splits, read_sample_sheet
 from stevs.methods import check_he_only, names
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
@@ -139,6 +139,8 @@ def _load_samples():
 # slide -> its sample-sheet row (paths resolved); empty for the demo
 SAMPLE_ROWS = {}
 SLIDES, PATIENTS = _load_samples()
+# fold scheme fixed: folds.splits (a split table or HEST's splits/), "" = the sample sheet
+SPLITS_PATH = config["folds"]["splits"] or config["samples"]
 try:
     FOLD_PLANS = {
         plan.name: plan
@@ -148,6 +150,9 @@ try:
             PATIENTS,
             k=config["folds"]["k"],
             seed=config["folds"]["seed"],
+            splits=(
+                read_fixed_splits(SPLITS_PATH, SLIDES) if SCHEME == "fixed" else None
+            ),
         )
     }
 except StevsInputError as err:
@@ -255,6 +260,8 @@ def folds_args():
         args.append(f"--gene-list {shlex.quote(folds['gene_list'])}")
     if folds["keep_mito_ribo"]:
         args.append("--keep-mito-ribo")
+    if SCHEME == "fixed":
+        args.append(f"--splits {shlex.quote(str(SPLITS_PATH))}")
     return " ".join(args)
 
 
