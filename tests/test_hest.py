@@ -10,17 +10,22 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
+import pytest
 from conftest import write_pyramid_tiff
 
 from stevs.cli import main
 from stevs.demo import make_demo
+from stevs.errors import StevsInputError
 from stevs.io.expression import read_visium
 from stevs.io.fold_file import read_fold
+from stevs.io.ingest import ingest_from_sheet
 from stevs.io.patch_cache import PatchCache
 from stevs.io.prediction import read_prediction
 from stevs.io.samples import read_sample_sheet
 from stevs.io.slide import open_slide
-from stevs.tiling import tile_spots
+from stevs.metrics import evaluate_fold
+from stevs.tiling import tile_slide, tile_spots
 
 
 def _read_like_hest(path: Path, start: int, stop: int) -> dict:
@@ -104,93 +109,91 @@ def write_hest_sample(root: Path, sample_id: str, outs: Path, image: Path, patie
     (root / "metadata" / f"{sample_id}.json").write_text(json.dumps(meta))
 
 
-def test_hest_samples_run_through_ingest_tiling_folds_and_prediction(tmp_path: Path) -> None:
-    sheet = make_demo(tmp_path / "demo", seed=2, n_slides=3, size_um=1000.0, mpp=0.8)
+def test_hest_samples_through_ingest_tiling_fixed_folds_prediction_and_hest_bench(
+    tmp_path: Path,
+) -> None:
+    """HEST-1k samples in HEST's layout run through ingest, tiling, folds, training and
+    prediction; a HEST-Benchmark task folder (``splits/``, ``var_50genes.json``), fold scheme fixed,
+    HEST's normalisation, and ``--protocol hest_bench`` equal to what HEST's benchmark code
+    computes from the same predictions (log1p of raw counts, scipy pearsonr per gene over all
+    test spots, mean over genes)."""
+    import scanpy as sc
+    from scipy.stats import pearsonr
+
+    sheet = make_demo(tmp_path / "demo", seed=3, n_slides=3, size_um=1000.0, mpp=0.8)
     demo = read_sample_sheet(sheet)
-    hest = tmp_path / "hest"
-    ids = {}
-    for i, (slide_id, row) in enumerate(demo.iterrows()):
-        ids[slide_id] = f"TENX{90 + i}"
+    bench = tmp_path / "bench"
+    ids = [f"NCBI{i}" for i in range(3)]
+    for sample_id, (_, row) in zip(ids, demo.iterrows(), strict=True):
         write_hest_sample(
-            hest, ids[slide_id], Path(row["expression"]), Path(row["image"]), row["patient"]
+            bench, sample_id, Path(row["expression"]), Path(row["image"]), row["patient"]
         )
-    # image left empty: wsis/{id}.tif; patient from the HEST metadata
-    lines = ["slide_id\tpatient\timage\texpression\tformat"]
-    lines += [f"{ids[s]}\t\t\tst/{ids[s]}.h5ad\thest" for s in demo.index]
-    sheet = tmp_path / "samples.tsv"
-    sheet.write_text("\n".join(lines) + "\n")
+    (bench / "splits").mkdir()
+    header = "sample_id,patches_path,expr_path\n"
+    for split, members in (("train", ids[:2]), ("test", ids[2:])):
+        rows = "".join(f"{s},patches/{s}.h5,adata/{s}.h5ad\n" for s in members)
+        (bench / "splits" / f"{split}_0.csv").write_text(header + rows)
+    genes = list(ad.read_h5ad(bench / "st" / f"{ids[0]}.h5ad").var_names[:12])
+    (bench / "var_50genes.json").write_text(json.dumps({"genes": genes}))
+    lines = ["slide_id\timage\texpression\tformat"] + [f"{s}\t\tst/{s}.h5ad\thest" for s in ids]
+    (tmp_path / "samples.tsv").write_text("\n".join(lines) + "\n")
     slides = []
-    for slide_id in demo.index:
-        out = tmp_path / "slides" / f"{ids[slide_id]}.h5ad"
-        assert main(
-            [
-                "ingest",
-                "--sample-sheet",
-                str(sheet),
-                "--data-root",
-                str(hest),
-                "--slide-id",
-                ids[slide_id],
-                "--out",
-                str(out),
-            ]
-        ) in (0, None)
-        adata = ad.read_h5ad(out)
+    for sample_id in ids:
+        out = tmp_path / "slides" / f"{sample_id}.h5ad"
+        ingest_from_sheet(tmp_path / "samples.tsv", sample_id, out, data_root=bench)
+        adata, source = ad.read_h5ad(out), ad.read_h5ad(bench / "st" / f"{sample_id}.h5ad")
         info = adata.uns["stevs"]
         assert info["mpp"] == 0.8 and info["mpp_source"] == "hest_metadata:pixel_size_um_estimated"
-        assert info["technology"] == "visium" and info["patient"] == demo.at[slide_id, "patient"]
-        assert info["image_path"].endswith(f"wsis/{ids[slide_id]}.tif")
-        source = ad.read_h5ad(hest / "st" / f"{ids[slide_id]}.h5ad")
+        assert info["technology"] == "visium" and info["spot_diameter_um"] == 55.0
+        assert info["image_path"].endswith(f"wsis/{sample_id}.tif")  # image left empty
+        assert info["patient"] == demo.iloc[ids.index(sample_id)]["patient"]  # metadata's
         np.testing.assert_array_equal(adata.obsm["spatial"], source.obsm["spatial"])
         assert (adata.X != source.X).nnz == 0
-        assert main(
-            [
-                "tile",
-                "--slide",
-                str(out),
-                "--out",
-                str(tmp_path / "patches" / f"{ids[slide_id]}.h5"),
-                "--patch-px",
-                "32",
-                "--patch-um",
-                "64",
-            ]
-        ) in (0, None)
+        tile_slide(out, tmp_path / "patches" / f"{sample_id}.h5", patch_px=32, patch_mpp=2.0)
         slides.append(str(out))
-    assert main(
-        [
-            "folds",
-            "--slides",
-            *slides,
-            "--patches-dir",
-            str(tmp_path / "patches"),
-            "--n-genes",
-            "20",
-            "--n-headline",
-            "10",
-            "--out-dir",
-            str(tmp_path / "folds"),
-        ]
-    ) in (0, None)
-    folds = sorted((tmp_path / "folds").glob("fold*.json"))
-    assert len(folds) == 2  # two patients: leave one patient out
-    fold = read_fold(folds[0])
-    model = tmp_path / "model"
-    assert main(
-        ["train", "--fold", str(folds[0]), "--method", "ridge_color", "--out", str(model)]
-    ) in (0, None)
-    assert main(
-        [
-            "predict",
-            "--model-dir",
-            str(model),
-            "--fold",
-            str(folds[0]),
-            "--out-dir",
-            str(tmp_path / "pred"),
-        ]
-    ) in (0, None)
-    for slide in fold.test:
-        prediction = read_prediction(tmp_path / "pred" / f"{slide}.h5ad", fold.genes)
-        assert prediction.mean.shape == (len(prediction.barcodes), len(fold.genes))
-        assert len(prediction.barcodes) > 50
+    folds_args = ["folds", "--slides", *slides, "--patches-dir", str(tmp_path / "patches")]
+    folds_args += ["--scheme", "fixed", "--splits", str(bench / "splits"), "--panel", "gene_list"]
+    folds_args += ["--gene-list", str(bench / "var_50genes.json"), "--normalisation", "log1p"]
+    assert main([*folds_args, "--out-dir", str(tmp_path / "folds")]) == 0
+    fold_path = tmp_path / "folds" / "fold0.json"
+    fold = read_fold(fold_path)
+    assert fold.test == [ids[2]] and sorted(fold.train + fold.val) == ids[:2]
+    assert fold.genes == genes and fold.normalisation_method == "log1p"
+    model, pred = tmp_path / "model", tmp_path / "pred"
+    main(["train", "--fold", str(fold_path), "--method", "ridge_color", "--out", str(model)])
+    main(["predict", "--model-dir", str(model), "--fold", str(fold_path), "--out-dir", str(pred)])
+    prediction = read_prediction(pred / f"{ids[2]}.h5ad", fold.genes)
+    assert prediction.mean.shape == (len(prediction.barcodes), 12) and len(prediction.barcodes) > 50
+    out = tmp_path / "metrics" / "fold0.tsv"
+    evaluate = ["evaluate", "--fold", str(fold_path), "--predictions", str(pred)]
+    assert (
+        main([*evaluate, "--method", "ridge_color", "--protocol", "hest_bench", "--out", str(out)])
+        == 0
+    )
+    summary = pd.read_csv(out.with_name("fold0.summary.tsv"), sep="\t").iloc[0]
+    assert summary["protocol"] == "hest_bench"
+    # HEST's benchmark: load_adata(expr, genes, barcodes, normalize=True) -> sc.pp.log1p
+    predicted = ad.read_h5ad(pred / f"{ids[2]}.h5ad")
+    observed = sc.read_h5ad(bench / "st" / f"{ids[2]}.h5ad")[predicted.obs_names, genes].copy()
+    observed.X = observed.X.astype(np.float64)
+    sc.pp.log1p(observed)
+    y_test = np.asarray(observed.to_df().values)
+    r = [pearsonr(y_test[:, g], predicted[:, genes].X[:, g])[0] for g in range(len(genes))]
+    assert summary["hest_bench_pearson_r"] == pytest.approx(np.mean(r), abs=1e-6)
+    assert summary["hest_bench_pearson_r_std"] == pytest.approx(np.std(r), abs=1e-6)
+    # a fold made another way is refused, naming it
+    assert (
+        main(
+            [
+                "folds",
+                *folds_args[1:-2],
+                "--normalisation",
+                "log1p_cp10k",
+                "--out-dir",
+                str(tmp_path / "f2"),
+            ]
+        )
+        == 0
+    )
+    with pytest.raises(StevsInputError, match="fold0.json: protocol hest_bench needs"):
+        evaluate_fold(tmp_path / "f2" / "fold0.json", pred, "ridge_color", "hest_bench")
