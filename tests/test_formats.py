@@ -198,3 +198,33 @@ def test_a_visium_store_written_by_spatialdata_io_reads_like_the_outs_folder(dem
     assert adata.uns["stevs"]["spot_diameter_um"] == pytest.approx(
         original.uns["stevs"]["spot_diameter_um"]
     )
+
+
+def test_stevs_imports_without_the_interop_extra() -> None:
+    """spatialdata and squidpy are imported lazily: no stevs module loads them on import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stevs, stevs.cli, stevs.export, stevs.io.ingest, stevs.io.expression, "
+        "stevs.io.spatialdata_zarr, stevs.metrics, stevs.folds\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('spatialdata', 'spatialdata_io', 'spatialdata_plot', 'squidpy', 'geopandas')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_export_of_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "x.zarr"
+    assert main(["export", "--input", str(tmp_path / "missing.h5ad"), "--out", str(out)]) == 2
+    assert "missing.h5ad: AnnData file not found" in capsys.readouterr().err
+    bare = ad.AnnData(X=np.ones((3, 2), np.float32))
+    bare.obsm["spatial"] = np.zeros((3, 2))
+    bare.write_h5ad(tmp_path / "bare.h5ad")
+    assert main(["export", "--input", str(tmp_path / "bare.h5ad"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'bare.h5ad: needs exactly one library in uns["spatial"]' in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.h5ad"]
