@@ -31,3 +31,9 @@ rule all:
     input:
         f"{RESULTS}/report/index.html",
         PREDICTED_SLIDES,
+
+
+rule export_all:
+    # every test prediction, slide and H&E-only prediction as SpatialData (export.smk)
+    input:
+        all_exports(),

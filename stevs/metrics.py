@@ -290,6 +290,7 @@ def summarise_fold(
         "n_genes": int(per_gene["gene"].nunique()),
         "n_test_slides": int(per_gene["slide"].nunique()),
         "n_spots": int(per_gene.groupby("slide")["n_spots"].first().sum()),
+        "protocol": "stevs",  # evaluate_fold's hest_bench protocol adds its own numbers
     }
     if pooled_r is not None:
         pooled = pooled_r.reindex(gene_r.index)

@@ -1,10 +1,5 @@
 # SpatialData zarr stores of predictions, slides and H&E-only predictions (`stevs export`,
-# the interop extra). Not part of `all`: ask for one store, or `export_all` for every one.
-
-
-rule export_all:
-    input:
-        all_exports(),
+# the interop extra). Not part of `all`: ask for one store, or `export_all` (Snakefile).
 
 
 rule export_prediction:
