@@ -42,10 +42,13 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # The tiny end-to-end run of .test/config/config.yaml (about 2.5 minutes on 2 cores): every
-# rule runs once on 4 small demo slides; outputs under .test/results (gitignored).
+# rule runs once on 4 small demo slides (and every SpatialData export); outputs under
+# .test/results (gitignored).
 TEST_CONFIG := .test/config/config.yaml
 test-workflow: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile $(TEST_CONFIG)
+	# targets before --configfile, which takes every word after it as a config file
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake all export_all --cores $(CORES) \
+		--configfile $(TEST_CONFIG)
 	$(BIN)/python .ci/check_demo.py $(TEST_CONFIG) --min-stevs-r -1
 
 # Reruns after a config change (folds.panel, training.seed) retrain and equal a fresh run:

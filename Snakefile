@@ -23,6 +23,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/predict_slide.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
@@ -30,3 +31,9 @@ rule all:
     input:
         f"{RESULTS}/report/index.html",
         PREDICTED_SLIDES,
+
+
+rule export_all:
+    # every test prediction, slide and H&E-only prediction as SpatialData (export.smk)
+    input:
+        all_exports(),

@@ -38,6 +38,36 @@ def disagreements(given: Any, merged: Any, where: str = "") -> list[str]:
     return []
 
 
+def check_exports(results: Path) -> list[str]:
+    """Every SpatialData store under {results}/export (the `export_all` target) opens with
+    spatialdata and holds the values of the AnnData it was written from."""
+    stores = sorted((results / "export").glob("**/*.zarr"))
+    if not stores:
+        return []
+    import anndata as ad
+    import numpy as np
+    import spatialdata as sd
+
+    problems = []
+    for store in stores:
+        parts = store.relative_to(results / "export").parts
+        if parts[0] == "slides":
+            source = results / "slides" / f"{store.stem}.h5ad"
+        elif parts[0] == "predict_slides":
+            source = results / "predict_slides" / store.stem / f"{store.stem}.h5ad"
+        else:
+            source = results / "predictions" / parts[0] / parts[1] / f"{store.stem}.h5ad"
+        table, adata = sd.read_zarr(store).tables["table"], ad.read_h5ad(source)
+        same = list(table.obs_names) == list(adata.obs_names) and np.allclose(
+            np.asarray(table.X.todense() if hasattr(table.X, "todense") else table.X),
+            np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X),
+        )
+        if not same:
+            problems.append(f"{store}: table differs from {source}")
+    print(f"{len(stores)} SpatialData stores under {results}/export open with spatialdata")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="config/config.yaml")
@@ -81,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if (merged.get("predict_slides") or {}).get("sheet"):
         if not list((results / "predict_slides").glob("*/maps/*.png")):
             problems.append(f"predict_slides.sheet is set; no maps in {results}/predict_slides")
+    problems += check_exports(results)
     print("\n".join(problems) or f"check passed ({results}): STevs headline r = {stevs_r:.3f}")
     return 1 if problems else 0
 

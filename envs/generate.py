@@ -25,7 +25,7 @@ PYPROJECT = ROOT / "pyproject.toml"
 VERSIONS = ROOT / "envs" / "versions.txt"
 ENV_FILE = ROOT / "envs" / "stevs.yaml"
 #: extras whose packages the rules' environment needs (not the test tools)
-ENV_EXTRAS = ("pretrained",)
+ENV_EXTRAS = ("pretrained", "interop")
 #: PyPI name -> conda packages ("channel::name"); absent: same name on conda-forge
 CONDA = {
     "torch": ["conda-forge::pytorch"],
@@ -59,7 +59,7 @@ def requirements(extras: tuple[str, ...] | None = None) -> list[str]:
     names = [package_name(r) for r in project["dependencies"]]
     for extra in optional if extras is None else extras:
         names += [package_name(r) for r in optional[extra]]
-    return list(dict.fromkeys(names))
+    return [name for name in dict.fromkeys(names) if name != project["name"]]  # stevs[interop]
 
 
 def installed_versions(names: list[str]) -> dict[str, str]:

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("stevs.metrics", "score predictions per gene and slide"),
     "report": ("stevs.report", "build the HTML report"),
     "predict-slide": ("stevs.predict_slide", "predict expression maps for an H&E-only slide"),
+    "export": ("stevs.export", "write a slide or prediction as a SpatialData zarr store"),
 }
 
 

@@ -11,7 +11,9 @@ Two layers:
 
 Schemes: ``leave_one_slide_out`` (one fold per slide, in input order), ``leave_one_patient_out``
 (one fold per patient, in order of first appearance), ``group_kfold`` (``k`` folds over
-patients), ``within_slice`` (``k`` folds over square spatial blocks of every slide).
+patients), ``within_slice`` (``k`` folds over square spatial blocks of every slide), ``fixed``
+(the splits given: a sample sheet's ``split`` column, one fold, or HEST-Benchmark's
+``splits/train_{i}.csv`` + ``test_{i}.csv``, one fold each).
 
 Validation comes from training slides only: a whole training patient (patient schemes, when at
 least two training patients remain), else a whole training slide (when at least two remain),
@@ -28,7 +30,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -47,6 +49,7 @@ from stevs.io.fold_file import (
     check_no_overlap,
     write_fold,
 )
+from stevs.io.samples import read_fixed_splits
 from stevs.io.slide_adata import raw_counts, read_slide_adata, slide_meta
 from stevs.panels import (
     NORMALISATIONS,
@@ -104,10 +107,22 @@ def _unique_in_order(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def n_folds(scheme: str, slide_ids: Sequence[str], patients: Sequence[str], k: int = 3) -> int:
+def n_folds(
+    scheme: str,
+    slide_ids: Sequence[str],
+    patients: Sequence[str],
+    k: int = 3,
+    splits: Sequence[Mapping[str, str]] | None = None,
+) -> int:
     """How many folds a scheme makes; raises :class:`StevsInputError` if it cannot work."""
     _check_slides(slide_ids, patients)
     n_patients = len(set(patients))
+    if scheme == "fixed":
+        if not splits:
+            raise StevsInputError(
+                None, "fold scheme fixed needs splits (a 'split' column or HEST split files)"
+            )
+        return len(splits)
     if scheme == "leave_one_slide_out":
         if len(slide_ids) < 2:
             raise StevsInputError(
@@ -141,10 +156,33 @@ def n_folds(scheme: str, slide_ids: Sequence[str], patients: Sequence[str], k: i
 
 
 def fold_names(
-    scheme: str, slide_ids: Sequence[str], patients: Sequence[str], k: int = 3
+    scheme: str,
+    slide_ids: Sequence[str],
+    patients: Sequence[str],
+    k: int = 3,
+    splits: Sequence[Mapping[str, str]] | None = None,
 ) -> list[str]:
     """Fold names (``fold0``, ``fold1``, ...) from the sample sheet alone."""
-    return [f"fold{i}" for i in range(n_folds(scheme, slide_ids, patients, k))]
+    return [f"fold{i}" for i in range(n_folds(scheme, slide_ids, patients, k, splits))]
+
+
+def _fixed_plans(
+    slide_ids: list[str],
+    patient_of: dict[str, str],
+    splits: Sequence[Mapping[str, str]],
+    seed: int,
+) -> list[FoldPlan]:
+    """Scheme ``fixed``: the given splits; without ``val`` slides, validation is carved out
+    of the training slides as in the other schemes (a patient, else a slide, else blocks)."""
+    plans = []
+    for i, split in enumerate(splits):
+        train, val, test = ([s for s in slide_ids if split.get(s) == x] for x in SPLITS)
+        how = "slide"
+        if not val:
+            rng = np.random.default_rng([seed, i])
+            train, val, how = _carve_validation(train, patient_of, rng, by_patient=True)
+        plans.append(FoldPlan(f"fold{i}", tuple(train), tuple(val), tuple(test), how))
+    return plans
 
 
 def _carve_validation(
@@ -168,13 +206,20 @@ def plan_folds(
     patients: Sequence[str],
     k: int = 3,
     seed: int = 0,
+    splits: Sequence[Mapping[str, str]] | None = None,
 ) -> list[FoldPlan]:
-    """Assign slides to train/val/test for every fold; deterministic for a seed."""
-    count = n_folds(scheme, slide_ids, patients, k)
+    """Assign slides to train/val/test for every fold; deterministic for a seed.
+
+    ``splits`` (scheme ``fixed`` only): per fold, slide -> train / val / test
+    (:func:`stevs.io.samples.read_fixed_splits`).
+    """
+    count = n_folds(scheme, slide_ids, patients, k, splits)
     if seed < 0:
         raise StevsInputError(None, f"the seed must be >= 0, got {seed}")
     slide_ids = list(slide_ids)
     patient_of = dict(zip(slide_ids, patients, strict=True))
+    if scheme == "fixed":
+        return _fixed_plans(slide_ids, patient_of, splits or [], seed)
     if scheme == "within_slice":
         every = tuple(slide_ids)
         return [FoldPlan(f"fold{i}", every, every, every, "blocks") for i in range(count)]
@@ -397,6 +442,7 @@ class FoldOptions:
     normalisation: str = "log1p_cp10k"
     block_um: float | None = None
     buffer_pitches: float = 1.0
+    splits: str | None = None  # scheme fixed: a table with a split column, or HEST's splits/
 
 
 def _spot_split(
@@ -572,12 +618,18 @@ def make_folds(
     missing = [r.slide for r in records if not Path(r.patches_path).is_file()]
     if missing:
         log.info("%s: no patch cache yet for %s", patches_dir, ", ".join(missing))
+    splits = None
+    if options.scheme == "fixed":
+        if not options.splits:
+            raise StevsInputError(None, "--scheme fixed needs --splits (sheet or HEST splits/)")
+        splits = read_fixed_splits(options.splits, list(slides))
     plans = plan_folds(
         options.scheme,
         list(slides),
         [r.patient for r in records],
         k=options.k,
         seed=options.seed,
+        splits=splits,
     )
     folds = []
     for index, plan in enumerate(tqdm(plans, desc="building folds")):
@@ -658,6 +710,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--patches-dir", default="results/patches", help="where {slide}.h5 patch caches live"
     )
     parser.add_argument("--scheme", choices=SCHEMES, default="leave_one_patient_out")
+    parser.add_argument(
+        "--splits",
+        help="scheme fixed: a TSV with slide_id and split (train/val/test) columns, e.g. the "
+        "sample sheet, or a HEST-Benchmark splits/ folder (train_i.csv, test_i.csv)",
+    )
     parser.add_argument(
         "--k", type=int, default=3, help="folds for group_kfold and within_slice (default 3)"
     )

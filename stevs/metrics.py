@@ -18,6 +18,13 @@ Protocol (the same for every method):
   (``pearson_r_top50_optimistic``: selected on the test data, so optimistic by construction).
 * Pooled r concatenates the spots of all test slides of the fold per gene; it is reported in
   its own ``pooled_*`` columns, never averaged with per-slide r.
+
+Protocol ``hest_bench`` (``--protocol hest_bench``) adds the number HEST-Benchmark reports
+per split, so it can be set beside its leaderboard: Pearson r per gene over all test spots
+pooled, mean (and std) over the genes, on a fold made with HEST's normalisation
+(``--normalisation log1p``: log1p of raw counts) and a given gene list (``--panel gene_list``,
+e.g. HEST's ``var_50genes.json``). It is labelled ``protocol = hest_bench`` in the summary
+and reported apart in the report; HEST averages NaN genes in, stevs leaves them out.
 """
 
 from __future__ import annotations
@@ -91,6 +98,16 @@ SUMMARY_METRICS: dict[str, str] = {
     "n_genes": "panel genes",
     "n_test_slides": "test slides",
     "n_spots": "test spots over all test slides",
+}
+#: evaluation protocols: stevs' own, and HEST-Benchmark's (see the module docstring)
+PROTOCOLS = ("stevs", "hest_bench")
+#: summary columns of protocol hest_bench only, with their meaning
+HEST_BENCH_METRICS: dict[str, str] = {
+    "hest_bench_pearson_r": (
+        "HEST-Benchmark protocol: Pearson r per gene over all test spots pooled, on log1p of "
+        "raw counts of the given gene list, mean over genes"
+    ),
+    "hest_bench_pearson_r_std": "HEST-Benchmark protocol: std of that r over genes",
 }
 
 
@@ -273,6 +290,7 @@ def summarise_fold(
         "n_genes": int(per_gene["gene"].nunique()),
         "n_test_slides": int(per_gene["slide"].nunique()),
         "n_spots": int(per_gene.groupby("slide")["n_spots"].first().sum()),
+        "protocol": "stevs",  # evaluate_fold's hest_bench protocol adds its own numbers
     }
     if pooled_r is not None:
         pooled = pooled_r.reindex(gene_r.index)
@@ -342,17 +360,46 @@ def headline_pearson(
     return float(summarise_fold(pd.concat(tables, ignore_index=True))[HEADLINE_METRIC])
 
 
+def check_hest_bench_fold(fold: Fold) -> None:
+    """Protocol hest_bench scores a fold made the HEST-Benchmark way only: targets log1p of
+    raw counts (``--normalisation log1p``) on a given gene list (``--panel gene_list``)."""
+    method, panel = fold.normalisation_method, fold.panel.get("method")
+    if method != "log1p" or panel != "gene_list":
+        raise StevsInputError(
+            fold.path,
+            f"protocol hest_bench needs a fold made with --normalisation log1p --panel "
+            f"gene_list (HEST's normalisation and gene list), not {method} / {panel}",
+        )
+
+
+def hest_bench_summary(pooled_r: np.ndarray) -> dict[str, float]:
+    """HEST-Benchmark's per-split numbers from the pooled per-gene r."""
+    r = np.asarray(pooled_r, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    return {
+        "hest_bench_pearson_r": float(r.mean()) if len(r) else float("nan"),
+        "hest_bench_pearson_r_std": float(r.std()) if len(r) else float("nan"),
+    }
+
+
 def evaluate_fold(
-    fold_path: str | os.PathLike, predictions_dir: str | os.PathLike, method: str
+    fold_path: str | os.PathLike,
+    predictions_dir: str | os.PathLike,
+    method: str,
+    protocol: str = "stevs",
 ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Score one method on one fold.
+    """Score one method on one fold (``protocol``: one of :data:`PROTOCOLS`).
 
     Returns the per gene x slide table, the fold summary and the pooled per-gene table
     (gene, pooled_pearson_r, pooled_spearman_rho, headline, constant, n_spots).
     """
     from tqdm.auto import tqdm
 
+    if protocol not in PROTOCOLS:
+        raise StevsInputError(None, f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
     fold = read_fold(fold_path)
+    if protocol == "hest_bench":
+        check_hest_bench_fold(fold)
     predictions_dir = Path(predictions_dir)
     if not fold.test:
         raise StevsInputError(fold.path, "the fold has no test slides")
@@ -406,6 +453,9 @@ def evaluate_fold(
         }
     )
     summary = summarise_fold(per_gene, pooled.set_index("gene")["pooled_pearson_r"])
+    summary["protocol"] = protocol
+    if protocol == "hest_bench":
+        summary.update(hest_bench_summary(pooled["pooled_pearson_r"].to_numpy()))
     return per_gene, summary, pooled
 
 
@@ -432,7 +482,8 @@ def write_evaluation(
     per_gene: pd.DataFrame, summary: Mapping[str, Any], pooled: pd.DataFrame, out: str | os.PathLike
 ) -> list[Path]:
     """Write the per gene x slide TSV, its ``.summary.tsv`` and ``.pooled.tsv`` beside it."""
-    columns = ["method", "fold", *SUMMARY_METRICS]
+    columns = ["method", "fold", *SUMMARY_METRICS, "protocol"]
+    columns += [k for k in HEST_BENCH_METRICS if k in summary]
     summary_table = pd.DataFrame([{k: summary[k] for k in columns}])
     # the per-gene table last: it is the file a workflow rule waits for
     return [
@@ -453,6 +504,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--method", required=True, help="method name written into the tables")
     parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="stevs",
+        help="hest_bench: also HEST-Benchmark's pooled Pearson r (fold: log1p, gene_list)",
+    )
+    parser.add_argument(
         "--out",
         required=True,
         help="per gene x slide TSV; FOO.summary.tsv and FOO.pooled.tsv are written beside it",
@@ -461,8 +518,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``stevs evaluate``: score one method's predictions on one fold."""
-    per_gene, summary, pooled = evaluate_fold(args.fold, args.predictions, args.method)
+    per_gene, summary, pooled = evaluate_fold(
+        args.fold, args.predictions, args.method, args.protocol
+    )
     write_evaluation(per_gene, summary, pooled, args.out)
+    if args.protocol == "hest_bench":
+        log.info(
+            "%s %s: HEST-Benchmark protocol pooled r %.3f +- %.3f over %d genes",
+            summary["method"],
+            summary["fold"],
+            summary["hest_bench_pearson_r"],
+            summary["hest_bench_pearson_r_std"],
+            summary["n_genes"],
+        )
     log.info(
         "%s %s: mean r %.3f (all %d genes), %.3f (headline), pooled %.3f; %d constant pairs",
         summary["method"],

@@ -28,6 +28,7 @@ panel info records how many of the top training genes the panel holds.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,7 +46,7 @@ from stevs.errors import StevsInputError
 log = logging.getLogger(__name__)
 
 TARGET_SUM = 10_000.0
-NORMALISATIONS = ("log1p_cp10k", "raw")
+NORMALISATIONS = ("log1p_cp10k", "log1p", "raw")
 PANEL_METHODS = ("highly_expressed", "highly_variable", "gene_list")
 MIN_DETECTION = 0.10
 MIN_GENES_FOR_SEURAT_V3 = 50
@@ -77,12 +78,15 @@ def normalise(
     """Normalise spot x gene counts to dense float32 targets.
 
     ``log1p_cp10k``: ``log1p(counts / library_size * target_sum)`` (0 for empty spots);
+    ``log1p``: ``log1p(counts)``, no library-size scaling (HEST-Benchmark's normalisation);
     ``raw``: the counts themselves. ``library_size`` is the spot's total over *all* genes.
     """
     dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     dense = dense.astype(np.float64, copy=False)
     if method == "raw":
         return dense.astype(np.float32)
+    if method == "log1p":
+        return np.log1p(dense).astype(np.float32)
     if method != "log1p_cp10k":
         raise ValueError(f"unknown normalisation {method!r}; choose from {NORMALISATIONS}")
     lib = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
@@ -90,15 +94,29 @@ def normalise(
     return np.log1p(dense * scale).astype(np.float32)
 
 
+def _json_genes(path: Path, text: str) -> list[str]:
+    """HEST-Benchmark's gene list file: ``{"genes": [...]}`` (e.g. ``var_50genes.json``)."""
+    try:
+        genes = json.loads(text)["genes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise StevsInputError(path, f'a .json gene list must be {{"genes": [...]}}: {err}') from err
+    if not isinstance(genes, list):
+        raise StevsInputError(path, 'a .json gene list must be {"genes": [...]}')
+    return [str(g).strip() for g in genes if str(g).strip()]
+
+
 def read_gene_list(path: str | PathLike) -> list[str]:
-    """Read a gene list: one gene per line (first tab/comma/space field), ``#`` comments."""
+    """Read a gene list: one gene per line (first tab/comma/space field), ``#`` comments; or a
+    ``.json`` file ``{"genes": [...]}`` (HEST-Benchmark's ``var_50genes.json``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise StevsInputError(path, f"cannot read the gene list: {err.strerror or err}") from err
     genes: list[str] = []
-    for line in text.splitlines():
+    if path.suffix.lower() == ".json":
+        genes = _json_genes(path, text)
+    for line in [] if genes else text.splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

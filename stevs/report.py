@@ -33,6 +33,7 @@ from stevs.io.fold_file import read_fold
 from stevs.io.model_dir import ModelDir
 from stevs.io.prediction import Background, Prediction, read_background, read_prediction
 from stevs.metrics import (
+    HEST_BENCH_METRICS,
     PER_GENE_COLUMNS,
     SUMMARY_METRICS,
     VAL_METRIC,
@@ -427,6 +428,26 @@ def _fmt(value: float, std: float | None = None) -> str:
     return text
 
 
+def hest_bench_html(folds: pd.DataFrame) -> str:
+    """The HEST-Benchmark protocol section ("" unless some fold was evaluated with it)."""
+    if "protocol" not in folds or not (folds["protocol"] == "hest_bench").any():
+        return ""
+    rows = []
+    for method, group in folds[folds["protocol"] == "hest_bench"].groupby("method"):
+        values = group["hest_bench_pearson_r"].astype(float).dropna()
+        std = float(values.std(ddof=0)) if len(values) > 1 else None
+        cell = _fmt(float(values.mean()) if len(values) else float("nan"), std)
+        rows.append(f"<tr><td>{html.escape(method)}</td><td>{len(group)}</td><td>{cell}</td></tr>")
+    return (
+        "<h2>HEST-Benchmark protocol</h2><p>"
+        + html.escape(HEST_BENCH_METRICS["hest_bench_pearson_r"])
+        + "; mean &plusmn; std over splits (folds), as HEST-Benchmark reports. Comparable with"
+        " its leaderboard only on the same samples, splits and gene list.</p>"
+        "<table id=hest_bench><tr><th>method</th><th>splits</th>"
+        "<th>hest_bench_pearson_r</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def summary_table_html(summary: pd.DataFrame) -> str:
     """The method-by-metric table; each cell carries its exact numbers as data attributes."""
     head = "".join(
@@ -536,6 +557,9 @@ def build_report(
         " of each column is in bold (for coverage: closest to 0.90).</p>"
         + summary_table_html(summary)
     )
+    hest = hest_bench_html(folds)
+    if hest:
+        sections.append(hest)
     bars = bar_charts(summary)
     sections.append(
         "<h2>Metrics per method</h2><div class=figs>"

@@ -201,6 +201,64 @@ def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> Non
         assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == shown.shape[:2]
     finally:
         plt.close("all")
+    assert_opens_in_squidpy_and_spatialdata(adata, gene, shown.shape[:2])
+
+
+def assert_opens_in_squidpy_and_spatialdata(adata, gene: str, image_shape: tuple) -> None:
+    """squidpy builds the spot graph and draws the gene over the H&E (default arguments, but
+    ``img_res_key="lowres"`` where the file has no ``hires``);
+    the AnnData written as SpatialData (``stevs.io.spatialdata_zarr``) reads back with the same
+    values, spot centres and image."""
+    import tempfile
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import spatialdata as sd
+    import squidpy as sq
+    from matplotlib.image import AxesImage
+    from scipy import sparse
+
+    from stevs.io.spatialdata_zarr import write_spatialdata
+
+    copy = adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # squidpy 1.8 names its successors
+        sq.gr.spatial_neighbors(copy)
+    graph = copy.obsp["spatial_connectivities"]
+    assert graph.shape == (adata.n_obs, adata.n_obs) and graph.nnz >= adata.n_obs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        # squidpy's default image key is "hires"; prediction files carry lowres only
+        images = next(iter(adata.uns["spatial"].values()))["images"]
+        key = {} if "hires" in images else {"img_res_key": "lowres"}
+        axes = sq.pl.spatial_scatter(copy, color=gene, return_ax=True, **key)
+    try:
+        drawn = [c for c in axes.get_children() if isinstance(c, AxesImage)]
+        assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == image_shape
+        assert axes.collections  # the spots
+    finally:
+        plt.close("all")
+
+    def dense(matrix):
+        return matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ome-zarr / zarr deprecation notices
+            store = write_spatialdata(adata, Path(tmp) / "x.zarr")
+            sdata = sd.read_zarr(store)
+        table = sdata.tables["table"]
+        np.testing.assert_array_equal(dense(table.X), dense(adata.X))
+        for key in adata.layers:
+            np.testing.assert_array_equal(dense(table.layers[key]), dense(adata.layers[key]))
+        assert list(table.obs_names) == list(adata.obs_names)
+        assert list(table.var_names) == list(adata.var_names)
+        (region,) = sdata.shapes
+        spots = sd.transform(sdata.shapes[region], to_coordinate_system="global")
+        xy = np.column_stack([spots.geometry.x, spots.geometry.y])[table.obs["spot_id"]]
+        np.testing.assert_allclose(xy, adata.obsm["spatial"])
+        (image,) = sdata.images.values()
+        assert tuple(image.sizes[d] for d in ("y", "x")) == tuple(image_shape)
 
 
 def run_snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:

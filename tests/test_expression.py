@@ -135,7 +135,7 @@ def test_visium_bad_inputs(tmp_path):
     with pytest.raises(StevsInputError, match="nowhere.*outs folder not found"):
         read_visium(tmp_path / "nowhere")
     (outs / "spatial" / "tissue_positions.csv").rename(outs / "spatial" / "moved.csv")
-    with pytest.raises(StevsInputError, match="no tissue_positions.csv"):
+    with pytest.raises(StevsInputError, match="no tissue_positions.parquet, tissue_positions.csv"):
         read_visium(outs)
     (outs / "spatial" / "moved.csv").rename(outs / "spatial" / "tissue_positions.csv")
     (outs / "filtered_feature_bc_matrix.h5").write_bytes(b"garbage")

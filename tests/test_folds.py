@@ -26,6 +26,7 @@ from stevs.folds import (
     write_fold,
 )
 from stevs.io.fold_file import read_fold
+from stevs.io.samples import read_fixed_splits
 
 MPP = 0.5
 PITCH_UM = 100.0
@@ -306,3 +307,72 @@ def test_cli_writes_folds_and_reports_errors(slides, tmp_path, capsys) -> None:
     assert read_fold(out / "fold0.json").panel["method"] == "highly_variable"
     assert stevs_main([*argv, "--scheme", "group_kfold", "--k", "5"]) == 2
     assert "k=5 needs at least 5 patients" in capsys.readouterr().err
+
+
+# -- scheme fixed: a sheet's split column or HEST-Benchmark's split files -----------------------
+
+
+def test_fixed_splits_from_a_sheet_column(slides, tmp_path) -> None:
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("slide_id\tsplit\na\ttrain\nb\ttrain\nc\tval\nd\ttest\n")
+    folds = make_folds(
+        slides, "p", tmp_path / "f", FoldOptions(scheme="fixed", n_genes=20, splits=str(sheet))
+    )
+    assert len(folds) == 1
+    fold = read_fold(tmp_path / "f" / "fold0.json")
+    assert (fold.train, fold.val, fold.test) == (["a", "b"], ["c"], ["d"])
+    assert fold.scheme == "fixed" and fold.validation == "slide"
+    # no val given: a training patient validates, as in the other schemes
+    sheet.write_text("slide_id\tsplit\na\ttrain\nb\ttrain\nc\ttrain\nd\ttest\n")
+    (plan,) = plan_folds(
+        "fixed",
+        list("abcd"),
+        ["P1", "P1", "P2", "P3"],
+        splits=read_fixed_splits(sheet, list("abcd")),
+    )
+    assert set(plan.train) | set(plan.val) == {"a", "b", "c"} and plan.test == ("d",)
+    assert plan.validation == "patient" and not set(plan.train) & set(plan.val)
+    with pytest.raises(StevsInputError, match="samples.tsv: 1 slide.*not in the sample sheet"):
+        sheet.write_text("slide_id\tsplit\na\ttrain\nz\ttest\n")
+        read_fixed_splits(sheet, list("abcd"))
+    with pytest.raises(StevsInputError, match="samples.tsv: no test slide"):
+        sheet.write_text("slide_id\tsplit\na\ttrain\nb\tval\n")
+        read_fixed_splits(sheet, list("abcd"))
+
+
+def test_fixed_splits_from_hest_benchmark_split_files(slides, tmp_path) -> None:
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    header = "sample_id,patches_path,expr_path\n"  # HEST-Benchmark's columns
+    for i, (train, test) in enumerate([("abc", "d"), ("abd", "c")]):
+        rows = "".join(f"{s},patches/{s}.h5,adata/{s}.h5ad\n" for s in train)
+        (splits / f"train_{i}.csv").write_text(header + rows)
+        (splits / f"test_{i}.csv").write_text(
+            header + f"{test},patches/{test}.h5,adata/{test}.h5ad\n"
+        )
+    assert (
+        stevs_main(
+            [
+                "folds",
+                "--slides",
+                *map(str, slides),
+                "--scheme",
+                "fixed",
+                "--splits",
+                str(splits),
+                "--n-genes",
+                "20",
+                "--patches-dir",
+                str(tmp_path),
+                "--out-dir",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
+    folds = [read_fold(tmp_path / "f" / f"fold{i}.json") for i in range(2)]
+    assert [f.test for f in folds] == [["d"], ["c"]]
+    assert [sorted(f.train + f.val) for f in folds] == [["a", "b", "c"], ["a", "b", "d"]]
+    (splits / "test_1.csv").unlink()
+    with pytest.raises(StevsInputError, match="test_1.csv: split 1 has a train_1.csv but no"):
+        read_fixed_splits(splits, list("abcd"))

@@ -262,3 +262,32 @@ def test_ingest_reads_only_its_own_row(tmp_path):
         "a": [str(tmp_path / "a.png"), str(tmp_path / "outs_a")],
         "b": [str(tmp_path / "b.png"), str(tmp_path / "outs_b")],
     }, ingest
+
+
+def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
+    """Scheme fixed plans one fold from the sheet's split column; export_all plans a
+    SpatialData store per test prediction, slide and nothing else."""
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.png").write_bytes(b"x")
+        (tmp_path / f"outs_{name}").mkdir()
+    rows = [
+        {**ROW, "slide_id": s, "image": f"{s}.png", "expression": f"outs_{s}", "split": split}
+        for s, split in (("a", "train"), ("b", "val"), ("c", "test"))
+    ]
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    config = _config(tmp_path, sheet, scheme="fixed")
+    args = ("-n", "--cores", "1", "all", "export_all", "--configfile", str(config))
+    result = snakemake(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = _jobs(result.stdout)
+    folds = [j for j in jobs if j["rule"] == "make_folds"]
+    assert len(folds) == 1 and "--scheme fixed" in result.stdout
+    assert f"--splits {sheet}" in result.stdout and str(sheet) in folds[0]["input"]
+    trains = {Path(j["output"]).parent.parent.name for j in jobs if j["rule"] == "train"}
+    assert trains == {"stevs", "stevs_image_only", "stevs_no_align", "stevs_concat", "stnet",
+                      "ridge_embed", "ridge_color"}  # fmt: skip
+    exports = sorted(j["output"] for j in jobs if j["rule"].startswith("export_") and j["output"])
+    assert len(exports) == 7 + 3  # every method's prediction of test slide c, every slide
+    assert "results/export/stevs/fold0/c.zarr" in exports
+    assert "results/export/slides/a.zarr" in exports

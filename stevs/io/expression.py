@@ -1,17 +1,22 @@
-"""Expression readers: Space Ranger ``outs/``, legacy ST count tables, AnnData ``.h5ad``.
+"""Expression readers: Space Ranger ``outs/`` (CSV or parquet positions), Visium HD bins,
+legacy ST count tables, AnnData ``.h5ad``, HEST-1k samples, SpatialData zarr stores.
 
 Each reader returns an :class:`anndata.AnnData` with raw integer counts in ``X`` (CSR),
 unique barcodes as ``obs_names``, gene symbols as ``var_names`` (``var["gene_ids"]`` where
 the input has gene ids: Space Ranger's features, an ``.h5ad``'s ``var["gene_ids"]``), spot
 centres in level-0 pixels (x, y) in ``obsm["spatial"]`` and
 ``obs["array_row"]``/``obs["array_col"]`` where the technology has an array. Slide-level
-metadata (mpp, patient, images, ...) is added by :mod:`stevs.io.ingest`.
+metadata (mpp, patient, images, ...) is added by :mod:`stevs.io.ingest`; a reader that
+knows it from its input (HEST metadata, Visium HD scale factors) leaves it in
+``uns["source_meta"]`` (technology, spot_pitch_um, spot_diameter_um, optional spot_shape,
+mpp, mpp_source, patient, spatial_dir) for ingest to take.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -24,6 +29,7 @@ import pandas as pd
 from scipy import sparse
 
 from stevs.errors import StevsInputError
+from stevs.io.samples import hest_metadata_path
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +171,17 @@ def read_10x_h5(path: Path) -> tuple[sparse.csr_matrix, pd.Index, pd.DataFrame]:
     return sparse.csr_matrix(adata.X), pd.Index(adata.obs_names.astype(str)), var
 
 
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except ImportError as err:
+        raise StevsInputError(
+            path, f"reading Space Ranger parquet positions needs pyarrow ({err})"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise StevsInputError(path, f"not a readable parquet table: {err}") from err
+
+
 def _read_positions_csv(path: Path) -> pd.DataFrame:
     """A Space Ranger positions table, with or without its header line.
 
@@ -182,6 +199,11 @@ def _read_positions_csv(path: Path) -> pd.DataFrame:
             table = pd.read_csv(path, header=None, names=VISIUM_POSITION_COLUMNS)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise StevsInputError(path, f"cannot read the spot positions: {err}") from err
+    return _checked_positions(table, path)
+
+
+def _checked_positions(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Space Ranger's position columns present and numeric; barcodes as strings."""
     missing = [c for c in VISIUM_POSITION_COLUMNS if c not in table.columns]
     if missing:
         raise StevsInputError(path, f"missing columns {missing}")
@@ -200,14 +222,26 @@ def _read_positions_csv(path: Path) -> pd.DataFrame:
 
 
 def read_visium_positions(spatial_dir: Path) -> tuple[pd.DataFrame, Path]:
-    """In-tissue spot positions from ``tissue_positions.csv`` (or the older ``_list`` file)."""
-    candidates = [spatial_dir / "tissue_positions.csv", spatial_dir / "tissue_positions_list.csv"]
+    """In-tissue spot positions: ``tissue_positions.parquet`` (Space Ranger 2+, Visium HD),
+    else ``tissue_positions.csv`` or the older ``tissue_positions_list.csv`` (with or without
+    a header line)."""
+    candidates = [
+        spatial_dir / "tissue_positions.parquet",
+        spatial_dir / "tissue_positions.csv",
+        spatial_dir / "tissue_positions_list.csv",
+    ]
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise StevsInputError(
-            spatial_dir, "no tissue_positions.csv or tissue_positions_list.csv in this folder"
+            spatial_dir,
+            "no tissue_positions.parquet, tissue_positions.csv or tissue_positions_list.csv "
+            "in this folder",
         )
-    table = _read_positions_csv(path).set_index("barcode")
+    if path.suffix == ".parquet":
+        table = _checked_positions(_read_parquet(path), path)
+    else:
+        table = _read_positions_csv(path)
+    table = table.set_index("barcode")
     table = table.loc[table["in_tissue"].astype(int) == 1]
     if table.empty:
         raise StevsInputError(path, "no spot is marked in_tissue")
@@ -240,6 +274,214 @@ def read_visium(outs: str | os.PathLike) -> ad.AnnData:
             adata.uns["scalefactors"] = json.loads(scalefactors.read_text())
         except json.JSONDecodeError as err:
             raise StevsInputError(scalefactors, f"invalid JSON: {err}") from err
+    return adata
+
+
+# -- Visium HD ---------------------------------------------------------------------------
+
+#: bin folders of a Visium HD ``outs/binned_outputs``, in the order they are preferred
+VISIUM_HD_BINS = ("square_008um", "square_016um", "square_002um")
+VISIUM_HD_BIN_PATTERN = re.compile(r"square_0*(\d+)um$")
+
+
+def visium_hd_bin_dir(path: Path) -> Path:
+    """The bin folder of a Visium HD sheet entry: the folder itself when it holds a
+    ``filtered_feature_bc_matrix.h5``, else ``binned_outputs/square_008um`` (or 016um, 002um)
+    under it (``path`` being Space Ranger's ``outs/``)."""
+    if (path / "filtered_feature_bc_matrix.h5").is_file():
+        return path
+    for name in VISIUM_HD_BINS:
+        for candidate in (path / "binned_outputs" / name, path / name):
+            if (candidate / "filtered_feature_bc_matrix.h5").is_file():
+                return candidate
+    raise StevsInputError(
+        path,
+        "not a Visium HD bin folder: no filtered_feature_bc_matrix.h5 here or under "
+        f"binned_outputs/{{{','.join(VISIUM_HD_BINS)}}}",
+    )
+
+
+def _bin_size_um(bin_dir: Path, factors: dict) -> float:
+    if "bin_size_um" in factors:
+        return float(factors["bin_size_um"])
+    match = VISIUM_HD_BIN_PATTERN.search(bin_dir.name)
+    if match is None:
+        raise StevsInputError(
+            bin_dir,
+            "bin size unknown: no bin_size_um in the scale factors and the folder "
+            "is not named square_NNNum",
+        )
+    return float(match[1])
+
+
+def read_visium_hd(path: str | os.PathLike) -> ad.AnnData:
+    """Visium HD binned output: each square bin is a spot (pitch = side = the bin size).
+
+    ``path``: a ``binned_outputs/square_008um``-like folder (``filtered_feature_bc_matrix.h5``
+    + ``spatial/tissue_positions.parquet`` + ``spatial/scalefactors_json.json``) or the
+    ``outs/`` above it. Microns per pixel: the scale factors' ``microns_per_pixel`` when
+    present, else the bin pitch fitted on the bins' array positions.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise StevsInputError(path, "Visium HD folder not found")
+    bin_dir = visium_hd_bin_dir(path)
+    adata = read_visium(bin_dir)
+    factors = adata.uns.pop("scalefactors", None) or {}
+    bin_um = _bin_size_um(bin_dir, factors)
+    if not (math.isfinite(bin_um) and bin_um > 0):
+        raise StevsInputError(bin_dir, f"bin size must be positive, got {bin_um}")
+    meta: dict = {
+        "technology": "visium_hd",
+        "spot_pitch_um": bin_um,
+        "spot_diameter_um": bin_um,
+        "spot_shape": "square",
+        "spatial_dir": str(bin_dir / "spatial"),
+    }
+    mpp = factors.get("microns_per_pixel")
+    if mpp is not None and math.isfinite(float(mpp)) and float(mpp) > 0:
+        meta.update(mpp=float(mpp), mpp_source="scalefactors")
+    else:
+        meta.update(mpp=fit_grid_mpp(adata, (bin_um, bin_um)), mpp_source="spot_grid")
+    adata.uns["source_meta"] = meta
+    return adata
+
+
+# -- HEST-1k -----------------------------------------------------------------------------
+
+#: HEST metadata ``st_technology`` -> stevs technology
+HEST_TECHNOLOGIES = {
+    "visium": "visium",
+    "spatial transcriptomics": "st",
+    "visium hd": "visium_hd",
+    "xenium": "xenium",
+}
+
+
+def _positive_number(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def read_hest_metadata(path: Path) -> dict:
+    """HEST-1k sample metadata: pixel size (``pixel_size_um_estimated``, else
+    ``pixel_size_um_embedded``), technology, spot diameter and pitch (µm), patient."""
+    _require_file(path, "HEST metadata file")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StevsInputError(path, f"not a readable JSON file: {err}") from err
+    if not isinstance(meta, dict):
+        raise StevsInputError(path, "HEST metadata must be a JSON object")
+    for key in ("pixel_size_um_estimated", "pixel_size_um_embedded"):
+        mpp = _positive_number(meta.get(key))
+        if mpp is not None:
+            break
+    else:
+        raise StevsInputError(path, "no positive pixel_size_um_estimated or pixel_size_um_embedded")
+    raw = str(meta.get("st_technology", "")).strip().lower()
+    technology = HEST_TECHNOLOGIES.get(raw, raw or "unknown")
+    pitch, diameter = SPOT_GEOMETRY_UM.get(technology, (float("nan"), float("nan")))
+    pitch = _positive_number(meta.get("inter_spot_dist")) or pitch
+    diameter = _positive_number(meta.get("spot_diameter")) or diameter
+    patient = meta.get("patient")
+    return {
+        "technology": technology,
+        "spot_pitch_um": float(pitch),
+        "spot_diameter_um": float(diameter),
+        "mpp": mpp,
+        "mpp_source": f"hest_metadata:{key}",
+        "patient": str(patient) if patient not in (None, "") else "",
+    }
+
+
+def read_hest(path: str | os.PathLike) -> ad.AnnData:
+    """A HEST-1k sample: ``st/{id}.h5ad`` (raw counts, ``obsm["spatial"]`` spot centres in
+    level-0 px of ``wsis/{id}.tif``) and ``metadata/{id}.json`` (its pixel size etc.)."""
+    path = Path(path)
+    adata = read_h5ad_expression(path)
+    adata.uns.pop("source_mpp", None)
+    adata.uns["source_meta"] = read_hest_metadata(hest_metadata_path(path))
+    return adata
+
+
+# -- SpatialData -------------------------------------------------------------------------
+
+
+def _one_table(path: Path, sdata: object) -> tuple[ad.AnnData, str, str, str]:
+    """The store's table annotating one shapes element: (table, region, region_key,
+    instance_key)."""
+    tables = dict(sdata.tables)  # type: ignore[attr-defined]
+    if not tables:
+        raise StevsInputError(path, "SpatialData store has no table")
+    name = "table" if "table" in tables else next(iter(tables))
+    if len(tables) > 1 and name != "table":
+        raise StevsInputError(path, f"{len(tables)} tables and none named 'table'")
+    table = tables[name]
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region")
+    regions = [region] if isinstance(region, str) else list(region or [])
+    if len(regions) != 1:
+        raise StevsInputError(
+            path, f"table '{name}' must annotate one shapes element, not {regions}"
+        )
+    if regions[0] not in sdata.shapes:  # type: ignore[attr-defined]
+        raise StevsInputError(
+            path, f"table '{name}' annotates '{regions[0]}', not a shapes element"
+        )
+    return table, regions[0], attrs["region_key"], attrs["instance_key"]
+
+
+def read_spatialdata(path: str | os.PathLike) -> ad.AnnData:
+    """A SpatialData zarr store: the table's raw counts (X or ``layers["counts"]``) and the
+    centres of the spot shapes it annotates in their own (intrinsic) coordinates, which are
+    level-0 px of the sample sheet's image in the stores of spatialdata-io's Visium reader
+    and of ``stevs export``. Circle radii give the drawn spot diameter."""
+    path = Path(path)
+    if not path.exists():
+        raise StevsInputError(path, "SpatialData store not found")
+    try:
+        import spatialdata as sd
+    except ImportError as err:
+        raise StevsInputError(
+            path, f"reading SpatialData needs the 'interop' extra: {err}"
+        ) from err
+    try:
+        sdata = sd.read_zarr(path)
+    except Exception as err:  # zarr / ome-zarr raise many kinds
+        raise StevsInputError(path, f"not a readable SpatialData zarr store: {err}") from err
+    table, region, region_key, instance_key = _one_table(path, sdata)
+    shapes = sdata.shapes[region]  # intrinsic coordinates: level-0 px of the image
+    rows = table.obs[region_key].astype(str) == region
+    instances = table.obs.loc[rows, instance_key].to_numpy()
+    missing = pd.Index(instances).difference(shapes.index)
+    if len(missing):
+        raise StevsInputError(path, f"{len(missing)} table rows have no shape in '{region}'")
+    geometry = shapes.loc[instances]
+    centroids = geometry.geometry.centroid
+    spatial = np.column_stack([centroids.x.to_numpy(), centroids.y.to_numpy()])
+    subset = table[rows.to_numpy()]
+    counts = subset.layers["counts"] if "counts" in subset.layers else subset.X
+    where = 'layers["counts"]' if "counts" in subset.layers else "X"
+    counts = sparse.csr_matrix(counts)
+    _check_integer_counts(counts, path, f"the table's {where}")
+    obs = pd.DataFrame(index=subset.obs_names.astype(str))
+    _check_unique(obs.index, path, "spot names in the table")
+    for column in ("array_row", "array_col"):
+        if column in subset.obs:
+            obs[column] = subset.obs[column].astype(int).to_numpy()
+    var = pd.DataFrame(index=subset.var_names.astype(str))
+    if "gene_ids" in subset.var.columns:
+        var["gene_ids"] = subset.var["gene_ids"].astype(str).to_numpy()
+    _check_not_empty(counts, path)
+    adata = _make_adata(counts, obs, var, spatial)
+    if "radius" in geometry.columns:
+        adata.uns["scalefactors"] = {
+            "spot_diameter_fullres": float(2 * np.median(geometry["radius"].to_numpy(float)))
+        }
     return adata
 
 
@@ -360,6 +602,22 @@ def read_h5ad_expression(path: str | os.PathLike) -> ad.AnnData:
     return adata
 
 
+def fit_grid_mpp(adata: ad.AnnData, array_step_um: tuple[float, float]) -> float | None:
+    """Microns per pixel from a least-squares fit of pixel positions on (array_col,
+    array_row), given the µm per array step along each; ``None`` without a usable array."""
+    if not {"array_row", "array_col"} <= set(adata.obs.columns):
+        return None
+    spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    grid = adata.obs[["array_col", "array_row"]].to_numpy(np.float64)
+    if len(np.unique(grid[:, 0])) < 2 or len(np.unique(grid[:, 1])) < 2:
+        return None
+    design = np.column_stack([grid, np.ones(len(grid))])
+    coef, *_ = np.linalg.lstsq(design, spatial, rcond=None)
+    px_per_col, px_per_row = np.hypot(coef[0, 0], coef[0, 1]), np.hypot(coef[1, 0], coef[1, 1])
+    um_per_col, um_per_row = array_step_um
+    return float((um_per_col / px_per_col + um_per_row / px_per_row) / 2)
+
+
 def estimate_mpp_from_spot_grid(adata: ad.AnnData, technology: str) -> float:
     """Microns per pixel from the spot grid of a known technology.
 
@@ -367,18 +625,10 @@ def estimate_mpp_from_spot_grid(adata: ad.AnnData, technology: str) -> float:
     array_row) gives the pixels per array step (robust to jittered spot positions);
     without them, the median nearest-neighbour distance stands for the pitch.
     """
+    fitted = fit_grid_mpp(adata, ARRAY_STEP_UM[technology])
+    if fitted is not None:
+        return fitted
     spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    if {"array_row", "array_col"} <= set(adata.obs.columns):
-        grid = adata.obs[["array_col", "array_row"]].to_numpy(np.float64)
-        if len(np.unique(grid[:, 0])) > 1 and len(np.unique(grid[:, 1])) > 1:
-            design = np.column_stack([grid, np.ones(len(grid))])
-            coef, *_ = np.linalg.lstsq(design, spatial, rcond=None)
-            px_per_col, px_per_row = (
-                np.hypot(coef[0, 0], coef[0, 1]),
-                np.hypot(coef[1, 0], coef[1, 1]),
-            )
-            um_per_col, um_per_row = ARRAY_STEP_UM[technology]
-            return float((um_per_col / px_per_col + um_per_row / px_per_row) / 2)
     return SPOT_GEOMETRY_UM[technology][0] / estimate_spot_pitch_px(spatial)
 
 

@@ -19,7 +19,13 @@ from stevs.atomic import atomic_write_text
 from stevs.errors import StevsInputError
 from stevs.panels import NORMALISATIONS, TARGET_SUM
 
-SCHEMES = ("leave_one_slide_out", "leave_one_patient_out", "group_kfold", "within_slice")
+SCHEMES = (
+    "leave_one_slide_out",
+    "leave_one_patient_out",
+    "group_kfold",
+    "within_slice",
+    "fixed",
+)
 SPLITS = ("train", "val", "test")
 
 

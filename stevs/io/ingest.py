@@ -28,8 +28,11 @@ from stevs.io.expression import (
     estimate_mpp_from_spot_grid,
     estimate_spot_pitch_px,
     read_h5ad_expression,
+    read_hest,
     read_legacy_st,
+    read_spatialdata,
     read_visium,
+    read_visium_hd,
 )
 from stevs.io.samples import read_sample_sheet
 from stevs.io.slide import open_slide
@@ -54,10 +57,15 @@ def read_expression(fmt: str, expression: str | os.PathLike, spots: str | None) 
         return read_legacy_st(expression, spots)
     if fmt == "h5ad":
         return read_h5ad_expression(expression)
+    readers = {"visium_hd": read_visium_hd, "hest": read_hest, "spatialdata": read_spatialdata}
+    if fmt in readers:
+        return readers[fmt](expression)
     raise StevsInputError(expression, f"unknown expression format '{fmt}'")
 
 
-def _technology(fmt: str, adata: ad.AnnData) -> str:
+def _technology(fmt: str, adata: ad.AnnData, source: dict[str, Any]) -> str:
+    if source.get("technology"):
+        return str(source["technology"])
     if fmt in SPOT_GEOMETRY_UM:
         return fmt
     return "visium" if "scalefactors" in adata.uns else "unknown"
@@ -133,13 +141,11 @@ def _drawn_spot_diameter_px(adata: ad.AnnData, diameter_px: float, size: tuple[i
     return max(size) / 100
 
 
-def _image_entry(
-    fmt: str, expression: str | os.PathLike, slide: Any, diameter_px: float, image: Any
-) -> dict[str, Any]:
+def _image_entry(spatial_dir: Path | None, slide: Any, diameter_px: float, image: Any) -> dict:
     """``uns["spatial"][slide_id]``: Space Ranger's images if usable, else the slide's."""
     image_path = str(Path(image).resolve())
-    if fmt == "visium":
-        entry = spaceranger_spatial_uns(Path(expression) / "spatial", slide.dimensions, image_path)
+    if spatial_dir is not None:
+        entry = spaceranger_spatial_uns(spatial_dir, slide.dimensions, image_path)
         if entry is not None:
             return entry
     return slide_spatial_uns(slide, diameter_px, image_path)
@@ -156,23 +162,35 @@ def build_slide_adata(
 ) -> ad.AnnData:
     """Read one slide's expression, check it against its image, attach metadata."""
     adata = read_expression(fmt, expression, spots)
-    technology = _technology(fmt, adata)
+    source = adata.uns.pop("source_meta", None) or {}
+    technology = _technology(fmt, adata, source)
     pitch_um, diameter_um = SPOT_GEOMETRY_UM.get(technology, (float("nan"), float("nan")))
+    pitch_um = float(source.get("spot_pitch_um", pitch_um))
+    diameter_um = float(source.get("spot_diameter_um", diameter_um))
     scalefactors = adata.uns.pop("scalefactors", None)
-    with open_slide(image, mpp=mpp) as slide:
+    source_mpp = None if mpp is not None else source.get("mpp")  # the sheet's mpp wins
+    with open_slide(image, mpp=mpp if source_mpp is None else source_mpp) as slide:
         size = slide.dimensions
-        slide_mpp, source = _resolve_mpp(slide.mpp, slide.mpp_source, adata, technology, str(image))
+        mpp_label = slide.mpp_source if source_mpp is None else source["mpp_source"]
+        slide_mpp, mpp_source = _resolve_mpp(slide.mpp, mpp_label, adata, technology, str(image))
         _check_spots_inside(adata, size, str(image))
         adata.uns.pop("source_mpp", None)
-        if scalefactors and "spot_diameter_fullres" in scalefactors:
+        if scalefactors and "spot_diameter_fullres" in scalefactors and "mpp" not in source:
             diameter_um = float(scalefactors["spot_diameter_fullres"]) * slide_mpp
         drawn_px = _drawn_spot_diameter_px(adata, diameter_um / slide_mpp, size)
-        adata.uns["spatial"] = {slide_id: _image_entry(fmt, expression, slide, drawn_px, image)}
+        spatial_dir = source.get("spatial_dir") or (
+            Path(expression) / "spatial" if fmt == "visium" else None
+        )
+        entry = _image_entry(
+            None if spatial_dir is None else Path(spatial_dir), slide, drawn_px, image
+        )
+        adata.uns["spatial"] = {slide_id: entry}
+    patient = patient or source.get("patient") or None
     meta = SlideMeta(
         slide=slide_id,
         patient=patient or slide_id,
         mpp=float(slide_mpp),
-        mpp_source=source,
+        mpp_source=mpp_source,
         spot_diameter_um=float(diameter_um),
         spot_pitch_um=float(pitch_um),
         technology=technology,
@@ -190,7 +208,7 @@ def build_slide_adata(
         adata.n_vars,
         float(np.median(np.asarray(adata.X.sum(axis=1)))),
         slide_mpp,
-        source,
+        mpp_source,
     )
     return adata
 

@@ -6,6 +6,15 @@ chunked (1, H, W, 3), ``barcodes`` (N,) utf-8, ``centers_px`` float64 (N, 2) lev
 ``mpp_source``, ``mpp_target``, ``patch_px``, ``patch_um``, ``slide``, ``source_path``,
 ``stevs_version``, ``read_level``, ``resample``, ``tissue_threshold_saturation``.
 
+HEST-compatible datasets beside ours (the layout of HEST's ``dump_patches`` /
+``hestcore.wsi.WSIPatcher.to_h5``, read by ``hestcore.datasets.H5HESTDataset`` and HEST's
+benchmark): ``img`` is a second name (HDF5 hard link) of ``patches``, so no pixel is stored
+twice; ``barcode`` (N, 1) utf-8; ``coords`` int64 (N, 2) level-0 (x, y) of each patch's
+top-left corner, ``centre - patch_size_src // 2`` as HEST computes it. ``img`` and ``coords``
+carry HEST's attributes ``patch_size_src`` (level-0 px of a patch side), ``patch_size_target``
+(= patch_px), ``downsample`` (mpp_target / mpp_source), ``pixel_size`` (µm per level-0 px)
+and, on ``img``, ``name`` (the slide id).
+
 :class:`PatchCacheWriter` writes a cache atomically (a temporary sibling renamed when
 complete) and byte-deterministically: every chunk is allocated at creation and patches are
 written as raw chunks, so the bytes do not depend on the order in which rows arrive.
@@ -36,6 +45,10 @@ BARCODES = "barcodes"
 CENTERS = "centers_px"
 OUTSIDE = "outside_fraction"
 TISSUE = "tissue_fraction"
+#: HEST's patch-file keys (``hestcore.datasets.H5HESTDataset`` reads these three)
+HEST_IMG = "img"
+HEST_BARCODE = "barcode"
+HEST_COORDS = "coords"
 
 
 @dataclass(frozen=True)
@@ -280,6 +293,25 @@ def read_patch_scale(path: str | os.PathLike) -> PatchScale:
     return _read_scale(path, attrs)
 
 
+def hest_attrs(scale: PatchScale, mpp_source: float) -> dict[str, float | int]:
+    """HEST's ``coords``/``img`` attributes for patches of ``scale`` cut from a slide at
+    ``mpp_source`` µm per level-0 px (``WSIPatcher.to_h5``'s keys and meaning)."""
+    downsample = float(scale.mpp_target) / float(mpp_source)
+    return {
+        "patch_size_src": round(scale.patch_px * downsample),
+        "patch_size_target": int(scale.patch_px),
+        "downsample": downsample,
+        "pixel_size": float(mpp_source),
+    }
+
+
+def hest_topleft(centers_px: np.ndarray, scale: PatchScale, mpp_source: float) -> np.ndarray:
+    """Level-0 top-left corners (int64 (N, 2)) of patches centred on ``centers_px``, as
+    HEST's ``dump_patches`` computes them: ``(centre - size_src // 2).astype(int)``."""
+    size_src = scale.patch_px * float(scale.mpp_target) / float(mpp_source)
+    return (np.asarray(centers_px, np.float64) - size_src // 2).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class PatchCacheInfo:
     """Attributes of a cache besides its scale (see the module docstring)."""
@@ -349,6 +381,7 @@ class PatchCacheWriter:
         file.create_dataset(CENTERS, data=self.centers_px, track_times=False)
         file.create_dataset(OUTSIDE, data=self.outside_fraction, track_times=False)
         file.create_dataset(TISSUE, data=self.tissue_fraction, track_times=False)
+        self._create_hest(file, patches)
         attrs = {
             "mpp_source": float(self.info.mpp_source),
             "mpp_target": float(self.scale.mpp_target),
@@ -364,6 +397,20 @@ class PatchCacheWriter:
         for key, value in attrs.items():
             file.attrs[key] = value
         return patches
+
+    def _create_hest(self, file: h5py.File, patches: h5py.Dataset) -> None:
+        """HEST's ``img`` (a hard link to ``patches``), ``barcode`` and ``coords``."""
+        file[HEST_IMG] = patches  # one dataset, two names: no pixel stored twice
+        barcode = np.array(self.barcodes, dtype=object).reshape(-1, 1)
+        string = h5py.string_dtype("utf-8")
+        file.create_dataset(HEST_BARCODE, data=barcode, dtype=string, track_times=False)
+        coords = hest_topleft(self.centers_px, self.scale, self.info.mpp_source)
+        file.create_dataset(HEST_COORDS, data=coords, track_times=False)
+        attrs = hest_attrs(self.scale, self.info.mpp_source)
+        for key, value in attrs.items():
+            file[HEST_COORDS].attrs[key] = value
+            patches.attrs[key] = value
+        patches.attrs["name"] = self.info.slide
 
     def __enter__(self) -> PatchCacheWriter:
         with ExitStack() as stack:

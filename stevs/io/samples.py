@@ -1,14 +1,20 @@
 """The sample sheet: one row per slide (``config/samples.tsv``).
 
-Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format`` (``visium``,
-``st`` or ``h5ad``), ``spots`` (legacy ST spot file; empty otherwise), ``mpp`` (microns
-per level-0 pixel, within :data:`stevs.io.slide.MPP_RANGE`; empty, row by row, to take it
-from the image or the spot grid). Relative paths are resolved against ``data_root`` when
-given, else against the sheet's own folder. ``mpp`` comes back as a float or None per row.
+Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format``, ``spots``
+(legacy ST spot file; empty otherwise), ``mpp`` (microns per level-0 pixel, within
+:data:`stevs.io.slide.MPP_RANGE`; empty, row by row, to take it from the input's metadata,
+the image or the spot grid; comes back as a float or None per row). Formats and their
+``expression``: ``visium`` (Space Ranger ``outs/``), ``visium_hd`` (a
+``binned_outputs/square_008um``-like bin folder, or the ``outs/`` above it), ``st``
+(legacy ST count table + ``spots``), ``h5ad``, ``hest`` (a HEST-1k ``st/{id}.h5ad``; its
+``metadata/{id}.json`` is read beside it and ``image`` may be left empty for
+``wsis/{id}.tif``), ``spatialdata`` (a SpatialData ``.zarr`` store). Relative paths are
+resolved against ``data_root`` when given, else against the sheet's own folder.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -20,9 +26,47 @@ from stevs.ids import SLIDE_ID_RULE, is_slide_id
 from stevs.io.slide import MPP_RANGE
 
 REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
-OPTIONAL_COLUMNS = ("patient", "spots", "mpp")
-FORMATS = ("visium", "st", "h5ad")
+OPTIONAL_COLUMNS = ("patient", "spots", "mpp", "split")
+FORMATS = ("visium", "visium_hd", "st", "h5ad", "hest", "spatialdata")
 PREDICT_REQUIRED_COLUMNS = ("slide_id", "image")
+#: values of the ``split`` column (fold scheme ``fixed``); empty = not in the fold
+SPLIT_VALUES = ("train", "val", "test")
+
+
+def hest_metadata_path(st_path: Path) -> Path:
+    """``{root}/metadata/{id}.json`` of a HEST-1k ``{root}/st/{id}.h5ad``."""
+    return st_path.parent.parent / "metadata" / f"{st_path.name.removesuffix('.h5ad')}.json"
+
+
+def hest_image_path(st_path: Path) -> Path:
+    """``{root}/wsis/{id}.tif`` of a HEST-1k ``{root}/st/{id}.h5ad``."""
+    return st_path.parent.parent / "wsis" / f"{st_path.name.removesuffix('.h5ad')}.tif"
+
+
+def _hest_patient(metadata: Path) -> str:
+    """The ``patient`` of a HEST-1k sample's metadata JSON ("" when absent or unreadable:
+    ingest reports a broken metadata file, naming it)."""
+    try:
+        value = json.loads(metadata.read_text()).get("patient")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _hest_defaults(table: pd.DataFrame, base: Path) -> None:
+    """HEST rows: an empty ``image`` is ``wsis/{id}.tif`` beside the sample's ``st/`` folder,
+    an empty ``patient`` the metadata's ``patient``."""
+    if "format" not in table.columns or "expression" not in table.columns:
+        return
+    rows = (table["format"] == "hest") & (table["expression"] != "")
+    for index in table.index[rows]:
+        expression = Path(table.at[index, "expression"])
+        if table.at[index, "image"] == "":
+            table.at[index, "image"] = str(hest_image_path(expression))
+        if table.at[index, "patient"] == "":
+            table.at[index, "patient"] = _hest_patient(
+                hest_metadata_path(Path(_resolve(str(expression), base)))
+            )
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -109,6 +153,8 @@ def read_sample_sheet(
     for column in OPTIONAL_COLUMNS:
         if column not in table.columns:
             table[column] = ""
+    base = Path(data_root) if data_root else path.parent
+    _hest_defaults(table, base)
     if require_patient:
         if (table["patient"] == "").all():
             raise StevsInputError(
@@ -128,8 +174,10 @@ def read_sample_sheet(
         if fmt == "st" and table.at[index, "spots"] == "":
             raise _row_error(path, table, index, "format 'st' needs a spot file in 'spots'")
     table["mpp"] = _parse_mpp(path, table)
+    for index, split in table["split"].items():
+        if split not in ("", *SPLIT_VALUES):
+            raise _row_error(path, table, index, f"split '{split}' must be train, val or test")
     table.loc[table["patient"] == "", "patient"] = table["slide_id"]
-    base = Path(data_root) if data_root else path.parent
     for column in ("image", "expression", "spots"):
         table[column] = [_resolve(v, base) if v else "" for v in table[column]]
     if check_paths:
@@ -162,3 +210,67 @@ def read_predict_sheet(
             if not Path(image).is_file():
                 raise _row_error(path, table, index, f"image '{image}' does not exist")
     return table.set_index("slide_id", drop=False)
+
+
+def _hest_split_files(folder: Path) -> list[tuple[Path, Path]]:
+    """HEST-Benchmark's ``splits/train_{i}.csv`` + ``test_{i}.csv`` pairs, i = 0, 1, ..."""
+    pairs = []
+    while (folder / f"train_{len(pairs)}.csv").is_file():
+        i = len(pairs)
+        test = folder / f"test_{i}.csv"
+        if not test.is_file():
+            raise StevsInputError(test, f"split {i} has a train_{i}.csv but no test_{i}.csv")
+        pairs.append((folder / f"train_{i}.csv", test))
+    if not pairs:
+        raise StevsInputError(folder, "no train_0.csv / test_0.csv (HEST-Benchmark splits)")
+    return pairs
+
+
+def _split_ids(path: Path, column: str) -> list[str]:
+    try:
+        table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise StevsInputError(path, f"cannot read split file: {err}") from err
+    if column not in table.columns:
+        raise StevsInputError(path, f"no '{column}' column")
+    return [str(v).strip() for v in table[column] if str(v).strip()]
+
+
+def read_fixed_splits(path: str | os.PathLike, slide_ids: list[str]) -> list[dict[str, str]]:
+    """Fold scheme ``fixed``: per fold, slide -> ``train`` / ``val`` / ``test``.
+
+    ``path`` is either a table with ``slide_id`` and ``split`` columns (a sample sheet: one
+    fold; empty split = not in it) or a HEST-Benchmark ``splits/`` folder (fold i from
+    ``train_{i}.csv`` and ``test_{i}.csv``, samples by ``sample_id``). Every named slide must
+    be among ``slide_ids``; every fold needs a training and a test slide.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folds = []
+        for train, test in _hest_split_files(path):
+            split = {s: "train" for s in _split_ids(train, "sample_id")}
+            split.update({s: "test" for s in _split_ids(test, "sample_id")})
+            folds.append((test, split))
+    else:
+        if not path.is_file():
+            raise StevsInputError(path, "split file or HEST splits folder not found")
+        table = _read_table(path)
+        for column in ("slide_id", "split"):
+            if column not in table.columns:
+                raise StevsInputError(path, f"no '{column}' column (fold scheme fixed)")
+        rows = table.loc[table["split"] != ""]
+        bad = sorted(set(rows["split"]) - set(SPLIT_VALUES))
+        if bad:
+            raise StevsInputError(path, f"split values must be train, val or test, not {bad}")
+        folds = [(path, dict(zip(rows["slide_id"], rows["split"], strict=True)))]
+    known = set(slide_ids)
+    for where, split in folds:
+        unknown = sorted(set(split) - known)
+        if unknown:
+            raise StevsInputError(
+                where, f"{len(unknown)} slide(s) not in the sample sheet, e.g. {unknown[:3]}"
+            )
+        for needed in ("train", "test"):
+            if needed not in split.values():
+                raise StevsInputError(where, f"no {needed} slide in this split")
+    return [split for _, split in folds]

@@ -236,8 +236,9 @@ def check_spatial_uns(uns_spatial: Any, path: str | os.PathLike | None = None) -
 def lowres_only(uns_spatial: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``uns["spatial"]`` whose libraries keep only the ``lowres`` image.
 
-    Prediction files (one per method, fold and slide) carry this: scanpy and squidpy draw
-    over ``lowres`` by default when ``hires`` is absent, and a file stays about 1 MB instead
+    Prediction files (one per method, fold and slide) carry this: scanpy draws over
+    ``lowres`` by default when ``hires`` is absent (squidpy 1.8's ``spatial_scatter`` needs
+    ``img_res_key="lowres"``), and a file stays about 1 MB instead
     of the ~9 MB a 2000 px ``hires`` image costs; the slide AnnData keeps both images.
     """
     out: dict[str, Any] = {}

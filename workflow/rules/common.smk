@@ -13,7 +13,7 @@ from snakemake.utils import validate
 
 from stevs.errors import StevsInputError
 from stevs.folds import plan_folds
-from stevs.io.samples import read_sample_sheet
+from stevs.io.samples import hest_metadata_path, read_fixed_splits, read_sample_sheet
 from stevs.methods import check_he_only, names
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
@@ -139,6 +139,8 @@ def _load_samples():
 # slide -> its sample-sheet row (paths resolved); empty for the demo
 SAMPLE_ROWS = {}
 SLIDES, PATIENTS = _load_samples()
+# fold scheme fixed: folds.splits (a split table or HEST's splits/), "" = the sample sheet
+SPLITS_PATH = config["folds"]["splits"] or config["samples"]
 try:
     FOLD_PLANS = {
         plan.name: plan
@@ -148,6 +150,9 @@ try:
             PATIENTS,
             k=config["folds"]["k"],
             seed=config["folds"]["seed"],
+            splits=(
+                read_fixed_splits(SPLITS_PATH, SLIDES) if SCHEME == "fixed" else None
+            ),
         )
     }
 except StevsInputError as err:
@@ -170,11 +175,16 @@ def ingest_inputs(wildcards):
     if DEMO:
         return {"sheet": DEMO_SHEET}
     row = SAMPLE_ROWS[wildcards.slide]
-    return {
+    inputs = {
         column: row[column]
         for column in ("image", "expression", "spots")
         if row[column]
     }
+    if (
+        row["format"] == "hest"
+    ):  # a HEST-1k sample's metadata/{id}.json (its pixel size)
+        inputs["metadata"] = str(hest_metadata_path(Path(row["expression"])))
+    return inputs
 
 
 def ingest_row(wildcards):
@@ -250,4 +260,19 @@ def folds_args():
         args.append(f"--gene-list {shlex.quote(folds['gene_list'])}")
     if folds["keep_mito_ribo"]:
         args.append("--keep-mito-ribo")
+    if SCHEME == "fixed":
+        args.append(f"--splits {shlex.quote(str(SPLITS_PATH))}")
     return " ".join(args)
+
+
+def all_exports():
+    """Every SpatialData store `export_all` makes (PSLIDES: predict_slide.smk)."""
+    stores = [
+        f"{RESULTS}/export/{method}/{fold}/{slide}.zarr"
+        for method in METHODS
+        for fold in FOLDS
+        for slide in FOLD_PLANS[fold].test
+    ]
+    stores += expand(f"{RESULTS}/export/slides/{{slide}}.zarr", slide=SLIDES)
+    stores += expand(f"{RESULTS}/export/predict_slides/{{pslide}}.zarr", pslide=PSLIDES)
+    return stores

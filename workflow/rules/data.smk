@@ -80,6 +80,8 @@ rule make_folds:
     input:
         slides=expand(f"{RESULTS}/slides/{{slide}}.h5ad", slide=SLIDES),
         gene_list=config["folds"]["gene_list"] or [],
+        # scheme fixed: the split table (or HEST splits/ folder) the folds come from
+        splits=SPLITS_PATH if SCHEME == "fixed" else [],
     output:
         folds=expand(f"{RESULTS}/folds/{{fold}}.json", fold=FOLDS),
         summary=f"{RESULTS}/folds/folds.tsv",

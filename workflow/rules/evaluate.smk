@@ -31,9 +31,11 @@ rule evaluate:
     resources:
         mem_mb=4000,
         runtime=20,
+    params:
+        protocol=config["evaluation"]["protocol"],
     shell:
         "stevs evaluate --fold {input.fold} --predictions {input.predictions}"
-        " --method {wildcards.method} --out {output} > {log} 2>&1"
+        " --method {wildcards.method} --protocol {params.protocol} --out {output} > {log} 2>&1"
 
 
 rule report:
