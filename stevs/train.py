@@ -53,7 +53,7 @@ log = logging.getLogger("stevs.train")
 
 CHECKPOINT_FORMAT = 1
 #: keys of the Dataset item moved to the device as tensors
-TENSOR_KEYS = ("patch", "embedding", "coords", "target", "counts", "library_size", "slide")
+TENSOR_KEYS = ("patch", "embedding", "context", "coords", "target", "counts", "library_size", "slide")
 
 
 @dataclass
@@ -322,8 +322,9 @@ def evaluate(
         batch = to_device(batch, device)
         with autocast():
             mean, _ = model.predict(
-                batch.get("patch"), batch.get("coords"), batch.get("embedding"), n_samples=0
-            )
+                batch.get("patch"), batch.get("coords"), batch.get("embedding"), n_samples=0,
+                context=batch.get("context"),
+            )  # fmt: skip
         predictions.append(mean.float().cpu().numpy())
         truths.append(batch["target"].float().cpu().numpy())
         slides.append(batch["slide"].cpu().numpy())
@@ -516,10 +517,12 @@ def _setup(
     frozen = bool(options.freeze_backbone) and model.backbone is not None
     if frozen:
         model.backbone.requires_grad_(False)
+    if frozen and not isinstance(train_data, EmbeddingDataset):  # else embedded by the caller
         log.info("frozen backbone: caching embeddings of %d training spots", len(train_data))
         train_data = cache_embeddings(model, train_data, device, options.batch_size, 0)
         if val_data is not None and len(val_data) > 0:
             val_data = cache_embeddings(model, val_data, device, options.batch_size, 0)
+    train_data, val_data = _model_features(model, train_data, val_data, frozen, config)
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -551,6 +554,50 @@ def _setup(
         model, step_model, folder, options, config, device, loader, val_loader, optimizer,
         scheduler, frozen, distributed, rank == 0, world,
     )  # fmt: skip
+
+
+def with_context(model: STevs, data: EmbeddingDataset) -> EmbeddingDataset:
+    """``data`` with the neighbourhood context of each spot (:mod:`stevs.models.context`)
+    among its split's spots of the same slide, when the model uses it."""
+    if not model.config.uses_context or "context" in data.items:
+        return data
+    from stevs.models.context import neighbour_mean
+
+    context = neighbour_mean(
+        data.embeddings, data.items["coords"], data.items["slide"], model.config.context_radius
+    )
+    return EmbeddingDataset(data.embeddings, {**data.items, "context": context})
+
+
+def _model_features(
+    model: STevs,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    frozen: bool,
+    config: Mapping[str, Any],
+) -> tuple[Dataset, Dataset | None]:
+    """Neighbourhood context and the linear path's fit, for the models that have them."""
+    from stevs.models.stevs import fit_linear_path
+
+    c = model.config
+    if not (c.uses_context or model.linear is not None):
+        return train_data, val_data
+    if not frozen or not isinstance(train_data, EmbeddingDataset):
+        raise StevsInputError(
+            None, "context / linear_path need frozen embeddings: train with --freeze-backbone"
+        )
+    train_data = with_context(model, train_data)
+    if isinstance(val_data, EmbeddingDataset):
+        val_data = with_context(model, val_data)
+    if model.linear is not None:
+        features = model.image_features(
+            train_data.embeddings, train_data.items.get("context")
+        )
+        genes = list(config.get("genes") or [f"gene{i}" for i in range(c.n_genes)])
+        slides = train_data.items["slide"].numpy()
+        fitted = fit_linear_path(model, features, train_data.items["target"], slides, genes)
+        log.info("linear path: %s", fitted)
+    return train_data, val_data
 
 
 def _resume(run: _Run) -> TrainState:
