@@ -45,15 +45,16 @@ from stevs.io.fold_file import Fold, read_fold
 from stevs.io.model_dir import LOG, ModelDir
 from stevs.methods import METHOD_NAMES, get_method
 from stevs.metrics import VAL_METRIC, headline_pearson
+from stevs.models.context import CONTEXTS
 from stevs.models.poe import ALIGNMENTS
 from stevs.models.presets import PRESETS, Preset, get_preset
-from stevs.models.stevs import STevs, STevsConfig
+from stevs.models.stevs import LINEAR_PATHS, STevs, STevsConfig
 
 log = logging.getLogger("stevs.train")
 
 CHECKPOINT_FORMAT = 1
 #: keys of the Dataset item moved to the device as tensors
-TENSOR_KEYS = ("patch", "embedding", "context", "coords", "target", "counts", "library_size", "slide")
+TENSOR_KEYS = ("patch", "embedding", "coords", "target", "counts", "library_size", "slide")
 
 
 @dataclass
@@ -347,18 +348,23 @@ def build_model(
     normalisation: Mapping[str, Any] | None,
     *,
     latent_dim: int | None = None,
+    frozen: bool = False,
     **config_overrides: Any,
 ) -> STevs:
     """A fresh model of ``method`` with ``preset``'s backbone, standardising with the fold's
-    training mean/std (``normalisation``)."""
+    training mean/std (``normalisation``). With a ``frozen`` backbone the preset's context and
+    linear path apply (:meth:`Preset.model_defaults`); the method's switches win over the
+    preset, ``config_overrides`` (command-line options) over both."""
+    defaults = {"beta": preset.beta, **preset.model_defaults(frozen)}
     config = STevsConfig.for_method(
         method,
         n_genes=len(genes),
         backbone=preset.backbone,
         latent_dim=latent_dim or preset.latent_dim,
         hidden_dim=preset.hidden_dim,
-        **{"beta": preset.beta, **config_overrides},
+        **defaults,
     )
+    config = replace(config, **config_overrides)
     model = STevs(config)
     if normalisation and normalisation.get("mean") is not None:
         if len(normalisation["mean"]) != len(genes) or len(normalisation["std"]) != len(genes):
@@ -590,9 +596,7 @@ def _model_features(
     if isinstance(val_data, EmbeddingDataset):
         val_data = with_context(model, val_data)
     if model.linear is not None:
-        features = model.image_features(
-            train_data.embeddings, train_data.items.get("context")
-        )
+        features = model.image_features(train_data.embeddings, train_data.items.get("context"))
         genes = list(config.get("genes") or [f"gene{i}" for i in range(c.n_genes)])
         slides = train_data.items["slide"].numpy()
         fitted = fit_linear_path(model, features, train_data.items["target"], slides, genes)
@@ -868,6 +872,7 @@ def train_fold(
         fold_obj.genes,
         fold_obj.normalisation,
         latent_dim=options.latent_dim,
+        frozen=bool(options.freeze_backbone),
         **config_overrides,
     )
     config = _run_config(fold_obj, method, preset_obj, model, options)
@@ -914,6 +919,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--likelihood", choices=("gaussian", "nb"), help="add a negative binomial count term"
     )
+    parser.add_argument(
+        "--context", choices=CONTEXTS, help="neighbourhood context (frozen backbone only)"
+    )
+    parser.add_argument("--context-radius", type=float, help="neighbours within, in pitches")
+    parser.add_argument(
+        "--linear-path", choices=LINEAR_PATHS, help="linear map from the image features"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -933,7 +945,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Model switches given on the command line (``--align`` only where the method aligns)."""
     overrides = {
         key: getattr(args, key)
-        for key in ("beta", "align_weight", "likelihood")
+        for key in (
+            "beta",
+            "align_weight",
+            "likelihood",
+            "context",
+            "context_radius",
+            "linear_path",
+        )
         if getattr(args, key) is not None
     }
     if args.align is not None and get_method(args.method).switches.get("align", "") is not None:

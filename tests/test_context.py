@@ -119,7 +119,9 @@ def test_learned_linear_path_starts_at_zero_and_trains():
     x, y, groups = _probe_data(model.feature_dim)
     fit_linear_path(model, x, y, groups, list("abcd"))
     assert torch.allclose(model.feature_mean, x.mean(0))
-    assert model.linear.weight.requires_grad and float(model.linear.weight.detach().abs().sum()) == 0
+    assert (
+        model.linear.weight.requires_grad and float(model.linear.weight.detach().abs().sum()) == 0
+    )
     batch = {"embedding": x, "coords": torch.rand(60, 2), "target": y}
     model(batch).loss.backward()
     assert float(model.linear.weight.grad.abs().sum()) > 0

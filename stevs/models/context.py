@@ -50,10 +50,16 @@ def neighbour_mean(
 
     ``slide`` (N,) keeps neighbourhoods inside each slide; None means one slide.
     """
-    emb = torch.as_tensor(np.asarray(embedding), dtype=torch.float32)
-    xy = np.asarray(coords, dtype=np.float64)
+    if isinstance(embedding, Tensor):
+        emb = embedding.detach().float().cpu()
+    else:
+        emb = torch.as_tensor(np.asarray(embedding), dtype=torch.float32)
+    xy = coords.detach().cpu().numpy() if isinstance(coords, Tensor) else np.asarray(coords)
+    xy = xy.astype(np.float64)
     if xy.shape != (len(emb), 2):
         raise ValueError(f"coords must be ({len(emb)}, 2), not {xy.shape}")
+    if isinstance(slide, Tensor):
+        slide = slide.cpu().numpy()
     groups = np.zeros(len(emb), dtype=np.int64) if slide is None else np.asarray(slide)
     out = emb.clone()
     for value in np.unique(groups):

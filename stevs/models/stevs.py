@@ -413,9 +413,7 @@ class STevs(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            inference_out = self.inference(
-                patch, coords, embedding, context=context, sample=False
-            )
+            inference_out = self.inference(patch, coords, embedding, context=context, sample=False)
             offset = inference_out.get("linear")
             if self.config.head == "regression":
                 mean = inference_out["prediction"].float()
