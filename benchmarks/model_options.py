@@ -231,26 +231,27 @@ def main(argv: list[str] | None = None) -> int:
     folds = [read_fold(p) for p in sorted(glob.glob(args.folds))]
     results: dict[str, dict[int, list[float]]] = {}
     print("variant\tseed\tfold\ttest_r\tval_r\tbest_epoch\tseconds", flush=True)
+    prepared = []
     for fold in folds:
-        embs = {s: embed_slide(fold, s, args.preset, args.tta, cache) for s in fold.slide_ids
-                if s in set(fold.train) | set(fold.val) | set(fold.test)}  # fmt: skip
+        wanted = set(fold.train) | set(fold.val) | set(fold.test)
+        embs = {s: embed_slide(fold, s, args.preset, args.tta, cache) for s in wanted}
         splits = {p: split_data(fold, p, embs, args.features, args.radius)
                   for p in ("train", "val", "test")}  # fmt: skip
-        for name in args.variants.split(","):
-            for seed in [int(s) for s in args.seeds.split(",")]:
+        prepared.append((fold, splits))
+    for name in args.variants.split(","):  # variant by variant: each finishes all folds
+        seeds = [0] if name.startswith("ridge") else [int(s) for s in args.seeds.split(",")]
+        for fold, splits in prepared:
+            for seed in seeds:
                 start = time.monotonic()
-                if name == "ridge_train":
-                    r, val, epoch = ridge_score(fold, [splits["train"]], splits["test"]), 0, 0
-                elif name == "ridge_trainval":
-                    r = ridge_score(fold, [splits["train"], splits["val"]], splits["test"])
-                    val, epoch = 0, 0
+                if name.startswith("ridge"):
+                    with_val = name == "ridge_trainval"
+                    parts = [splits["train"]] + ([splits["val"]] if with_val else [])
+                    r, val, epoch = ridge_score(fold, parts, splits["test"]), 0.0, 0
                 else:
                     r, val, epoch = stevs_score(fold, variants[name], splits, args.preset, seed)
                 results.setdefault(name, {}).setdefault(seed, []).append(r)
                 print(f"{name}\t{seed}\t{fold.fold}\t{r:.4f}\t{val:.4f}\t{epoch}\t"
                       f"{time.monotonic() - start:.1f}", flush=True)  # fmt: skip
-                if name.startswith("ridge"):
-                    break
     print("\nvariant\tmean over folds (per seed)\tmean\tsd over seeds\tper fold (mean over seeds)")
     for name, by_seed in results.items():
         means = [float(np.mean(v)) for v in by_seed.values()]

@@ -599,8 +599,11 @@ def _model_features(
         features = model.image_features(train_data.embeddings, train_data.items.get("context"))
         genes = list(config.get("genes") or [f"gene{i}" for i in range(c.n_genes)])
         slides = train_data.items["slide"].numpy()
-        fitted = fit_linear_path(model, features, train_data.items["target"], slides, genes)
+        fitted, oof = fit_linear_path(model, features, train_data.items["target"], slides, genes)
         log.info("linear path: %s", fitted)
+        if oof is not None:  # the latent path learns what the probe leaves on unseen slides
+            items = {**train_data.items, "linear_offset": oof}
+            train_data = EmbeddingDataset(train_data.embeddings, items)
     return train_data, val_data
 
 

@@ -104,7 +104,7 @@ def test_ridge_linear_path_with_the_latent_part_off_is_the_ridge_probe():
     model = tiny_model(linear_path="ridge")
     model.set_normalisation(torch.tensor([1.0, 0.0, -1.0, 2.0]), torch.tensor([2.0, 1.0, 0.5, 3.0]))
     x, y, groups = _probe_data(model.feature_dim)
-    fitted = fit_linear_path(model, x, y, groups, list("abcd"))
+    fitted, oof = fit_linear_path(model, x, y, groups, list("abcd"))
     assert fitted["linear_path"] == "ridge"
     # the decoder's mean starts at zero: the prediction is the probe's, in the targets' units
     mean, _ = model.predict(embedding=x, coords=torch.zeros(60, 2), n_samples=0)
@@ -112,12 +112,24 @@ def test_ridge_linear_path_with_the_latent_part_off_is_the_ridge_probe():
     expected = probe.predict(x.numpy()) * model.target_std.numpy() + model.target_mean.numpy()
     np.testing.assert_allclose(mean.numpy(), expected, atol=1e-4)
     assert not model.linear.weight.requires_grad  # fixed: the latent path learns the rest
+    # training sees the probe's out-of-fold predictions: slide 0's from a fit without slide 0
+    held = groups == 0
+    without = fit_ridge(
+        x[~held].double().numpy(), model.standardise(y)[~held].numpy(), groups[~held],
+        list("abcd"), alphas=[fitted["alpha"]],
+    )  # fmt: skip
+    np.testing.assert_allclose(oof[held].numpy(), without.predict(x[held].numpy()), atol=1e-4)
+    in_sample = (mean - model.target_mean) / model.target_std
+    assert not torch.allclose(oof, in_sample, atol=1e-3)
+    # and the model uses them in place of the probe when given
+    out = model.inference(embedding=x, coords=torch.zeros(60, 2), linear_offset=oof)
+    assert torch.equal(out["linear"], oof)
 
 
 def test_learned_linear_path_starts_at_zero_and_trains():
     model = tiny_model(linear_path="learned")
     x, y, groups = _probe_data(model.feature_dim)
-    fit_linear_path(model, x, y, groups, list("abcd"))
+    assert fit_linear_path(model, x, y, groups, list("abcd"))[1] is None
     assert torch.allclose(model.feature_mean, x.mean(0))
     assert (
         model.linear.weight.requires_grad and float(model.linear.weight.detach().abs().sum()) == 0

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -79,6 +80,9 @@ class STevsConfig:
     # (the closed-form ridge probe of the training spots, fixed: the latent model learns what
     # the probe leaves; see fit_linear_path)
     linear_path: str = "none"
+    # "ridge": train the latent path against the probe's out-of-fold predictions of the
+    # training spots (inner CV by slide), as on new slides, not its in-sample fit
+    linear_stacking: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -259,6 +263,7 @@ class STevs(nn.Module):
         embedding: Tensor | None = None,
         *,
         context: Tensor | None = None,
+        linear_offset: Tensor | None = None,
         sample: bool | None = None,
     ) -> dict[str, Any]:
         """Encoders -> expert posteriors -> joint posterior ``qz`` and a draw ``z``.
@@ -266,7 +271,8 @@ class STevs(nn.Module):
         ``embedding`` (precomputed backbone features) replaces ``patch`` in the frozen-backbone
         mode; ``context`` is the neighbourhood context (:mod:`stevs.models.context`) of models
         that use it. ``sample`` defaults to ``self.training``; otherwise ``z`` is the posterior
-        mean. With a linear path, ``out["linear"]`` is its part of the decoder's mean.
+        mean. With a linear path, ``out["linear"]`` is its part of the decoder's mean, or
+        ``linear_offset`` when given (the probe's out-of-fold predictions in training).
         """
         c = self.config
         out: dict[str, Any] = {}
@@ -277,7 +283,9 @@ class STevs(nn.Module):
                     raise ValueError("the image expert needs patch or embedding")
                 embedding = self.embed(patch)
             features = self.image_features(embedding, context)
-            if self.linear is not None:
+            if linear_offset is not None and self.linear is not None:
+                out["linear"] = linear_offset.float()
+            elif self.linear is not None:
                 out["linear"] = self.linear((features - self.feature_mean) / self.feature_std)
         if c.head == "regression":
             out["prediction"] = self.regressor(features)
@@ -387,6 +395,7 @@ class STevs(nn.Module):
         inference_out = self.inference(
             batch.get("patch"), batch.get("coords"), batch.get("embedding"),
             context=batch.get("context"),
+            linear_offset=batch.get("linear_offset"),
         )  # fmt: skip
         generative_out = None
         if self.config.head != "regression":
@@ -444,8 +453,9 @@ class STevs(nn.Module):
 @torch.no_grad()
 def fit_linear_path(
     model: STevs, features: Tensor, target: Tensor, groups: Any, genes: list[str]
-) -> dict[str, Any]:
-    """Set the linear path of ``model`` from its training spots; returns what was fitted.
+) -> tuple[dict[str, Any], Tensor | None]:
+    """Set the linear path of ``model`` from its training spots: (what was fitted, the
+    probe's out-of-fold predictions of the training spots or None).
 
     ``features`` (N, F) are :meth:`STevs.image_features` of the training spots, ``target``
     (N, G) their targets in the fold's normalisation, ``groups`` their slides. Both kinds
@@ -453,14 +463,16 @@ def fit_linear_path(
     the closed-form ridge probe of :func:`stevs.baselines.fit_ridge` (standardise, PCA,
     penalty chosen by inner CV grouped by slide: the ``ridge_embed`` recipe) on the model's
     standardised targets, collapsed to one linear map; ``learned`` leaves them at zero.
+    With ``linear_stacking``, the out-of-fold predictions come from refitting the probe (same
+    penalty) on the inner CV's splits, grouped by slide, in the model's standardised units.
     """
     if model.linear is None:
-        return {}
+        return {}, None
     x = features.detach().double().cpu().numpy()
     if model.config.linear_path == "learned":
         model.set_feature_normalisation(x.mean(0), x.std(0))
-        return {"linear_path": "learned"}
-    from stevs.baselines import fit_ridge
+        return {"linear_path": "learned"}, None
+    from stevs.baselines import MAX_COMPONENTS, _fit_pipeline, _inner_splits, fit_ridge
 
     y = model.standardise(target.detach().float().to(model.target_mean.device)).cpu().numpy()
     probe = fit_ridge(x, y, groups, genes)
@@ -468,5 +480,12 @@ def fit_linear_path(
     weight = probe.components.T @ probe.coef  # (F, G) on standardised features
     model.linear.weight.copy_(torch.as_tensor(weight.T, dtype=torch.float32))
     model.linear.bias.copy_(torch.as_tensor(probe.intercept, dtype=torch.float32))
-    return {"linear_path": "ridge", "alpha": probe.alpha, **{
+    info = {"linear_path": "ridge", "alpha": probe.alpha, **{
         k: probe.meta[k] for k in ("n_components", "n_train_spots")}}  # fmt: skip
+    if not model.config.linear_stacking:
+        return info, None
+    oof = np.zeros_like(y)
+    for train_idx, held_idx in _inner_splits(np.asarray(groups), 5, 0):
+        pipeline = _fit_pipeline(x[train_idx], y[train_idx], probe.alpha, MAX_COMPONENTS)
+        oof[held_idx] = pipeline.predict(x[held_idx])
+    return info, torch.as_tensor(oof, dtype=torch.float32)
