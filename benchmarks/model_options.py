@@ -189,6 +189,7 @@ def stevs_score(
     opts = TrainOptions(seed=seed, workers=0, device="cpu", freeze_backbone=True, **train_opts)
     opts = opts.resolved(preset_obj)
     torch.manual_seed(seed)
+    # frozen=False: a variant starts from the plain model and sets its options explicitly
     model = build_model(method, preset_obj, fold.genes, fold.normalisation, **options)
     config = {"method": method, "genes": fold.genes, "headline_genes": fold.headline_genes}
     with tempfile.TemporaryDirectory() as tmp:

@@ -101,7 +101,7 @@ def _probe_data(dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np
 
 
 def test_ridge_linear_path_with_the_latent_part_off_is_the_ridge_probe():
-    model = tiny_model(linear_path="ridge")
+    model = tiny_model(linear_path="ridge", linear_stacking=True)
     model.set_normalisation(torch.tensor([1.0, 0.0, -1.0, 2.0]), torch.tensor([2.0, 1.0, 0.5, 3.0]))
     x, y, groups = _probe_data(model.feature_dim)
     fitted, oof = fit_linear_path(model, x, y, groups, list("abcd"))
