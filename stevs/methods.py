@@ -92,7 +92,7 @@ _METHODS = (
         uses_image=False,
         uses_spatial=True,
         he_only=False,
-        switches={"use_image": False, "align": None},
+        switches={"use_image": False, "align": None, "context": "none", "linear_path": "none"},
     ),
     Method(
         "stevs_no_align",
@@ -112,7 +112,8 @@ _METHODS = (
         "stnet",
         "torch",
         "ST-Net-style baseline: the image backbone with a linear regression head",
-        switches={"head": "regression", "use_spatial": False, "align": None},
+        # the ST-Net design: its own patch only, whatever the preset's context
+        switches={"head": "regression", "use_spatial": False, "align": None, "context": "none"},
     ),
     Method(
         "ridge_embed",

@@ -126,9 +126,11 @@ def predict_patches(
         if device.type == "cuda"
         else contextlib.nullcontext()
     )
+    model.eval()
+    if model.config.uses_context:
+        return _predict_with_context(model, loader, override, autocast, n_samples, progress)
     means, stds = [], []
     start = 0
-    model.eval()
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=not progress, mininterval=2):
         n = len(batch["patch"])
         batch_coords = batch.get("coords")
@@ -148,6 +150,50 @@ def predict_patches(
     n_genes = model.config.n_genes
     if not means:
         return np.zeros((0, n_genes), np.float32), np.zeros((0, n_genes), np.float32)
+    return np.concatenate(means).astype(np.float32), np.concatenate(stds).astype(np.float32)
+
+
+@torch.no_grad()
+def _predict_with_context(
+    model: STevs,
+    loader: DataLoader,
+    override: Tensor | None,
+    autocast: contextlib.AbstractContextManager,
+    n_samples: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two passes for models with the neighbourhood context: embed every spot, then predict
+    each from its embedding and the mean embedding of its neighbours on the same slide."""
+    from stevs.models.context import neighbour_mean
+
+    device = next(model.parameters()).device
+    embeddings, coords, slides = [], [], []
+    start = 0
+    for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress, mininterval=2):
+        n = len(batch["patch"])
+        batch_coords = batch.get("coords") if override is None else override[start : start + n]
+        start += n
+        if batch_coords is None:
+            raise ValueError("this model uses the neighbourhood context: give coords")
+        with autocast:
+            embeddings.append(model.embed(batch["patch"].to(device)).float().cpu())
+        coords.append(batch_coords.float())
+        slides.append(batch.get("slide", torch.zeros(n, dtype=torch.int64)))
+    n_genes = model.config.n_genes
+    if not embeddings:
+        return np.zeros((0, n_genes), np.float32), np.zeros((0, n_genes), np.float32)
+    embedding, xy, slide = torch.cat(embeddings), torch.cat(coords), torch.cat(slides)
+    context = neighbour_mean(embedding, xy, slide, model.config.context_radius)
+    means, stds = [], []
+    for first in range(0, len(embedding), loader.batch_size or 64):
+        part = slice(first, first + (loader.batch_size or 64))
+        with autocast:
+            mean, std = model.predict(
+                None, xy[part].to(device), embedding[part].to(device), n_samples,
+                context=context[part].to(device),
+            )  # fmt: skip
+        means.append(mean.float().cpu().numpy())
+        stds.append(std.float().cpu().numpy())
     return np.concatenate(means).astype(np.float32), np.concatenate(stds).astype(np.float32)
 
 

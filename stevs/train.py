@@ -46,9 +46,10 @@ from stevs.io.fold_file import Fold, read_fold
 from stevs.io.model_dir import LOG, ModelDir
 from stevs.methods import METHOD_NAMES, get_method
 from stevs.metrics import VAL_METRIC, headline_pearson
+from stevs.models.context import CONTEXTS
 from stevs.models.poe import ALIGNMENTS
 from stevs.models.presets import PRESETS, Preset, get_preset
-from stevs.models.stevs import STevs, STevsConfig
+from stevs.models.stevs import LINEAR_PATHS, STevs, STevsConfig
 
 log = logging.getLogger("stevs.train")
 
@@ -323,8 +324,9 @@ def evaluate(
         batch = to_device(batch, device)
         with autocast():
             mean, _ = model.predict(
-                batch.get("patch"), batch.get("coords"), batch.get("embedding"), n_samples=0
-            )
+                batch.get("patch"), batch.get("coords"), batch.get("embedding"), n_samples=0,
+                context=batch.get("context"),
+            )  # fmt: skip
         predictions.append(mean.float().cpu().numpy())
         truths.append(batch["target"].float().cpu().numpy())
         slides.append(batch["slide"].cpu().numpy())
@@ -347,18 +349,23 @@ def build_model(
     normalisation: Mapping[str, Any] | None,
     *,
     latent_dim: int | None = None,
+    frozen: bool = False,
     **config_overrides: Any,
 ) -> STevs:
     """A fresh model of ``method`` with ``preset``'s backbone, standardising with the fold's
-    training mean/std (``normalisation``)."""
+    training mean/std (``normalisation``). With a ``frozen`` backbone the preset's context and
+    linear path apply (:meth:`Preset.model_defaults`); the method's switches win over the
+    preset, ``config_overrides`` (command-line options) over both."""
+    defaults = {"beta": preset.beta, **preset.model_defaults(frozen)}
     config = STevsConfig.for_method(
         method,
         n_genes=len(genes),
         backbone=preset.backbone,
         latent_dim=latent_dim or preset.latent_dim,
         hidden_dim=preset.hidden_dim,
-        **{"beta": preset.beta, **config_overrides},
+        **defaults,
     )
+    config = replace(config, **config_overrides)
     model = STevs(config)
     if normalisation and normalisation.get("mean") is not None:
         if len(normalisation["mean"]) != len(genes) or len(normalisation["std"]) != len(genes):
@@ -517,10 +524,12 @@ def _setup(
     frozen = bool(options.freeze_backbone) and model.backbone is not None
     if frozen:
         model.backbone.requires_grad_(False)
+    if frozen and not isinstance(train_data, EmbeddingDataset):  # else embedded by the caller
         log.info("frozen backbone: caching embeddings of %d training spots", len(train_data))
         train_data = cache_embeddings(model, train_data, device, options.batch_size, 0)
         if val_data is not None and len(val_data) > 0:
             val_data = cache_embeddings(model, val_data, device, options.batch_size, 0)
+    train_data, val_data = _model_features(model, train_data, val_data, frozen, config)
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -552,6 +561,51 @@ def _setup(
         model, step_model, folder, options, config, device, loader, val_loader, optimizer,
         scheduler, frozen, distributed, rank == 0, world,
     )  # fmt: skip
+
+
+def with_context(model: STevs, data: EmbeddingDataset) -> EmbeddingDataset:
+    """``data`` with the neighbourhood context of each spot (:mod:`stevs.models.context`)
+    among its split's spots of the same slide, when the model uses it."""
+    if not model.config.uses_context or "context" in data.items:
+        return data
+    from stevs.models.context import neighbour_mean
+
+    context = neighbour_mean(
+        data.embeddings, data.items["coords"], data.items["slide"], model.config.context_radius
+    )
+    return EmbeddingDataset(data.embeddings, {**data.items, "context": context})
+
+
+def _model_features(
+    model: STevs,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    frozen: bool,
+    config: Mapping[str, Any],
+) -> tuple[Dataset, Dataset | None]:
+    """Neighbourhood context and the linear path's fit, for the models that have them."""
+    from stevs.models.stevs import fit_linear_path
+
+    c = model.config
+    if not (c.uses_context or model.linear is not None):
+        return train_data, val_data
+    if not frozen or not isinstance(train_data, EmbeddingDataset):
+        raise StevsInputError(
+            None, "context / linear_path need frozen embeddings: train with --freeze-backbone"
+        )
+    train_data = with_context(model, train_data)
+    if isinstance(val_data, EmbeddingDataset):
+        val_data = with_context(model, val_data)
+    if model.linear is not None:
+        features = model.image_features(train_data.embeddings, train_data.items.get("context"))
+        genes = list(config.get("genes") or [f"gene{i}" for i in range(c.n_genes)])
+        slides = train_data.items["slide"].numpy()
+        fitted, oof = fit_linear_path(model, features, train_data.items["target"], slides, genes)
+        log.info("linear path: %s", fitted)
+        if oof is not None:  # the latent path learns what the probe leaves on unseen slides
+            items = {**train_data.items, "linear_offset": oof}
+            train_data = EmbeddingDataset(train_data.embeddings, items)
+    return train_data, val_data
 
 
 def _resume(run: _Run) -> TrainState:
@@ -822,6 +876,7 @@ def train_fold(
         fold_obj.genes,
         fold_obj.normalisation,
         latent_dim=options.latent_dim,
+        frozen=bool(options.freeze_backbone),
         **config_overrides,
     )
     config = _run_config(fold_obj, method, preset_obj, model, options)
@@ -868,6 +923,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--likelihood", choices=("gaussian", "nb"), help="add a negative binomial count term"
     )
+    parser.add_argument(
+        "--context", choices=CONTEXTS, help="neighbourhood context (frozen backbone only)"
+    )
+    parser.add_argument("--context-radius", type=float, help="neighbours within, in pitches")
+    parser.add_argument(
+        "--linear-path", choices=LINEAR_PATHS, help="linear map from the image features"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -887,7 +949,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Model switches given on the command line (``--align`` only where the method aligns)."""
     overrides = {
         key: getattr(args, key)
-        for key in ("beta", "align_weight", "likelihood")
+        for key in (
+            "beta",
+            "align_weight",
+            "likelihood",
+            "context",
+            "context_radius",
+            "linear_path",
+        )
         if getattr(args, key) is not None
     }
     if args.align is not None and get_method(args.method).switches.get("align", "") is not None:

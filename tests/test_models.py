@@ -544,15 +544,18 @@ def test_methods_table_is_the_registry_s_torch_switches():
 
     torch_methods = {name: dict(m.switches) for name, m in REGISTRY.items() if m.kind == "torch"}
     assert METHODS == torch_methods
-    # the table the module held before the registry, as the reference
+    # the table the module held before the registry (plus the context / linear-path
+    # switches of the methods that must not use them), as the reference
     assert METHODS == {
         "stevs": {},
         "stevs_image_only": {"use_spatial": False, "align": None},
-        "stevs_spatial_only": {"use_image": False, "align": None},
+        "stevs_spatial_only": {
+            "use_image": False, "align": None, "context": "none", "linear_path": "none"
+        },
         "stevs_no_align": {"align": None},
         "stevs_concat": {"combine": "concat", "align": None},
-        "stnet": {"head": "regression", "use_spatial": False, "align": None},
-    }
+        "stnet": {"head": "regression", "use_spatial": False, "align": None, "context": "none"},
+    }  # fmt: skip
     assert "ridge_color" not in METHODS
     config = STevsConfig.for_method("stevs_concat", n_genes=3, backbone=TINY_SWIN)
     assert config.combine == "concat" and config.align is None

