@@ -214,7 +214,7 @@ def predict_fold(
         view = str(training.get("embedding_view") or "none")
         items: Dataset = dataset
         if embeddings and training.get("freeze_backbone") and model.config.use_image:
-            key = embedding_key_of(config, model, view)
+            key = embedding_key_of(config, view)
             items = read_cached_embeddings([dataset], str(embeddings), key)
         torch.manual_seed(seed)
         mean, std = predict_patches(

@@ -273,16 +273,18 @@ def read_cached_embeddings(
     return EmbeddingDataset(torch.cat(embeddings) if embeddings else torch.zeros(0, 0), merged)
 
 
-def embedding_key_of(config: Mapping[str, Any], model: STevs, view: str) -> Any:
-    """The embedding-cache key a frozen run of ``config`` needs (encoder, weights, scale)."""
+def embedding_key_of(config: Mapping[str, Any], view: str) -> Any:
+    """The embedding-cache key a frozen run of ``config`` (a model folder's config.json)
+    needs: the preset, its backbone and weights as trained, the patch scale, the view."""
     from stevs.embed import embedding_key
+    from stevs.models.backbones import BackboneSpec
 
     scale = config.get("patches") or {}
     preset = (config.get("preset") or {}).get("name", "")
+    spec = BackboneSpec.from_dict((config.get("model") or {}).get("backbone") or {})
     return embedding_key(
-        preset, model.config.backbone, view, scale.get("patch_px", 0),
-        scale.get("mpp_target", 0.0),
-    )  # fmt: skip
+        preset, spec, view, scale.get("patch_px", 0), scale.get("mpp_target", 0.0)
+    )
 
 
 @torch.no_grad()
@@ -618,7 +620,7 @@ def _frozen_data(
     embedding caches of ``options.embeddings``, else computed here once."""
     parts = [d for d in (train_data, val_data) if d is not None and len(d) > 0]
     if options.embeddings:
-        key = embedding_key_of(config, model, options.embedding_view)
+        key = embedding_key_of(config, options.embedding_view)
         log.info("frozen backbone: reading embeddings from %s", options.embeddings)
         read = [
             read_cached_embeddings(getattr(d, "datasets", [d]), options.embeddings, key)
