@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stevs.errors import StevsInputError
 from stevs.io.embedding_cache import VIEWS, EmbeddingKey, write_embedding_cache
 from stevs.io.patch_cache import PatchCache
 from stevs.models.backbones import BackboneSpec
@@ -70,6 +71,12 @@ def embed_patch_cache(
     from stevs.train import resolve_device
 
     spec = get_preset(preset, weights=weights).backbone
+    if spec.weights == "none":
+        raise StevsInputError(
+            patches,
+            f"preset {preset} has randomly initialised weights: a frozen random encoder "
+            "differs per training seed, so its embeddings cannot be shared; give --weights",
+        )
     torch_device = resolve_device(device)
     backbone = ImageBackbone(spec).eval().to(torch_device)
     with PatchCache(patches) as cache:

@@ -788,7 +788,8 @@ def provenance_html(
 
 
 def _config_seeds(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Every ``seed`` key of a parsed config, at any depth, as (dotted key, value)."""
+    """Every ``seed`` (or ``seeds`` list) key of a parsed config, at any depth, as (dotted
+    key, value)."""
     if not isinstance(config, dict):
         return []
     found: list[tuple[str, Any]] = []
@@ -796,6 +797,8 @@ def _config_seeds(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
         name = f"{prefix}{key}"
         if key == "seed" and not isinstance(value, dict | list):
             found.append((name, value))
+        elif key == "seeds" and isinstance(value, list):
+            found.append((name, ",".join(map(str, value))))
         elif isinstance(value, dict):
             found += _config_seeds(value, f"{name}.")
     return found

@@ -182,7 +182,8 @@ def _encoder_runs():
     """The encoders (id -> entry) and the runs: (encoder id, method, seed) triples.
 
     An encoder's id is its preset, with `-frozen` when its backbone is frozen (paths carry
-    it). Torch methods run once per training seed; ridge methods are deterministic and run
+    it); its `methods` narrow the configured `methods` ([] = all). Torch methods run once
+    per training seed; ridge methods are deterministic and run
     once (seed 0): ridge_embed on each frozen encoder, ridge_color (no encoder) under the
     id `none`.
     """
@@ -194,19 +195,14 @@ def _encoder_runs():
                 f"config: encoders[{index}]: {name} is listed twice (or is the reserved"
                 " id 'none')"
             )
-        unknown = [m for m in entry["methods"] if m not in METHODS]
-        if unknown:
-            raise WorkflowError(
-                f"config: encoders[{index}].methods: {', '.join(unknown)} not in"
-                f" methods ({', '.join(METHODS)})"
-            )
         if "ridge_embed" in entry["methods"] and not entry["freeze"]:
             raise WorkflowError(
                 f"config: encoders[{index}]: ridge_embed probes a frozen encoder; set"
                 " freeze: true or leave ridge_embed out of its methods"
             )
         encoders[name] = entry
-        for method in entry["methods"] or METHODS:
+        # an encoder's methods narrow `methods` (one not in `methods` does not run)
+        for method in [m for m in METHODS if m in (entry["methods"] or METHODS)]:
             if method in TORCH_METHODS:
                 runs += [(name, method, seed) for seed in config["training"]["seeds"]]
             elif method == "ridge_embed" and entry["freeze"]:
@@ -246,9 +242,16 @@ def all_metrics():
 
 
 def uses_embeddings(wildcards):
-    """Whether a run reads the embedding cache: frozen torch runs and ridge_embed."""
+    """Whether a run reads the embedding cache: ridge_embed, and frozen torch runs on a
+    pretrained encoder (a frozen random encoder depends on the seed: it embeds in-run)."""
+    from stevs.models.presets import PRESETS
+
     entry = ENCODERS.get(wildcards.encoder)
-    return bool(entry and entry["freeze"]) and wildcards.method != "ridge_color"
+    if not entry or not entry["freeze"] or wildcards.method == "ridge_color":
+        return False
+    return wildcards.method == "ridge_embed" or (
+        PRESETS[entry["preset"]].backbone.weights != "none"
+    )
 
 
 def embedding_dir(encoder):
