@@ -224,6 +224,7 @@ wildcard_constraints:
     seed="[0-9]+",
     view="|".join(map(re.escape, ("none", "dihedral8"))),
 
+
 #: run path components: {encoder}/{method}/seed{seed}
 RUN = "{encoder}/{method}/seed{seed}"
 
@@ -243,7 +244,8 @@ def all_metrics():
 
 def uses_embeddings(wildcards):
     """Whether a run reads the embedding cache: ridge_embed, and frozen torch runs on a
-    pretrained encoder (a frozen random encoder depends on the seed: it embeds in-run)."""
+    pretrained encoder (a frozen random encoder depends on the seed: it embeds in-run).
+    """
     from stevs.models.presets import PRESETS
 
     entry = ENCODERS.get(wildcards.encoder)

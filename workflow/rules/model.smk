@@ -8,7 +8,9 @@ rule embed_slide:
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{preset}}/{{view}}/{{slide}}.tsv"
     wildcard_constraints:
-        preset="|".join(map(re.escape, sorted({e["preset"] for e in ENCODERS.values()}))),
+        preset="|".join(
+            map(re.escape, sorted({e["preset"] for e in ENCODERS.values()}))
+        ),
     conda:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
