@@ -226,8 +226,8 @@ def compare_to_baselines(
         delta = pairs.iloc[:, 0] - pairs.iloc[:, 1]
         p_value = float(wilcoxon(delta).pvalue) if (delta != 0).any() else float("nan")
         per_fold = pd.concat([fold_r[(encoder, method)], fold_r[best]], axis=1, join="inner")
-        noise = np.nanmax([summary.loc[(encoder, method), "pearson_r_mean_headline_seed_sd"],
-                           summary.loc[best, "pearson_r_mean_headline_seed_sd"]])  # fmt: skip
+        sds = summary.loc[[(encoder, method), best], "pearson_r_mean_headline_seed_sd"]
+        noise = float(sds.max()) if sds.notna().any() else float("nan")
         rows.append({
             "encoder": encoder, "method": method, "baseline": best[1],
             "baseline_encoder": best[0], "headline_r": float(mean[(encoder, method)]),
