@@ -180,7 +180,7 @@ def test_he_only_methods_are_accepted_for_predict_slides(tmp_path):
             "-n", "--configfile", str(BASE), str(overlay(tmp_path, text)), cwd=tmp_path
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"results/models/{name}/fold0/model.safetensors" in result.stdout
+        assert f"results/models/cpu_small/{name}/seed0/fold0/model.safetensors" in result.stdout
 
 
 # ----------------------------------------------------------- the merged config and the report
