@@ -56,7 +56,7 @@ def check_exports(results: Path) -> list[str]:
         elif parts[0] == "predict_slides":
             source = results / "predict_slides" / store.stem / f"{store.stem}.h5ad"
         else:
-            source = results / "predictions" / parts[0] / parts[1] / f"{store.stem}.h5ad"
+            source = results / "predictions" / Path(*parts[:-1]) / f"{store.stem}.h5ad"
         table, adata = sd.read_zarr(store).tables["table"], ad.read_h5ad(source)
         same = list(table.obs_names) == list(adata.obs_names) and np.allclose(
             np.asarray(table.X.todense() if hasattr(table.X, "todense") else table.X),
@@ -90,10 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     merged_text = merged_path.read_text()
     merged = yaml.safe_load(merged_text)
     problems += [f"{merged_path}: {p}" for p in disagreements(given, merged)]
-    summary = pd.read_csv(summary_path, sep="\t").set_index("method")
-    print(summary[[HEADLINE, "pearson_r_mean_all_mean", "mse_mean_mean"]].to_string())
+    summary = pd.read_csv(summary_path, sep="\t")
+    print(summary[["encoder", "method", HEADLINE, "pearson_r_mean_all_mean", "mse_mean_mean"]]
+          .to_string(index=False))  # fmt: skip
+    comparison_path = results / "report" / "comparison.tsv"
+    if comparison_path.is_file() and comparison_path.stat().st_size > 1:
+        print(pd.read_csv(comparison_path, sep="\t").to_string(index=False))
+    # STevs's check and the floor: on the first configured encoder
+    encoders = merged.get("encoders") or [{"preset": "cpu_small", "freeze": False}]
+    first = encoders[0]["preset"] + ("-frozen" if encoders[0].get("freeze") else "")
+    lead = summary[summary["encoder"].fillna("").isin([first, "none", ""])]
+    reported = set(summary["method"])
+    summary = lead.drop_duplicates("method").set_index("method")
     methods = merged["methods"]
-    missing = sorted(set(methods) - set(summary.index))
+    missing = sorted(set(methods) - reported)
     if missing:
         problems.append(f"methods missing from the report table: {missing}")
     text = html_path.read_text()

@@ -229,12 +229,16 @@ def timm_embedder(
     return embed
 
 
-def preset_embedder(name: str = DEFAULT_BACKBONE, *, device: str | None = None) -> Embedder:
+def preset_embedder(
+    name: str = DEFAULT_BACKBONE, *, device: str | None = None, view: str = "none"
+) -> Embedder:
     """The frozen image backbone of a ``stevs.models`` preset (e.g. ``effnet_lite0_in1k``,
     ImageNet weights shipped offline) as ``embed(patches_uint8) -> (N, D)``: every stage's
-    pooled features, concatenated (the STevs image expert's hierarchical representation)."""
+    pooled features, concatenated (the STevs image expert's hierarchical representation),
+    averaged over the test-time ``view`` (:func:`stevs.embed.embed_view`)."""
     import torch
 
+    from stevs.embed import embed_view
     from stevs.models.backbones import ImageBackbone
     from stevs.models.presets import get_preset
 
@@ -245,19 +249,23 @@ def preset_embedder(name: str = DEFAULT_BACKBONE, *, device: str | None = None) 
     @torch.inference_mode()
     def embed(patches: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(patches)).to(device).permute(0, 3, 1, 2)
-        return backbone(x).float().cpu().numpy()
+        return embed_view(backbone, x, view).cpu().numpy()
 
     embed.backbone_name = name  # type: ignore[attr-defined]
     return embed
 
 
-def make_embedder(name: str = DEFAULT_BACKBONE, *, device: str | None = None) -> Embedder:
+def make_embedder(
+    name: str = DEFAULT_BACKBONE, *, device: str | None = None, view: str = "none"
+) -> Embedder:
     """A ``stevs.models`` preset name -> :func:`preset_embedder`; any other name -> a timm
-    model with random weights (:func:`timm_embedder`)."""
+    model with random weights (:func:`timm_embedder`, view ``none`` only)."""
     from stevs.models.presets import PRESETS
 
     if name in PRESETS:
-        return preset_embedder(name, device=device)
+        return preset_embedder(name, device=device, view=view)
+    if view != "none":
+        raise StevsInputError(None, f"view {view!r} needs a stevs.models preset, not {name!r}")
     return timm_embedder(name, device=device)
 
 
@@ -525,25 +533,63 @@ def _features_of(method: str, patches: np.ndarray, embed: Embedder | None) -> np
     raise ValueError(f"{method} is not a ridge method")
 
 
+@dataclass(frozen=True)
+class CachedEmbeddings:
+    """Where ``ridge_embed`` reads its features: a folder of embedding caches
+    (:mod:`stevs.io.embedding_cache`, one ``{slide}.h5`` each) of ``preset`` at ``view``."""
+
+    folder: str
+    preset: str
+    view: str
+
+    def read(self, fold: Fold, slide: str, barcodes: Sequence[str] | None) -> tuple:
+        """(embeddings (N, D), barcodes) of ``slide``'s spots, checked against the fold's
+        patch scale and the encoder."""
+        from stevs.embed import embedding_key
+        from stevs.io.embedding_cache import EmbeddingCache, embedding_path
+        from stevs.models.presets import get_preset
+
+        scale = read_patch_scale(fold.slide_entry(slide).patches)
+        key = embedding_key(
+            self.preset, get_preset(self.preset).backbone, self.view, scale.patch_px,
+            scale.mpp_target,
+        )  # fmt: skip
+        cache = EmbeddingCache(embedding_path(self.folder, slide)).check(key)
+        if barcodes is None:
+            with PatchCache(fold.slide_entry(slide).patches) as patches:
+                barcodes = list(patches.barcodes)
+        return cache.read(barcodes), list(barcodes)
+
+
 def _slide_data(
-    fold: Fold, part: str, slide: str, method: str, embed: Embedder | None
+    fold: Fold,
+    part: str,
+    slide: str,
+    method: str,
+    embed: Embedder | CachedEmbeddings | None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(features, observed targets, barcodes) of one slide's spots in ``part``."""
     barcodes = fold.spots_for(part, slide)
-    patches, barcodes = read_patches(fold, slide, barcodes)
+    if isinstance(embed, CachedEmbeddings):
+        features, barcodes = embed.read(fold, slide, barcodes)
+    else:
+        patches, barcodes = read_patches(fold, slide, barcodes)
+        features = _features_of(method, patches, embed)
     targets, _, _ = load_observed(fold, slide, barcodes)
-    return _features_of(method, patches, embed), targets, barcodes
+    return features, targets, barcodes
 
 
 def _embedder_for(
-    method: str, embed: Embedder | None, backbone: str
-) -> tuple[Embedder | None, str]:
+    method: str, embed: Embedder | None, backbone: str, embeddings: str | None, view: str
+) -> tuple[Embedder | CachedEmbeddings | None, str]:
     """The feature function of a ridge fit and how ``config.json`` names it."""
     if get_method(method).features != "embedding":
         return None, "color_texture"
     if embed is not None:
         return embed, f"custom:{getattr(embed, 'backbone_name', 'callable')}"
-    return make_embedder(backbone), f"backbone:{backbone}"
+    if embeddings:
+        return CachedEmbeddings(str(embeddings), backbone, view), f"backbone:{backbone}"
+    return make_embedder(backbone, view=view), f"backbone:{backbone}"
 
 
 def train_ridge(
@@ -557,17 +603,21 @@ def train_ridge(
     max_components: int = MAX_COMPONENTS,
     n_splits: int = 5,
     seed: int = 0,
+    embeddings: str | os.PathLike | None = None,
+    view: str = "none",
 ) -> Path:
     """Fit a ridge baseline on a fold's training + validation spots; returns ``out_dir``.
 
     ``method`` is a ridge method of :mod:`stevs.methods`; for ``ridge_embed`` a custom
     ``embed`` callable wins over ``backbone`` (a ``stevs.models`` preset name, or a timm
-    model name built with random weights; frozen either way).
+    model name built with random weights; frozen either way). ``embeddings``: a folder of
+    embedding caches of ``backbone`` at ``view`` (``stevs embed``) read instead of
+    embedding the patches again.
     """
     if get_method(method).kind != "ridge":
         raise ValueError(f"{method!r} is not a ridge method; expected one of {RIDGE_METHODS}")
     fold = read_fold(fold_path)
-    embed, feature_source = _embedder_for(method, embed, backbone)
+    embed, feature_source = _embedder_for(method, embed, backbone, embeddings, view)
     pairs = _training_slides(fold)
     if not pairs:
         raise StevsInputError(fold.path, "the fold has no training slides or spots")
@@ -593,6 +643,7 @@ def train_ridge(
         "fold_path": fold.path,
         "fold_sha256": file_sha256(fold.path),
         "feature_source": feature_source,
+        "embedding_view": view if feature_source.startswith("backbone:") else None,
         "headline_genes": list(fold.headline_genes),
         "normalisation": dict(fold.normalisation),
         "patches": _patch_scale(fold),
@@ -628,11 +679,13 @@ def predict_ridge(
     *,
     embed: Embedder | None = None,
     slides: Sequence[str] | None = None,
+    embeddings: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Predict the fold's test slides (or ``slides``) -> ``out_dir/{slide}.h5ad`` each.
 
     Writes the prediction file of :mod:`stevs.io.prediction`; ``layers["std"]`` is the
-    model's inner-CV residual std per gene.
+    model's inner-CV residual std per gene. ``embeddings``: a folder of embedding caches
+    of the model's encoder and view, read instead of embedding the test patches.
     """
     model = load_ridge(model_dir)
     fold = read_fold(fold_path)
@@ -643,7 +696,13 @@ def predict_ridge(
     if get_method(method).features == "embedding" and embed is None:
         if not source.startswith("backbone:"):
             raise StevsInputError(model_dir, f"model was trained with {source}; pass its embed")
-        embed = make_embedder(source.removeprefix("backbone:"))
+        view = str(model.meta.get("embedding_view") or "none")
+        backbone = source.removeprefix("backbone:")
+        embed = (
+            CachedEmbeddings(str(embeddings), backbone, view)
+            if embeddings
+            else make_embedder(backbone, view=view)
+        )
     sha = ModelDir(model_dir).weights_sha256()
     written = []
     for slide in slides if slides is not None else fold.test:

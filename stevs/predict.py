@@ -100,14 +100,19 @@ def predict_patches(
     workers: int = 0,
     n_samples: int = 16,
     progress: bool = True,
+    view: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predicted mean and std (N, G), in the targets' normalisation.
 
     ``patches``: uint8 (N, H, W, 3), or a Dataset of items with ``patch`` (3, H, W) and
     ``coords`` (2,) (e.g. :class:`stevs.data.SpotDataset`). ``coords`` (N, 2) per-slide
     normalised coordinates override/provide the items' coordinates; models with a spatial
-    expert need them.
+    expert need them. Items with an ``embedding`` (a frozen backbone's cached features) use
+    it instead of the patch; ``view`` is the frozen model's test-time view
+    (:func:`stevs.embed.embed_view`).
     """
+    from stevs.embed import embed_view
+
     dataset = patches if isinstance(patches, Dataset) else _PatchArrayDataset(patches, coords)
     override = None
     if isinstance(patches, Dataset) and coords is not None:
@@ -128,21 +133,25 @@ def predict_patches(
     )
     model.eval()
     if model.config.uses_context:
-        return _predict_with_context(model, loader, override, autocast, n_samples, progress)
+        return _predict_with_context(model, loader, override, autocast, n_samples, progress, view)
     means, stds = [], []
     start = 0
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=not progress, mininterval=2):
-        n = len(batch["patch"])
+        n = len(batch["embedding"] if "embedding" in batch else batch["patch"])
         batch_coords = batch.get("coords")
         if override is not None:
             batch_coords = override[start : start + n]
         start += n
         if model.config.use_spatial and batch_coords is None:
             raise ValueError("this model has a spatial expert: give coords")
+        embedding = batch.get("embedding")
+        if embedding is None and view != "none" and model.config.use_image:
+            embedding = embed_view(model.embed, batch["patch"].to(device), view)
         with autocast:
             mean, std = model.predict(
-                batch["patch"].to(device, non_blocking=True),
+                None if embedding is not None else batch["patch"].to(device, non_blocking=True),
                 None if batch_coords is None else batch_coords.to(device),
+                None if embedding is None else embedding.to(device),
                 n_samples=n_samples,
             )
         means.append(mean.float().cpu().numpy())
@@ -161,22 +170,28 @@ def _predict_with_context(
     autocast: contextlib.AbstractContextManager,
     n_samples: int,
     progress: bool,
+    view: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Two passes for models with the neighbourhood context: embed every spot, then predict
-    each from its embedding and the mean embedding of its neighbours on the same slide."""
+    """Two passes for models with the neighbourhood context: embed every spot (or take the
+    items' cached ``embedding``), then predict each from its embedding and the mean embedding
+    of its neighbours on the same slide."""
+    from stevs.embed import embed_view
     from stevs.models.context import neighbour_mean
 
     device = next(model.parameters()).device
     embeddings, coords, slides = [], [], []
     start = 0
     for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress, mininterval=2):
-        n = len(batch["patch"])
+        embedding = batch.get("embedding")
+        n = len(embedding if embedding is not None else batch["patch"])
         batch_coords = batch.get("coords") if override is None else override[start : start + n]
         start += n
         if batch_coords is None:
             raise ValueError("this model uses the neighbourhood context: give coords")
-        with autocast:
-            embeddings.append(model.embed(batch["patch"].to(device)).float().cpu())
+        if embedding is None:
+            with autocast:
+                embedding = embed_view(model.embed, batch["patch"].to(device), view)
+        embeddings.append(embedding.float().cpu())
         coords.append(batch_coords.float())
         slides.append(batch.get("slide", torch.zeros(n, dtype=torch.int64)))
     n_genes = model.config.n_genes
@@ -219,13 +234,17 @@ def predict_fold(
     n_samples: int = 16,
     seed: int = 0,
     slides: Sequence[str] | None = None,
+    embeddings: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Predict the test slides of ``fold`` (a Fold or a fold file), or only ``slides``.
 
     Writes one ``{slide}.h5ad`` each. The predictive std's posterior samples are drawn
     from a generator seeded with ``seed``: the same inputs give the same files.
+    ``embeddings``: for a frozen-backbone model, a folder of embedding caches of its
+    encoder and view (``stevs embed``) read instead of embedding the test patches.
     """
     from stevs.data import SpotDataset
+    from stevs.train import embedding_key_of, read_cached_embeddings
 
     fold_obj = fold if isinstance(fold, Fold) else read_fold(fold)
     model, config = load_model(model_dir, device)
@@ -244,9 +263,15 @@ def predict_fold(
     for slide in _test_slides(fold_obj, slides):
         check_trained_scale(config, fold_obj.slide_entry(slide).patches)
         dataset = SpotDataset(fold_obj, "test", slides=[slide])
+        training = config.get("training") or {}
+        view = str(training.get("embedding_view") or "none")
+        items: Dataset = dataset
+        if embeddings and training.get("freeze_backbone") and model.config.use_image:
+            key = embedding_key_of(config, view)
+            items = read_cached_embeddings([dataset], str(embeddings), key)
         torch.manual_seed(seed)
         mean, std = predict_patches(
-            model, dataset, batch_size=batch_size, workers=workers, n_samples=n_samples
+            model, items, batch_size=batch_size, workers=workers, n_samples=n_samples, view=view
         )
         spots = spots_of(fold_obj.slide_entry(slide).adata, dataset.barcodes)
         meta = prediction_meta(config, fold_obj, slide, sha)
@@ -272,6 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--slides", nargs="+", help="only these test slides (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    parser.add_argument(
+        "--embeddings", help="folder of embedding caches of a frozen encoder (stevs embed)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out_dir)
     folder = ModelDir(args.model_dir)
     method = get_method(folder.read_config()["method"], str(folder.config_path))
-    options: dict[str, Any] = {"slides": args.slides}
+    options: dict[str, Any] = {"slides": args.slides, "embeddings": args.embeddings}
     if method.kind == "torch":
         options.update(
             device=args.device,

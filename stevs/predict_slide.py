@@ -663,6 +663,7 @@ def _predict_cache(
             mean, std = predict_patches(
                 model, dataset, batch_size=batch_size, n_samples=n_samples,
                 progress=progress is not False,
+                view=str((config.get("training") or {}).get("embedding_view") or "none"),
             )  # fmt: skip
             means.append(mean)
             stds.append(std)

@@ -1,11 +1,15 @@
 """The results report (``stevs report``): TSV tables and one self-contained HTML page.
 
-Reads what ``stevs evaluate`` wrote (``{metrics}/{method}/{fold}.tsv`` with its
-``.summary.tsv`` and ``.pooled.tsv``) and, where present, the fold files, the prediction
-AnnDatas, the training logs (``{models}/{method}/{fold}/metrics.csv``) and the run's config.
-Writes ``index.html`` (figures inlined as base64 PNG), ``summary.tsv`` (method x metric, mean
-and std across folds), ``folds.tsv`` (method x fold), ``per_gene.tsv`` (method x fold x test
-slide x gene) and ``pooled.tsv`` (pooled-over-slides r per method x fold x gene).
+Reads what ``stevs evaluate`` wrote (``{metrics}/{run}/{fold}.tsv`` with its
+``.summary.tsv`` and ``.pooled.tsv``; a run is ``{encoder}/{method}/seed{seed}`` as the
+workflow lays it out, or a bare ``{method}``) and, where present, the fold files, the
+prediction AnnDatas, the training logs (``{models}/{run}/{fold}/metrics.csv``) and the run's
+config. Writes ``index.html`` (figures inlined as base64 PNG), ``summary.tsv`` (encoder x
+method x metric: per fold the mean over seeds, then mean and std across folds, and the sd
+over seeds of the headline), ``folds.tsv`` (run x fold), ``per_gene.tsv`` (run x fold x test
+slide x gene), ``pooled.tsv`` (pooled-over-slides r per run x fold x gene) and
+``comparison.tsv`` (STevs against the best baseline on the same encoder, with the paired
+test of :func:`compare_to_baselines`).
 """
 
 from __future__ import annotations
@@ -93,31 +97,49 @@ dt { font-weight: bold; } dd { margin-bottom: .4em; }
 # --------------------------------------------------------------------------- tables
 
 
+#: the columns that name a run (the workflow's ``{encoder}/{method}/seed{seed}``)
+RUN_COLUMNS = ["encoder", "method", "seed", "run"]
+
+
+def run_of(relative: Path, source: Path) -> dict[str, Any]:
+    """``encoder``, ``seed`` and ``run`` (the relative folder) of a metrics file's folder:
+    ``{encoder}/{method}/seed{seed}``, or a bare ``{method}`` (no encoder, seed 0)."""
+    parts = relative.parts
+    if len(parts) == 1:
+        return {"encoder": "", "seed": 0, "run": parts[0]}
+    if len(parts) == 3 and parts[2].startswith("seed") and parts[2][4:].isdigit():
+        return {"encoder": parts[0], "seed": int(parts[2][4:]), "run": relative.as_posix()}
+    raise StevsInputError(source, "metrics must lie in {method}/ or {encoder}/{method}/seedN/")
+
+
 def collect_metrics(
     metrics_dir: str | os.PathLike,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """All evaluations under ``metrics_dir`` -> (per_gene, fold summaries, pooled) tables."""
+    """All evaluations under ``metrics_dir`` -> (per_gene, fold summaries, pooled) tables,
+    each with the run columns ``encoder``, ``seed`` and ``run`` (see :func:`run_of`)."""
     metrics_dir = Path(metrics_dir)
-    summaries = sorted(metrics_dir.glob("*/*.summary.tsv"))
+    summaries = sorted(metrics_dir.rglob("*.summary.tsv"))
     if not summaries:
-        raise StevsInputError(metrics_dir, "no {method}/{fold}.summary.tsv files found")
+        raise StevsInputError(metrics_dir, "no {run}/{fold}.summary.tsv files found")
     per_gene, folds, pooled = [], [], []
     for summary_file in summaries:
         table_file = summary_file.with_name(summary_file.name.replace(".summary.tsv", ".tsv"))
         if not table_file.exists():
             raise StevsInputError(table_file, "per-gene table missing beside its summary")
+        run = run_of(summary_file.parent.relative_to(metrics_dir), summary_file)
         try:
-            folds.append(pd.read_csv(summary_file, sep="\t"))
-            per_gene.append(pd.read_csv(table_file, sep="\t"))
+            folds.append(pd.read_csv(summary_file, sep="\t").assign(**run))
+            per_gene.append(pd.read_csv(table_file, sep="\t").assign(**run))
             if pooled_path(table_file).exists():
-                pooled.append(pd.read_csv(pooled_path(table_file), sep="\t"))
+                pooled.append(pd.read_csv(pooled_path(table_file), sep="\t").assign(**run))
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             raise StevsInputError(summary_file, f"unreadable metrics table: {err}") from None
     per_gene_df = pd.concat(per_gene, ignore_index=True)
     missing = set(PER_GENE_COLUMNS) - set(per_gene_df.columns)
     if missing:
         raise StevsInputError(metrics_dir, f"per-gene tables lack columns {sorted(missing)}")
-    folds_df = pd.concat(folds, ignore_index=True).sort_values(["method", "fold"])
+    folds_df = pd.concat(folds, ignore_index=True).sort_values(["encoder", "method", "seed",
+                                                                "fold"])  # fmt: skip
     folds_df["method"] = folds_df["method"].astype(str)
     folds_df["fold"] = folds_df["fold"].astype(str)
     per_gene_df["method"] = per_gene_df["method"].astype(str)
@@ -127,22 +149,107 @@ def collect_metrics(
     return per_gene_df, folds_df.reset_index(drop=True), pooled_df
 
 
-def summarise_methods(folds: pd.DataFrame) -> pd.DataFrame:
-    """Fold summaries -> one row per method: ``n_folds``, ``{metric}_mean``/``_std``.
+def _with_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the run columns (a bare per-method table: no encoder, seed 0)."""
+    defaults = {"encoder": "", "seed": 0}
+    table = table.assign(**{k: v for k, v in defaults.items() if k not in table})
+    return table if "run" in table else table.assign(run=table["method"])
 
-    The std is the sample std across folds (NaN with a single fold); a fold with NaN for a
-    metric (e.g. no predictive std, so no coverage) is left out of that metric only.
+
+def seed_sd(folds: pd.DataFrame, metric: str = "pearson_r_mean_headline") -> float:
+    """The sd over seeds of a method's mean-over-folds ``metric`` (NaN with one seed)."""
+    per_seed = folds.groupby("seed")[metric].mean()
+    return float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")
+
+
+def summarise_methods(folds: pd.DataFrame) -> pd.DataFrame:
+    """Fold summaries -> one row per (encoder, method): ``n_folds``, ``n_seeds``,
+    ``{metric}_mean``/``_std`` and ``pearson_r_mean_headline_seed_sd``.
+
+    Per fold the seeds are averaged first; ``_std`` is then the sample std across folds
+    (NaN with a single fold), ``_seed_sd`` the sd over seeds of the mean over folds. A fold
+    with NaN for a metric (e.g. no predictive std, so no coverage) is left out of that
+    metric only.
     """
+    folds = _with_runs(folds)
     rows = []
-    for method, group in folds.groupby("method", sort=True):
-        row: dict[str, Any] = {"method": method, "n_folds": len(group)}
+    for (encoder, method), group in folds.groupby(["encoder", "method"], sort=True):
+        per_fold = group.groupby("fold").mean(numeric_only=True)
+        row: dict[str, Any] = {
+            "encoder": encoder, "method": method, "n_folds": len(per_fold),
+            "n_seeds": int(group["seed"].nunique()),
+        }  # fmt: skip
         for metric in TABLE_METRICS:
-            values = group[metric].astype(float).dropna() if metric in group else pd.Series()
+            values = per_fold[metric].astype(float).dropna() if metric in per_fold else pd.Series()
             row[f"{metric}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        row["pearson_r_mean_headline_seed_sd"] = seed_sd(group)
         row["n_constant_total"] = int(group["n_constant"].sum()) if "n_constant" in group else 0
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: the baselines STevs is compared with: on its own encoder, and the encoder-free floor
+BASELINES = ("stnet", "ridge_embed", "ridge_color")
+#: encoder of the encoder-free methods in the workflow's layout
+NO_ENCODER = "none"
+
+
+def compare_to_baselines(
+    per_gene: pd.DataFrame, folds: pd.DataFrame, method: str = "stevs"
+) -> pd.DataFrame:
+    """``method`` on each encoder E against the best baseline on E (``stnet``,
+    ``ridge_embed`` on E, or the encoder-free ``ridge_color``), by mean headline r.
+
+    Paired test: ``scipy.stats.wilcoxon`` over (fold, test slide, headline gene) pairs of
+    per-gene Pearson r, each averaged over seeds first; and a sign count over folds
+    (seed-averaged headline r). The difference of the means is a ``tie`` when it is not
+    larger than the seed sd (the larger of the two methods'), else ``ahead`` / ``behind``;
+    with one seed there is no seed sd and the verdict says so.
+    """
+    from scipy.stats import wilcoxon
+
+    folds, per_gene = _with_runs(folds), _with_runs(per_gene)
+    summary = summarise_methods(folds).set_index(["encoder", "method"])
+    headline = per_gene[per_gene["headline"].astype(bool)]
+    r = headline.groupby(["encoder", "method", "fold", "slide", "gene"])["pearson_r"].mean()
+    fold_r = folds.groupby(["encoder", "method", "fold"])["pearson_r_mean_headline"].mean()
+    rows = []
+    for encoder in sorted({e for e, m in summary.index if m == method}):
+        candidates = [
+            (e, b) for b in BASELINES for e in (encoder, NO_ENCODER, "")
+            if (e, b) in summary.index and (b == "ridge_color" or e == encoder)
+        ]  # fmt: skip
+        if not candidates:
+            continue
+        mean = summary["pearson_r_mean_headline_mean"]
+        best = max(candidates, key=lambda key: mean[key])
+        diff = float(mean[(encoder, method)] - mean[best])
+        pairs = pd.concat([r[(encoder, method)], r[best]], axis=1, join="inner").dropna()
+        delta = pairs.iloc[:, 0] - pairs.iloc[:, 1]
+        p_value = float(wilcoxon(delta).pvalue) if (delta != 0).any() else float("nan")
+        per_fold = pd.concat([fold_r[(encoder, method)], fold_r[best]], axis=1, join="inner")
+        sds = summary.loc[[(encoder, method), best], "pearson_r_mean_headline_seed_sd"]
+        noise = float(sds.max()) if sds.notna().any() else float("nan")
+        rows.append({
+            "encoder": encoder, "method": method, "baseline": best[1],
+            "baseline_encoder": best[0], "headline_r": float(mean[(encoder, method)]),
+            "baseline_headline_r": float(mean[best]), "difference": diff,
+            "seed_sd": float(noise), "folds_ahead": int((per_fold.iloc[:, 0]
+                                                         > per_fold.iloc[:, 1]).sum()),
+            "n_folds": len(per_fold), "n_pairs": len(delta), "wilcoxon_p": p_value,
+            "verdict": _verdict(diff, float(noise)),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _verdict(difference: float, noise: float) -> str:
+    """``ahead`` / ``behind`` beyond the seed sd, else ``tie``; one seed: no sd to judge."""
+    if not np.isfinite(noise):
+        return ("ahead" if difference > 0 else "behind") + " (one seed: no seed sd)"
+    if abs(difference) <= noise:
+        return "tie (inside the seed sd)"
+    return "ahead" if difference > 0 else "behind"
 
 
 # --------------------------------------------------------------------------- figures
@@ -220,6 +327,8 @@ def training_curves(models_dir: Path, methods: Sequence[str]) -> dict[str, str]:
                 continue
             if table is None or "epoch" not in table:
                 continue
+            if "stage" in table:  # a refit's rows: the selection run's curve is the one shown
+                table = table[table["stage"] != "refit"]
             colour = f"C{index % 10}"
             if VAL_METRIC in table:
                 ax_r.plot(table["epoch"], table[VAL_METRIC], color=colour, label=path.parent.name)
@@ -470,16 +579,49 @@ def summary_table_html(summary: pd.DataFrame) -> str:
                 f'<td data-metric="{metric}" data-mean="{mean!r}" data-std="{std!r}"'
                 f"{' class=best' if best else ''}>{_fmt(mean, std)}</td>"
             )
+        encoder = str(row.get("encoder", "") or "")
+        seeds = int(row.get("n_seeds", 1) or 1)
         rows.append(
-            f'<tr data-method="{html.escape(str(row["method"]))}"><td>'
-            f"{html.escape(str(row['method']))}</td><td>{int(row['n_folds'])}</td>"
+            f'<tr data-method="{html.escape(str(row["method"]))}"'
+            f' data-encoder="{html.escape(encoder)}"><td>'
+            f"{html.escape(str(row['method']))}</td><td>{html.escape(encoder or '–')}</td>"
+            f"<td>{int(row['n_folds'])}</td><td>{seeds}</td>"
             f"{''.join(cells)}<td>{int(row['n_constant_total'])}</td></tr>"
         )
     return (
-        '<table id="summary"><thead><tr><th>method</th><th>folds</th>'
-        f"{head}<th>constant gene x slide pairs</th></tr></thead>"
+        '<table id="summary"><thead><tr><th>method</th><th>encoder</th><th>folds</th>'
+        f"<th>seeds</th>{head}<th>constant gene x slide pairs</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
+
+
+#: the protocol that makes the comparison fair, as the report states it
+PROTOCOL_HTML = """
+<p><b>Protocol.</b> Every method is fitted on the same spots: the training and validation
+slides of the fold. The ridge baselines fit on both (their penalty chosen by an inner
+cross-validation grouped by slide). The deep methods first train on the training slides
+with early stopping on the validation slides' headline r (the same metric as below), which
+picks the best epoch E; with <code>training.refit</code> (the workflow's default) they are
+then retrained from scratch, with the same seed, on training + validation spots for exactly
+E epochs, the learning-rate schedule laid out as in the selection run and cut after epoch
+E, and that model is the fold's (its <code>config.json</code> records
+<code>refit_epochs</code>; <code>metrics.csv</code> keeps the selection run's validation
+curve). Methods are compared on the same image encoder (the <em>encoder</em> column; a
+frozen encoder's embeddings are computed once per slide and shared by every method on it;
+<code>ridge_color</code> uses no encoder). Deep methods run once per training seed and their
+numbers are averaged over seeds per fold; the ridge baselines are deterministic and run
+once.</p>
+"""
+#: how the comparison table is computed, in words
+COMPARISON_WORDS = (
+    "For each encoder: STevs against the best (by mean headline r) of the ST-Net head and "
+    "the ridge probe on the same encoder and the encoder-free colour/texture ridge. "
+    "<code>wilcoxon_p</code>: scipy.stats.wilcoxon (two-sided) over (fold, test slide, "
+    "headline gene) pairs of per-gene Pearson r, each averaged over seeds; "
+    "<code>folds_ahead</code>: folds where STevs's seed-averaged headline r is higher. A "
+    "difference of means not larger than the seed sd (the larger of the two methods') is a "
+    "tie, whatever the test says."
+)
 
 
 def _frame_html(table: pd.DataFrame, table_id: str) -> str:
@@ -538,9 +680,14 @@ def build_report(
     out_dir = Path(out_dir)
     per_gene, folds, pooled = collect_metrics(metrics_dir)
     summary = summarise_methods(folds)
-    methods = summary["method"].tolist()
+    comparison = compare_to_baselines(per_gene, folds)
+    # maps and curves show one run (the lowest seed) of each encoder x method
+    first = folds.sort_values("seed").drop_duplicates(["encoder", "method"])
+    methods = first.sort_values(["encoder", "method"])["run"].tolist()
     lead = summary.sort_values("pearson_r_mean_headline_mean", ascending=False, na_position="last")
-    lead_method = str(lead["method"].iloc[0])
+    lead_key = (lead["encoder"].iloc[0], lead["method"].iloc[0])
+    lead_method = str(first.set_index(["encoder", "method"]).loc[lead_key, "run"])
+    runs_per_gene = per_gene.assign(method=per_gene["run"])
 
     fold_files: dict[str, Path] = {}
     fold_data: dict[str, dict[str, Any]] = {}
@@ -550,13 +697,20 @@ def build_report(
             name = str(data["fold"])
             fold_files[name], fold_data[name] = path, data
 
-    sections = [f"<h2>How to read this</h2>{how_to_read(fold_data)}"]
+    sections = [f"<h2>How to read this</h2>{how_to_read(fold_data)}{PROTOCOL_HTML}"]
     sections.append(
         "<h2>Methods by metric</h2>"
-        "<p>Mean &plusmn; std across folds (also in <code>summary.tsv</code>); the best value"
-        " of each column is in bold (for coverage: closest to 0.90).</p>"
+        "<p>Grouped by image encoder. Per fold the training seeds are averaged; each cell is"
+        " the mean &plusmn; std across folds (also in <code>summary.tsv</code>, with the sd"
+        " over seeds); the best value of each column is in bold (for coverage: closest to"
+        " 0.90).</p>"
         + summary_table_html(summary)
     )
+    if not comparison.empty:
+        sections.append(
+            "<h2>STevs against the best baseline on the same encoder</h2><p>"
+            f"{COMPARISON_WORDS}</p>" + _frame_html(comparison, "comparison")
+        )
     hest = hest_bench_html(folds)
     if hest:
         sections.append(hest)
@@ -572,14 +726,15 @@ def build_report(
             "<h2>Per-gene Pearson r</h2><p>Each point is one gene on one test slide (constant "
             f'genes left out).</p><img alt="per-gene r" src="data:image/png;base64,{distribution}">'
         )
-    fold_columns = ["method", "fold", *[m for m in SUMMARY_METRICS if m in folds.columns]]
+    fold_columns = ["encoder", "method", "seed", "fold",
+                    *[m for m in SUMMARY_METRICS if m in folds.columns]]  # fmt: skip
     sections.append(
         "<h2>Per fold</h2><p>Also in <code>folds.tsv</code>.</p>"
         + _frame_html(folds[fold_columns], "folds")
     )
     if predictions_dir is not None:
         maps, notes = spatial_maps(
-            per_gene, Path(predictions_dir), fold_files, methods, lead_method=lead_method,
+            runs_per_gene, Path(predictions_dir), fold_files, methods, lead_method=lead_method,
             max_slides=max_map_slides,
         )  # fmt: skip
         body = "".join(
@@ -612,6 +767,7 @@ def build_report(
     write_tsv_atomic(summary, out_dir / "summary.tsv")
     write_tsv_atomic(folds[fold_columns], out_dir / "folds.tsv")
     write_tsv_atomic(per_gene, out_dir / "per_gene.tsv")
+    write_tsv_atomic(comparison, out_dir / "comparison.tsv")
     if not pooled.empty:
         write_tsv_atomic(pooled, out_dir / "pooled.tsv")
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -619,7 +775,8 @@ def build_report(
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>STevs report</title><style>{CSS}</style></head><body>"
         f"<h1>STevs: spatial expression from H&amp;E, held-out results</h1>"
-        f"<p>{len(methods)} methods, {folds['fold'].nunique()} folds; generated {generated}.</p>"
+        f"<p>{len(summary)} method x encoder rows, {folds['fold'].nunique()} folds, "
+        f"{folds['seed'].nunique()} training seed(s); generated {generated}.</p>"
         + "".join(sections)
         + "</body></html>\n"
     )
@@ -678,7 +835,8 @@ def provenance_html(
 
 
 def _config_seeds(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Every ``seed`` key of a parsed config, at any depth, as (dotted key, value)."""
+    """Every ``seed`` (or ``seeds`` list) key of a parsed config, at any depth, as (dotted
+    key, value)."""
     if not isinstance(config, dict):
         return []
     found: list[tuple[str, Any]] = []
@@ -686,6 +844,8 @@ def _config_seeds(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
         name = f"{prefix}{key}"
         if key == "seed" and not isinstance(value, dict | list):
             found.append((name, value))
+        elif key == "seeds" and isinstance(value, list):
+            found.append((name, ",".join(map(str, value))))
         elif isinstance(value, dict):
             found += _config_seeds(value, f"{name}.")
     return found

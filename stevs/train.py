@@ -79,6 +79,12 @@ class TrainOptions:
     augment: bool = True
     max_minutes: float | None = None
     latent_dim: int | None = None
+    #: frozen backbone: test-time view of the embeddings (stevs.embed: none | dihedral8)
+    embedding_view: str = "none"
+    #: frozen backbone: folder of embedding caches (stevs embed) read instead of embedding
+    embeddings: str | None = None
+    #: after early stopping on val, retrain from scratch on train + val for the best epochs
+    refit: bool = False
 
     def resolved(self, preset: Preset) -> TrainOptions:
         """A copy with every ``None`` replaced by the preset's default."""
@@ -242,18 +248,67 @@ class EmbeddingDataset(Dataset):
         return item
 
 
+def read_cached_embeddings(
+    datasets: Sequence[Any], folder: str, key: Any
+) -> EmbeddingDataset:
+    """The items of ``SpotDataset`` s with each spot's embedding from the embedding caches
+    in ``folder`` (:mod:`stevs.io.embedding_cache`, checked against ``key``), no patches."""
+    from stevs.io.embedding_cache import EmbeddingCache, embedding_path
+
+    embeddings, items = [], {"coords": [], "target": [], "counts": [], "library_size": [],
+                             "slide": []}  # fmt: skip
+    barcodes: list[str] = []
+    for data in datasets:
+        for index in np.unique(data.slide_index):
+            rows = np.flatnonzero(data.slide_index == index)
+            slide = data.slide_ids[int(index)]
+            cache = EmbeddingCache(embedding_path(folder, slide)).check(key)
+            chosen = [data.barcodes[i] for i in rows]
+            embeddings.append(torch.from_numpy(cache.read(chosen)))
+            for name, values in (("coords", data.coords), ("target", data.targets),
+                                 ("counts", data.counts), ("library_size", data.library_sizes),
+                                 ("slide", data.slide_index)):  # fmt: skip
+                items[name].append(torch.from_numpy(np.asarray(values[rows])))
+            barcodes.extend(chosen)
+    merged: dict[str, Any] = {k: torch.cat(v) for k, v in items.items() if v}
+    merged["barcode"] = barcodes
+    return EmbeddingDataset(torch.cat(embeddings) if embeddings else torch.zeros(0, 0), merged)
+
+
+def embedding_key_of(config: Mapping[str, Any], view: str) -> Any:
+    """The embedding-cache key a frozen run of ``config`` (a model folder's config.json)
+    needs: the preset, its backbone and weights as trained, the patch scale, the view."""
+    from stevs.embed import embedding_key
+    from stevs.models.backbones import BackboneSpec
+
+    scale = config.get("patches") or {}
+    preset = (config.get("preset") or {}).get("name", "")
+    spec = BackboneSpec.from_dict((config.get("model") or {}).get("backbone") or {})
+    return embedding_key(
+        preset, spec, view, scale.get("patch_px", 0), scale.get("mpp_target", 0.0)
+    )
+
+
 @torch.no_grad()
 def cache_embeddings(
-    model: STevs, dataset: Dataset, device: torch.device, batch_size: int, workers: int
+    model: STevs,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    view: str = "none",
 ) -> EmbeddingDataset:
-    """Run the (frozen) backbone once over ``dataset``; keep everything but the patches."""
+    """Run the (frozen) backbone once over ``dataset`` (averaged over the test-time
+    ``view``, :func:`stevs.embed.embed_view`); keep everything but the patches."""
+    from stevs.embed import embed_view
+
     loader = make_loader(dataset, batch_size, workers, device, sampler=None)
     model.eval()
     embeddings: list[Tensor] = []
     keep: dict[str, list[Any]] = {}
     for batch in tqdm(loader, desc="embedding patches", unit="batch", mininterval=2):
         patch = batch["patch"].to(device, non_blocking=True)
-        embeddings.append(model.embed(patch).float().cpu())
+        embeddings.append(embed_view(model.embed, patch, view).cpu())
         for key, value in batch.items():
             if key != "patch":
                 keep.setdefault(key, []).append(value)
@@ -409,7 +464,7 @@ def _distributed() -> tuple[bool, int, int]:
 
 
 #: options that do not change the weights a run produces; a checkpoint resumes across them
-_RUN_ONLY_OPTIONS = ("workers", "device", "compile", "max_minutes")
+_RUN_ONLY_OPTIONS = ("workers", "device", "compile", "max_minutes", "embeddings")
 
 
 @dataclass
@@ -460,6 +515,8 @@ class _Run:
     distributed: bool
     is_main: bool
     world: int
+    #: the epoch after which the run ends (refit: the selected epoch; else options.epochs)
+    last_epoch: int = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -475,7 +532,8 @@ class _Run:
 def run_key(config: Mapping[str, Any], options: TrainOptions) -> dict[str, Any]:
     """What decides a run's weights: a checkpoint resumes only when this is unchanged."""
     training = {k: v for k, v in asdict(options).items() if k not in _RUN_ONLY_OPTIONS}
-    keep = ("method", "fold_sha256", "preset", "model", "genes", "normalisation", "patches")
+    keep = ("method", "fold_sha256", "preset", "model", "genes", "normalisation", "patches",
+            "refit_epochs")  # fmt: skip
     return json.loads(json.dumps({**{k: config.get(k) for k in keep}, "training": training}))
 
 
@@ -524,11 +582,10 @@ def _setup(
     frozen = bool(options.freeze_backbone) and model.backbone is not None
     if frozen:
         model.backbone.requires_grad_(False)
-    if frozen and not isinstance(train_data, EmbeddingDataset):  # else embedded by the caller
-        log.info("frozen backbone: caching embeddings of %d training spots", len(train_data))
-        train_data = cache_embeddings(model, train_data, device, options.batch_size, 0)
-        if val_data is not None and len(val_data) > 0:
-            val_data = cache_embeddings(model, val_data, device, options.batch_size, 0)
+        if not isinstance(train_data, EmbeddingDataset):  # else embedded by the caller
+            train_data, val_data = _frozen_data(
+                model, train_data, val_data, options, config, device
+            )
     train_data, val_data = _model_features(model, train_data, val_data, frozen, config)
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
@@ -606,6 +663,33 @@ def _model_features(
             items = {**train_data.items, "linear_offset": oof}
             train_data = EmbeddingDataset(train_data.embeddings, items)
     return train_data, val_data
+
+
+def _frozen_data(
+    model: STevs,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    options: TrainOptions,
+    config: Mapping[str, Any],
+    device: torch.device,
+) -> tuple[Dataset, Dataset | None]:
+    """Training and validation items with embeddings instead of patches: read from the
+    embedding caches of ``options.embeddings``, else computed here once."""
+    parts = [d for d in (train_data, val_data) if d is not None and len(d) > 0]
+    if options.embeddings:
+        key = embedding_key_of(config, options.embedding_view)
+        log.info("frozen backbone: reading embeddings from %s", options.embeddings)
+        read = [
+            read_cached_embeddings(getattr(d, "datasets", [d]), options.embeddings, key)
+            for d in parts
+        ]
+    else:
+        log.info("frozen backbone: embedding %d training spots", len(train_data))
+        read = [
+            cache_embeddings(model, d, device, options.batch_size, 0, options.embedding_view)
+            for d in parts
+        ]
+    return read[0], (read[1] if len(read) > 1 else None)
 
 
 def _resume(run: _Run) -> TrainState:
@@ -713,7 +797,7 @@ def _end_epoch(run: _Run, state: TrainState, row: dict[str, float], started: flo
         stop = bool(flag.item())
     if stop:
         log.info("early stopping after epoch %d (best epoch %d)", state.epoch, state.best_epoch)
-    state.finished = stop or state.epoch >= run.options.epochs
+    state.finished = stop or state.epoch >= (run.last_epoch or run.options.epochs)
     log.info(
         "epoch %d: %s",
         state.epoch,
@@ -769,19 +853,22 @@ def train_model(
     config: Mapping[str, Any],
     *,
     on_epoch_end: Callable[[int], None] | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``model``, resuming from ``out_dir/checkpoint.pt`` when that checkpoint belongs
     to this very run (same :func:`run_key`), else from scratch.
 
     ``options`` must be resolved (no ``None``); ``config`` goes to ``config.json`` beside the
     final weights. ``on_epoch_end(epoch)`` runs after each epoch's checkpoint is written
-    (tests use it to simulate a kill).
+    (tests use it to simulate a kill). ``stop_after``: end after this epoch, with the
+    learning-rate schedule still laid out over ``options.epochs`` (the refit).
     """
     _check_options(options)
     run = _setup(model, train_data, val_data, ModelDir(out_dir), options, config)
+    run.last_epoch = min(options.epochs, stop_after or options.epochs)
     state = _resume(run)
     started = time.monotonic()
-    while not state.finished and state.epoch < options.epochs:
+    while not state.finished and state.epoch < run.last_epoch:
         epoch_start = time.monotonic()
         row = _train_epoch(run, state.epoch + 1)
         _end_epoch(run, state, row, epoch_start)
@@ -879,7 +966,8 @@ def train_fold(
         frozen=bool(options.freeze_backbone),
         **config_overrides,
     )
-    config = _run_config(fold_obj, method, preset_obj, model, options)
+    selection_options = replace(options, refit=False)
+    config = _run_config(fold_obj, method, preset_obj, model, selection_options)
     config.update(n_train_spots=len(train_data), n_val_spots=len(val_data))
     log.info(
         "training %s (%s) on fold %s: %d train / %d val spots, %d genes, device %s",
@@ -891,9 +979,73 @@ def train_fold(
         len(fold_obj.genes),
         resolve_device(options.device),
     )
-    return train_model(
-        model, train_data, val_data if len(val_data) else None, out_dir, options, config
-    )
+    if not options.refit or len(val_data) == 0:
+        if options.refit:
+            log.info("no validation spots: nothing to select on, no refit")
+        return train_model(
+            model, train_data, val_data if len(val_data) else None, out_dir, options, config
+        )
+    selection = train_model(
+        model, train_data, val_data, Path(out_dir) / REFIT_SELECTION_DIR, selection_options,
+        config,
+    )  # fmt: skip
+    if not selection.finished:  # time-limited: the rerun continues the selection run
+        return selection
+    build = {"latent_dim": options.latent_dim, **config_overrides}
+    return _refit(fold_obj, method, preset_obj, build, options, config, selection, out_dir)
+
+
+#: where a refitting run keeps its selection run (a model folder inside the fold's)
+REFIT_SELECTION_DIR = "selection"
+#: the refit rule, as config.json and the report state it
+REFIT_RULE = (
+    "early stopping on the validation slides' headline Pearson r picks epoch E; the model is "
+    "then retrained from scratch with the same seed on training + validation spots for E "
+    "epochs, its learning-rate schedule (warm-up, cosine) laid out over the same number of "
+    "planned epochs as the selection run's and cut after epoch E; that model is the fold's"
+)
+
+
+def _refit(
+    fold: Fold,
+    method: str,
+    preset: Preset,
+    build: dict[str, Any],
+    options: TrainOptions,
+    config: dict[str, Any],
+    selection: TrainResult,
+    out_dir: str | os.PathLike,
+) -> TrainResult:
+    """Retrain on train + val for the selection run's best epoch count; ``metrics.csv``
+    keeps the selection run's validation curve, then the refit's rows."""
+    from torch.utils.data import ConcatDataset
+
+    from stevs.data import SpotDataset
+
+    epochs = max(1, selection.best_epoch)
+    fit_data = ConcatDataset([SpotDataset(fold, "train"), SpotDataset(fold, "val")])
+    torch.manual_seed(options.seed)
+    model = build_model(method, preset, fold.genes, fold.normalisation, **build)
+    refit_config = {
+        **config,
+        "training": asdict(options),
+        "n_train_spots": len(fit_data),
+        "refit_epochs": epochs,
+        "refit_rule": REFIT_RULE,
+        "selection": {
+            "best_epoch": selection.best_epoch,
+            "epochs_done": selection.epochs_done,
+            VAL_METRIC: selection.best_val_pearson,
+            "n_train_spots": config.get("n_train_spots"),
+            "n_val_spots": config.get("n_val_spots"),
+        },
+    }
+    log.info("refit: %d epochs on %d train + val spots", epochs, len(fit_data))
+    result = train_model(model, fit_data, None, out_dir, options, refit_config, stop_after=epochs)
+    rows = [{**r, "stage": "selection"} for r in selection.history]
+    rows += [{**r, "stage": "refit"} for r in result.history]
+    ModelDir(out_dir).write_metrics(rows)
+    return replace(result, best_val_pearson=selection.best_val_pearson, history=rows)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -937,6 +1089,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--max-minutes", type=float, help="stop (resumably) after this long")
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="after early stopping picks epoch E on val, retrain on train + val for E epochs",
+    )
+    parser.add_argument(
+        "--embeddings", help="frozen backbone: folder of embedding caches (stevs embed)"
+    )
+    parser.add_argument(
+        "--embedding-view", default="none", choices=("none", "dihedral8"),
+        help="frozen backbone / ridge_embed: test-time view of the embeddings",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
@@ -980,6 +1144,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if method.kind == "ridge":
             backbone = {"backbone": args.backbone} if args.backbone else {}  # else its default
+            if method.features == "embedding":
+                backbone.update(embeddings=args.embeddings, view=args.embedding_view)
             method.entry("train")(args.fold, args.method, out, seed=args.seed, **backbone)
             log.info("done: %s -> %s", args.method, out)
             return 0

@@ -55,7 +55,8 @@ def test_schema_slide_id_pattern_is_the_one_rule():
 def test_schema_preset_enum_is_the_presets():
     from stevs.models.presets import PRESETS
 
-    assert SCHEMA["properties"]["training"]["properties"]["preset"]["enum"] == list(PRESETS)
+    encoder = SCHEMA["properties"]["encoders"]["items"]["properties"]
+    assert encoder["preset"]["enum"] == list(PRESETS)
 
 
 def _objects(schema: dict, where: str = "config"):
@@ -115,7 +116,17 @@ DEMO_PREDICT = "predict_slides:\n  sheet: resources/demo/predict.tsv\n"
         ("{}\n", ["--config", "epochs=3"], "config: unknown key 'epochs'; allowed at the top"),
         ("methods: [stevs, ridge_colour]\n", [], "config: methods[1]: 'ridge_colour' is not one"),
         ("training:\n  epochs: 0\n", [], "config: training.epochs: 0 is less than the minimum"),
-        ("training:\n  preset: swin_s\n", [], "config: training.preset: 'swin_s' is not one of"),
+        (
+            "encoders:\n  - preset: swin_s\n",
+            [],
+            "config: encoders[0].preset: 'swin_s' is not one of",
+        ),
+        (
+            "encoders:\n  - preset: cpu_small\n    methods: [ridge_embed]\n",
+            [],
+            "config: encoders[0]: ridge_embed probes a frozen encoder; set freeze: true",
+        ),
+        ("training:\n  seeds: []\n", [], "config: training.seeds: [] should be non-empty"),
         (
             "samples: config/my_samples.tsv\n",
             [],
@@ -169,7 +180,7 @@ def test_he_only_methods_are_accepted_for_predict_slides(tmp_path):
             "-n", "--configfile", str(BASE), str(overlay(tmp_path, text)), cwd=tmp_path
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"results/models/{name}/fold0/model.safetensors" in result.stdout
+        assert f"results/models/cpu_small/{name}/seed0/fold0/model.safetensors" in result.stdout
 
 
 # ----------------------------------------------------------- the merged config and the report
@@ -206,7 +217,7 @@ def test_merged_config_reaches_the_report(tmp_path):
     file's values, the first's and the schema's defaults) and the report shows that file."""
     second = overlay(
         tmp_path,
-        "results: out/exp2\ntraining:\n  epochs: 7\n  seed: 11\n"
+        "results: out/exp2\ntraining:\n  epochs: 7\n  seeds: [11, 12]\n"
         "  extra_args: \"--lr 3e-4 'it''s' $HOME `x`\"\nmethods: [stevs, stnet]\n",
         "second.yaml",
     )
@@ -222,12 +233,13 @@ def test_merged_config_reaches_the_report(tmp_path):
     assert written.returncode == 0, written.stderr
     merged_path = tmp_path / "out" / "exp2" / "config.yaml"
     merged = yaml.safe_load(merged_path.read_text())
-    assert merged["training"]["epochs"] == 7 and merged["training"]["seed"] == 11  # second
+    assert merged["training"]["epochs"] == 7 and merged["training"]["seeds"] == [11, 12]
     assert merged["methods"] == ["stevs", "stnet"]
     assert merged["training"]["extra_args"] == "--lr 3e-4 'it''s' $HOME `x`"  # written verbatim
     assert merged["folds"]["n_genes"] == 60  # the first file (config.yaml)
     assert merged["demo"]["generate"] is True
-    assert merged["training"]["preset"] == "cpu_small"
+    assert [e["preset"] for e in merged["encoders"]] == ["cpu_small", "effnet_lite0_in1k"]
+    assert merged["training"]["refit"] is True and merged["embeddings"]["view"] == "none"
 
     # unchanged config: nothing to do; a changed one rewrites the file (params trigger)
     again = snakemake("-n", *configs, "--", "out/exp2/config.yaml", cwd=tmp_path)
@@ -248,5 +260,5 @@ def test_merged_config_reaches_the_report(tmp_path):
     page = (out / "index.html").read_text()
     assert "epochs: 7" in page and "results: out/exp2" in page and "- stnet" in page
     assert "n_genes: 60" in page
-    assert "training.seed 11" in page and "folds.seed 0" in page
+    assert "training.seeds 11,12" in page and "folds.seed 0" in page
     assert "None" not in page.split("seeds (config)")[1].split("</p>")[0]

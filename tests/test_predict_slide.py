@@ -469,7 +469,7 @@ def test_workflow_predicts_the_sheet_slides_with_every_fold_model(tmp_path):
     shell = [line for line in output.splitlines() if "stevs predict-slide" in line]
     assert len(shell) == 1, output[-2000:]
     models = shell[0].split("--models ")[1].split(" --")[0].split()
-    assert models == [f"results/models/stevs/fold{i}" for i in range(len(models))]
+    assert models == [f"results/models/cpu_small/stevs/seed0/fold{i}" for i in range(len(models))]
     assert len(models) >= 2 and "--slide-id demo_heonly" in shell[0]
     assert "--genes TUMOUR_1 FAT_1" in shell[0]
     assert "results/predict_slides/demo_heonly/demo_heonly.h5ad" in output

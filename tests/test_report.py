@@ -213,7 +213,7 @@ def test_summary_tsv_is_mean_and_std_over_fold_summaries(built_report: dict[str,
     )
     per_gene = pd.read_csv(out / "per_gene.tsv", sep="\t")
     assert len(per_gene) == 2 * 2 * len(GENES)
-    assert per_gene.columns.tolist() == metrics.PER_GENE_COLUMNS
+    assert per_gene.columns.tolist() == [*metrics.PER_GENE_COLUMNS, "encoder", "seed", "run"]
 
 
 def test_report_without_optional_inputs_and_bad_input(tmp_path: Path, built_report) -> None:

@@ -70,10 +70,12 @@ def test_slurm_profile_dry_run(tmp_path):
 
 
 def test_one_fold_reruns_alone(tmp_path):
-    result = snakemake("-n", "--cores", "1", "results/metrics/stevs/fold1.tsv", cwd=tmp_path)
+    target = "results/metrics/cpu_small/stevs/seed0/fold1.tsv"
+    result = snakemake("-n", "--cores", "1", target, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "results/metrics/stevs/fold0.tsv" not in result.stdout
-    assert "results/models/stnet" not in result.stdout
+    assert "results/metrics/cpu_small/stevs/seed0/fold0.tsv" not in result.stdout
+    assert "results/models/cpu_small/stnet" not in result.stdout
+    assert "rule embed_slide" not in result.stdout  # cpu_small trains on patches
 
 
 def _config(tmp_path: Path, sheet: Path, **folds) -> Path:
@@ -204,11 +206,16 @@ def test_fold_jobs_read_only_the_folds_slides(tmp_path):
         inputs = job["input"].split(", ")
         adatas = {Path(i).stem for i in inputs if i.startswith("results/slides/")}
         patches = {Path(i).stem for i in inputs if i.startswith("results/patches/")}
+        embeddings = {Path(i).stem for i in inputs if i.startswith("results/embeddings/")}
+        frozen = "effnet_lite0_in1k-frozen/" in job["output"] and job["rule"] != "evaluate"
         assert adatas == wanted, job
         assert patches == (set() if job["rule"] == "evaluate" else wanted), job
+        assert embeddings == (wanted if frozen else set()), job
         assert f"results/folds/{fold}.json" in inputs
         checked[job["rule"]] += 1
-    assert checked == {"train": 14, "predict": 14, "evaluate": 14}, checked
+    # 2 folds x (5 torch methods + stevs, stnet, ridge_embed on the frozen EfficientNet
+    # + ridge_color), one seed
+    assert checked == {"train": 18, "predict": 18, "evaluate": 18}, checked
 
 
 def test_readme_forcerun_example_retrains_one_fold(tmp_path):
@@ -228,13 +235,43 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
     jobs = _jobs(result.stdout)
     fold_jobs = [j for j in jobs if j["rule"] in ("train", "predict", "evaluate", "report")]
     assert sorted(j["rule"] for j in fold_jobs) == ["evaluate", "predict", "train"], fold_jobs
-    assert all("stevs/fold0" in j["output"] for j in fold_jobs), fold_jobs
-    assert "results/models/stevs/fold0/model.safetensors" in " ".join(command)
+    assert all("cpu_small/stevs/seed0/fold0" in j["output"] for j in fold_jobs), fold_jobs
+    assert "results/models/cpu_small/stevs/seed0/fold0/model.safetensors" in " ".join(command)
     # (from an empty folder, also the stages before it; never another fold or the report)
     assert {j["rule"] for j in jobs} <= {
         "make_demo", "write_config", "ingest_slide", "tile_slide", "make_folds",
         "train", "predict", "evaluate",
     }  # fmt: skip
+
+
+def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
+    """Deep methods run per seed and encoder, ridge once; the frozen pretrained encoder's
+    embeddings are one job per slide, read by its training and prediction jobs."""
+    overlay = tmp_path / "seeds.yaml"
+    overlay.write_text("training:\n  seeds: [0, 1, 2]\nembeddings:\n  view: dihedral8\n")
+    base = str(ROOT / "config" / "config.yaml")
+    result = snakemake("-n", "-p", "--cores", "2", "--configfile", base, str(overlay),
+                       cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = _jobs(result.stdout)
+    embed = sorted(j["output"] for j in jobs if j["rule"] == "embed_slide")
+    assert embed == [f"results/embeddings/effnet_lite0_in1k/dihedral8/demo_{i}.h5"
+                     for i in range(1, 7)]  # fmt: skip
+    trained = [j["output"] for j in jobs if j["rule"] == "train"]
+    assert len(trained) == 2 * (3 * (5 + 2) + 2)  # folds x (seeds x torch runs + ridges)
+    assert {o.split("/")[4] for o in trained if "/stevs/" in o} == {"seed0", "seed1", "seed2"}
+    assert not [o for o in trained if "ridge" in o and "/seed0/" not in o]
+    lines = result.stdout.splitlines()
+    frozen = next(x for x in lines if "stevs train" in x and "effnet_lite0_in1k-frozen/stevs/" in x)
+    assert "--preset effnet_lite0_in1k --freeze-backbone --refit" in frozen
+    assert "--embeddings results/embeddings/effnet_lite0_in1k/dihedral8" in frozen
+    assert "--embedding-view dihedral8" in frozen and "--seed " in frozen
+    scratch = next(x for x in lines if "stevs train" in x and "cpu_small/stevs/seed1/" in x)
+    assert "--seed 1" in scratch and "--refit" in scratch and "--embeddings" not in scratch
+    ridge = next(x for x in lines if "stevs train" in x and "ridge_embed" in x)
+    assert "--backbone effnet_lite0_in1k" in ridge and "--refit" not in ridge
+    predict = next(x for x in lines if "stevs predict " in x and "-frozen/stnet/" in x)
+    assert "--embeddings results/embeddings/effnet_lite0_in1k/dihedral8" in predict
 
 
 def test_ingest_reads_only_its_own_row(tmp_path):
@@ -284,10 +321,11 @@ def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
     folds = [j for j in jobs if j["rule"] == "make_folds"]
     assert len(folds) == 1 and "--scheme fixed" in result.stdout
     assert f"--splits {sheet}" in result.stdout and str(sheet) in folds[0]["input"]
-    trains = {Path(j["output"]).parent.parent.name for j in jobs if j["rule"] == "train"}
+    trains = {Path(j["output"]).parts[-4] for j in jobs if j["rule"] == "train"}
     assert trains == {"stevs", "stevs_image_only", "stevs_no_align", "stevs_concat", "stnet",
                       "ridge_embed", "ridge_color"}  # fmt: skip
     exports = sorted(j["output"] for j in jobs if j["rule"].startswith("export_") and j["output"])
-    assert len(exports) == 7 + 3  # every method's prediction of test slide c, every slide
-    assert "results/export/stevs/fold0/c.zarr" in exports
+    n_runs = sum(j["rule"] == "train" for j in jobs)  # (encoder, method, seed) runs of fold0
+    assert len(exports) == n_runs + 3  # every run's prediction of test slide c, every slide
+    assert "results/export/cpu_small/stevs/seed0/fold0/c.zarr" in exports
     assert "results/export/slides/a.zarr" in exports

@@ -162,12 +162,6 @@ except StevsInputError as err:
 FOLDS = list(FOLD_PLANS)
 
 
-wildcard_constraints:
-    slide="|".join(map(re.escape, SLIDES)),
-    fold="fold[0-9]+",
-    method="|".join(map(re.escape, METHODS)),
-
-
 def ingest_inputs(wildcards):
     """What one slide's ingest reads: its own row's image and expression files (for the
     demo: the sheet the demo rule makes). Not the sheet itself, so that editing or adding
@@ -194,10 +188,86 @@ def ingest_row(wildcards):
     return "\t".join(f"{k}={v}" for k, v in SAMPLE_ROWS[wildcards.slide].items())
 
 
+def _encoder_runs():
+    """The encoders (id -> entry) and the runs: (encoder id, method, seed) triples.
+
+    An encoder's id is its preset, with `-frozen` when its backbone is frozen (paths carry
+    it); its `methods` narrow the configured `methods` ([] = all). Torch methods run once
+    per training seed; ridge methods are deterministic and run
+    once (seed 0): ridge_embed on each frozen encoder, ridge_color (no encoder) under the
+    id `none`.
+    """
+    encoders, runs = {}, []
+    for index, entry in enumerate(config["encoders"]):
+        name = entry["preset"] + ("-frozen" if entry["freeze"] else "")
+        if name in encoders or name == "none":
+            raise WorkflowError(
+                f"config: encoders[{index}]: {name} is listed twice (or is the reserved"
+                " id 'none')"
+            )
+        if "ridge_embed" in entry["methods"] and not entry["freeze"]:
+            raise WorkflowError(
+                f"config: encoders[{index}]: ridge_embed probes a frozen encoder; set"
+                " freeze: true or leave ridge_embed out of its methods"
+            )
+        encoders[name] = entry
+        # an encoder's methods narrow `methods` (one not in `methods` does not run)
+        for method in [m for m in METHODS if m in (entry["methods"] or METHODS)]:
+            if method in TORCH_METHODS:
+                runs += [(name, method, seed) for seed in config["training"]["seeds"]]
+            elif method == "ridge_embed" and entry["freeze"]:
+                runs.append((name, method, 0))
+    if "ridge_color" in METHODS:
+        runs.append(("none", "ridge_color", 0))
+    return encoders, runs
+
+
+ENCODERS, RUNS = _encoder_runs()
+VIEW = config["embeddings"]["view"]
+
+
+wildcard_constraints:
+    slide="|".join(map(re.escape, SLIDES)),
+    fold="fold[0-9]+",
+    method="|".join(map(re.escape, METHODS)),
+    encoder="|".join(map(re.escape, [*ENCODERS, "none"])),
+    seed="[0-9]+",
+    view="|".join(map(re.escape, ("none", "dihedral8"))),
+
+
+#: run path components: {encoder}/{method}/seed{seed}
+RUN = "{encoder}/{method}/seed{seed}"
+
+
+def run_paths(pattern, runs=None):
+    """`pattern` (with {run} and {fold}) for every run and fold."""
+    return [
+        pattern.format(run=f"{e}/{m}/seed{s}", fold=fold)
+        for e, m, s in (RUNS if runs is None else runs)
+        for fold in FOLDS
+    ]
+
+
 def all_metrics():
-    return expand(
-        f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv", method=METHODS, fold=FOLDS
+    return run_paths(f"{RESULTS}/metrics/{{run}}/{{fold}}.tsv")
+
+
+def uses_embeddings(wildcards):
+    """Whether a run reads the embedding cache: ridge_embed, and frozen torch runs on a
+    pretrained encoder (a frozen random encoder depends on the seed: it embeds in-run).
+    """
+    from stevs.models.presets import PRESETS
+
+    entry = ENCODERS.get(wildcards.encoder)
+    if not entry or not entry["freeze"] or wildcards.method == "ridge_color":
+        return False
+    return wildcards.method == "ridge_embed" or (
+        PRESETS[entry["preset"]].backbone.weights != "none"
     )
+
+
+def embedding_dir(encoder):
+    return f"{RESULTS}/embeddings/{ENCODERS[encoder]['preset']}/{VIEW}"
 
 
 def fold_slides(fold, split):
@@ -208,7 +278,8 @@ def fold_slides(fold, split):
 
 
 def fold_inputs(split, patches=True):
-    """Input function: the fold file plus its `split` slides' AnnDatas (and patch caches)."""
+    """Input function: the fold file plus its `split` slides' AnnDatas (and patch caches,
+    and for a run on a frozen encoder their embedding caches)."""
 
     def inputs(wildcards):
         slides = fold_slides(wildcards.fold, split)
@@ -218,31 +289,52 @@ def fold_inputs(split, patches=True):
         }
         if patches:
             files["patches"] = expand(f"{RESULTS}/patches/{{slide}}.h5", slide=slides)
+        if patches and "encoder" in wildcards.keys() and uses_embeddings(wildcards):
+            folder = embedding_dir(wildcards.encoder)
+            files["embeddings"] = expand(f"{folder}/{{slide}}.h5", slide=slides)
         return files
 
     return inputs
 
 
-def training_args(method):
-    """Command-line options of `stevs train` for one method, from the config.
+def embedding_args(wildcards):
+    """`--embeddings DIR --embedding-view V` of a run that reads the embedding cache."""
+    if not uses_embeddings(wildcards):
+        return ""
+    return f"--embeddings {embedding_dir(wildcards.encoder)} --embedding-view {VIEW}"
 
-    Torch methods get every training option; ridge methods only those they use (preset,
-    seed, device), so a new `training.epochs` does not refit the ridge baselines.
+
+def training_args(wildcards):
+    """Command-line options of `stevs train` for one run, from the config.
+
+    Torch methods get every training option, the encoder's preset and its freeze flag;
+    ridge methods only those they use (seed, device, and for ridge_embed the encoder), so a
+    new `training.epochs` does not refit the ridge baselines.
     """
     training = config["training"]
+    method = wildcards.method
     args = [
-        f"--preset {training['preset']}",
-        f"--seed {training['seed']}",
+        f"--seed {wildcards.seed}",
         f"--device {shlex.quote(training['device'])}",
+        embedding_args(wildcards),
     ]
     if method in RIDGE_METHODS:
-        return " ".join(args)
+        if method == "ridge_embed":
+            args.append(f"--backbone {ENCODERS[wildcards.encoder]['preset']}")
+        return " ".join(a for a in args if a)
+    entry = ENCODERS[wildcards.encoder]
+    args.append(f"--preset {entry['preset']}")
+    if entry["freeze"]:
+        args.append("--freeze-backbone")
+    if training["refit"]:
+        args.append("--refit")
     args.append(f"--workers {training['workers']}")
     if training["epochs"] is not None:
         args.append(f"--epochs {training['epochs']}")
     if training["batch_size"] is not None:
         args.append(f"--batch-size {training['batch_size']}")
-    return " ".join(args + ([training["extra_args"]] if training["extra_args"] else []))
+    args += [training["extra_args"]] if training["extra_args"] else []
+    return " ".join(a for a in args if a)
 
 
 def folds_args():
@@ -268,10 +360,9 @@ def folds_args():
 def all_exports():
     """Every SpatialData store `export_all` makes (PSLIDES: predict_slide.smk)."""
     stores = [
-        f"{RESULTS}/export/{method}/{fold}/{slide}.zarr"
-        for method in METHODS
-        for fold in FOLDS
-        for slide in FOLD_PLANS[fold].test
+        path.replace("{slide}", slide)
+        for path in run_paths(f"{RESULTS}/export/{{run}}/{{fold}}/{{{{slide}}}}.zarr")
+        for slide in FOLD_PLANS[path.split("/")[-2]].test
     ]
     stores += expand(f"{RESULTS}/export/slides/{{slide}}.zarr", slide=SLIDES)
     stores += expand(f"{RESULTS}/export/predict_slides/{{pslide}}.zarr", pslide=PSLIDES)

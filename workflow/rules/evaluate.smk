@@ -18,13 +18,13 @@ rule evaluate:
     input:
         # the fold file and its test slides' observed expression
         unpack(fold_inputs("test", patches=False)),
-        predictions=f"{RESULTS}/predictions/{{method}}/{{fold}}",
+        predictions=f"{RESULTS}/predictions/{RUN}/{{fold}}",
     output:
-        f"{RESULTS}/metrics/{{method}}/{{fold}}.tsv",
+        f"{RESULTS}/metrics/{RUN}/{{fold}}.tsv",
     log:
-        f"{RESULTS}/logs/evaluate/{{method}}/{{fold}}.log",
+        f"{RESULTS}/logs/evaluate/{RUN}/{{fold}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{method}}/{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{RUN}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -41,11 +41,7 @@ rule evaluate:
 rule report:
     input:
         metrics=all_metrics(),
-        models=expand(
-            f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
-            method=METHODS,
-            fold=FOLDS,
-        ),
+        models=run_paths(f"{RESULTS}/models/{{run}}/{{fold}}/model.safetensors"),
         config=f"{RESULTS}/config.yaml",
     output:
         html=report(

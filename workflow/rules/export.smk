@@ -4,11 +4,11 @@
 
 rule export_prediction:
     input:
-        f"{RESULTS}/predictions/{{method}}/{{fold}}",
+        f"{RESULTS}/predictions/{RUN}/{{fold}}",
     output:
-        directory(f"{RESULTS}/export/{{method}}/{{fold}}/{{slide}}.zarr"),
+        directory(f"{RESULTS}/export/{RUN}/{{fold}}/{{slide}}.zarr"),
     log:
-        f"{RESULTS}/logs/export/{{method}}/{{fold}}/{{slide}}.log",
+        f"{RESULTS}/logs/export/{RUN}/{{fold}}/{{slide}}.log",
     conda:
         "../../envs/stevs.yaml"
     threads: 1

@@ -1,13 +1,41 @@
+rule embed_slide:
+    input:
+        f"{RESULTS}/patches/{{slide}}.h5",
+    output:
+        f"{RESULTS}/embeddings/{{preset}}/{{view}}/{{slide}}.h5",
+    log:
+        f"{RESULTS}/logs/embed/{{preset}}/{{view}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{preset}}/{{view}}/{{slide}}.tsv"
+    wildcard_constraints:
+        preset="|".join(
+            map(re.escape, sorted({e["preset"] for e in ENCODERS.values()}))
+        ),
+    conda:
+        "../../envs/stevs.yaml"
+    threads: config["resources"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=config["resources"]["gpu"],
+    params:
+        device=config["training"]["device"],
+    shell:
+        "stevs embed --patches {input} --preset {wildcards.preset} --view {wildcards.view}"
+        " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+
+
 rule train:
     input:
-        # the fold file and only the slides the fold trains and validates on
+        # the fold file and only the slides the fold trains and validates on (and, for a
+        # frozen encoder, those slides' embedding caches)
         unpack(fold_inputs("fit")),
     output:
-        model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
+        model=f"{RESULTS}/models/{RUN}/{{fold}}/model.safetensors",
     log:
-        f"{RESULTS}/logs/train/{{method}}/{{fold}}.log",
+        f"{RESULTS}/logs/train/{RUN}/{{fold}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{method}}/{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/train/{RUN}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
@@ -17,7 +45,7 @@ rule train:
         gpu=config["resources"]["gpu"],
     params:
         out=lambda wildcards, output: str(Path(output.model).parent),
-        args=lambda wildcards: training_args(wildcards.method),
+        args=training_args,
     shell:
         "stevs train --fold {input.fold} --method {wildcards.method} {params.args}"
         " --threads {threads} --out {params.out} > {log} 2>&1"
@@ -27,13 +55,13 @@ rule predict:
     input:
         # the fold file and only its test slides
         unpack(fold_inputs("test")),
-        model=f"{RESULTS}/models/{{method}}/{{fold}}/model.safetensors",
+        model=f"{RESULTS}/models/{RUN}/{{fold}}/model.safetensors",
     output:
-        directory(f"{RESULTS}/predictions/{{method}}/{{fold}}"),
+        directory(f"{RESULTS}/predictions/{RUN}/{{fold}}"),
     log:
-        f"{RESULTS}/logs/predict/{{method}}/{{fold}}.log",
+        f"{RESULTS}/logs/predict/{RUN}/{{fold}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/predict/{{method}}/{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/predict/{RUN}/{{fold}}.tsv"
     conda:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
@@ -44,6 +72,12 @@ rule predict:
     params:
         model_dir=lambda wildcards, input: str(Path(input.model).parent),
         device=config["training"]["device"],
+        embeddings=lambda wildcards: (
+            f"--embeddings {embedding_dir(wildcards.encoder)}"
+            if uses_embeddings(wildcards)
+            else ""
+        ),
     shell:
         "stevs predict --model-dir {params.model_dir} --fold {input.fold}"
-        " --device {params.device} --threads {threads} --out-dir {output} > {log} 2>&1"
+        " {params.embeddings} --device {params.device} --threads {threads}"
+        " --out-dir {output} > {log} 2>&1"

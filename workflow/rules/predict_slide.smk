@@ -21,6 +21,13 @@ if PREDICT["sheet"]:
             f"config: predict_slides.model '{PREDICT['model']}' is not one of the methods"
             f" ({', '.join(METHODS)}): add it to methods so its models are trained"
         )
+# the first run (encoder, seed) of that method predicts, with its models of every fold
+PREDICT_RUNS = [r for r in RUNS if r[1] == PREDICT["model"]][:1]
+if PREDICT["sheet"] and not PREDICT_RUNS:
+    raise WorkflowError(
+        f"config: predict_slides.model '{PREDICT['model']}' runs on no encoder"
+        " (see encoders[].methods)"
+    )
 PREDICT_IS_DEMO = DEMO and str(Path(PREDICT["sheet"])) == str(Path(DEMO_PREDICT_SHEET))
 
 # slide id -> image; the demo's H&E-only slide is known before the demo exists
@@ -56,9 +63,8 @@ rule predict_slide:
                 }
             )
         ),
-        models=expand(
-            f"{RESULTS}/models/{PREDICT['model']}/{{fold}}/model.safetensors",
-            fold=FOLDS,
+        models=run_paths(
+            f"{RESULTS}/models/{{run}}/{{fold}}/model.safetensors", PREDICT_RUNS
         ),
     output:
         adata=f"{RESULTS}/predict_slides/{{pslide}}/{{pslide}}.h5ad",
