@@ -991,7 +991,12 @@ def train_fold(
     )  # fmt: skip
     if not selection.finished:  # time-limited: the rerun continues the selection run
         return selection
-    build = {"latent_dim": options.latent_dim, **config_overrides}
+    # the refit model is built exactly as the selection's (frozen: context + linear path)
+    build = {
+        "latent_dim": options.latent_dim,
+        "frozen": bool(options.freeze_backbone),
+        **config_overrides,
+    }
     return _refit(fold_obj, method, preset_obj, build, options, config, selection, out_dir)
 
 

@@ -169,6 +169,11 @@ def test_refit_retrains_on_train_and_val_for_the_selected_epochs(study, tmp_path
     refit = load_file(out / "model.safetensors")
     selected = load_file(out / "selection" / "model.safetensors")
     assert any(not torch.equal(refit[k], selected[k]) for k in refit if "decoder" in k)
+    # the refit model is the selection's model (frozen preset: context + ridge linear path)
+    assert set(refit) == set(selected) and "linear.weight" in refit
+    assert main(["predict", "--model-dir", str(out), "--fold", str(study["fold"]),
+                 "--out-dir", str(out / "pred"), "--device", "cpu",
+                 "--embeddings", str(study["embeddings"])]) == 0  # fmt: skip
     # a rerun resumes both finished runs: nothing trains again, the weights stay
     caplog.set_level(logging.INFO, logger="stevs")
     caplog.clear()
