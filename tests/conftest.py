@@ -205,8 +205,7 @@ def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> Non
 
 
 def assert_opens_in_squidpy_and_spatialdata(adata, gene: str, image_shape: tuple) -> None:
-    """squidpy builds the spot graph and draws the gene over the H&E (default arguments, but
-    ``img_res_key="lowres"`` where the file has no ``hires``);
+    """squidpy builds the spot graph and draws the gene over the H&E (default arguments);
     the AnnData written as SpatialData (``stevs.io.spatialdata_zarr``) reads back with the same
     values, spot centres and image."""
     import tempfile
@@ -228,10 +227,7 @@ def assert_opens_in_squidpy_and_spatialdata(adata, gene: str, image_shape: tuple
     assert graph.shape == (adata.n_obs, adata.n_obs) and graph.nnz >= adata.n_obs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PendingDeprecationWarning)
-        # squidpy's default image key is "hires"; prediction files carry lowres only
-        images = next(iter(adata.uns["spatial"].values()))["images"]
-        key = {} if "hires" in images else {"img_res_key": "lowres"}
-        axes = sq.pl.spatial_scatter(copy, color=gene, return_ax=True, **key)
+        axes = sq.pl.spatial_scatter(copy, color=gene, return_ax=True)
     try:
         drawn = [c for c in axes.get_children() if isinstance(c, AxesImage)]
         assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == image_shape

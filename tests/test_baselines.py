@@ -132,7 +132,9 @@ def test_train_predict_ridge_color_through_metrics(fold_file: Path, tmp_path: Pa
     assert np.allclose(pred.obsm["spatial"], source.obsm["spatial"])
     assert pred.uns["stevs"]["stevs_version"] == __version__
     assert "gene_ids" not in pred.var  # the slide has none
-    assert pred.uns["spatial"]["D"]["scalefactors"] == source.uns["spatial"]["D"]["scalefactors"]
+    factors = dict(source.uns["spatial"]["D"]["scalefactors"])
+    factors["tissue_hires_scalef"] = factors["tissue_lowres_scalef"]  # lowres under "hires"
+    assert pred.uns["spatial"]["D"]["scalefactors"] == factors
     assert_draws_over_he(pred, "red_gene")
     per_gene, summary, _ = metrics.evaluate_fold(fold_file, tmp_path / "pred", "ridge_color")
     r = per_gene.set_index("gene")["pearson_r"]

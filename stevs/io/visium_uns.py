@@ -234,15 +234,22 @@ def check_spatial_uns(uns_spatial: Any, path: str | os.PathLike | None = None) -
 
 
 def lowres_only(uns_spatial: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``uns["spatial"]`` whose libraries keep only the ``lowres`` image.
+    """A copy of ``uns["spatial"]`` whose libraries carry only the ``lowres`` image, stored
+    under the key ``hires`` with ``tissue_hires_scalef`` set to its scale.
 
-    Prediction files (one per method, fold and slide) carry this: scanpy draws over
-    ``lowres`` by default when ``hires`` is absent (squidpy 1.8's ``spatial_scatter`` needs
-    ``img_res_key="lowres"``), and a file stays about 1 MB instead
-    of the ~9 MB a 2000 px ``hires`` image costs; the slide AnnData keeps both images.
+    Prediction files (one per run, fold and slide) carry this: a file stays about 1 MB
+    instead of the ~9 MB a 2000 px ``hires`` image costs (the slide AnnData keeps both), and
+    scanpy's ``sc.pl.spatial`` and squidpy's ``spatial_scatter``, which both draw ``hires``
+    by default, draw over it with default arguments (squidpy 1.8 refuses a file with
+    ``lowres`` only unless given ``img_res_key="lowres"``). The scale factors stay true: each
+    maps ``obsm["spatial"]`` onto the image stored under its key.
     """
     out: dict[str, Any] = {}
     for library, entry in uns_spatial.items():
-        images = {k: v for k, v in entry.get("images", {}).items() if k == "lowres"}
-        out[library] = {**entry, "images": images or dict(entry.get("images", {}))}
+        images = dict(entry.get("images", {}))
+        factors = dict(entry.get("scalefactors", {}))
+        if "lowres" in images and "tissue_lowres_scalef" in factors:
+            images = {"hires": images["lowres"]}
+            factors["tissue_hires_scalef"] = factors["tissue_lowres_scalef"]
+        out[library] = {**entry, "images": images, "scalefactors": factors}
     return out
