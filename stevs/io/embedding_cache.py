@@ -27,7 +27,7 @@ import numpy as np
 from stevs import __version__
 from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
-from stevs.io.patch_cache import PatchScale
+from stevs.io.patch_cache import PatchScale, hdf5_attr_value
 
 EMBEDDINGS = "embeddings"
 BARCODES = "barcodes"
@@ -66,14 +66,6 @@ class EmbeddingKey:
         return problems
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 class EmbeddingCache:
     """Read side of an embedding cache; validates on open (errors name the file)."""
 
@@ -88,7 +80,7 @@ class EmbeddingCache:
                         raise StevsInputError(self.path, f"not an embedding cache: no '{key}'")
                 self.embeddings = np.asarray(handle[EMBEDDINGS][()], dtype=np.float32)
                 self.barcodes = [str(b) for b in handle[BARCODES].asstr()[()]]
-                attrs = {k: _plain(v) for k, v in handle.attrs.items()}
+                attrs = {k: hdf5_attr_value(v) for k, v in handle.attrs.items()}
         except OSError as err:
             raise StevsInputError(self.path, f"not a readable HDF5 file: {err}") from err
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.barcodes):

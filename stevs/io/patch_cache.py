@@ -104,7 +104,7 @@ class PatchScale:
         return scale
 
 
-def _plain(value: Any) -> Any:
+def hdf5_attr_value(value: Any) -> Any:
     """An HDF5 attribute as a plain Python value."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
@@ -211,7 +211,7 @@ class PatchCache:
             self.centers_px = _read_vector(self.path, handle, CENTERS, (n, 2))
             self.outside_fraction = _read_vector(self.path, handle, OUTSIDE, (n,))
             self.tissue_fraction = _read_vector(self.path, handle, TISSUE, (n,))
-            self.attrs: dict[str, Any] = {k: _plain(v) for k, v in handle.attrs.items()}
+            self.attrs: dict[str, Any] = {k: hdf5_attr_value(v) for k, v in handle.attrs.items()}
         self.scale = _read_scale(self.path, self.attrs)
         if self.patch_shape[:2] != (self.scale.patch_px, self.scale.patch_px):
             raise StevsInputError(
@@ -289,7 +289,7 @@ def read_patch_scale(path: str | os.PathLike) -> PatchScale:
     """The patch scale of a cache, from its attributes (StevsInputError if unreadable)."""
     path = Path(path)
     with _open_file(path) as handle:
-        attrs = {k: _plain(v) for k, v in handle.attrs.items()}
+        attrs = {k: hdf5_attr_value(v) for k, v in handle.attrs.items()}
     return _read_scale(path, attrs)
 
 
