@@ -2,7 +2,7 @@
 
 Issue 14's worst silent fault: changing ``folds.panel`` in a finished run reran ``train``,
 which resumed the old checkpoint (STevs fold0 r fell from 0.33 to -0.02). Here a small run
-finishes, ``folds.panel`` changes (then, separately, ``training.seed``), the run is repeated
+finishes, ``folds.panel`` changes (then, separately, ``training.seeds``), the run is repeated
 in the same folder, and the trained weights must (a) change and (b) equal, tensor for tensor
 and byte for byte, those of a fresh results folder run with the new settings.
 
@@ -24,7 +24,14 @@ from conftest import run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("stevs", "ridge_color")
-TARGETS = [f"results/models/{method}/fold0/model.safetensors" for method in METHODS]
+
+
+def targets(seed: int) -> list[str]:
+    """fold0's weights files: STevs on the .test encoder at ``seed``, the (seedless) floor."""
+    return [
+        f"results/models/cpu_small/stevs/seed{seed}/fold0/model.safetensors",
+        "results/models/none/ridge_color/seed0/fold0/model.safetensors",
+    ]
 
 pytestmark = pytest.mark.workflow_rerun
 
@@ -44,7 +51,7 @@ def configure(folder: Path, sheet: Path, panel: str, seed: int) -> Path:
     config.update(samples=str(sheet), results="results", predict_slides={})
     config["demo"]["generate"] = False
     config["folds"].update(scheme="leave_one_slide_out", panel=panel, n_genes=10, n_headline=5)
-    config["training"].update(epochs=1, batch_size=16, seed=seed)
+    config["training"].update(epochs=1, batch_size=16, seeds=[seed])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -54,9 +61,10 @@ def configure(folder: Path, sheet: Path, panel: str, seed: int) -> Path:
 def run(folder: Path, sheet: Path, panel: str, seed: int) -> tuple[dict[str, bytes], str]:
     """Bring fold0's models up to date; (weights file bytes per method, Snakemake's log)."""
     config = configure(folder, sheet, panel, seed)
-    result = run_snakemake(*TARGETS, "--cores", "2", "--configfile", str(config), cwd=folder)
+    paths = targets(seed)
+    result = run_snakemake(*paths, "--cores", "2", "--configfile", str(config), cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    weights = {m: (folder / t).read_bytes() for m, t in zip(METHODS, TARGETS, strict=True)}
+    weights = {m: (folder / t).read_bytes() for m, t in zip(METHODS, paths, strict=True)}
     return weights, result.stderr
 
 
@@ -96,7 +104,8 @@ def test_config_changes_retrain_like_a_fresh_run(demo, tmp_path):
     new_panel = fresh(tmp_path / "fresh_panel", tmp_path / "run", demo, "highly_expressed", 0)
     assert_same(panel, new_panel)
 
-    # training.seed: only train reruns; STevs' weights change, the ridge floor has no seed
+    # training.seeds: only train runs (a seed1 model folder); STevs' weights change, the
+    # ridge floor has no seed
     seeded, log = run(tmp_path / "run", demo, "highly_expressed", 1)
     assert "train" in log and "make_folds" not in log
     assert seeded["stevs"] != panel["stevs"]
