@@ -105,8 +105,24 @@ def neighbour_mean(emb: SlideEmbeddings, radius_pitches: float) -> np.ndarray:
     return out
 
 
+def slide_normalised(embedding: np.ndarray, how: str) -> np.ndarray:
+    """One slide's embeddings centred (``center``) or z-scored (``zscore``) per feature over
+    all of that slide's spots (no expression used), or as they are (``none``)."""
+    if how == "none":
+        return embedding
+    out = embedding - embedding.mean(0, keepdims=True)
+    if how == "zscore":
+        out = out / np.maximum(embedding.std(0, keepdims=True), 1e-6)
+    return out
+
+
 def split_data(
-    fold: Fold, part: str, embs: Mapping[str, SlideEmbeddings], features: str, radius: float
+    fold: Fold,
+    part: str,
+    embs: Mapping[str, SlideEmbeddings],
+    features: str,
+    radius: float,
+    slide_norm: str = "none",
 ) -> dict[str, Any]:
     """Features, targets, coords and slide indices of a fold's ``part`` spots."""
     from stevs.data import normalise_coords
@@ -116,7 +132,8 @@ def split_data(
         emb = embs[slide]
         barcodes = fold.spots_for(part, slide) or emb.barcodes
         rows = np.asarray([emb.barcodes.index(b) for b in barcodes])
-        x = emb.embedding
+        x = slide_normalised(emb.embedding, slide_norm)
+        emb = SlideEmbeddings(emb.barcodes, x, emb.centers_px, emb.pitch_px)
         if features == "own+nbr":
             x = np.concatenate([x, neighbour_mean(emb, radius)], axis=1)
         y, _, _ = load_observed(fold, slide, barcodes)
@@ -154,11 +171,18 @@ def score(fold: Fold, data: Mapping[str, Any], prediction: np.ndarray) -> float:
     return headline_pearson(data["y"], prediction, data["slide"], fold.genes, fold.headline_genes)
 
 
-def ridge_score(fold: Fold, train: list[Mapping[str, Any]], test: Mapping[str, Any]) -> float:
+def ridge_score(
+    fold: Fold, train: list[Mapping[str, Any]], test: Mapping[str, Any], rank: int = 0
+) -> float:
     x = np.concatenate([d["x"] for d in train])
     y = np.concatenate([d["y"] for d in train])
     groups = np.concatenate([d["slide"] for d in train])
     model = fit_ridge(x, y, groups, fold.genes)
+    if rank:  # reduced-rank ridge: rank -1 = chosen by inner CV, else that rank
+        from stevs.baselines import REDUCED_RANKS, reduce_rank
+
+        model = reduce_rank(model, x, y, groups, ranks=REDUCED_RANKS if rank < 0 else [rank])
+        print(f"# {fold.fold}: reduced rank {model.meta['rank']}", flush=True)
     return score(fold, test, model.predict(test["x"]))
 
 
@@ -219,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", default="own", choices=("own", "own+nbr"))
     parser.add_argument("--radius", type=float, default=1.0, help="neighbours, in spot pitches")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--slide-norm", default="none", choices=("none", "center", "zscore"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -236,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for fold in folds:
         wanted = set(fold.train) | set(fold.val) | set(fold.test)
         embs = {s: embed_slide(fold, s, args.preset, args.tta, cache) for s in wanted}
-        splits = {p: split_data(fold, p, embs, args.features, args.radius)
+        splits = {p: split_data(fold, p, embs, args.features, args.radius, args.slide_norm)
                   for p in ("train", "val", "test")}  # fmt: skip
         prepared.append((fold, splits))
     for name in args.variants.split(","):  # variant by variant: each finishes all folds
@@ -245,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 start = time.monotonic()
                 if name.startswith("ridge"):
-                    with_val = name == "ridge_trainval"
+                    with_val = name.startswith("ridge_trainval")
+                    rank = name.split("_rrr")[1] if "_rrr" in name else "0"
+                    rank = -1 if rank == "cv" else int(rank)
                     parts = [splits["train"]] + ([splits["val"]] if with_val else [])
-                    r, val, epoch = ridge_score(fold, parts, splits["test"]), 0.0, 0
+                    r, val, epoch = ridge_score(fold, parts, splits["test"], rank), 0.0, 0
                 else:
                     r, val, epoch = stevs_score(fold, variants[name], splits, args.preset, seed)
                 results.setdefault(name, {}).setdefault(seed, []).append(r)

@@ -49,7 +49,7 @@ from stevs.metrics import VAL_METRIC, headline_pearson
 from stevs.models.context import CONTEXTS
 from stevs.models.poe import ALIGNMENTS
 from stevs.models.presets import PRESETS, Preset, get_preset
-from stevs.models.stevs import LINEAR_PATHS, STevs, STevsConfig
+from stevs.models.stevs import LINEAR_PATHS, LINEAR_RANKS, STevs, STevsConfig
 
 log = logging.getLogger("stevs.train")
 
@@ -1087,6 +1087,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--linear-path", choices=LINEAR_PATHS, help="linear map from the image features"
     )
+    parser.add_argument(
+        "--linear-rank", choices=LINEAR_RANKS, help="ridge path: full, or reduced rank by CV"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -1125,6 +1128,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "context",
             "context_radius",
             "linear_path",
+            "linear_rank",
         )
         if getattr(args, key) is not None
     }

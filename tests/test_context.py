@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stevs.baselines import fit_ridge
+from stevs.baselines import fit_ridge, reduce_rank
 from stevs.models import BackboneSpec, STevs, STevsConfig
 from stevs.models.context import neighbour_index, neighbour_mean, slide_pitch
 from stevs.models.stevs import fit_linear_path
@@ -124,6 +124,24 @@ def test_ridge_linear_path_with_the_latent_part_off_is_the_ridge_probe():
     # and the model uses them in place of the probe when given
     out = model.inference(embedding=x, coords=torch.zeros(60, 2), linear_offset=oof)
     assert torch.equal(out["linear"], oof)
+
+
+def test_reduced_rank_linear_path_is_the_reduced_rank_probe():
+    model = tiny_model(linear_path="ridge", linear_rank="cv")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, model.feature_dim, generator=g)  # 4 genes mixing 2 features, noisy
+    y = x[:, :2] @ torch.randn(2, 4, generator=g) + 0.5 * torch.randn(60, 4, generator=g)
+    groups = np.repeat([0, 1, 2], 20)
+    fitted, _ = fit_linear_path(model, x, y, groups, list("abcd"))
+    probe = fit_ridge(x.double().numpy(), model.standardise(y).numpy(), groups, list("abcd"))
+    reduced = reduce_rank(probe, x.double().numpy(), model.standardise(y).numpy(), groups)
+    assert fitted["rank"] == reduced.meta["rank"] == 2
+    mean, _ = model.predict(embedding=x, coords=torch.zeros(60, 2), n_samples=0)
+    expected = reduced.predict(x.numpy()) * model.target_std.numpy() + model.target_mean.numpy()
+    np.testing.assert_allclose(mean.numpy(), expected, atol=1e-4)
+    assert np.linalg.matrix_rank(model.linear.weight.detach().numpy(), tol=1e-5) == 2
+    with pytest.raises(ValueError, match="linear_rank must be"):
+        tiny_model(linear_path="ridge", linear_rank="2")
 
 
 def test_learned_linear_path_starts_at_zero_and_trains():

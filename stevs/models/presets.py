@@ -42,6 +42,7 @@ class Preset:
     context: str = "none"
     context_radius: float = 1.5
     linear_path: str = "none"
+    linear_rank: str = "full"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,6 +60,7 @@ class Preset:
             "context": self.context,
             "context_radius": self.context_radius,
             "linear_path": self.linear_path,
+            "linear_rank": self.linear_rank,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,6 +45,8 @@ METHODS: dict[str, dict[str, Any]] = {
 
 #: linear paths of :class:`STevsConfig`
 LINEAR_PATHS = ("none", "learned", "ridge")
+#: ranks of the ridge linear path: the full probe, or reduced rank chosen by inner CV
+LINEAR_RANKS = ("full", "cv")
 
 
 @dataclass
@@ -84,6 +86,10 @@ class STevsConfig:
     # training spots (inner CV by slide) instead of its in-sample fit; measured a tie on
     # her2st (0.410 vs 0.412) at 3 more fits per run, so off
     linear_stacking: bool = False
+    # "ridge": "full" = the probe as ridge_embed fits it; "cv" = its reduced-rank version
+    # (stevs.baselines.reduce_rank: the genes share r programmes, r by the probe's inner CV,
+    # full rank kept unless lower is better), as the VAE's decoder shares its latent
+    linear_rank: str = "full"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +105,8 @@ class STevsConfig:
             raise ValueError(f"context must be one of {CONTEXTS}, not {self.context!r}")
         if self.linear_path not in LINEAR_PATHS:
             raise ValueError(f"linear_path must be one of {LINEAR_PATHS}, not {self.linear_path!r}")
+        if self.linear_rank not in LINEAR_RANKS:
+            raise ValueError(f"linear_rank must be one of {LINEAR_RANKS}, not {self.linear_rank!r}")
         if not self.use_image and (self.context != "none" or self.linear_path != "none"):
             raise ValueError("context and linear_path need the image (use_image)")
         if not (self.use_image or self.use_spatial):
@@ -473,16 +481,19 @@ def fit_linear_path(
     if model.config.linear_path == "learned":
         model.set_feature_normalisation(x.mean(0), x.std(0))
         return {"linear_path": "learned"}, None
-    from stevs.baselines import MAX_COMPONENTS, _fit_pipeline, _inner_splits, fit_ridge
+    from stevs.baselines import MAX_COMPONENTS, _fit_pipeline, _inner_splits, fit_ridge, reduce_rank
 
     y = model.standardise(target.detach().float().to(model.target_mean.device)).cpu().numpy()
     probe = fit_ridge(x, y, groups, genes)
+    if model.config.linear_rank == "cv":
+        probe = reduce_rank(probe, x, y, groups)
     model.set_feature_normalisation(probe.feature_mean, probe.feature_scale)
     weight = probe.components.T @ probe.coef  # (F, G) on standardised features
     model.linear.weight.copy_(torch.as_tensor(weight.T, dtype=torch.float32))
     model.linear.bias.copy_(torch.as_tensor(probe.intercept, dtype=torch.float32))
-    info = {"linear_path": "ridge", "alpha": probe.alpha, **{
-        k: probe.meta[k] for k in ("n_components", "n_train_spots")}}  # fmt: skip
+    kept = ("n_components", "n_train_spots", "rank")
+    info = {"linear_path": "ridge", "alpha": probe.alpha,
+            **{k: probe.meta[k] for k in kept if k in probe.meta}}  # fmt: skip
     if not model.config.linear_stacking:
         return info, None
     oof = np.zeros_like(y)
