@@ -448,10 +448,8 @@ class PatchCacheWriter:
             raise ValueError(
                 f"patch must be uint8 {self.patch_shape}, not {patch.dtype} {patch.shape}"
             )
-        # uncompressed one-patch chunks: raw bytes, no conversion
-        self._patches.id.write_direct_chunk(
-            (int(row), 0, 0, 0), np.ascontiguousarray(patch).tobytes()
-        )
+        # uncompressed one-patch chunks: the array's bytes, no conversion nor copy
+        self._patches.id.write_direct_chunk((int(row), 0, 0, 0), np.ascontiguousarray(patch))
         self._written[int(row)] = True
 
     def __exit__(
