@@ -24,6 +24,11 @@ How it stays fast and bounded in memory:
   the patches while the next window decodes, into an HDF5 dataset whose chunks are all
   allocated up front, so the file's bytes do not depend on the order in which windows
   finish: reruns with the same inputs give the same bytes.
+* With ``threads`` > 1 the tissue mask is detected in the same pool while the first
+  windows decode (its thumbnail decode and resize release the GIL too); the tissue
+  fractions are written into the cache once it is ready
+  (:meth:`PatchCacheWriter.set_tissue`, the same bytes), and spots off the tissue are
+  refused then, before the cache file appears.
 
 Geometry: ``obsm["spatial"]`` holds level-0 pixel coordinates with integer values at pixel
 centres (the image convention of scanpy and matplotlib), so a spot at ``(x, y)`` is centred
