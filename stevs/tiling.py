@@ -24,6 +24,11 @@ How it stays fast and bounded in memory:
   the patches while the next window decodes, into an HDF5 dataset whose chunks are all
   allocated up front, so the file's bytes do not depend on the order in which windows
   finish: reruns with the same inputs give the same bytes.
+* With ``threads`` > 1 the tissue mask is detected in the same pool while the first
+  windows decode (its thumbnail decode and resize release the GIL too); the tissue
+  fractions are written into the cache once it is ready
+  (:meth:`PatchCacheWriter.set_tissue`, the same bytes), and spots off the tissue are
+  refused then, before the cache file appears.
 
 Geometry: ``obsm["spatial"]`` holds level-0 pixel coordinates with integer values at pixel
 centres (the image convention of scanpy and matplotlib), so a spot at ``(x, y)`` is centred
@@ -50,6 +55,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -462,36 +468,37 @@ def _iter_window_results(
     windows: list[Window],
     boxes: np.ndarray,
     geometry: TileGeometry,
+    pool: ThreadPoolExecutor | None,
     threads: int,
 ) -> Iterator[tuple[Window, np.ndarray]]:
-    """Patches per window, computed by ``threads`` workers with at most 2 windows each queued."""
+    """Patches per window, computed in ``pool`` (``None``: here) with at most 2 windows per
+    thread queued."""
 
     def work(window: Window) -> np.ndarray:
         return cut_patches(read_window(slide, window, geometry), window, boxes, geometry)
 
-    if threads <= 1:
+    if pool is None:
         for window in windows:
             yield window, work(window)
         return
     pending: dict[Future, Window] = {}
     queue = iter(windows)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stevs-tile") as pool:
-        try:
-            for window in queue:
-                pending[pool.submit(work, window)] = window
-                if len(pending) >= 2 * threads:
-                    break
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    window = pending.pop(future)
-                    yield window, future.result()
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        pending[pool.submit(work, nxt)] = nxt
-        finally:
-            for future in pending:
-                future.cancel()
+    try:
+        for window in queue:
+            pending[pool.submit(work, window)] = window
+            if len(pending) >= 2 * threads:
+                break
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                window = pending.pop(future)
+                yield window, future.result()
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending[pool.submit(work, nxt)] = nxt
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 class BackgroundWriter:
@@ -587,10 +594,6 @@ def tile_spots(
     geometry = plan_geometry(slide, mpp_source, patch_px, patch_mpp)
     boxes = geometry.boxes(centers_px)
     outside = outside_fractions(boxes, slide.dimensions)
-    tissue = detect_tissue(slide, mpp_source) if tissue is None else tissue
-    tissue_fraction = tissue.box_fractions(boxes)
-    if spots_path is not None:
-        check_spots_on_tissue(spots_path, slide.path, tissue, boxes, tissue_fraction)
     windows = plan_windows(boxes, geometry, window_patches, slide.tile_size(geometry.level))
     log.info(
         "%s: %d patches of %d px at %g µm/px from level %d (downsample %g) of %s "
@@ -606,36 +609,72 @@ def tile_spots(
         threads,
         int(np.count_nonzero(outside > 0)),
     )
-    writer = PatchCacheWriter(
-        out_path,
-        barcodes=barcodes,
-        centers_px=centers_px,
-        outside_fraction=outside,
-        tissue_fraction=tissue_fraction,
-        scale=PatchScale(geometry.patch_px, geometry.patch_mpp),
-        info=PatchCacheInfo(
-            slide=slide_id,
-            source_path=str(slide.path),
-            mpp_source=mpp_source,
-            read_level=geometry.level,
-            resample=RESAMPLE_NAME,
-            tissue_threshold_saturation=tissue.threshold,
-        ),
-    )
-    bar = tqdm(
-        total=len(boxes),
-        unit="patch",
-        desc=f"tile {slide_id}",
-        disable=None if progress is None else not progress,
-    )
-    with writer, bar, BackgroundWriter(writer) as background:
-        for window, cut in _iter_window_results(slide, windows, boxes, geometry, threads):
-            background.put(window.indices, cut)
-            bar.update(len(window.indices))
+    with ExitStack() as stack:
+        pool = None
+        if threads > 1:
+            pool = stack.enter_context(
+                ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stevs-tile")
+            )
+        # with threads to spare, the tissue is detected while the first windows decode
+        detection: Future[TissueDetection] | None = None
+        if tissue is None and pool is not None:
+            detection = pool.submit(detect_tissue, slide, mpp_source)
+        elif tissue is None:
+            tissue = detect_tissue(slide, mpp_source)
+        writer = PatchCacheWriter(
+            out_path,
+            barcodes=barcodes,
+            centers_px=centers_px,
+            outside_fraction=outside,
+            tissue_fraction=None,
+            scale=PatchScale(geometry.patch_px, geometry.patch_mpp),
+            info=PatchCacheInfo(
+                slide=slide_id,
+                source_path=str(slide.path),
+                mpp_source=mpp_source,
+                read_level=geometry.level,
+                resample=RESAMPLE_NAME,
+                tissue_threshold_saturation=0,  # set with the tissue fractions
+            ),
+        )
+        with writer:
+            if tissue is not None:  # given or detected already: refuse misplaced spots first
+                _store_tissue(writer, tissue, boxes, slide.path, spots_path)
+            bar = tqdm(
+                total=len(boxes),
+                unit="patch",
+                desc=f"tile {slide_id}",
+                disable=None if progress is None else not progress,
+            )
+            with bar, BackgroundWriter(writer) as background:
+                for window, cut in _iter_window_results(
+                    slide, windows, boxes, geometry, pool, threads
+                ):
+                    background.put(window.indices, cut)
+                    bar.update(len(window.indices))
+            if detection is not None:
+                tissue = detection.result()
+                _store_tissue(writer, tissue, boxes, slide.path, spots_path)
+    assert tissue is not None
     if qc_path is not None:
         picture = draw_qc(tissue.thumbnail, boxes, outside, slide.dimensions, slide_id)
         save_qc(picture, qc_path)
     return Path(out_path)
+
+
+def _store_tissue(
+    writer: PatchCacheWriter,
+    tissue: TissueDetection,
+    boxes: np.ndarray,
+    slide_path: str | os.PathLike,
+    spots_path: str | os.PathLike | None,
+) -> None:
+    """Each patch box's tissue fraction into ``writer``, after refusing spots mostly off the
+    tissue (:func:`check_spots_on_tissue`, when ``spots_path`` names their file)."""
+    tissue_fraction = tissue.box_fractions(boxes)
+    if spots_path is not None:
+        check_spots_on_tissue(spots_path, slide_path, tissue, boxes, tissue_fraction)
+    writer.set_tissue(tissue_fraction, tissue.threshold)
 
 
 def tile_slide(

@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -38,15 +39,18 @@ def patches(n: int = N) -> np.ndarray:
     return rng.integers(0, 256, (n, PX, PX, 3), dtype=np.uint8)
 
 
-def writer(path: Path, n: int = N) -> PatchCacheWriter:
+def writer(
+    path: Path, n: int = N, later: bool = False, info: PatchCacheInfo = INFO
+) -> PatchCacheWriter:
+    """A writer of ``n`` rows; ``later``: tissue fractions left for ``set_tissue``."""
     return PatchCacheWriter(
         path,
         barcodes=[f"AC{i}-1" for i in range(n)],
         centers_px=np.arange(2 * n, dtype=np.float64).reshape(n, 2),
         outside_fraction=np.linspace(0, 0.5, n),
-        tissue_fraction=np.linspace(1, 0, n),
+        tissue_fraction=None if later else np.linspace(1, 0, n),
         scale=SCALE,
-        info=INFO,
+        info=info,
     )
 
 
@@ -91,6 +95,33 @@ def test_bytes_do_not_depend_on_write_order(tmp_path: Path) -> None:
     assert (
         hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
     )
+
+
+def test_tissue_set_later_gives_the_same_bytes(tmp_path: Path) -> None:
+    first = write_cache(tmp_path / "a.h5", order=[4, 2, 0, 1, 3])
+    data = patches()
+    placeholder = replace(INFO, tissue_threshold_saturation=0)
+    late = writer(tmp_path / "b.h5", later=True, info=placeholder)
+    with late as w:
+        for row in (0, 3):
+            w.write(row, data[row])
+        w.set_tissue(np.linspace(1, 0, N), 23)  # while patches are still coming
+        for row in (1, 2, 4):
+            w.write(row, data[row])
+    assert (tmp_path / "b.h5").read_bytes() == first.read_bytes()
+    with PatchCache(tmp_path / "b.h5") as cache:
+        assert cache.attrs["tissue_threshold_saturation"] == 23
+        np.testing.assert_allclose(cache.tissue_fraction, np.linspace(1, 0, N), rtol=1e-6)
+
+
+def test_tissue_never_set_leaves_nothing_behind(tmp_path: Path) -> None:
+    late = writer(tmp_path / "c.h5", later=True)
+    with pytest.raises(ValueError, match="tissue_fraction was never set"), late as w:
+        for row, patch in enumerate(patches()):
+            w.write(row, patch)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="tissue_fraction must be"):
+        late.set_tissue(np.zeros(N + 1), 20)
 
 
 def test_finished_file_has_normal_permissions(tmp_path: Path) -> None:

@@ -303,6 +303,32 @@ def test_tissue_fraction_from_the_cleaned_otsu_mask(tmp_path: Path) -> None:
     assert MIN_TISSUE_SATURATION <= threshold < 90  # between glass (~3) and tissue (~92)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spots_on_glass_are_refused_whether_or_not_tissue_overlaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    import threading
+
+    mpp = 2.0
+    image = scene_slide(tmp_path / "s.tif", mpp, [], size_um=(1024, 512), tissue_right_um=400)
+    points = np.array([[700.0, 100.0], [800.0, 256.0], [900.0, 400.0]])  # all on glass
+    adata = write_slide_adata(tmp_path / "s.h5ad", image, um_to_px(points, mpp), mpp)
+    detected_in = []
+
+    def detect(*args, **kwargs):
+        detected_in.append(threading.current_thread().name)
+        return detect_tissue(*args, **kwargs)
+
+    monkeypatch.setattr(tiling, "detect_tissue", detect)
+    out = tmp_path / "out" / "p.h5"
+    with pytest.raises(StevsInputError, match="spot patches are background"):
+        tile_slide(adata, out, patch_px=32, patch_mpp=4.0, threads=threads)
+    assert list(out.parent.iterdir()) == []
+    # with a thread to spare, the tissue is detected beside the patches, not before them
+    assert len(detected_in) == 1
+    assert detected_in[0].startswith("stevs-tile") == (threads > 1)
+
+
 # -- files: atomic writes, reruns, QC, CLI -------------------------------------------------------
 
 

@@ -103,3 +103,55 @@ def test_disk_morphology_equals_scipy_with_skimage_disks(radius: int) -> None:
     np.testing.assert_array_equal(
         disk_dilate(mask, radius), ndimage.binary_dilation(mask, footprint)
     )
+
+
+def _random_masks(seed: int, count: int) -> list[np.ndarray]:
+    """Noise, blobs with holes, and the edge cases (empty, full, one row, one column)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    masks = [np.zeros((5, 7), bool), np.ones((6, 4), bool), rng.random((1, 40)) < 0.5]
+    masks.append(rng.random((40, 1)) < 0.5)
+    for k in range(count):
+        height, width = rng.integers(2, 70, 2)
+        mask = rng.random((height, width)) < rng.uniform(0.2, 0.8)
+        masks.append(ndimage.binary_opening(mask) if k % 2 else mask)
+    return masks
+
+
+def test_fill_holes_and_speck_removal_equal_scipy_and_skimage() -> None:
+    from scipy import ndimage
+    from skimage.morphology import remove_small_objects as skimage_remove
+
+    from stevs.tissue import fill_holes, remove_small_objects
+
+    for k, mask in enumerate(_random_masks(7, 200)):
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+        for max_size in (0, 1, k % 25):
+            expected = skimage_remove(mask, max_size=max_size, connectivity=1)
+            np.testing.assert_array_equal(remove_small_objects(mask, max_size), expected)
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7], ring[4, 4] = True, False
+    assert fill_holes(ring)[4, 4] and not fill_holes(ring[:, 4:])[4, 0]  # on the border
+
+
+def test_otsu_equals_skimage_on_random_values() -> None:
+    from stevs.tissue import otsu_uint8
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        size = int(rng.integers(2, 3000))
+        values = rng.integers(*np.sort(rng.integers(0, 256, 2)) + (0, 1), size).astype(np.uint8)
+        values[0], values[-1] = max(int(values.min()) - 1, 0), 255  # at least two values
+        assert otsu_uint8(values) == int(threshold_otsu(values))
+
+
+def test_tiling_imports_neither_scipy_nor_skimage() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, stevs.tiling; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    assert "'stevs'" in loaded and "'scipy'" not in loaded and "'skimage'" not in loaded

@@ -28,7 +28,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -328,7 +328,10 @@ class PatchCacheWriter:
     """Write side of a patch cache: ``with PatchCacheWriter(...) as w: w.write(row, patch)``.
 
     The file appears at ``path`` only when the block ends without an exception and every
-    row has been written; otherwise nothing is left behind.
+    row has been written; otherwise nothing is left behind. ``tissue_fraction=None``: the
+    tissue fractions (and ``info``'s saturation threshold) come later, by
+    :meth:`set_tissue` before the block ends, so tissue detection can run while patches
+    are written; the file is the same, byte for byte.
     """
 
     def __init__(
@@ -338,7 +341,7 @@ class PatchCacheWriter:
         barcodes: Sequence[str],
         centers_px: np.ndarray,
         outside_fraction: np.ndarray,
-        tissue_fraction: np.ndarray,
+        tissue_fraction: np.ndarray | None,
         scale: PatchScale,
         info: PatchCacheInfo,
     ) -> None:
@@ -347,7 +350,10 @@ class PatchCacheWriter:
         n = len(self.barcodes)
         self.centers_px = np.asarray(centers_px, np.float64)
         self.outside_fraction = np.asarray(outside_fraction, np.float32)
-        self.tissue_fraction = np.asarray(tissue_fraction, np.float32)
+        self._tissue_set = tissue_fraction is not None
+        self.tissue_fraction = np.zeros(n, np.float32)  # placeholder until set_tissue
+        if tissue_fraction is not None:
+            self.tissue_fraction = np.asarray(tissue_fraction, np.float32)
         if self.centers_px.shape != (n, 2):
             raise ValueError(f"centers_px must be ({n}, 2), not {self.centers_px.shape}")
         if self.outside_fraction.shape != (n,) or self.tissue_fraction.shape != (n,):
@@ -359,6 +365,7 @@ class PatchCacheWriter:
         self.patch_shape = (scale.patch_px, scale.patch_px, 3)
         self._written = np.zeros(n, bool)
         self._stack: ExitStack | None = None
+        self._file: h5py.File | None = None
         self._patches: h5py.Dataset | None = None
 
     def _create(self, file: h5py.File) -> h5py.Dataset:
@@ -417,8 +424,21 @@ class PatchCacheWriter:
             tmp = stack.enter_context(atomic_path(self.path))
             file = stack.enter_context(h5py.File(tmp, "w"))
             self._patches = self._create(file)
+            self._file = file
             self._stack = stack.pop_all()
         return self
+
+    def set_tissue(self, tissue_fraction: np.ndarray, threshold: int) -> None:
+        """Store the tissue fractions and their saturation threshold (left open at
+        construction), in place: same datasets and bytes as if they had been given then."""
+        values = np.asarray(tissue_fraction, np.float32)
+        if values.shape != self.tissue_fraction.shape:
+            raise ValueError(f"tissue_fraction must be {self.tissue_fraction.shape}")
+        self.tissue_fraction, self._tissue_set = values, True
+        self.info = replace(self.info, tissue_threshold_saturation=int(threshold))
+        if self._file is not None:
+            self._file[TISSUE][...] = values
+            self._file.attrs.modify("tissue_threshold_saturation", int(threshold))
 
     def write(self, row: int, patch: np.ndarray) -> None:
         """Store the patch of ``row`` (uint8 (H, W, 3))."""
@@ -428,10 +448,8 @@ class PatchCacheWriter:
             raise ValueError(
                 f"patch must be uint8 {self.patch_shape}, not {patch.dtype} {patch.shape}"
             )
-        # uncompressed one-patch chunks: raw bytes, no conversion
-        self._patches.id.write_direct_chunk(
-            (int(row), 0, 0, 0), np.ascontiguousarray(patch).tobytes()
-        )
+        # uncompressed one-patch chunks: the array's bytes, no conversion nor copy
+        self._patches.id.write_direct_chunk((int(row), 0, 0, 0), np.ascontiguousarray(patch))
         self._written[int(row)] = True
 
     def __exit__(
@@ -440,12 +458,16 @@ class PatchCacheWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._stack, self._patches = self._stack, None, None
+        stack, self._stack, self._patches, self._file = self._stack, None, None, None
         if stack is None:
             return
+        error: ValueError | None = None
         if exc_type is None and not self._written.all():
             missing = np.flatnonzero(~self._written)
             error = ValueError(f"{len(missing)} patches were never written (e.g. row {missing[0]})")
+        elif exc_type is None and not self._tissue_set:
+            error = ValueError("tissue_fraction was never set (PatchCacheWriter.set_tissue)")
+        if error is not None:
             stack.__exit__(type(error), error, None)
             raise error
         stack.__exit__(exc_type, exc, tb)
