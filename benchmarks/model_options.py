@@ -181,7 +181,8 @@ def ridge_score(
     if rank:  # reduced-rank ridge: rank -1 = chosen by inner CV, else that rank
         from stevs.baselines import REDUCED_RANKS, reduce_rank
 
-        model = reduce_rank(model, x, y, groups, ranks=REDUCED_RANKS if rank < 0 else [rank])
+        ranks = REDUCED_RANKS if rank < 0 else [rank]
+        model = reduce_rank(model, x, y, groups, ranks=ranks, headline_genes=fold.headline_genes)
         print(f"# {fold.fold}: reduced rank {model.meta['rank']}", flush=True)
     return score(fold, test, model.predict(test["x"]))
 

@@ -657,7 +657,9 @@ def _model_features(
         features = model.image_features(train_data.embeddings, train_data.items.get("context"))
         genes = list(config.get("genes") or [f"gene{i}" for i in range(c.n_genes)])
         slides = train_data.items["slide"].numpy()
-        fitted, oof = fit_linear_path(model, features, train_data.items["target"], slides, genes)
+        headline = list(config.get("headline_genes") or genes)
+        target = train_data.items["target"]
+        fitted, oof = fit_linear_path(model, features, target, slides, genes, headline)
         log.info("linear path: %s", fitted)
         if oof is not None:  # the latent path learns what the probe leaves on unseen slides
             items = {**train_data.items, "linear_offset": oof}

@@ -461,7 +461,12 @@ class STevs(nn.Module):
 
 @torch.no_grad()
 def fit_linear_path(
-    model: STevs, features: Tensor, target: Tensor, groups: Any, genes: list[str]
+    model: STevs,
+    features: Tensor,
+    target: Tensor,
+    groups: Any,
+    genes: list[str],
+    headline_genes: list[str] | None = None,
 ) -> tuple[dict[str, Any], Tensor | None]:
     """Set the linear path of ``model`` from its training spots: (what was fitted, the
     probe's out-of-fold predictions of the training spots or None).
@@ -486,7 +491,7 @@ def fit_linear_path(
     y = model.standardise(target.detach().float().to(model.target_mean.device)).cpu().numpy()
     probe = fit_ridge(x, y, groups, genes)
     if model.config.linear_rank == "cv":
-        probe = reduce_rank(probe, x, y, groups)
+        probe = reduce_rank(probe, x, y, groups, headline_genes=headline_genes)
     model.set_feature_normalisation(probe.feature_mean, probe.feature_scale)
     weight = probe.components.T @ probe.coef  # (F, G) on standardised features
     model.linear.weight.copy_(torch.as_tensor(weight.T, dtype=torch.float32))
