@@ -31,7 +31,10 @@ class Method:
     (ablations are switches of one model, never copies); ``features`` is what a ridge probe
     regresses on. ``he_only`` says whether the method can predict an H&E-only slide (a
     Visium-like grid laid over detected tissue, no measured expression): true for every
-    method that reads the image.
+    method that reads the image. ``baseline``: a method STevs is compared against (the
+    report's "best baseline"). ``encoder``: which image encoder a run needs: ``"any"`` (a
+    torch method, trained or frozen), ``"frozen"`` (a probe of a frozen encoder's
+    embeddings), ``"none"`` (no encoder: one run, under the encoder id ``none``).
     """
 
     name: str
@@ -42,6 +45,32 @@ class Method:
     he_only: bool = True
     switches: Mapping[str, Any] = field(default_factory=dict)
     features: str | None = None
+    baseline: bool = False
+    encoder: Literal["any", "frozen", "none"] = "any"
+
+    @property
+    def seeded(self) -> bool:
+        """Whether runs differ by seed (torch: one run per training seed; ridge: one run)."""
+        return self.kind == "torch"
+
+    @property
+    def needs_gpu(self) -> bool:
+        """Whether a run of this method profits from a GPU (the workflow's ``gpu`` resource)."""
+        return self.kind == "torch"
+
+    @property
+    def is_regression_head(self) -> bool:
+        """The ST-Net-style head: the backbone with a linear regression head, no VAE."""
+        return self.switches.get("head") == "regression"
+
+    def reads_embeddings(self, frozen: bool, pretrained: bool) -> bool:
+        """Whether a run on an encoder (``frozen``, with ``pretrained`` weights) reads the
+        shared embedding cache: a probe of a frozen encoder always; a torch method on a
+        frozen pretrained encoder (a frozen random encoder differs per seed: it embeds
+        in-run)."""
+        if self.encoder == "none" or not frozen:
+            return False
+        return self.encoder == "frozen" or (self.uses_image and pretrained)
 
     @property
     def entry_points(self) -> Mapping[str, str]:
@@ -114,6 +143,7 @@ _METHODS = (
         "ST-Net-style baseline: the image backbone with a linear regression head",
         # the ST-Net design: its own patch only, whatever the preset's context
         switches={"head": "regression", "use_spatial": False, "align": None, "context": "none"},
+        baseline=True,
     ),
     Method(
         "ridge_embed",
@@ -121,6 +151,8 @@ _METHODS = (
         "ridge probe on frozen backbone embeddings (HEST-Benchmark recipe)",
         he_only=False,
         features="embedding",
+        baseline=True,
+        encoder="frozen",
     ),
     Method(
         "ridge_color",
@@ -128,6 +160,8 @@ _METHODS = (
         "ridge on hand-made colour and texture features: the floor",
         he_only=False,
         features="color_texture",
+        baseline=True,
+        encoder="none",
     ),
 )
 
@@ -140,6 +174,16 @@ METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
 def names(kind: Kind | None = None) -> list[str]:
     """Method names, all or of one kind."""
     return [m.name for m in REGISTRY.values() if kind is None or m.kind == kind]
+
+
+def baselines() -> list[str]:
+    """The baseline methods, in registry order."""
+    return [m.name for m in REGISTRY.values() if m.baseline]
+
+
+def torch_switches() -> dict[str, dict[str, Any]]:
+    """Torch method name -> its :class:`stevs.models.stevs.STevsConfig` switches."""
+    return {m.name: dict(m.switches) for m in REGISTRY.values() if m.kind == "torch"}
 
 
 def get_method(name: str, source: str | None = None) -> Method:
