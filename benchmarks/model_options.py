@@ -3,7 +3,7 @@ many variants per fold in seconds (issue 15's "make STevs win" measurements).
 
 Every fold's slides are embedded once with a preset's frozen backbone (all spots of the
 slide's patch cache; ``--tta`` also caches the mean over the 8 flips/turns) into
-``--cache``. Variants then train on those embeddings through :func:`stevs.train.train_model`
+``--cache``. Variants then train on those embeddings through :func:`stevs.training.fold.fit_model`
 (the workflow's own loop: AdamW, warm-ups, early stopping on the validation section's
 headline r) and are scored on the test slides with :func:`stevs.metrics.headline_pearson`,
 next to ridge probes fitted on the same spots (training slides only, and training +
@@ -32,13 +32,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from stevs.baselines import fit_ridge, read_patches
+from stevs.baselines import read_patches
 from stevs.io.fold_file import Fold, read_fold
 from stevs.io.slide_adata import read_slide_adata
 from stevs.metrics import headline_pearson, load_observed
+from stevs.models import create_model
 from stevs.models.presets import get_preset
-from stevs.train import EmbeddingDataset, TrainOptions, build_model, train_model, with_context
+from stevs.models.ridge import fit_ridge
+from stevs.training.batches import EmbeddingDataset
+from stevs.training.fold import fit_model, with_context
+from stevs.training.options import TrainOptions
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "stevs": {},
@@ -179,7 +184,7 @@ def ridge_score(
     groups = np.concatenate([d["slide"] for d in train])
     model = fit_ridge(x, y, groups, fold.genes)
     if rank:  # reduced-rank ridge: rank -1 = chosen by inner CV, else that rank
-        from stevs.baselines import REDUCED_RANKS, reduce_rank
+        from stevs.models.ridge import REDUCED_RANKS, reduce_rank
 
         ranks = REDUCED_RANKS if rank < 0 else [rank]
         model = reduce_rank(model, x, y, groups, ranks=ranks, headline_genes=fold.headline_genes)
@@ -215,15 +220,13 @@ def stevs_score(
     opts = opts.resolved(preset_obj)
     torch.manual_seed(seed)
     # frozen=False: a variant starts from the plain model and sets its options explicitly
-    model = build_model(method, preset_obj, fold.genes, fold.normalisation, **options)
+    model = create_model(method, preset_obj, fold.genes, fold.normalisation, **options)
     config = {"method": method, "genes": fold.genes, "headline_genes": fold.headline_genes}
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_model(
+        result = fit_model(
             model, as_dataset(splits["train"]), as_dataset(splits["val"]), tmp, opts, config
         )
-        model.load_state_dict(
-            torch.load(Path(tmp) / "checkpoint.pt", weights_only=True)["best_model"]
-        )
+        model.load_state_dict(load_file(str(Path(tmp) / "model.safetensors")))
     test = splits["test"]
     data = with_context(model, as_dataset(test))
     mean, _ = model.predict(
@@ -249,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import stevs.baselines
+    import stevs.models.ridge
 
-    stevs.baselines.fit_ridge = _cached_fit_ridge  # type: ignore[assignment]
+    stevs.models.ridge.fit_ridge = _cached_fit_ridge  # type: ignore[assignment]
     cache = Path(args.cache).resolve()
     os.chdir(args.root)
     variants = {**VARIANTS, **json.loads(args.extra)}

@@ -45,14 +45,14 @@ def make_model(directory: Path) -> Path:
 
     from stevs.io.model_dir import ModelDir
     from stevs.models.presets import get_preset
-    from stevs.train import build_model
+    from stevs.models import create_model
 
     if (directory / "config.json").is_file():
         return directory
     torch.manual_seed(0)
     preset = get_preset("cpu_small")
     norm = {"method": "log1p_cp10k", "target_sum": 1e4, "mean": [1.0] * 6, "std": [1.0] * 6}
-    model = build_model("stevs", preset, GENES, norm)
+    model = create_model("stevs", preset, GENES, norm)
     directory.mkdir(parents=True, exist_ok=True)
     ModelDir(directory).write_tensors(model.state_dict(), {"method": "stevs"})
     config = {

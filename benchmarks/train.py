@@ -35,13 +35,13 @@ import torch
 from stevs.data import SpotDataset
 from stevs.folds import Fold, SlideEntry, write_fold
 from stevs.models import get_preset
-from stevs.train import (
+from stevs.device import resolve_device
+from stevs.models import create_model
+from stevs.training.batches import (
     EpochSampler,
     augment_patches,
-    build_model,
     collate,
     make_loader,
-    resolve_device,
     to_device,
 )
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         fold_path = write_study(Path(tmp), args.spots * 2, preset.patch_px)
         dataset = SpotDataset(fold_path, "train")
         torch.manual_seed(0)
-        model = build_model(args.method, preset, dataset.genes, dataset.fold.normalisation)
+        model = create_model(args.method, preset, dataset.genes, dataset.fold.normalisation)
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)

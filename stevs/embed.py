@@ -1,9 +1,12 @@
-"""A frozen encoder's embeddings of one slide's patches, computed once (``stevs embed``).
+"""Frozen image features: the one backbone pass over patches, the embedding-cache key and the
+one reader of a slide's spot embeddings (``stevs embed`` writes the caches).
 
-Writes the embedding cache of :mod:`stevs.io.embedding_cache`, which ``ridge_embed`` and every
-frozen-backbone training and prediction read instead of running the encoder again. The
-encoder is a ``stevs.models`` preset's image backbone (``stevs.models.backbones.ImageBackbone``:
-every stage's pooled features), the same module a frozen STevs model embeds with.
+Every frozen-feature consumer goes through here: ``stevs embed`` (the workflow's
+``embed_slide`` rule) writes the embedding cache of :mod:`stevs.io.embedding_cache` once per
+slide and encoder; ``ridge_embed``, frozen-backbone training and prediction read it through
+:func:`spot_embeddings`, which computes the embeddings with the same :func:`embed_patches`
+when no cache folder is given. The encoder is a ``stevs.models`` image backbone
+(:class:`stevs.models.backbones.ImageBackbone`: every stage's pooled features).
 
 ``--view dihedral8`` is test-time augmentation: the mean embedding over the 8 symmetries of
 the square (4 quarter turns, each with and without a flip) of each patch.
@@ -14,20 +17,30 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from stevs.errors import StevsInputError
-from stevs.io.embedding_cache import VIEWS, EmbeddingKey, write_embedding_cache
-from stevs.io.patch_cache import PatchCache
-from stevs.models.backbones import BackboneSpec
+from stevs.io.embedding_cache import (
+    VIEWS,
+    EmbeddingCache,
+    EmbeddingKey,
+    embedding_path,
+    write_embedding_cache,
+)
+from stevs.io.patch_cache import PatchCache, PatchScale
+from stevs.models.backbones import BackboneSpec, ImageBackbone
 from stevs.models.presets import PRESETS, get_preset
 
 log = logging.getLogger("stevs.embed")
+
+#: an encoder as a function: uint8 (N, 3, H, W) on its device -> (N, D) features
+Encoder = Callable[[Tensor], Tensor]
 
 
 def embedding_key(
@@ -38,6 +51,15 @@ def embedding_key(
     return EmbeddingKey(preset, spec.name, weights, view, int(patch_px), float(mpp_target))
 
 
+def embedding_key_of(config: Mapping[str, Any], view: str) -> EmbeddingKey:
+    """The embedding-cache key a frozen run of ``config`` (a model folder's config.json)
+    needs: the preset, its backbone and weights as trained, the patch scale, the view."""
+    scale = config.get("patches") or {}
+    preset = (config.get("preset") or {}).get("name", "")
+    spec = BackboneSpec.from_dict((config.get("model") or {}).get("backbone") or {})
+    return embedding_key(preset, spec, view, scale.get("patch_px", 0), scale.get("mpp_target", 0.0))
+
+
 def dihedral_views(patch: Tensor) -> list[Tensor]:
     """The 8 flips and quarter turns of (N, C, H, W) square patches."""
     turns = [torch.rot90(patch, k, dims=(2, 3)) for k in range(4)]
@@ -45,13 +67,90 @@ def dihedral_views(patch: Tensor) -> list[Tensor]:
 
 
 @torch.inference_mode()
-def embed_view(embed: Callable[[Tensor], Tensor], patch: Tensor, view: str) -> Tensor:
+def embed_view(embed: Encoder, patch: Tensor, view: str) -> Tensor:
     """``embed(patch)``, or its mean over :func:`dihedral_views` for ``view='dihedral8'``."""
     if view == "none":
         return embed(patch).float()
     if view != "dihedral8":
         raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
     return torch.stack([embed(v).float() for v in dihedral_views(patch)]).mean(dim=0)
+
+
+def frozen_backbone(name: str, device: str | torch.device = "cpu") -> ImageBackbone:
+    """A frozen encoder in eval mode: a ``stevs.models`` preset's backbone (its pretrained
+    weights), or any other timm model name with random weights."""
+    spec = get_preset(name).backbone if name in PRESETS else BackboneSpec(name)
+    return ImageBackbone(spec).eval().requires_grad_(False).to(device)
+
+
+def embed_patches(
+    encoder: Encoder,
+    patches: np.ndarray | PatchCache,
+    rows: Sequence[int] | np.ndarray | None = None,
+    *,
+    view: str = "none",
+    batch_size: int = 128,
+    progress: bool = True,
+) -> np.ndarray:
+    """The one backbone pass: uint8 patches (an (N, H, W, 3) array or a patch cache; only
+    ``rows`` of it when given) -> (N, D) float32, in batches on the encoder's device."""
+    rows = np.arange(len(patches)) if rows is None else np.asarray(rows, dtype=np.int64)
+    device = _device_of(encoder)
+    chunks = []
+    starts = range(0, len(rows), batch_size)
+    for start in _progress(starts, progress):
+        chosen = rows[start : start + batch_size]
+        if isinstance(patches, PatchCache):
+            batch = patches.read_rows(chosen)
+        else:
+            batch = np.asarray(patches)[chosen]
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
+        chunks.append(embed_view(encoder, x, view).cpu().numpy())
+    if chunks:
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+    return np.zeros((0, int(getattr(encoder, "feature_dim", 0))), np.float32)
+
+
+def _device_of(encoder: Encoder) -> torch.device:
+    """The device of a module's parameters (CPU for a plain function or a parameterless one)."""
+    parameters = getattr(encoder, "parameters", None)
+    first = next(iter(parameters()), None) if parameters else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _progress(starts: range, shown: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(starts, desc="embed", unit="batch", mininterval=2, disable=not shown)
+
+
+def spot_embeddings(
+    slide: str,
+    patches: str | os.PathLike,
+    barcodes: Sequence[str],
+    *,
+    folder: str | os.PathLike | None = None,
+    key: EmbeddingKey | None = None,
+    encoder: Encoder | None = None,
+    view: str = "none",
+) -> np.ndarray:
+    """Embeddings of ``slide``'s spots ``barcodes``, in that order: read from the embedding
+    cache in ``folder`` (checked against ``key``), else computed by ``encoder`` over the
+    slide's patch cache ``patches``."""
+    if folder:
+        if key is None:
+            raise ValueError("reading an embedding cache needs its key")
+        return EmbeddingCache(embedding_path(folder, slide)).check(key).read(list(barcodes))
+    if encoder is None:
+        raise ValueError("give an embedding-cache folder or an encoder")
+    with PatchCache(patches) as cache:
+        return embed_patches(encoder, cache, cache.rows_of(list(barcodes)), view=view)
+
+
+def preset_key(preset: str, view: str, scale: PatchScale) -> EmbeddingKey:
+    """The cache key of a preset's pretrained backbone at a patch cache's scale."""
+    spec = get_preset(preset).backbone
+    return embedding_key(preset, spec, view, scale.patch_px, scale.mpp_target)
 
 
 def embed_patch_cache(
@@ -65,10 +164,7 @@ def embed_patch_cache(
     batch_size: int = 128,
 ) -> Path:
     """Embed every patch of a patch cache with ``preset``'s frozen backbone -> ``out``."""
-    from tqdm import tqdm
-
-    from stevs.models.backbones import ImageBackbone
-    from stevs.train import resolve_device
+    from stevs.device import resolve_device
 
     spec = get_preset(preset, weights=weights).backbone
     if spec.weights == "none":
@@ -77,20 +173,12 @@ def embed_patch_cache(
             f"preset {preset} has randomly initialised weights: a frozen random encoder "
             "differs per training seed, so its embeddings cannot be shared; give --weights",
         )
-    torch_device = resolve_device(device)
-    backbone = ImageBackbone(spec).eval().to(torch_device)
+    backbone = ImageBackbone(spec).eval().to(resolve_device(device))
     with PatchCache(patches) as cache:
+        embeddings = embed_patches(backbone, cache, view=view, batch_size=batch_size)
         scale = (cache.scale.patch_px, cache.scale.mpp_target)
-        chunks = []
-        for start in tqdm(range(0, len(cache), batch_size), desc="embed", unit="batch"):
-            rows = np.arange(start, min(start + batch_size, len(cache)))
-            x = torch.from_numpy(np.ascontiguousarray(cache.read_rows(rows)))
-            x = x.to(torch_device).permute(0, 3, 1, 2)
-            chunks.append(embed_view(backbone, x, view).cpu().numpy())
         barcodes = list(cache.barcodes)
         slide = str(cache.attrs.get("slide", ""))
-    dim = backbone.feature_dim
-    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     key = embedding_key(preset, spec, view, *scale)
     path = write_embedding_cache(
         out, embeddings, barcodes, key, slide=slide, source_patches=str(patches)

@@ -89,13 +89,13 @@ class Method:
 ENTRY_POINTS: Mapping[str, Mapping[str, str]] = MappingProxyType(
     {
         "torch": {
-            "train": "stevs.train:train_fold",
-            "load": "stevs.predict:load_model",
+            "train": "stevs.training.fold:train_fold",
+            "load": "stevs.models.factory:load_model",
             "predict": "stevs.predict:predict_fold",
         },
         "ridge": {
             "train": "stevs.baselines:train_ridge",
-            "load": "stevs.baselines:load_ridge",
+            "load": "stevs.models.ridge:load_ridge",
             "predict": "stevs.baselines:predict_ridge",
         },
     }

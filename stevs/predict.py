@@ -6,8 +6,8 @@ standard deviation, ``obs``, ``obsm["spatial"]``, ``uns["spatial"]`` (H&E images
 factors) and ``var["gene_ids"]`` copied from the slide AnnData, and ``uns["stevs"]`` = method,
 fold, slide, model_sha256, normalisation, stevs_version.
 
-:func:`load_model` and :func:`predict_patches` are the building blocks that H&E-only slide
-prediction reuses.
+:func:`predict_patches` is the building block that H&E-only slide prediction reuses; models
+load through :func:`stevs.models.factory.load_model`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,45 +27,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from stevs.atomic import check_writable
+from stevs.device import autocast as autocast_on
+from stevs.device import resolve_device
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, read_fold
 from stevs.io.model_dir import ModelDir, check_trained_scale
 from stevs.io.prediction import new_prediction, prediction_meta, write_prediction
 from stevs.io.slide_adata import spots_of
 from stevs.methods import get_method
-from stevs.models.stevs import STevs, STevsConfig
-from stevs.train import collate, resolve_device
+from stevs.models.factory import load_model
+from stevs.models.stevs import STevs
+from stevs.training.batches import collate
 
 log = logging.getLogger("stevs.predict")
-
-
-def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[STevs, dict[str, Any]]:
-    """Rebuild a trained model from ``config.json`` + ``model.safetensors`` (eval mode).
-
-    The backbone is built without its pretrained weights (the safetensors file holds every
-    weight), so loading works offline.
-    """
-    folder = ModelDir(model_dir)
-    config = folder.read_config()
-    if get_method(config["method"], str(folder.config_path)).kind != "torch":
-        raise StevsInputError(folder.config_path, f"{config['method']} is not a torch model")
-    try:
-        model_config = STevsConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise StevsInputError(folder.config_path, f"not a stevs model config: {err}") from err
-    model_config = replace(
-        model_config, backbone=replace(model_config.backbone, weights="none", weights_path=None)
-    )
-    model = STevs(model_config)
-    state_dict = folder.read_tensors()
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except Exception as err:
-        raise StevsInputError(
-            folder.weights_path, f"weights do not fit config.json: {err}"
-        ) from err
-    model.to(resolve_device(device)).eval()
-    return model, config
 
 
 class _PatchArrayDataset(Dataset):
@@ -126,11 +99,7 @@ def predict_patches(
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_on(device)
     model.eval()
     if model.config.uses_context:
         return _predict_with_context(model, loader, override, autocast, n_samples, progress, view)
@@ -244,7 +213,8 @@ def predict_fold(
     encoder and view (``stevs embed``) read instead of embedding the test patches.
     """
     from stevs.data import SpotDataset
-    from stevs.train import embedding_key_of, read_cached_embeddings
+    from stevs.embed import embedding_key_of
+    from stevs.training.fold import embedding_dataset
 
     fold_obj = fold if isinstance(fold, Fold) else read_fold(fold)
     model, config = load_model(model_dir, device)
@@ -268,7 +238,7 @@ def predict_fold(
         items: Dataset = dataset
         if embeddings and training.get("freeze_backbone") and model.config.use_image:
             key = embedding_key_of(config, view)
-            items = read_cached_embeddings([dataset], str(embeddings), key)
+            items = embedding_dataset([dataset], folder=str(embeddings), key=key)
         torch.manual_seed(seed)
         mean, std = predict_patches(
             model, items, batch_size=batch_size, workers=workers, n_samples=n_samples, view=view

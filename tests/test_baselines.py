@@ -14,7 +14,9 @@ from conftest import add_he_images, assert_draws_over_he, make_fold_file, write_
 from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
 from scipy import sparse
 
-from stevs import __version__, baselines, metrics
+from stevs import __version__, baselines, color_features, metrics
+from stevs.models import ridge as ridge_probe
+from stevs.embed import embed_patches, frozen_backbone
 from stevs.errors import StevsInputError
 
 torch.set_num_threads(1)
@@ -65,15 +67,15 @@ def fold_file(tmp_path: Path) -> Path:
 
 def test_hsv_matches_matplotlib_and_stains_separate() -> None:
     rgb = np.random.default_rng(1).uniform(size=(50, 3))
-    assert np.allclose(baselines.rgb_to_hsv(rgb), mpl_rgb_to_hsv(rgb), atol=1e-6)
+    assert np.allclose(color_features.rgb_to_hsv(rgb), mpl_rgb_to_hsv(rgb), atol=1e-6)
     # a haematoxylin-like purple has more H than E; an eosin-like pink the reverse
     purple = np.array([[[[80, 60, 160]]]], dtype=np.uint8)
     pink = np.array([[[[230, 120, 190]]]], dtype=np.uint8)
-    h_p, e_p, _ = baselines.stain_concentrations(purple).ravel()
-    h_k, e_k, _ = baselines.stain_concentrations(pink).ravel()
+    h_p, e_p, _ = color_features.stain_concentrations(purple).ravel()
+    h_k, e_k, _ = color_features.stain_concentrations(pink).ravel()
     assert h_p > e_p and e_k > h_k
     white = np.full((1, 1, 1, 3), 255, dtype=np.uint8)
-    assert np.allclose(baselines.stain_concentrations(white), 0, atol=1e-6)
+    assert np.allclose(color_features.stain_concentrations(white), 0, atol=1e-6)
 
 
 def test_color_texture_features_shape_and_texture_response() -> None:
@@ -81,17 +83,17 @@ def test_color_texture_features_shape_and_texture_response() -> None:
     flat = np.full((2, 24, 24, 3), 128, dtype=np.uint8)
     noisy = flat.copy()
     noisy[1] = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
-    feats = baselines.color_texture_features(noisy, progress=False)
-    assert feats.shape == (2, baselines.n_color_texture_features())
+    feats = color_features.color_texture_features(noisy, progress=False)
+    assert feats.shape == (2, color_features.n_color_texture_features())
     assert np.isfinite(feats).all()
     texture = slice(-7, None)  # gradient (3) + local std at 2 scales (4)
     assert np.allclose(feats[0, texture], 0, atol=1e-6)
     assert (feats[1, texture][[0, 3, 5]] > 0.05).all()
     # batching does not change the result
-    again = baselines.color_texture_features(noisy, batch_size=1, progress=False)
+    again = color_features.color_texture_features(noisy, batch_size=1, progress=False)
     assert np.allclose(feats, again, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
-        baselines.color_texture_features(noisy.astype(np.float32))
+        color_features.color_texture_features(noisy.astype(np.float32))
 
 
 def test_fit_ridge_recovers_linear_signal_and_picks_alpha_by_group_cv() -> None:
@@ -99,10 +101,10 @@ def test_fit_ridge_recovers_linear_signal_and_picks_alpha_by_group_cv() -> None:
     x = rng.normal(size=(300, 10))
     y = np.column_stack([x[:, 0] * 2 + 1, -x[:, 1], rng.normal(size=300)])
     groups = np.repeat(["a", "b", "c"], 100)
-    model = baselines.fit_ridge(x, y + rng.normal(scale=0.1, size=y.shape), groups, list("uvw"))
+    model = ridge_probe.fit_ridge(x, y + rng.normal(scale=0.1, size=y.shape), groups, list("uvw"))
     assert model.meta["inner_cv_grouped_by_slide"] and model.meta["n_inner_splits"] == 3
-    assert model.alpha in baselines.DEFAULT_ALPHAS
-    assert model.meta["inner_cv_mse"][baselines.DEFAULT_ALPHAS.index(model.alpha)] == min(
+    assert model.alpha in ridge_probe.DEFAULT_ALPHAS
+    assert model.meta["inner_cv_mse"][ridge_probe.DEFAULT_ALPHAS.index(model.alpha)] == min(
         model.meta["inner_cv_mse"]
     )
     x_new = rng.normal(size=(200, 10))
@@ -127,8 +129,8 @@ def test_reduce_rank_finds_shared_programmes_and_predicts_held_out_spots_better(
     x, y = _programme_data(rng, 160, 40, noise=3.0)
     groups = np.repeat(["a", "b", "c", "d"], 40)
     genes = [f"g{i}" for i in range(40)]
-    full = baselines.fit_ridge(x, y, groups, genes)
-    reduced = baselines.reduce_rank(full, x, y, groups)
+    full = ridge_probe.fit_ridge(x, y, groups, genes)
+    reduced = ridge_probe.reduce_rank(full, x, y, groups)
     assert reduced.meta["rank"] == 2 and reduced.alpha == full.alpha
     assert np.linalg.matrix_rank(reduced.coef, tol=1e-8) == 2
     # the mean training prediction is unchanged (intercept follows the projection)
@@ -137,7 +139,7 @@ def test_reduce_rank_finds_shared_programmes_and_predicts_held_out_spots_better(
     error = {k: float(((m.predict(x_new) - y_new) ** 2).mean()) for k, m in
              (("full", full), ("reduced", reduced))}  # fmt: skip
     assert error["reduced"] < 0.95 * error["full"]  # 0.92 here
-    only_full = baselines.reduce_rank(full, x, y, groups, ranks=[0])
+    only_full = ridge_probe.reduce_rank(full, x, y, groups, ranks=[0])
     np.testing.assert_allclose(only_full.predict(x_new), full.predict(x_new), rtol=1e-5)
     assert only_full.meta["rank"] == 0
 
@@ -147,8 +149,8 @@ def test_reduce_rank_keeps_the_full_probe_when_every_gene_is_its_own_signal() ->
     x = rng.normal(size=(240, 12))
     y = x[:, :12] * 3 + rng.normal(scale=0.1, size=(240, 12))  # 12 independent genes
     groups = np.repeat(["a", "b", "c"], 80)
-    full = baselines.fit_ridge(x, y, groups, [f"g{i}" for i in range(12)])
-    assert baselines.reduce_rank(full, x, y, groups).meta["rank"] == 0
+    full = ridge_probe.fit_ridge(x, y, groups, [f"g{i}" for i in range(12)])
+    assert ridge_probe.reduce_rank(full, x, y, groups).meta["rank"] == 0
 
 
 def test_train_predict_ridge_color_through_metrics(fold_file: Path, tmp_path: Path) -> None:
@@ -181,7 +183,7 @@ def test_train_predict_ridge_color_through_metrics(fold_file: Path, tmp_path: Pa
 
 
 def meta_std(model_dir: Path) -> np.ndarray:
-    return baselines.load_ridge(model_dir).residual_std
+    return ridge_probe.load_ridge(model_dir).residual_std
 
 
 def test_ridge_embed_with_custom_and_timm_embedders(fold_file: Path, tmp_path: Path) -> None:
@@ -191,7 +193,7 @@ def test_ridge_embed_with_custom_and_timm_embedders(fold_file: Path, tmp_path: P
     model_dir = baselines.train_ridge(
         fold_file, "ridge_embed", tmp_path / "m", embed=mean_colour, max_components=2
     )
-    model = baselines.load_ridge(model_dir)
+    model = ridge_probe.load_ridge(model_dir)
     assert model.components.shape == (2, 3)
     with pytest.raises(StevsInputError, match="pass its embed"):
         baselines.predict_ridge(model_dir, fold_file, tmp_path / "p")
@@ -199,13 +201,13 @@ def test_ridge_embed_with_custom_and_timm_embedders(fold_file: Path, tmp_path: P
     per_gene, _, _ = metrics.evaluate_fold(fold_file, tmp_path / "p", "ridge_embed")
     assert per_gene.set_index("gene").loc["red_gene", "pearson_r"] > 0.6
     # the default path builds a frozen timm model by name (random weights here: shape only)
-    embed = baselines.timm_embedder("test_efficientnet", device="cpu")
-    feats = embed(np.zeros((3, PATCH, PATCH, 3), dtype=np.uint8))
-    assert feats.shape == (3, 256) and np.isfinite(feats).all()
+    encoder = frozen_backbone("test_efficientnet")
+    feats = embed_patches(encoder, np.zeros((3, PATCH, PATCH, 3), dtype=np.uint8))
+    assert feats.shape == (3, encoder.feature_dim) and np.isfinite(feats).all()
     timm_dir = baselines.train_ridge(
         fold_file, "ridge_embed", tmp_path / "t", backbone="test_efficientnet"
     )
-    assert baselines.load_ridge(timm_dir).meta["feature_source"] == "backbone:test_efficientnet"
+    assert ridge_probe.load_ridge(timm_dir).meta["feature_source"] == "backbone:test_efficientnet"
     [path] = baselines.predict_ridge(timm_dir, fold_file, tmp_path / "tp")
     assert np.isfinite(ad.read_h5ad(path).X).all()
 
@@ -216,9 +218,9 @@ def test_load_ridge_rejects_tampered_or_missing_files(fold_file: Path, tmp_path:
     meta["model_sha256"] = "0" * 64
     (model_dir / "config.json").write_text(json.dumps(meta))
     with pytest.raises(StevsInputError, match="checksum"):
-        baselines.load_ridge(model_dir)
+        ridge_probe.load_ridge(model_dir)
     with pytest.raises(StevsInputError, match="missing; is this the output folder"):
-        baselines.load_ridge(tmp_path / "nowhere")
+        ridge_probe.load_ridge(tmp_path / "nowhere")
     fold = json.loads(fold_file.read_text())
     fold["slides"][0]["patches"] = str(tmp_path / "missing.h5")
     fold_file.write_text(json.dumps(fold))
@@ -248,7 +250,7 @@ def test_within_slice_fold_trains_on_train_val_spots_and_predicts_test_spots(
         scheme="within_slice",
     )
     model_dir = baselines.train_ridge(fold_path, "ridge_color", tmp_path / "m")
-    model = baselines.load_ridge(model_dir)
+    model = ridge_probe.load_ridge(model_dir)
     assert model.meta["n_train_spots"] == 60
     assert not model.meta["inner_cv_grouped_by_slide"]  # one slide: inner CV over spots
     [path] = baselines.predict_ridge(model_dir, fold_path, tmp_path / "p")
@@ -259,7 +261,12 @@ def test_within_slice_fold_trains_on_train_val_spots_and_predicts_test_spots(
 
 
 def test_default_embedder_is_the_pretrained_preset_backbone() -> None:
-    embed = baselines.make_embedder(baselines.DEFAULT_BACKBONE, device="cpu")
+    encoder = frozen_backbone(baselines.DEFAULT_BACKBONE)
+    assert encoder.spec.weights != "none"  # the preset's pretrained weights
+
+    def embed(patches: np.ndarray) -> np.ndarray:
+        return embed_patches(encoder, patches)
+
     rng = np.random.default_rng(5)
     patches = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
     feats = embed(patches)
@@ -278,7 +285,7 @@ def test_ridge_pipeline_equals_sklearn_scaler_pca_ridge(n_spots: int) -> None:
     x = rng.normal(size=(n_spots, 12)) * rng.uniform(0.5, 5, size=12)
     y = x[:, :3] @ rng.normal(size=(3, 4)) + rng.normal(size=(n_spots, 4))
     groups = np.repeat(["a", "b"], n_spots // 2)
-    model = baselines.fit_ridge(x, y, groups, list("abcd"), max_components=5, n_splits=2)
+    model = ridge_probe.fit_ridge(x, y, groups, list("abcd"), max_components=5, n_splits=2)
     scaler = StandardScaler().fit(x)
     pca = PCA(n_components=5, svd_solver="full").fit(scaler.transform(x))
     ridge = Ridge(alpha=model.alpha).fit(pca.transform(scaler.transform(x)), y)
@@ -293,7 +300,9 @@ def test_ridge_pipeline_equals_sklearn_scaler_pca_ridge(n_spots: int) -> None:
 def _old_stain_concentrations(patches: np.ndarray) -> np.ndarray:
     """The lookup-table deconvolution the module used before skimage.color.separate_stains."""
     optical_density = (-np.log10((np.arange(256) + 1.0) / 256.0)).astype(np.float32)
-    return np.maximum(optical_density[patches] @ baselines.HED_FROM_RGB.astype(np.float32), 0.0)
+    return np.maximum(
+        optical_density[patches] @ color_features.HED_FROM_RGB.astype(np.float32), 0.0
+    )
 
 
 def _he_like_patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -312,19 +321,19 @@ def test_hsv_kernel_equals_skimage_rgb2hsv_with_ties() -> None:
     from skimage.color import rgb2hsv
 
     rgb = _he_like_patches(8).astype(np.float32) / 255
-    assert np.abs(baselines.rgb_to_hsv(rgb) - rgb2hsv(rgb)).max() < 1e-6
+    assert np.abs(color_features.rgb_to_hsv(rgb) - rgb2hsv(rgb)).max() < 1e-6
 
 
 def test_stain_concentrations_equal_the_old_lookup_table_and_are_not_rgb2hed() -> None:
     from skimage.color import rgb2hed
 
     patches = _he_like_patches(8)
-    new = baselines.stain_concentrations(patches)
+    new = color_features.stain_concentrations(patches)
     assert new.shape == patches.shape and new.dtype == np.float32
     assert np.abs(new - _old_stain_concentrations(patches)).max() < 1e-5
     # channel-first planes give the same values
     planes = patches.reshape(8, -1, 3).transpose(0, 2, 1)
-    again = baselines.stain_concentrations(planes, channel_axis=1)
+    again = color_features.stain_concentrations(planes, channel_axis=1)
     assert np.allclose(again, new.reshape(8, -1, 3).transpose(0, 2, 1), atol=1e-6)
     # skimage's own rgb2hed is another feature (other stain vectors and intensity offset)
     assert np.abs(rgb2hed(patches) - new).max() > 0.5
@@ -332,7 +341,7 @@ def test_stain_concentrations_equal_the_old_lookup_table_and_are_not_rgb2hed() -
 
 def test_colour_features_stain_columns_equal_the_old_lookup_table() -> None:
     patches = _he_like_patches(6)
-    feats = baselines.color_texture_features(patches, progress=False)
+    feats = color_features.color_texture_features(patches, progress=False)
     hed = _old_stain_concentrations(patches)[..., :2].reshape(6, -1, 2)
     first = 6 + 3 * 8 + 6  # RGB mean/std, histogram, hue cos/sin + saturation + value
     expected = np.concatenate(
@@ -396,8 +405,8 @@ def test_fit_ridge_equals_the_old_hand_written_pipeline(n_spots: int, n_features
     x[:, 0] = 2.0  # a constant feature
     y = latent[:, :3] @ rng.normal(size=(3, 7)) + rng.normal(size=(n_spots, 7))
     groups = np.repeat(["a", "b", "c", "d"], n_spots // 4)
-    alphas = baselines.DEFAULT_ALPHAS
-    model = baselines.fit_ridge(x, y, groups, list("abcdefg"), max_components=20)
+    alphas = ridge_probe.DEFAULT_ALPHAS
+    model = ridge_probe.fit_ridge(x, y, groups, list("abcdefg"), max_components=20)
     alpha, predict, residual_std, cv_mse = _old_fit_ridge(x, y, groups, alphas, 20)
     assert model.alpha == alpha
     x_new = rng.normal(size=(50, n_features)) * x.std(0) + x.mean(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stevs.baselines import fit_ridge, reduce_rank
+from stevs.models.ridge import fit_ridge, reduce_rank
 from stevs.models import BackboneSpec, STevs, STevsConfig
 from stevs.models.context import neighbour_index, neighbour_mean, slide_pitch
 from stevs.models.stevs import fit_linear_path

@@ -118,11 +118,11 @@ def _frozen(study, out, *extra: str) -> None:
 
 
 def test_cache_holds_what_the_frozen_model_embeds(study):
-    from stevs.baselines import preset_embedder
+    from stevs.embed import embed_patches, frozen_backbone
     from stevs.io.patch_cache import PatchCache
 
     with PatchCache(study["dir"] / "s1.h5") as patches:
-        direct = preset_embedder(EFFNET, device="cpu")(patches.read_rows(np.arange(len(patches))))
+        direct = embed_patches(frozen_backbone(EFFNET), patches)
         barcodes = list(patches.barcodes)
     cache = EmbeddingCache(study["embeddings"] / "s1.h5")
     assert cache.barcodes == barcodes and cache.key.view == "none"
@@ -154,7 +154,7 @@ def test_frozen_training_and_prediction_read_the_cache(study, tmp_path, caplog):
 
 def test_refit_retrains_on_train_and_val_for_the_selected_epochs(study, tmp_path, caplog):
     out = tmp_path / "refit"
-    _frozen(study, out, "--embeddings", str(study["embeddings"]), "--refit")
+    _frozen(study, out, "--embeddings", str(study["embeddings"]), "--refit", "--keep-selection")
     config = json.loads((out / "config.json").read_text())
     selection = json.loads((out / "selection" / "config.json").read_text())
     assert config["refit_epochs"] == selection["best_epoch"] >= 1
@@ -174,13 +174,24 @@ def test_refit_retrains_on_train_and_val_for_the_selected_epochs(study, tmp_path
     assert main(["predict", "--model-dir", str(out), "--fold", str(study["fold"]),
                  "--out-dir", str(out / "pred"), "--device", "cpu",
                  "--embeddings", str(study["embeddings"])]) == 0  # fmt: skip
-    # a rerun resumes both finished runs: nothing trains again, the weights stay
+    # finished runs keep no resume state; the frozen pretrained backbone is recorded, not copied
+    assert (
+        not (out / "checkpoint.pt").exists() and not (out / "selection" / "checkpoint.pt").exists()
+    )
+    assert not any(k.startswith("backbone.") for k in refit)
+    assert config["backbone_weights"]["stored"] is False
+    # a rerun finds the finished refit: nothing trains again, the weights stay
     caplog.set_level(logging.INFO, logger="stevs")
     caplog.clear()
     _frozen(study, out, "--embeddings", str(study["embeddings"]), "--refit")
     again = load_file(out / "model.safetensors")
     assert all(torch.equal(refit[k], again[k]) for k in refit)
-    assert caplog.text.count("resuming from") == 2 and "epoch 1:" not in caplog.text
+    assert "holds this run, finished" in caplog.text and "epoch 1:" not in caplog.text
+    # by default the selection run is not kept beside the refit; the refit is the same
+    plain = tmp_path / "plain"
+    _frozen(study, plain, "--embeddings", str(study["embeddings"]), "--refit")
+    assert not (plain / "selection").exists() and not (plain / "checkpoint.pt").exists()
+    assert all(torch.equal(refit[k], v) for k, v in load_file(plain / "model.safetensors").items())
 
 
 def _runs() -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -29,7 +29,9 @@ import stevs.atomic
 from stevs.cli import main
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import read_fold
-from stevs.train import TrainOptions, build_model, train_model
+from stevs.models import create_model
+from stevs.training.loop import train_model
+from stevs.training.options import TrainOptions
 
 #: fault classes with their test in the module's own test file
 ELSEWHERE = {
@@ -640,7 +642,7 @@ def test_divergence_to_nan_names_the_epoch_and_writes_no_weights(tmp_path):
 
     torch.manual_seed(0)
     genes = [f"g{i}" for i in range(5)]
-    model = build_model("stevs", TINY_PRESET, genes, normalisation())
+    model = create_model("stevs", TINY_PRESET, genes, normalisation())
     options = TrainOptions(workers=0, device="cpu", epochs=2).resolved(TINY_PRESET)
     with pytest.raises(StevsInputError, match="training diverged at epoch 1") as info:
         train_model(model, Diverging(16, (0,), 1), None, tmp_path, options, {"method": "stevs"})

@@ -9,8 +9,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from stevs.errors import StevsInputError
+from stevs.methods import torch_switches
 from stevs.models import (
-    METHODS,
     BackboneSpec,
     ImageBackbone,
     STevs,
@@ -140,7 +140,7 @@ def test_full_model_terms_are_finite_and_gradients_reach_both_experts_and_backbo
     assert grad_norm(model.decoder) > 0
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(torch_switches()))
 def test_every_method_trains_and_predicts_through_one_class(method):
     torch.manual_seed(0)
     model = STevs(tiny_config(method))
@@ -384,7 +384,7 @@ def test_image_expert_starts_narrow_and_spatial_expert_starts_as_broad_as_the_pr
 
 
 def test_coordinate_augmentation_keeps_distances_from_the_centre_and_draws_all_symmetries():
-    from stevs.train import augment_coords
+    from stevs.training.batches import augment_coords
 
     torch.manual_seed(0)
     point = torch.tensor([[0.6, -0.2]]).repeat(4000, 1)
@@ -542,6 +542,7 @@ def test_reparameterize_is_mu_plus_sigma_eps_and_differentiable():
 def test_methods_table_is_the_registry_s_torch_switches():
     from stevs.methods import REGISTRY
 
+    METHODS = torch_switches()
     torch_methods = {name: dict(m.switches) for name, m in REGISTRY.items() if m.kind == "torch"}
     assert METHODS == torch_methods
     # the table the module held before the registry (plus the context / linear-path

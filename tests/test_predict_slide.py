@@ -33,7 +33,7 @@ from stevs.predict_slide import (
     predict_slide,
     spot_tissue_fractions,
 )
-from stevs.train import build_model
+from stevs.models import create_model
 from tests.conftest import assert_draws_over_he, write_pyramid_tiff
 
 matplotlib.use("Agg")
@@ -79,7 +79,7 @@ def untrained_model(
         "mean": [1.0] * len(genes),
         "std": [0.5] * len(genes),
     }
-    model = build_model(method, preset, genes, normalisation)
+    model = create_model(method, preset, genes, normalisation)
     directory.mkdir(parents=True, exist_ok=True)
     ModelDir(directory).write_tensors(model.state_dict(), {"method": method})
     config = {
@@ -390,7 +390,8 @@ def trained_demo(tmp_path_factory) -> tuple[Path, Path]:
     from stevs.folds import FoldOptions, make_folds
     from stevs.io.ingest import ingest_from_sheet
     from stevs.tiling import tile_slide
-    from stevs.train import TrainOptions, train_fold
+    from stevs.training.fold import train_fold
+    from stevs.training.options import TrainOptions
 
     root = tmp_path_factory.mktemp("demo")
     sheet = make_demo(root / "demo", seed=0, n_slides=4, size_um=2000, mpp=2.0, n_genes=60)

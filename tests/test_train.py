@@ -15,15 +15,14 @@ from torch.utils.data import Dataset
 
 from stevs.errors import StevsInputError
 from stevs.models import BackboneSpec, Preset
-from stevs.predict import load_model
-from stevs.train import (
-    VAL_METRIC,
-    TrainOptions,
-    augment_patches,
-    build_model,
-    lr_factor,
-    train_model,
-)
+from stevs.metrics import VAL_METRIC
+from stevs.models import load_model
+from stevs.models import create_model
+from stevs.embed import embed_patches
+from stevs.training.batches import EmbeddingDataset, augment_patches
+from stevs.training.fold import fit_model
+from stevs.training.loop import lr_factor, train_model
+from stevs.training.options import TrainOptions
 
 torch.set_num_threads(1)
 
@@ -101,7 +100,7 @@ def normalisation() -> dict:
 def run_training(out, method="stevs", on_epoch_end=None, preset=TINY_PRESET, n_train=40, **options):
     torch.manual_seed(0)
     genes = [f"g{i}" for i in range(N_GENES)]
-    model = build_model(method, preset, genes, normalisation())
+    model = create_model(method, preset, genes, normalisation())
     opts = TrainOptions(workers=0, device="cpu", **options).resolved(preset)
     config = {"method": method, "model": model.config.to_dict(), "genes": genes, "fold": "f0"}
     return train_model(
@@ -116,12 +115,19 @@ def run_training(out, method="stevs", on_epoch_end=None, preset=TINY_PRESET, n_t
 
 
 def test_training_writes_weights_config_checkpoint_and_metrics(tmp_path):
-    result = run_training(tmp_path)
-    assert result.finished and result.epochs_done == 3
-    for name in ("model.safetensors", "config.json", "checkpoint.pt", "metrics.csv"):
+    seen = {}
+
+    def read_checkpoint(epoch: int) -> None:  # after each epoch's checkpoint is written
+        seen[epoch] = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+
+    result = run_training(tmp_path, on_epoch_end=read_checkpoint)
+    assert result.finished and result.epochs_done == 3 and sorted(seen) == [1, 2, 3]
+    for name in ("model.safetensors", "config.json", "metrics.csv"):
         assert (tmp_path / name).is_file()
+    # a finished run keeps no resume state (optimiser state is most of a model folder)
+    assert not (tmp_path / "checkpoint.pt").exists()
     assert not list(tmp_path.glob(".*tmp*"))
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint = seen[3]
     assert checkpoint["epoch"] == 3 and checkpoint["finished"]
     assert {"model", "optimizer", "scheduler", "rng"} <= set(checkpoint)
     with open(tmp_path / "metrics.csv") as handle:
@@ -176,11 +182,13 @@ def test_run_killed_after_an_epoch_resumes_to_the_same_weights(tmp_path):
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     resumed = run_training(tmp_path / "resumed")
     assert resumed.epochs_done == 3
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert set(a) == set(b)
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
 
 
 def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
@@ -219,7 +227,7 @@ def test_zero_epochs_is_an_error(tmp_path):
 def test_frozen_backbone_trains_the_heads_only(tmp_path):
     torch.manual_seed(0)
     genes = [f"g{i}" for i in range(N_GENES)]
-    model = build_model("stevs", TINY_PRESET, genes, normalisation())
+    model = create_model("stevs", TINY_PRESET, genes, normalisation())
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     heads_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     opts = TrainOptions(workers=0, device="cpu", freeze_backbone=True, epochs=2).resolved(
@@ -296,29 +304,41 @@ CONTEXT_PRESET = replace(TINY_PRESET, context="neighbours", linear_path="ridge",
 
 def test_preset_context_and_linear_path_apply_to_frozen_runs_only():
     genes = [f"g{i}" for i in range(N_GENES)]
-    frozen = build_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    frozen = create_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True)
     assert (frozen.config.context, frozen.config.linear_path) == ("neighbours", "ridge")
-    trainable = build_model("stevs", CONTEXT_PRESET, genes, normalisation())
+    trainable = create_model("stevs", CONTEXT_PRESET, genes, normalisation())
     assert (trainable.config.context, trainable.config.linear_path) == ("none", "none")
     # the ST-Net baseline stays the ST-Net design; the spatial-only ablation has no image
-    stnet = build_model("stnet", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    stnet = create_model("stnet", CONTEXT_PRESET, genes, normalisation(), frozen=True)
     assert stnet.config.context == "none"
-    spatial = build_model("stevs_spatial_only", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    spatial = create_model(
+        "stevs_spatial_only", CONTEXT_PRESET, genes, normalisation(), frozen=True
+    )
     assert (spatial.config.context, spatial.config.linear_path) == ("none", "none")
     # a command-line override wins over the preset
-    off = build_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True, context="none")
+    off = create_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True, context="none")
     assert off.config.context == "none" and off.config.linear_path == "ridge"
+
+
+def tiny_embeddings(model, spots: TinySpots) -> EmbeddingDataset:
+    """TinySpots as the fold level hands them to the loop: frozen embeddings, no patches."""
+    patches = spots.patches.permute(0, 2, 3, 1).numpy()
+    items = {k: v for k, v in spots[slice(None)].items() if k not in ("patch", "barcode")}
+    items = {**items, "counts": torch.ones(len(spots), N_GENES),
+             "library_size": torch.full((len(spots),), 100.0)}  # fmt: skip
+    embedded = embed_patches(model.backbone.eval(), patches, progress=False)
+    return EmbeddingDataset(torch.from_numpy(embedded), items)
 
 
 def _context_run(out) -> tuple:
     torch.manual_seed(0)
     genes = [f"g{i}" for i in range(N_GENES)]
-    model = build_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True)
+    model = create_model("stevs", CONTEXT_PRESET, genes, normalisation(), frozen=True)
     opts = TrainOptions(workers=0, device="cpu", freeze_backbone=True).resolved(CONTEXT_PRESET)
     config = {"method": "stevs", "model": model.config.to_dict(), "genes": genes, "fold": "f0"}
-    result = train_model(
-        model, TinySpots(40, (0, 1), seed=1), TinySpots(16, (2,), seed=2), out, opts, config
-    )
+    train, val = TinySpots(40, (0, 1), seed=1), TinySpots(16, (2,), seed=2)
+    train_data, val_data = tiny_embeddings(model, train), tiny_embeddings(model, val)
+    result = fit_model(model, train_data, val_data, out, opts, config)
     return model, result
 
 
@@ -348,7 +368,7 @@ def test_frozen_run_with_context_and_ridge_path_is_deterministic_and_predicts(tm
 
 def test_context_with_a_trainable_backbone_is_a_clear_error(tmp_path):
     genes = [f"g{i}" for i in range(N_GENES)]
-    model = build_model("stevs", TINY_PRESET, genes, normalisation(), context="neighbours")
+    model = create_model("stevs", TINY_PRESET, genes, normalisation(), context="neighbours")
     opts = TrainOptions(workers=0, device="cpu").resolved(TINY_PRESET)
     with pytest.raises(StevsInputError, match="--freeze-backbone"):
         train_model(model, TinySpots(16, (0,), 1), None, tmp_path, opts, {"method": "stevs"})

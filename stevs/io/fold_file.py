@@ -223,3 +223,15 @@ def check_no_overlap(fold: Fold, path: Path | None) -> None:
                 raise StevsInputError(
                     path, f"{len(shared)} spot(s) of slide {slide} are in both {a} and {b}"
                 )
+
+
+def training_patch_scale(fold: Fold) -> dict[str, float] | None:
+    """The patch scale of the fold's first existing training patch cache (what a model
+    trained on the fold saw), or None when none exists."""
+    from stevs.io.patch_cache import read_patch_scale
+
+    for slide in fold.train:
+        path = Path(fold.slide_entry(slide).patches)
+        if path.is_file():
+            return read_patch_scale(path).to_dict()
+    return None

@@ -4,8 +4,11 @@ Every method writes the same complete folder (docs/architecture.md, "Model folde
 
 * ``config.json``: method (a :mod:`stevs.methods` name), fold, genes, normalisation, the
   patch scale of the training caches, and what rebuilds the model;
-* ``model.safetensors``: the weights (tensors or arrays), metadata keys in sorted order;
-* ``checkpoint.pt``: resume state of torch methods (plain tensors, ``weights_only=True``);
+* ``model.safetensors``: the weights (tensors or arrays), metadata keys in sorted order; a
+  frozen pretrained backbone is recorded in ``config.json`` (``backbone_weights``: source and
+  hash), not stored (:mod:`stevs.models.factory`);
+* ``checkpoint.pt``: resume state of torch methods (plain tensors, ``weights_only=True``),
+  removed once the run finishes (a killed run keeps it, so the rerun resumes);
 * ``metrics.csv``: one row per epoch (torch) or per penalty (ridge);
 * ``train.log``: the training log.
 
@@ -166,6 +169,19 @@ class ModelDir:
             raise StevsInputError(
                 self.checkpoint_path, f"cannot read the checkpoint: {err}"
             ) from err
+
+    def remove_checkpoint(self) -> None:
+        """Remove the resume state of a finished run (a file this folder's run wrote)."""
+        self.checkpoint_path.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Remove a model folder's own files (those named here), then the folder if that
+        left it empty; anything else in it stays."""
+        for path in (self.config_path, self.weights_path, self.checkpoint_path,
+                     self.metrics_path, self.log_path):  # fmt: skip
+            path.unlink(missing_ok=True)
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def write_checkpoint(self, state: Mapping[str, Any]) -> Path:
         import torch

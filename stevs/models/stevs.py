@@ -18,11 +18,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stevs.methods import REGISTRY
+from stevs.methods import torch_switches
 from stevs.models.backbones import BackboneSpec, ImageBackbone
 from stevs.models.context import CONTEXTS
 from stevs.models.decoders import GaussianDecoder, NegativeBinomialDecoder, negative_binomial_nll
@@ -35,13 +34,6 @@ from stevs.models.poe import (
     product_of_experts,
     reparameterize,
 )
-
-#: torch method name -> switches applied to :class:`STevsConfig`; derived from the method
-#: registry :data:`stevs.methods.REGISTRY` (kept for backwards compatibility)
-METHODS: dict[str, dict[str, Any]] = {
-    m.name: dict(m.switches) for m in REGISTRY.values() if m.kind == "torch"
-}
-
 
 #: linear paths of :class:`STevsConfig`
 LINEAR_PATHS = ("none", "learned", "ridge")
@@ -87,7 +79,7 @@ class STevsConfig:
     # her2st (0.410 vs 0.412) at 3 more fits per run, so off
     linear_stacking: bool = False
     # "ridge": "full" = the probe as ridge_embed fits it; "cv" = its reduced-rank version
-    # (stevs.baselines.reduce_rank: the genes share r programmes, r by the probe's inner CV,
+    # (stevs.models.ridge.reduce_rank: the genes share r programmes, r by the probe's inner CV,
     # full rank kept unless lower is better), as the VAE's decoder shares its latent
     linear_rank: str = "full"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -116,10 +108,11 @@ class STevsConfig:
 
     @classmethod
     def for_method(cls, method: str, **kwargs: Any) -> STevsConfig:
-        """The configuration of a named method (see :data:`METHODS`)."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        return replace(cls(**kwargs), **METHODS[method])
+        """The configuration of a named torch method of the registry (its switches)."""
+        switches = torch_switches()
+        if method not in switches:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(switches)}")
+        return replace(cls(**kwargs), **switches[method])
 
     @property
     def aligned(self) -> bool:
@@ -474,7 +467,7 @@ def fit_linear_path(
     ``features`` (N, F) are :meth:`STevs.image_features` of the training spots, ``target``
     (N, G) their targets in the fold's normalisation, ``groups`` their slides. Both kinds
     standardise the features with the training mean/std. ``ridge`` then sets the weights to
-    the closed-form ridge probe of :func:`stevs.baselines.fit_ridge` (standardise, PCA,
+    the closed-form ridge probe of :func:`stevs.models.ridge.fit_ridge` (standardise, PCA,
     penalty chosen by inner CV grouped by slide: the ``ridge_embed`` recipe) on the model's
     standardised targets, collapsed to one linear map; ``learned`` leaves them at zero.
     With ``linear_stacking``, the out-of-fold predictions come from refitting the probe (same
@@ -486,23 +479,20 @@ def fit_linear_path(
     if model.config.linear_path == "learned":
         model.set_feature_normalisation(x.mean(0), x.std(0))
         return {"linear_path": "learned"}, None
-    from stevs.baselines import MAX_COMPONENTS, _fit_pipeline, _inner_splits, fit_ridge, reduce_rank
+    from stevs.models.ridge import fit_ridge, linear_map, out_of_fold_predictions, reduce_rank
 
     y = model.standardise(target.detach().float().to(model.target_mean.device)).cpu().numpy()
     probe = fit_ridge(x, y, groups, genes)
     if model.config.linear_rank == "cv":
         probe = reduce_rank(probe, x, y, groups, headline_genes=headline_genes)
     model.set_feature_normalisation(probe.feature_mean, probe.feature_scale)
-    weight = probe.components.T @ probe.coef  # (F, G) on standardised features
+    weight, bias = linear_map(probe)  # (F, G) on standardised features
     model.linear.weight.copy_(torch.as_tensor(weight.T, dtype=torch.float32))
-    model.linear.bias.copy_(torch.as_tensor(probe.intercept, dtype=torch.float32))
+    model.linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
     kept = ("n_components", "n_train_spots", "rank")
     info = {"linear_path": "ridge", "alpha": probe.alpha,
             **{k: probe.meta[k] for k in kept if k in probe.meta}}  # fmt: skip
     if not model.config.linear_stacking:
         return info, None
-    oof = np.zeros_like(y)
-    for train_idx, held_idx in _inner_splits(np.asarray(groups), 5, 0):
-        pipeline = _fit_pipeline(x[train_idx], y[train_idx], probe.alpha, MAX_COMPONENTS)
-        oof[held_idx] = pipeline.predict(x[held_idx])
+    oof = out_of_fold_predictions(x, y, groups, probe.alpha)
     return info, torch.as_tensor(oof, dtype=torch.float32)
