@@ -44,8 +44,8 @@ def make_model(directory: Path) -> Path:
     import torch
 
     from stevs.io.model_dir import ModelDir
-    from stevs.models.presets import get_preset
     from stevs.models import create_model
+    from stevs.models.presets import get_preset
 
     if (directory / "config.json").is_file():
         return directory

@@ -33,10 +33,9 @@ import scipy.sparse as sp
 import torch
 
 from stevs.data import SpotDataset
-from stevs.folds import Fold, SlideEntry, write_fold
-from stevs.models import get_preset
 from stevs.device import resolve_device
-from stevs.models import create_model
+from stevs.folds import Fold, SlideEntry, write_fold
+from stevs.models import create_model, get_preset
 from stevs.training.batches import (
     EpochSampler,
     augment_patches,

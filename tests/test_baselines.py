@@ -15,9 +15,9 @@ from matplotlib.colors import rgb_to_hsv as mpl_rgb_to_hsv
 from scipy import sparse
 
 from stevs import __version__, baselines, color_features, metrics
-from stevs.models import ridge as ridge_probe
 from stevs.embed import embed_patches, frozen_backbone
 from stevs.errors import StevsInputError
+from stevs.models import ridge as ridge_probe
 
 torch.set_num_threads(1)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stevs.models.ridge import fit_ridge, reduce_rank
 from stevs.models import BackboneSpec, STevs, STevsConfig
 from stevs.models.context import neighbour_index, neighbour_mean, slide_pitch
+from stevs.models.ridge import fit_ridge, reduce_rank
 from stevs.models.stevs import fit_linear_path
 
 torch.set_num_threads(1)

@@ -16,8 +16,8 @@ from stevs.cli import main
 from stevs.data import SpotDataset
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, SlideEntry, read_fold, write_fold
-from stevs.panels import library_sizes, normalise
 from stevs.models import load_model
+from stevs.panels import library_sizes, normalise
 from stevs.predict import predict_fold, predict_patches
 
 torch.set_num_threads(1)

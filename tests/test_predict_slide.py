@@ -21,6 +21,7 @@ from stevs.cli import main
 from stevs.errors import StevsInputError
 from stevs.io.model_dir import ModelDir
 from stevs.io.patch_cache import PatchScale
+from stevs.models import create_model
 from stevs.models.presets import get_preset
 from stevs.predict_slide import (
     HIRES_MAX_SIDE,
@@ -33,7 +34,6 @@ from stevs.predict_slide import (
     predict_slide,
     spot_tissue_fractions,
 )
-from stevs.models import create_model
 from tests.conftest import assert_draws_over_he, write_pyramid_tiff
 
 matplotlib.use("Agg")

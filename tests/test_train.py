@@ -13,12 +13,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from stevs.errors import StevsInputError
-from stevs.models import BackboneSpec, Preset
-from stevs.metrics import VAL_METRIC
-from stevs.models import load_model
-from stevs.models import create_model
 from stevs.embed import embed_patches
+from stevs.errors import StevsInputError
+from stevs.metrics import VAL_METRIC
+from stevs.models import BackboneSpec, Preset, create_model, load_model
 from stevs.training.batches import EmbeddingDataset, augment_patches
 from stevs.training.fold import fit_model
 from stevs.training.loop import lr_factor, train_model
