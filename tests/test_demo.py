@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stevs import demo
 from stevs.cli import main as cli_main
+from stevs.demo import constants, make_demo, study
 from stevs.errors import StevsInputError
 
 SIZE_UM = 1200.0
@@ -23,7 +23,7 @@ SEED = 3
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    sheet = demo.make_demo(out, seed=SEED, n_slides=N_SLIDES, size_um=SIZE_UM, mpp=MPP)
+    sheet = make_demo(out, seed=SEED, n_slides=N_SLIDES, size_um=SIZE_UM, mpp=MPP)
     assert sheet == out / "samples.tsv"
     return out
 
@@ -94,7 +94,7 @@ def test_tifffile_sees_tiled_rgb_pages(demo_dir: Path) -> None:
     with tifffile.TiffFile(demo_dir / "demo_2.tif") as tif:
         pages = tif.pages
         assert len(pages) == 3
-        assert all(page.is_tiled and page.tilewidth == demo.TIFF_TILE for page in pages)
+        assert all(page.is_tiled and page.tilewidth == constants.TIFF_TILE for page in pages)
         assert [page.shape[0] for page in pages] == [1500, 750, 375]
         assert pages[0].subfiletype == 0
         assert all(page.subfiletype == 1 for page in pages[1:])
@@ -154,7 +154,7 @@ def test_10x_h5_reads_with_scanpy_in_positions_order(demo_dir: Path) -> None:
         in_tissue = [r[0] for r in _positions(demo_dir / slide) if r[1] == "1"]
         assert list(adata.obs_names) == in_tissue
         names = list(adata.var_names)
-        assert len(names) == demo.DEFAULT_N_GENES and len(set(names)) == len(names)
+        assert len(names) == constants.DEFAULT_N_GENES and len(set(names)) == len(names)
         assert {"TUMOUR_1", "STROMA_1", "FAT_1", "IMMUNE_1", "GENE_001"} <= set(names)
         assert sum(n.startswith("MT-") for n in names) >= 3
         assert sum(n.startswith(("RPL", "RPS")) for n in names) >= 3
@@ -183,9 +183,9 @@ def test_markers_follow_their_tissue_type(demo_dir: Path) -> None:
         shares.append(composition[:, :4] / (1.0 - composition[:, 4:]))
         names = list(adata.var_names)
     expression_all, share_all = np.concatenate(expression), np.concatenate(shares)
-    for k, tissue in enumerate(demo.TISSUE_TYPES):
+    for k, tissue in enumerate(constants.TISSUE_TYPES):
         markers = [i for i, n in enumerate(names) if n.startswith(f"{tissue.upper()}_")]
-        assert len(markers) == demo.N_MARKERS_PER_TYPE
+        assert len(markers) == constants.N_MARKERS_PER_TYPE
         for i in markers:
             rho = spearmanr(expression_all[:, i], share_all[:, k]).statistic
             assert rho > 0.5, f"{names[i]} vs {tissue}: rho {rho:.2f}"
@@ -197,11 +197,11 @@ def test_markers_follow_their_tissue_type(demo_dir: Path) -> None:
 def test_truth_files_are_consistent(demo_dir: Path) -> None:
     for slide in ("demo_1", "demo_2", "demo_heonly"):
         truth = np.load(demo_dir / "truth" / f"{slide}.npz", allow_pickle=False)
-        assert set(truth.files) == set(demo.TRUTH_KEYS)
+        assert set(truth.files) == set(constants.TRUTH_KEYS)
         assert str(truth["slide_id"]) == slide
-        assert list(truth["type_names"]) == list(demo.TYPE_NAMES)
+        assert list(truth["type_names"]) == list(constants.TYPE_NAMES)
         composition = truth["composition"]
-        assert composition.shape[0] == len(demo.TYPE_NAMES)
+        assert composition.shape[0] == len(constants.TYPE_NAMES)
         np.testing.assert_allclose(composition.sum(axis=0), 1.0, atol=1e-5)
         assert composition[-1].max() > 0.99 and composition[-1].min() < 0.01  # glass and tissue
         assert float(truth["composition_um_per_px"]) * composition.shape[1] == pytest.approx(
@@ -209,7 +209,7 @@ def test_truth_files_are_consistent(demo_dir: Path) -> None:
         )
         n_spots, n_genes = truth["spot_expected_counts"].shape
         assert n_spots == truth["spot_barcodes"].size > 10
-        assert truth["gene_effects"].shape == (n_genes, len(demo.TISSUE_TYPES))
+        assert truth["gene_effects"].shape == (n_genes, len(constants.TISSUE_TYPES))
         assert np.all(truth["spot_tissue_fraction"] >= 0.5)
         expected = np.exp(truth["spot_log_rate"]) * truth["spot_size_factor"][:, None]
         np.testing.assert_allclose(truth["spot_expected_counts"], expected, rtol=1e-4)
@@ -241,14 +241,14 @@ def test_same_seed_same_bytes_other_seed_other_data(demo_dir: Path, tmp_path: Pa
     assert not differing, f"not deterministic: {differing}"
 
     other = tmp_path / "other"
-    demo.make_demo(other, seed=SEED + 1, n_slides=1, size_um=SIZE_UM, mpp=MPP)
+    make_demo(other, seed=SEED + 1, n_slides=1, size_um=SIZE_UM, mpp=MPP)
     for name in ("demo_1.tif", "demo_1/outs/filtered_feature_bc_matrix.h5", "truth/demo_1.npz"):
         assert (other / name).read_bytes() != original[name]
 
 
 def test_interrupted_run_leaves_no_sample_sheet(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "samples.tsv").write_text("stale sheet of an earlier run\n")
-    make_slide = demo._make_slide
+    make_slide = study.make_slide
     calls = []
 
     def failing_make_slide(*args, **kwargs):
@@ -257,9 +257,9 @@ def test_interrupted_run_leaves_no_sample_sheet(tmp_path: Path, monkeypatch) -> 
             raise KeyboardInterrupt
         return make_slide(*args, **kwargs)
 
-    monkeypatch.setattr(demo, "_make_slide", failing_make_slide)
+    monkeypatch.setattr(study, "make_slide", failing_make_slide)
     with pytest.raises(KeyboardInterrupt):
-        demo.make_demo(tmp_path, seed=0, n_slides=2, size_um=600.0, mpp=2.0)
+        make_demo(tmp_path, seed=0, n_slides=2, size_um=600.0, mpp=2.0)
     assert calls == ["demo_1", "demo_2"]
     assert (tmp_path / "demo_1.tif").exists()
     assert not (tmp_path / "samples.tsv").exists()
@@ -278,7 +278,7 @@ def test_interrupted_run_leaves_no_sample_sheet(tmp_path: Path, monkeypatch) -> 
 )
 def test_bad_settings_raise_input_errors(tmp_path: Path, kwargs: dict, problem: str) -> None:
     with pytest.raises(StevsInputError, match=problem):
-        demo.make_demo(tmp_path / "out", **kwargs)
+        make_demo(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
 
@@ -286,4 +286,4 @@ def test_output_path_that_is_a_file_is_rejected(tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("x")
     with pytest.raises(StevsInputError, match=str(target)):
-        demo.make_demo(target, size_um=600.0, mpp=2.0, n_slides=1)
+        make_demo(target, size_um=600.0, mpp=2.0, n_slides=1)

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from scipy import sparse
 
-from stevs import demo
 from stevs.cli import main
+from stevs.demo import spaceranger as demo_spaceranger
 from stevs.errors import StevsInputError
 from stevs.io.expression import (
     VISIUM_POSITION_COLUMNS,
@@ -29,8 +29,10 @@ from stevs.io.samples import read_sample_sheet
 
 
 def write_10x_h5(path: Path, counts: np.ndarray, barcodes: list[str], genes: list[str]) -> None:
-    """A Space Ranger v3 matrix (``stevs.demo``'s writer); counts: spots x genes."""
-    demo.write_10x_h5(path, np.asarray(counts), np.asarray(barcodes), tuple(genes), "test")
+    """A Space Ranger v3 matrix (``stevs.demo.spaceranger``'s writer); counts: spots x genes."""
+    demo_spaceranger.write_10x_h5(
+        path, np.asarray(counts), np.asarray(barcodes), tuple(genes), "test"
+    )
 
 
 def write_10x_h5_v2(path: Path, genomes: dict[str, tuple[np.ndarray, list[str], list[str]]]):

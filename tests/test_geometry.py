@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from stevs import demo, predict_slide
+from stevs import predict_slide
+from stevs.demo import layout as demo_layout
+from stevs.demo.constants import GRID_MARGIN_UM
 from stevs.errors import StevsInputError
 from stevs.geometry import (
     check_grid_settings,
@@ -45,14 +47,14 @@ def test_square_lattice_and_grid_shape_boundaries() -> None:
 
 def test_demo_and_predict_slide_grids_are_the_same_lattice() -> None:
     mpp = 1.0
-    demo_grid = demo.make_spot_grid(seed=0, size_um=1000.0, offset_um=(0.0, 0.0))
+    demo_grid = demo_layout.make_spot_grid(seed=0, size_um=1000.0, offset_um=(0.0, 0.0))
     # predict_slide's grid over an image whose usable extent (minus a spot radius on each
     # side) equals the demo's (minus its margin on each side): the same spots
-    side_px = round(1000.0 - 2 * demo.GRID_MARGIN_UM + 55.0)
+    side_px = round(1000.0 - 2 * GRID_MARGIN_UM + 55.0)
     slide_grid = predict_slide.make_spot_grid((side_px, side_px), mpp)
     np.testing.assert_array_equal(demo_grid.array_row, slide_grid.array_row)
     np.testing.assert_array_equal(demo_grid.array_col, slide_grid.array_col)
-    demo_xy = np.stack([demo_grid.x_um, demo_grid.y_um], axis=1) - demo.GRID_MARGIN_UM
+    demo_xy = np.stack([demo_grid.x_um, demo_grid.y_um], axis=1) - GRID_MARGIN_UM
     slide_xy = (slide_grid.xy_px + 0.5) * mpp - 27.5
     np.testing.assert_allclose(demo_xy, slide_xy, atol=1e-9)
 

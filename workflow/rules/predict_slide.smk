@@ -4,7 +4,7 @@ Driven by config["predict_slides"]: `sheet` (slide_id, image, optional mpp), `mo
 method whose models predict) and `genes` (maps to draw; empty = the headline genes).
 """
 
-from stevs.demo import HEONLY_ID
+from stevs.demo.constants import HEONLY_ID
 from stevs.ids import SLIDE_ID_PATTERN
 from stevs.io.samples import read_predict_sheet
 
