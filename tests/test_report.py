@@ -1,5 +1,5 @@
 """Tests of stevs.report: the report builds from small fixture predictions, is self-contained,
-and its method-by-metric table equals summary.tsv."""
+its method-by-metric table equals summary.tsv, and the baselines are the method registry's."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from stevs import metrics, report
+from stevs import methods, metrics, report
 from stevs.cli import main
 from stevs.errors import StevsInputError
+from stevs.io.prediction import read_background
+from stevs.report import figures, page, tables
 
 GENES = [f"g{i}" for i in range(8)]
 N_SPOTS = 40
@@ -230,12 +232,12 @@ def test_report_without_optional_inputs_and_bad_input(tmp_path: Path, built_repo
 
 
 def test_wide_tables_scroll_inside_the_page() -> None:
-    rule = re.search(r"(?m)^table \{([^}]*)\}", report.CSS).group(1)
+    rule = re.search(r"(?m)^table \{([^}]*)\}", page.CSS).group(1)
     assert "overflow-x: auto" in rule and "display: block" in rule and "max-width: 100%" in rule
 
 
 def test_spot_map_draws_over_the_he_with_a_colour_bar(tmp_path: Path) -> None:
-    plt = report._pyplot()
+    plt = figures._pyplot()
     image = np.zeros((60, 80, 3), np.uint8)
     image[..., 0] = 200
     adata = ad.AnnData(np.zeros((3, 1), np.float32))
@@ -243,11 +245,11 @@ def test_spot_map_draws_over_the_he_with_a_colour_bar(tmp_path: Path) -> None:
         "s": {"images": {"lowres": image}, "scalefactors": {"tissue_lowres_scalef": 0.1}}
     }
     adata.write_h5ad(tmp_path / "p.h5ad")
-    background = report.read_background(tmp_path / "p.h5ad")
+    background = read_background(tmp_path / "p.h5ad")
     assert background.image.shape == (60, 80, 3) and background.scalef == 0.1
     xy = np.array([[100.0, 100.0], [300.0, 200.0], [500.0, 400.0]])
     fig, ax = plt.subplots()
-    report.draw_spot_map(ax, xy, np.array([0.0, 1.0, 2.0]), background, dot=5)
+    figures.draw_spot_map(ax, xy, np.array([0.0, 1.0, 2.0]), background, dot=5)
     assert len(ax.images) == 1  # the H&E underneath
     assert ax.images[0].get_extent() == [0, 800.0, 600.0, 0]  # image px -> level-0 px
     assert len(fig.axes) == 2  # the colour bar's own axes
@@ -255,9 +257,37 @@ def test_spot_map_draws_over_the_he_with_a_colour_bar(tmp_path: Path) -> None:
     assert x0 < 100 and x1 > 500 and x1 < 800  # cropped to the spots
     assert ax.get_ylim()[0] > ax.get_ylim()[1]  # image orientation: y down
     plt.close(fig)
-    assert report.read_background(_write_plain(tmp_path)) is None
+    assert read_background(_write_plain(tmp_path)) is None
 
 
 def _write_plain(tmp_path: Path) -> Path:
     ad.AnnData(np.zeros((2, 1), np.float32)).write_h5ad(tmp_path / "plain.h5ad")
     return tmp_path / "plain.h5ad"
+
+
+def test_baselines_are_the_registry_s() -> None:
+    """The comparison's candidates are what the method registry calls baselines: one that needs
+    no encoder also under the encoder id ``none``, the others only on the same encoder; a method
+    the registry does not know, or does not call a baseline, never."""
+    available = {
+        ("enc", "stevs"), ("enc", "stevs_concat"), ("enc", "ridge_embed"),
+        ("other", "ridge_embed"), ("other", "stnet"), ("none", "ridge_color"), ("enc", "good"),
+    }  # fmt: skip
+    assert tables.baseline_candidates("enc", available) == [
+        ("enc", "ridge_embed"),
+        ("none", "ridge_color"),
+    ]
+    assert tables.baseline_candidates("", {("", "ridge_color"), ("", "stnet")}) == [
+        ("", "stnet"),
+        ("", "ridge_color"),
+    ]
+
+
+def test_a_new_registry_baseline_is_compared_without_touching_the_report(monkeypatch) -> None:
+    extra = {
+        "probe": methods.Method("probe", "ridge", "a probe", baseline=True, encoder="frozen"),
+        "floor": methods.Method("floor", "ridge", "a floor", baseline=True, encoder="none"),
+    }
+    monkeypatch.setattr(methods, "REGISTRY", {**methods.REGISTRY, **extra})
+    available = {("enc", "stevs"), ("enc", "probe"), ("none", "floor"), ("none", "probe")}
+    assert tables.baseline_candidates("enc", available) == [("enc", "probe"), ("none", "floor")]

@@ -1,0 +1,209 @@
+"""The report's tables: the evaluations read back, seeds averaged, STevs against the baselines.
+
+:func:`collect_metrics` reads what ``stevs evaluate`` wrote; :func:`summarise_methods`
+averages the seeds of each fold and summarises each (encoder, method) across folds;
+:func:`compare_to_baselines` sets a method against the best baseline on its encoder, with a
+paired test. Which methods are baselines, and which of them run without an encoder, is the
+method registry's answer (:mod:`stevs.methods`), never a list kept here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stevs import methods
+from stevs.errors import StevsInputError
+from stevs.metrics import PER_GENE_COLUMNS, pooled_path
+
+#: metrics of the method-by-metric table, headline first
+TABLE_METRICS = [
+    "pearson_r_mean_headline",
+    "pearson_r_mean_all",
+    "pooled_pearson_r_mean_headline",
+    "pooled_pearson_r_mean_all",
+    "spearman_rho_mean_headline",
+    "spearman_rho_mean_all",
+    "mse_mean",
+    "mae_mean",
+    "coverage90_mean",
+    "pearson_r_top50_optimistic",
+]
+LOWER_IS_BETTER = {"mse_mean", "mae_mean"}
+
+#: the columns that name a run (the workflow's ``{encoder}/{method}/seed{seed}``)
+RUN_COLUMNS = ["encoder", "method", "seed", "run"]
+
+
+def run_of(relative: Path, source: Path) -> dict[str, Any]:
+    """``encoder``, ``seed`` and ``run`` (the relative folder) of a metrics file's folder:
+    ``{encoder}/{method}/seed{seed}``, or a bare ``{method}`` (no encoder, seed 0)."""
+    parts = relative.parts
+    if len(parts) == 1:
+        return {"encoder": "", "seed": 0, "run": parts[0]}
+    if len(parts) == 3 and parts[2].startswith("seed") and parts[2][4:].isdigit():
+        return {"encoder": parts[0], "seed": int(parts[2][4:]), "run": relative.as_posix()}
+    raise StevsInputError(source, "metrics must lie in {method}/ or {encoder}/{method}/seedN/")
+
+
+def collect_metrics(
+    metrics_dir: str | os.PathLike,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """All evaluations under ``metrics_dir`` -> (per_gene, fold summaries, pooled) tables,
+    each with the run columns ``encoder``, ``seed`` and ``run`` (see :func:`run_of`)."""
+    metrics_dir = Path(metrics_dir)
+    summaries = sorted(metrics_dir.rglob("*.summary.tsv"))
+    if not summaries:
+        raise StevsInputError(metrics_dir, "no {run}/{fold}.summary.tsv files found")
+    per_gene, folds, pooled = [], [], []
+    for summary_file in summaries:
+        table_file = summary_file.with_name(summary_file.name.replace(".summary.tsv", ".tsv"))
+        if not table_file.exists():
+            raise StevsInputError(table_file, "per-gene table missing beside its summary")
+        run = run_of(summary_file.parent.relative_to(metrics_dir), summary_file)
+        try:
+            folds.append(pd.read_csv(summary_file, sep="\t").assign(**run))
+            per_gene.append(pd.read_csv(table_file, sep="\t").assign(**run))
+            if pooled_path(table_file).exists():
+                pooled.append(pd.read_csv(pooled_path(table_file), sep="\t").assign(**run))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise StevsInputError(summary_file, f"unreadable metrics table: {err}") from None
+    per_gene_df = pd.concat(per_gene, ignore_index=True)
+    missing = set(PER_GENE_COLUMNS) - set(per_gene_df.columns)
+    if missing:
+        raise StevsInputError(metrics_dir, f"per-gene tables lack columns {sorted(missing)}")
+    folds_df = pd.concat(folds, ignore_index=True).sort_values(["encoder", "method", "seed",
+                                                                "fold"])  # fmt: skip
+    folds_df["method"] = folds_df["method"].astype(str)
+    folds_df["fold"] = folds_df["fold"].astype(str)
+    per_gene_df["method"] = per_gene_df["method"].astype(str)
+    per_gene_df["fold"] = per_gene_df["fold"].astype(str)
+    per_gene_df["slide"] = per_gene_df["slide"].astype(str)
+    pooled_df = pd.concat(pooled, ignore_index=True) if pooled else pd.DataFrame()
+    return per_gene_df, folds_df.reset_index(drop=True), pooled_df
+
+
+def _with_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the run columns (a bare per-method table: no encoder, seed 0)."""
+    defaults = {"encoder": "", "seed": 0}
+    table = table.assign(**{k: v for k, v in defaults.items() if k not in table})
+    return table if "run" in table else table.assign(run=table["method"])
+
+
+def seed_sd(folds: pd.DataFrame, metric: str = "pearson_r_mean_headline") -> float:
+    """The sd over seeds of a method's mean-over-folds ``metric`` (NaN with one seed)."""
+    per_seed = folds.groupby("seed")[metric].mean()
+    return float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")
+
+
+def summarise_methods(folds: pd.DataFrame) -> pd.DataFrame:
+    """Fold summaries -> one row per (encoder, method): ``n_folds``, ``n_seeds``,
+    ``{metric}_mean``/``_std`` and ``pearson_r_mean_headline_seed_sd``.
+
+    Per fold the seeds are averaged first; ``_std`` is then the sample std across folds
+    (NaN with a single fold), ``_seed_sd`` the sd over seeds of the mean over folds. A fold
+    with NaN for a metric (e.g. no predictive std, so no coverage) is left out of that
+    metric only.
+    """
+    folds = _with_runs(folds)
+    rows = []
+    for (encoder, method), group in folds.groupby(["encoder", "method"], sort=True):
+        per_fold = group.groupby("fold").mean(numeric_only=True)
+        row: dict[str, Any] = {
+            "encoder": encoder, "method": method, "n_folds": len(per_fold),
+            "n_seeds": int(group["seed"].nunique()),
+        }  # fmt: skip
+        for metric in TABLE_METRICS:
+            values = per_fold[metric].astype(float).dropna() if metric in per_fold else pd.Series()
+            row[f"{metric}_mean"] = float(values.mean()) if len(values) else float("nan")
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        row["pearson_r_mean_headline_seed_sd"] = seed_sd(group)
+        row["n_constant_total"] = int(group["n_constant"].sum()) if "n_constant" in group else 0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+#: encoder id of the encoder-free methods in the workflow's layout
+NO_ENCODER = "none"
+
+
+def baseline_candidates(
+    encoder: str, available: Collection[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The (encoder, baseline) rows of ``available`` that a method on ``encoder`` is set
+    against: each registry baseline (:func:`stevs.methods.baselines`, in registry order) on
+    the same encoder and, for one that needs no encoder, also its run under the encoder id
+    ``none`` (or a bare run without one). Unknown method names are never baselines."""
+    candidates = []
+    for name in methods.baselines():
+        encoder_free = methods.REGISTRY[name].encoder == "none"
+        encoders = dict.fromkeys((encoder, NO_ENCODER, "") if encoder_free else (encoder,))
+        candidates += [(e, name) for e in encoders if (e, name) in available]
+    return candidates
+
+
+def compare_to_baselines(
+    per_gene: pd.DataFrame, folds: pd.DataFrame, method: str = "stevs"
+) -> pd.DataFrame:
+    """``method`` on each encoder E against the best baseline on E (the registry's
+    baselines on E, or an encoder-free one: see :func:`baseline_candidates`), by mean
+    headline r.
+
+    Paired test: ``scipy.stats.wilcoxon`` over (fold, test slide, headline gene) pairs of
+    per-gene Pearson r, each averaged over seeds first; and a sign count over folds
+    (seed-averaged headline r). The difference of the means is a ``tie`` when it is not
+    larger than the seed sd (the larger of the two methods'), else ``ahead`` / ``behind``;
+    with one seed there is no seed sd and the verdict says so.
+    """
+    folds, per_gene = _with_runs(folds), _with_runs(per_gene)
+    summary = summarise_methods(folds).set_index(["encoder", "method"])
+    headline = per_gene[per_gene["headline"].astype(bool)]
+    r = headline.groupby(["encoder", "method", "fold", "slide", "gene"])["pearson_r"].mean()
+    fold_r = folds.groupby(["encoder", "method", "fold"])["pearson_r_mean_headline"].mean()
+    mean = summary["pearson_r_mean_headline_mean"]
+    rows = []
+    for encoder in sorted({e for e, m in summary.index if m == method}):
+        candidates = baseline_candidates(encoder, summary.index)
+        if not candidates:
+            continue
+        key = (encoder, method)
+        best = max(candidates, key=lambda candidate: mean[candidate])
+        diff = float(mean[key] - mean[best])
+        per_fold = pd.concat([fold_r[key], fold_r[best]], axis=1, join="inner")
+        sds = summary.loc[[key, best], "pearson_r_mean_headline_seed_sd"]
+        noise = float(sds.max()) if sds.notna().any() else float("nan")
+        rows.append({
+            "encoder": encoder, "method": method, "baseline": best[1],
+            "baseline_encoder": best[0], "headline_r": float(mean[key]),
+            "baseline_headline_r": float(mean[best]), "difference": diff,
+            "seed_sd": float(noise), "folds_ahead": int((per_fold.iloc[:, 0]
+                                                         > per_fold.iloc[:, 1]).sum()),
+            "n_folds": len(per_fold), **paired_test(r[key], r[best]),
+            "verdict": _verdict(diff, float(noise)),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def paired_test(ours: pd.Series, theirs: pd.Series) -> dict[str, Any]:
+    """``n_pairs`` and the two-sided ``wilcoxon_p`` of the pairs two per-gene r series
+    share (by index); the p-value is NaN when every pair is equal."""
+    from scipy.stats import wilcoxon
+
+    pairs = pd.concat([ours, theirs], axis=1, join="inner").dropna()
+    delta = pairs.iloc[:, 0] - pairs.iloc[:, 1]
+    p_value = float(wilcoxon(delta).pvalue) if (delta != 0).any() else float("nan")
+    return {"n_pairs": len(delta), "wilcoxon_p": p_value}
+
+
+def _verdict(difference: float, noise: float) -> str:
+    """``ahead`` / ``behind`` beyond the seed sd, else ``tie``; one seed: no sd to judge."""
+    if not np.isfinite(noise):
+        return ("ahead" if difference > 0 else "behind") + " (one seed: no seed sd)"
+    if abs(difference) <= noise:
+        return "tie (inside the seed sd)"
+    return "ahead" if difference > 0 else "behind"
