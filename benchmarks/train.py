@@ -33,7 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from stevs.data import SpotDataset
-from stevs.folds import Fold, SlideEntry, write_fold
+from stevs.io.fold_file import Fold, SlideEntry, write_fold
 from stevs.models import get_preset
 from stevs.train import (
     EpochSampler,
