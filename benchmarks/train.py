@@ -34,7 +34,7 @@ import torch
 
 from stevs.data import SpotDataset
 from stevs.device import resolve_device
-from stevs.folds import Fold, SlideEntry, write_fold
+from stevs.io.fold_file import Fold, SlideEntry, write_fold
 from stevs.models import create_model, get_preset
 from stevs.training.batches import (
     EpochSampler,

@@ -5,7 +5,8 @@ apart within a row, odd rows shifted by half a pitch, and ``array_col`` counting
 pitches (even on even rows, odd on odd rows) as Space Ranger numbers them. Square: rows and
 columns ``pitch`` apart. Positions are relative to the grid's first spot (row 0, col 0);
 callers add their own origin. Used by the demo generator (:mod:`stevs.demo`) and by
-:mod:`stevs.predict_slide`.
+:mod:`stevs.predict_slide`. :func:`median_spot_pitch` measures the pitch of spots given
+(ingest, folds, the neighbourhood context of :mod:`stevs.models.context`).
 """
 
 from __future__ import annotations
@@ -82,3 +83,18 @@ def disk_lattice(radius: float, step: float) -> np.ndarray:
     if not inside.any():
         return np.zeros((1, 2))
     return np.stack([dx[inside], dy[inside]], axis=1)
+
+
+def median_spot_pitch(centres: np.ndarray) -> float:
+    """Median distance from each of (N, 2) spot centres to its nearest other one (0 if N < 2).
+
+    The spot pitch of a grid without metadata, in the centres' units; robust to a few
+    missing or jittered spots.
+    """
+    from scipy.spatial import cKDTree  # here: `stevs tile` imports this module, not scipy
+
+    centres = np.asarray(centres, dtype=np.float64)
+    if len(centres) < 2:
+        return 0.0
+    distance, _ = cKDTree(centres).query(centres, k=2)
+    return float(np.median(distance[:, 1]))

@@ -39,7 +39,8 @@ is the share of the patch's box on the slide's tissue mask (:mod:`stevs.tissue`:
 the saturation of a thumbnail, as in CLAM, cleaned by morphology), the same mask
 ``stevs predict-slide`` selects its grid spots with. The cache is written by
 :class:`stevs.io.patch_cache.PatchCacheWriter`. Measured spots (``stevs tile``) must fall
-on that tissue: :func:`check_spots_on_tissue` stops coordinates in another image's scale.
+on that tissue: :func:`stevs.tiling_checks.check_spots_on_tissue` stops coordinates in
+another image's scale. The QC picture (``--qc``) is drawn by :mod:`stevs.tiling_qc`.
 
 :func:`tile_spots` tiles spot centres on an open slide; :func:`tile_slide` (``stevs tile``)
 reads them from a slide AnnData.
@@ -60,14 +61,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-from stevs.atomic import atomic_path
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
 from stevs.io.slide import SlideReader, open_slide
-from stevs.io.slide_adata import read_slide_centres
+from stevs.tiling_checks import (
+    check_centers,
+    check_spots_match_image,
+    check_spots_on_tissue,
+    check_tiling_settings,
+    read_slide_spots,
+)
+from stevs.tiling_qc import draw_qc, save_qc
 from stevs.tissue import TissueDetection, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -76,10 +83,6 @@ DEFAULT_PATCH_PX = 224
 DEFAULT_PATCH_MPP = 0.5
 #: side of a window's grid cell, in patches
 DEFAULT_WINDOW_PATCHES = 4
-#: patch sizes outside this range (pixels) are refused
-PATCH_PX_RANGE = (8, 4096)
-#: target resolutions outside this range (µm per pixel) are refused
-PATCH_MPP_RANGE = (0.05, 50.0)
 #: refuse targets more than this many times finer than the slide (blurred upsamples)
 MAX_UPSAMPLING = 4.0
 RESAMPLE = Image.Resampling.BICUBIC
@@ -233,148 +236,7 @@ def cut_patches(
     return out
 
 
-# -- QC picture ------------------------------------------------------------------------------
-
-#: longest side of the QC picture; saved as a 256-colour PNG: ~0.8 MB a slide instead of the
-#: 6 MB of a lossless 2000 px RGB PNG (the Snakemake report embeds one per slide)
-QC_MAX_PX = 1400
-
-
-def save_qc(picture: Image.Image, path: str | os.PathLike) -> None:
-    """Write the QC picture atomically as a palette PNG."""
-    with atomic_path(path, suffix=".png") as tmp:
-        picture.quantize(256, method=Image.Quantize.FASTOCTREE).save(
-            tmp, format="PNG", optimize=True
-        )
-
-
-def draw_qc(
-    thumbnail: np.ndarray,
-    boxes: np.ndarray,
-    outside: np.ndarray,
-    dimensions: tuple[int, int],
-    title: str,
-) -> Image.Image:
-    """The thumbnail (longest side at most :data:`QC_MAX_PX`) with every patch box drawn: green
-    inside, orange crossing the edge."""
-    image = Image.fromarray(thumbnail).convert("RGB")
-    image.thumbnail((QC_MAX_PX, QC_MAX_PX), RESAMPLE)
-    draw = ImageDraw.Draw(image)
-    sx, sy = dimensions[0] / image.width, dimensions[1] / image.height
-    line = 2 if len(boxes) and (boxes[0, 2] - boxes[0, 0]) / sx >= 12 else 1
-    for (left, top, right, bottom), out in zip(boxes, outside, strict=True):
-        colour = (255, 140, 0) if out > 0 else (0, 170, 0)
-        draw.rectangle(
-            (left / sx, top / sy, right / sx - 1, bottom / sy - 1), outline=colour, width=line
-        )
-    n_edge = int(np.count_nonzero(outside > 0))
-    label = f"{title}: {len(boxes)} patches, {n_edge} crossing the edge (orange)"
-    draw.rectangle((0, 0, 8 + 6 * len(label), 14), fill=(255, 255, 255))
-    draw.text((4, 2), label, fill=(0, 0, 0))
-    return image
-
-
-# -- inputs ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SlideSpots:
-    """What tiling needs from a slide AnnData."""
-
-    path: Path
-    slide: str
-    barcodes: list[str]
-    centers_px: np.ndarray  # float64 (n, 2) level-0 (x, y)
-    mpp: float | None
-    image_path: str | None
-    image_size: tuple[int, int] | None  # recorded (width, height), when present
-
-
-def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
-    """Read and check spot centres and slide metadata from a slide AnnData."""
-    path = Path(path)
-    barcodes, centers, meta = read_slide_centres(path)
-    return SlideSpots(
-        path=path,
-        slide=meta.slide,
-        barcodes=barcodes,
-        centers_px=centers,
-        mpp=meta.mpp,
-        image_path=meta.image_path or None,
-        image_size=meta.image_size,
-    )
-
-
-def check_centers(
-    path: str | os.PathLike | None,
-    barcodes: Sequence[str],
-    centers_px: np.ndarray,
-    slide: SlideReader,
-) -> None:
-    """Refuse spot centres that are not finite or lie off ``slide`` (``path``: their source)."""
-    centers = np.asarray(centers_px)
-    if centers.ndim != 2 or centers.shape[1] != 2 or len(centers) != len(barcodes):
-        raise StevsInputError(
-            path,
-            f"spot centres must be ({len(barcodes)}, 2) like the barcodes, not {centers.shape}",
-        )
-    if len(centers) == 0:
-        raise StevsInputError(path, "no spots to tile")
-    if len(set(barcodes)) != len(barcodes):
-        raise StevsInputError(path, "spot barcodes are not unique")
-    bad = ~np.isfinite(centers).all(axis=1)
-    if bad.any():
-        examples = ", ".join(str(barcodes[i]) for i in np.flatnonzero(bad)[:3])
-        raise StevsInputError(
-            path, f"{int(bad.sum())} spots have NaN or infinite coordinates (e.g. {examples})"
-        )
-    width, height = slide.dimensions
-    x, y = centers[:, 0], centers[:, 1]
-    outside = (x < -0.5) | (y < -0.5) | (x >= width - 0.5) | (y >= height - 0.5)
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        raise StevsInputError(
-            path,
-            f"{int(outside.sum())} of {len(x)} spot centres lie outside {slide.path} "
-            f"({width}x{height} px), e.g. {barcodes[i]} at ({x[i]:.1f}, {y[i]:.1f}): "
-            "is this slide AnnData from another image?",
-        )
-
-
-def check_spots_match_image(spots: SlideSpots, slide: SlideReader) -> None:
-    """Refuse a slide AnnData whose spots or recorded size do not fit this image."""
-    width, height = slide.dimensions
-    if spots.image_size is not None and spots.image_size != (width, height):
-        raise StevsInputError(
-            spots.path,
-            f"recorded image size {spots.image_size[0]}x{spots.image_size[1]} does not match "
-            f"{slide.path} ({width}x{height}): is this slide AnnData from another image?",
-        )
-    check_centers(spots.path, spots.barcodes, spots.centers_px, slide)
-
-
-def check_patch_settings(
-    patch_px: int, patch_mpp: float, path: str | os.PathLike | None = None
-) -> None:
-    """Refuse patch sizes and resolutions that make no sense (``path``: the slide tiled)."""
-    if isinstance(patch_px, bool) or not isinstance(patch_px, int | np.integer):
-        raise StevsInputError(
-            path, f"patch size must be a whole number of pixels, got {patch_px!r}"
-        )
-    if not PATCH_PX_RANGE[0] <= patch_px <= PATCH_PX_RANGE[1]:
-        raise StevsInputError(
-            path, f"patch size {patch_px} px is outside {PATCH_PX_RANGE[0]}-{PATCH_PX_RANGE[1]} px"
-        )
-    if not (
-        isinstance(patch_mpp, int | float)
-        and math.isfinite(patch_mpp)
-        and PATCH_MPP_RANGE[0] <= patch_mpp <= PATCH_MPP_RANGE[1]
-    ):
-        raise StevsInputError(
-            path,
-            f"patch resolution {patch_mpp!r} µm/px is outside "
-            f"{PATCH_MPP_RANGE[0]}-{PATCH_MPP_RANGE[1]} µm/px",
-        )
+# -- pyramid level ----------------------------------------------------------------------------
 
 
 def plan_geometry(
@@ -404,59 +266,6 @@ def plan_geometry(
         patch_mpp=float(patch_mpp),
         level=level,
         level_downsample=float(slide.level_downsamples[level]),
-    )
-
-
-# -- spots vs tissue ---------------------------------------------------------------------------
-
-#: a patch with less than this share of its box on tissue is background
-BACKGROUND_TISSUE_FRACTION = 0.1
-#: spots are refused when more than this share of their patches is background ...
-MAX_BACKGROUND_SHARE = 0.5
-#: ... and the bounding box of the patches holds less than this share of the detected tissue
-MIN_TISSUE_WITHIN_SPOTS = 0.5
-#: tissue this many times larger than the spots' extent suggests a downscaled image's pixels
-SCALE_HINT_RATIO = 1.5
-
-
-def check_spots_on_tissue(
-    path: str | os.PathLike | None,
-    slide_path: str | os.PathLike,
-    tissue: TissueDetection,
-    boxes: np.ndarray,
-    tissue_fraction: np.ndarray,
-) -> None:
-    """Refuse spots whose patches mostly miss the slide's detected tissue.
-
-    That is what coordinates in another image's scale look like (e.g. Space Ranger's hires
-    pixels given for the full-resolution image: every spot crowds into a corner of glass).
-    Fires only when most patches are background *and* the spots' bounding box misses most
-    of the tissue, so faint staining under correctly placed spots does not trip it.
-    """
-    within = tissue.tissue_within(boxes)
-    if len(boxes) == 0 or not math.isfinite(within):
-        log.warning("%s: no tissue detected; cannot check where the spots fall", slide_path)
-        return
-    background = float(np.mean(tissue_fraction < BACKGROUND_TISSUE_FRACTION))
-    if background <= MAX_BACKGROUND_SHARE or within >= MIN_TISSUE_WITHIN_SPOTS:
-        return
-    spots_w = float(boxes[:, 2].max() - boxes[:, 0].min())
-    spots_h = float(boxes[:, 3].max() - boxes[:, 1].min())
-    tissue_w, tissue_h = tissue.extent_px()
-    ratio = max(tissue_w / spots_w, tissue_h / spots_h)
-    if ratio >= SCALE_HINT_RATIO:
-        hint = (
-            f"the tissue spans {ratio:.1f}x the spots' extent: are the coordinates in the "
-            "pixels of a downscaled image (e.g. Space Ranger's hires image: multiply them by "
-            "1/tissue_hires_scalef)?"
-        )
-    else:
-        hint = "are the coordinates from another image, shifted, or with x and y swapped?"
-    raise StevsInputError(
-        path,
-        f"{background:.0%} of the {len(boxes)} spot patches are background (under "
-        f"{BACKGROUND_TISSUE_FRACTION:.0%} tissue) and the spots cover {within:.0%} of the "
-        f"tissue detected on {slide_path}: {hint}",
     )
 
 
@@ -544,21 +353,6 @@ class BackgroundWriter:
         self._thread.join()
         if self._error is not None and exc[0] is None:
             raise self._error
-
-
-def check_tiling_settings(
-    patch_px: int,
-    patch_mpp: float,
-    threads: int,
-    window_patches: int,
-    path: str | os.PathLike | None = None,
-) -> None:
-    """Refuse nonsense patch scales, thread counts and window sizes (``path``: for the message)."""
-    check_patch_settings(patch_px, patch_mpp, path)
-    if threads < 1:
-        raise StevsInputError(path, f"threads must be >= 1, got {threads}")
-    if window_patches < 1:
-        raise StevsInputError(path, f"window size must be >= 1 patch, got {window_patches}")
 
 
 def tile_spots(
@@ -759,23 +553,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _patch_mpp(args: argparse.Namespace) -> float:
+    """Patch resolution of ``stevs tile``: ``--patch-mpp``, or ``--patch-um`` / ``--patch-px``."""
+    if args.patch_um is None:
+        return DEFAULT_PATCH_MPP if args.patch_mpp is None else args.patch_mpp
+    if not (math.isfinite(args.patch_um) and args.patch_um > 0) or args.patch_px <= 0:
+        raise StevsInputError(args.slide, f"--patch-um must be positive, got {args.patch_um!r}")
+    return args.patch_um / args.patch_px
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``stevs tile``."""
-    if args.patch_um is not None:
-        if not (math.isfinite(args.patch_um) and args.patch_um > 0) or args.patch_px <= 0:
-            raise StevsInputError(args.slide, f"--patch-um must be positive, got {args.patch_um!r}")
-        patch_mpp = args.patch_um / args.patch_px
-    else:
-        patch_mpp = DEFAULT_PATCH_MPP if args.patch_mpp is None else args.patch_mpp
     tile_slide(
         args.slide,
         args.out,
         patch_px=args.patch_px,
-        patch_mpp=patch_mpp,
         threads=args.threads,
-        qc_path=args.qc,
+        patch_mpp=_patch_mpp(args),
+        window_patches=args.window_patches,
         image_path=args.image,
         mpp_override=args.mpp_override,
-        window_patches=args.window_patches,
+        qc_path=args.qc,
     )
     return 0

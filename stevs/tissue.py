@@ -1,15 +1,15 @@
 """Tissue detection, defined once: the mask behind every ``tissue_fraction`` of stevs.
 
-:func:`detect_tissue` reads a thumbnail of the slide (longest side :data:`THUMBNAIL_PX`,
-block by block so memory stays bounded), thresholds its saturation with Otsu's method
-(``skimage.filters.threshold_otsu``'s result, never below :data:`MIN_TISSUE_SATURATION`:
-white glass), and cleans the mask in physical units (:func:`clean_mask`: closing, hole
-filling, opening, removal of specks smaller than :data:`MIN_TISSUE_AREA_UM2`). Otsu, hole
-filling and speck removal are small numpy equivalents of skimage's and scipy's (tested
-equal), so that ``stevs tile`` does not import them (~0.35 s a process). The tiler stores the
-share of each patch's box on that mask (:meth:`TissueDetection.box_fractions`) and
-``stevs predict-slide`` keeps the grid spots whose disk is on it
-(:meth:`TissueDetection.disk_fractions`).
+:func:`detect_tissue` reads a thumbnail of the slide (longest side :data:`THUMBNAIL_PX`, block
+by block so memory stays bounded: :func:`stevs.io.thumbnail.read_thumbnail`), thresholds its
+saturation with Otsu's method (``skimage.filters.threshold_otsu``'s result, never below
+:data:`MIN_TISSUE_SATURATION`: white glass), and cleans the mask in physical units
+(:func:`clean_mask`: closing, hole filling, opening, removal of specks smaller than
+:data:`MIN_TISSUE_AREA_UM2`). Otsu, hole filling and speck removal are small numpy equivalents
+of skimage's and scipy's (tested equal), so that ``stevs tile`` does not import them (~0.35 s a
+process). The tiler stores the share of each patch's box on that mask
+(:meth:`TissueDetection.box_fractions`) and ``stevs predict-slide`` keeps the grid spots whose
+disk is on it (:meth:`TissueDetection.disk_fractions`).
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stevs.errors import StevsInputError
 from stevs.geometry import disk_lattice
 from stevs.io.slide import SlideReader
+from stevs.io.thumbnail import read_thumbnail
 from stevs.io.visium_uns import HIRES_MAX_SIDE
 
 #: longest side of the thumbnail the mask is computed on (Space Ranger's hires size, which
 #: is also the ``hires`` image of ``uns["spatial"]``)
 THUMBNAIL_PX = HIRES_MAX_SIDE
-#: the thumbnail is read in blocks of at most this many level pixels a side (bounded memory)
-THUMBNAIL_BLOCK = 1024
 #: saturation (0-255) below which a thumbnail pixel is never tissue (white glass)
 MIN_TISSUE_SATURATION = 15
 #: morphology of the tissue mask, in µm: closing/opening radius, smallest kept piece
@@ -122,35 +120,6 @@ class TissueDetection:
             values = self.mask[np.clip(ys, 0, height - 1), np.clip(xs, 0, width - 1)] & inside
             fractions[start : start + len(xy)] = values.mean(axis=1)
         return fractions
-
-
-def read_thumbnail(slide: SlideReader, max_px: int = THUMBNAIL_PX) -> np.ndarray:
-    """The whole slide, longest side ``max_px``, read in blocks so memory stays bounded.
-
-    ``SlideReader.thumbnail`` reads the whole box at once, which holds a whole level in
-    memory; on a slide without a coarse pyramid level that would be the whole slide.
-    """
-    width, height = slide.dimensions
-    scale = max(width, height) / max_px  # level-0 px per thumbnail px
-    thumb_w, thumb_h = max(1, round(width / scale)), max(1, round(height / scale))
-    sx, sy = width / thumb_w, height / thumb_h
-    level_ds = slide.level_downsamples[slide.best_level(min(sx, sy))]
-    # block side in thumbnail px so that one block is at most ~THUMBNAIL_BLOCK^2 level px
-    block = max(16, int(THUMBNAIL_BLOCK / max(sx / level_ds, sy / level_ds, 1.0)))
-    thumb = np.empty((thumb_h, thumb_w, 3), np.uint8)
-    for ty in range(0, thumb_h, block):
-        for tx in range(0, thumb_w, block):
-            bw, bh = min(block, thumb_w - tx), min(block, thumb_h - ty)
-            box = (tx * sx, ty * sy, bw * sx, bh * sy)
-            try:
-                thumb[ty : ty + bh, tx : tx + bw] = slide.read_region(box, (bw, bh))
-            except StevsInputError:
-                raise
-            except Exception as err:
-                raise StevsInputError(
-                    slide.path, f"cannot read the slide's thumbnail: {type(err).__name__}: {err}"
-                ) from err
-    return thumb
 
 
 def _saturation_table() -> np.ndarray:

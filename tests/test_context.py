@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from stevs.geometry import median_spot_pitch
 from stevs.models import BackboneSpec, STevs, STevsConfig
-from stevs.models.context import neighbour_index, neighbour_mean, slide_pitch
+from stevs.models.context import neighbour_index, neighbour_mean
 from stevs.models.ridge import fit_ridge, reduce_rank
 from stevs.models.stevs import fit_linear_path
 
@@ -29,7 +30,7 @@ def square_grid(n: int = 5, pitch: float = 200.0) -> np.ndarray:
 
 def test_square_grid_neighbours_within_one_and_one_and_a_half_pitches():
     grid = square_grid()
-    assert slide_pitch(grid) == pytest.approx(200.0)
+    assert median_spot_pitch(grid) == pytest.approx(200.0)
     centre, corner, edge = 12, 0, 2  # (2, 2), (0, 0), (2, 0)
     one = neighbour_index(grid, 1.0)
     assert sorted(one[centre].tolist()) == [7, 11, 13, 17]

@@ -459,7 +459,8 @@ def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_
     """The check stays quiet on the 5 real sections; the same spots at hires scale stop it."""
     from stevs.io.expression import estimate_mpp_from_spot_grid, read_legacy_st
     from stevs.io.slide import open_slide
-    from stevs.tiling import TileGeometry, check_spots_on_tissue
+    from stevs.tiling import TileGeometry
+    from stevs.tiling_checks import check_spots_on_tissue
     from stevs.tissue import detect_tissue
 
     sheet = pd.read_csv(Path(__file__).parents[1] / "config" / "her2st.tsv", sep="\t")

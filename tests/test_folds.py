@@ -1,4 +1,4 @@
-"""Leakage-free folds (stevs.folds): planning, spatial blocks, panels per fold, fold files."""
+"""Leakage-free folds (stevs.fold_plan, stevs.folds): planning, blocks, panels, fold files."""
 
 from __future__ import annotations
 
@@ -14,18 +14,17 @@ from scipy.spatial.distance import cdist
 
 from stevs.cli import main as stevs_main
 from stevs.errors import StevsInputError
-from stevs.folds import (
+from stevs.fold_plan import (
     TEST,
     TRAIN,
     VAL,
-    FoldOptions,
+    SlideBlocks,
     fold_names,
-    make_folds,
     plan_folds,
     within_slice_labels,
-    write_fold,
 )
-from stevs.io.fold_file import read_fold
+from stevs.folds import FoldOptions, make_folds
+from stevs.io.fold_file import read_fold, write_fold
 from stevs.io.samples import read_fixed_splits
 
 MPP = 0.5
@@ -149,9 +148,7 @@ def test_schemes_that_cannot_work_say_why() -> None:
 
 def test_within_slice_blocks_keep_a_buffer_and_test_every_spot_once() -> None:
     coords = hex_grid(20, 20)
-    folds = within_slice_labels(
-        coords, pitch_px=PITCH_PX, block_px=4 * PITCH_PX, k=3, seed=1, slide="a"
-    )
+    folds = within_slice_labels(coords, SlideBlocks(PITCH_PX, 4 * PITCH_PX, 1, "a"), k=3)
     assert len(folds) == 3
     times_tested = np.sum([labels == TEST for labels in folds], axis=0)
     np.testing.assert_array_equal(times_tested, 1)
@@ -161,16 +158,12 @@ def test_within_slice_blocks_keep_a_buffer_and_test_every_spot_once() -> None:
         assert cdist(train, test).min() > PITCH_PX
         assert cdist(val, test).min() > PITCH_PX
         assert cdist(train, val).min() > PITCH_PX
-    again = within_slice_labels(
-        coords, pitch_px=PITCH_PX, block_px=4 * PITCH_PX, k=3, seed=1, slide="a"
-    )
+    again = within_slice_labels(coords, SlideBlocks(PITCH_PX, 4 * PITCH_PX, 1, "a"), k=3)
     assert all(np.array_equal(x, y) for x, y in zip(folds, again, strict=True))
-    other = within_slice_labels(
-        coords, pitch_px=PITCH_PX, block_px=4 * PITCH_PX, k=3, seed=2, slide="a"
-    )
+    other = within_slice_labels(coords, SlideBlocks(PITCH_PX, 4 * PITCH_PX, 2, "a"), k=3)
     assert not all(np.array_equal(x, y) for x, y in zip(folds, other, strict=True))
     with pytest.raises(StevsInputError, match="smaller --block-um"):
-        within_slice_labels(coords, pitch_px=PITCH_PX, block_px=1e5, k=3, seed=1, slide="a")
+        within_slice_labels(coords, SlideBlocks(PITCH_PX, 1e5, 1, "a"), k=3)
 
 
 def test_make_folds_writes_fold_files_that_load_back(slides, tmp_path) -> None:

@@ -18,6 +18,7 @@ from stevs.geometry import (
     grid_offsets_um,
     grid_shape,
     grid_steps_um,
+    median_spot_pitch,
 )
 
 
@@ -79,3 +80,13 @@ def test_nonsense_grids_are_refused_naming_the_slide(kind, pitch, spot, message)
     with pytest.raises(StevsInputError, match=message) as info:
         check_grid_settings(kind, pitch, spot, "slide.tif")
     assert str(info.value).startswith("slide.tif")
+
+
+def test_median_spot_pitch_of_a_visium_grid_with_jitter_and_gaps() -> None:
+    rows, cols = grid_indices("visium", 8, 15)
+    x, y = grid_offsets_um("visium", 100.0, rows, cols)
+    centres = np.stack([x, y], axis=1)
+    jitter = np.random.default_rng(0).normal(0, 0.5, centres.shape)
+    assert median_spot_pitch(centres + jitter) == pytest.approx(100.0, abs=1.0)
+    assert median_spot_pitch(np.delete(centres, [3, 17, 30], axis=0)) == pytest.approx(100.0)
+    assert median_spot_pitch(centres[:1]) == 0.0 and median_spot_pitch(np.zeros((0, 2))) == 0.0

@@ -116,6 +116,7 @@ def test_predictions_from_ingested_slides_reuse_their_images(st_image, tmp_path,
         raise AssertionError("prediction re-read the slide image")
 
     monkeypatch.setattr("stevs.tissue.read_thumbnail", no_image)
+    monkeypatch.setattr("stevs.io.visium_uns.read_thumbnail", no_image)
     monkeypatch.setattr("stevs.io.slide.open_slide", no_image)
     [path] = baselines.predict_ridge(model, fold, tmp_path / "pred")
     pred, slide = ad.read_h5ad(path), read_slide_adata(slides["C"][0])

@@ -10,6 +10,7 @@ from PIL import Image
 
 from stevs.errors import StevsInputError
 from stevs.io.slide import ImageReader, OpenSlideReader, TiffReader, open_slide
+from stevs.io.thumbnail import read_thumbnail
 
 
 def test_openslide_reads_pyramid_levels_and_mpp(tmp_path, pattern_image):
@@ -73,7 +74,7 @@ def test_plain_image_backend_and_unknown_mpp(tmp_path, pattern_image):
         assert isinstance(slide, ImageReader)
         assert slide.mpp is None
         np.testing.assert_array_equal(slide.read_region((5, 6, 20, 10)), pattern_image[6:16, 5:25])
-        assert slide.thumbnail(130).shape == (100, 130, 3)
+        assert read_thumbnail(slide, 130).shape == (100, 130, 3)
         with pytest.raises(StevsInputError, match="section.png.*microns per pixel unknown"):
             slide.require_mpp()
 
@@ -137,7 +138,7 @@ def test_her2st_jpeg_reads(her2st_dir):
         assert slide.dimensions == (9274, 9911)
         assert slide.mpp is None  # the JPEG's dpi field is meaningless
         patch = slide.read_region((x - 72, y - 72, 145, 145), (64, 64))
-        thumb = slide.thumbnail(256)
+        thumb = read_thumbnail(slide, 256)
     assert patch.shape == (64, 64, 3) and patch.dtype == np.uint8
     assert patch.std() > 5  # tissue, not blank glass
     assert thumb.shape[0] == 256

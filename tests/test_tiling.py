@@ -19,7 +19,9 @@ from stevs import tiling
 from stevs.cli import main as stevs_main
 from stevs.errors import StevsInputError
 from stevs.io.slide import open_slide
-from stevs.tiling import QC_MAX_PX, TileGeometry, draw_qc, save_qc, tile_slide, tile_spots
+from stevs.tiling import TileGeometry, tile_slide, tile_spots
+from stevs.tiling_checks import read_slide_spots
+from stevs.tiling_qc import QC_MAX_PX, draw_qc, save_qc
 from stevs.tissue import MIN_TISSUE_SATURATION, detect_tissue
 
 BACKGROUND = np.array([240, 238, 242], np.float64)  # glass: low saturation
@@ -536,7 +538,7 @@ def test_unreadable_level_is_reported_with_the_file(tmp_path: Path) -> None:
 
 def test_tile_spots_on_an_open_slide_matches_tile_slide(small_slide: Path, tmp_path: Path) -> None:
     reference = tile_slide(small_slide, tmp_path / "a.h5", patch_px=32, patch_mpp=0.5)
-    spots = tiling.read_slide_spots(small_slide)
+    spots = read_slide_spots(small_slide)
     with open_slide(tmp_path / "s.tif", mpp=0.25) as slide:
         ours = tile_spots(
             slide,

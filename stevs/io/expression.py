@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import sparse
 
 from stevs.errors import StevsInputError
+from stevs.geometry import median_spot_pitch
 from stevs.io.samples import hest_metadata_path
 
 log = logging.getLogger(__name__)
@@ -634,9 +635,6 @@ def estimate_mpp_from_spot_grid(adata: ad.AnnData, technology: str) -> float:
 
 def estimate_spot_pitch_px(spatial: np.ndarray) -> float:
     """Median nearest-neighbour distance between spot centres, in pixels."""
-    from scipy.spatial import cKDTree
-
     if len(spatial) < 3:
         raise ValueError("at least 3 spots are needed to estimate the spot pitch")
-    distances, _ = cKDTree(spatial).query(spatial, k=2)
-    return float(np.median(distances[:, 1]))
+    return median_spot_pitch(spatial)

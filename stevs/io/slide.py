@@ -236,13 +236,6 @@ class SlideReader(ABC):
         image = Image.fromarray(pixels).resize((out_w, out_h), resample, box=sub_box)
         return np.asarray(image)
 
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """The whole slide, longest side ``max_size`` pixels, aspect ratio kept."""
-        width, height = self.dimensions
-        scale = max_size / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return self.read_region((0, 0, width, height), size)
-
     # -- context manager ---------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""

@@ -34,6 +34,7 @@ from PIL import Image
 
 from stevs import __version__
 from stevs.errors import StevsInputError
+from stevs.io.thumbnail import read_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,9 @@ def slide_spatial_uns(
     """The entry from an open slide (``stevs.io.slide.SlideReader``): thumbnails of it.
 
     ``hires`` is the whole slide with its longest side :data:`HIRES_MAX_SIDE` (never
-    enlarged), read block by block (``stevs.tissue.read_thumbnail``), so memory stays bounded.
+    enlarged), read block by block (:func:`stevs.io.thumbnail.read_thumbnail`), so memory
+    stays bounded.
     """
-    from stevs.tissue import read_thumbnail
-
     width, height = slide.dimensions
     hires = read_thumbnail(slide, min(HIRES_MAX_SIDE, max(width, height)))
     scalef = max(hires.shape[:2]) / max(width, height)

@@ -16,23 +16,16 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
+from stevs.geometry import median_spot_pitch
+
 #: context kinds of :class:`stevs.models.stevs.STevsConfig`
 CONTEXTS = ("none", "neighbours")
-
-
-def slide_pitch(coords: np.ndarray) -> float:
-    """Median distance from each spot to its nearest other spot (0 for fewer than 2)."""
-    coords = np.asarray(coords, dtype=np.float64)
-    if len(coords) < 2:
-        return 0.0
-    distance, _ = cKDTree(coords).query(coords, k=2)
-    return float(np.median(distance[:, 1]))
 
 
 def neighbour_index(coords: np.ndarray, radius: float) -> list[np.ndarray]:
     """Per spot, the indices of the other spots within ``radius`` pitches (one slide)."""
     coords = np.asarray(coords, dtype=np.float64)
-    pitch = slide_pitch(coords)
+    pitch = median_spot_pitch(coords)
     if pitch <= 0:
         return [np.zeros(0, dtype=np.int64) for _ in range(len(coords))]
     found = cKDTree(coords).query_ball_point(coords, r=radius * pitch * (1 + 1e-6))
