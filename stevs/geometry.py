@@ -4,9 +4,10 @@ Visium: 55 µm spots on a 100 µm pitch; rows ``pitch * sqrt(3) / 2`` apart, spo
 apart within a row, odd rows shifted by half a pitch, and ``array_col`` counting half
 pitches (even on even rows, odd on odd rows) as Space Ranger numbers them. Square: rows and
 columns ``pitch`` apart. Positions are relative to the grid's first spot (row 0, col 0);
-callers add their own origin. Used by the demo generator (:mod:`stevs.demo`) and by
-:mod:`stevs.predict_slide`. :func:`median_spot_pitch` measures the pitch of spots given
-(ingest, folds, the neighbourhood context of :mod:`stevs.models.context`).
+callers add their own origin. Used by the demo generator (:mod:`stevs.demo`) and by the
+virtual spot grid of H&E-only prediction (:mod:`stevs.spot_grid`). :func:`median_spot_pitch`
+measures the pitch of spots given (ingest, folds, the neighbourhood context of
+:mod:`stevs.models.context`).
 """
 
 from __future__ import annotations

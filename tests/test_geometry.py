@@ -1,4 +1,4 @@
-"""Tests of the spot grids defined once in stevs.geometry (used by the demo and predict_slide)."""
+"""Tests of the spot grids defined once in stevs.geometry (used by the demo and stevs.spot_grid)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from stevs import predict_slide
+from stevs import spot_grid
 from stevs.demo import layout as demo_layout
 from stevs.demo.constants import GRID_MARGIN_UM
 from stevs.errors import StevsInputError
@@ -52,7 +52,7 @@ def test_demo_and_predict_slide_grids_are_the_same_lattice() -> None:
     # predict_slide's grid over an image whose usable extent (minus a spot radius on each
     # side) equals the demo's (minus its margin on each side): the same spots
     side_px = round(1000.0 - 2 * GRID_MARGIN_UM + 55.0)
-    slide_grid = predict_slide.make_spot_grid((side_px, side_px), mpp)
+    slide_grid = spot_grid.make_spot_grid((side_px, side_px), mpp)
     np.testing.assert_array_equal(demo_grid.array_row, slide_grid.array_row)
     np.testing.assert_array_equal(demo_grid.array_col, slide_grid.array_col)
     demo_xy = np.stack([demo_grid.x_um, demo_grid.y_um], axis=1) - GRID_MARGIN_UM

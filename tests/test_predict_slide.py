@@ -1,5 +1,6 @@
-"""Tests of stevs.predict_slide: tissue, spot grids, ensembles, outputs, bad inputs, and a
-trained model's marker map against the demo generator's truth."""
+"""Tests of stevs.predict_slide (and its stevs.spot_grid, stevs.ensemble and stevs.maps): tissue,
+spot grids, ensembles, outputs, bad inputs, and a trained model's marker map against the demo
+generator's truth."""
 
 from __future__ import annotations
 
@@ -18,22 +19,15 @@ from scipy import ndimage
 
 from stevs import __version__
 from stevs.cli import main
+from stevs.ensemble import check_models, combine_predictions, model_patch_scale
 from stevs.errors import StevsInputError
 from stevs.io.model_dir import ModelDir
 from stevs.io.patch_cache import PatchScale
 from stevs.models import create_model
 from stevs.models.presets import get_preset
-from stevs.predict_slide import (
-    HIRES_MAX_SIDE,
-    TissueDetection,
-    check_models,
-    combine_predictions,
-    detect_tissue,
-    make_spot_grid,
-    model_patch_scale,
-    predict_slide,
-    spot_tissue_fractions,
-)
+from stevs.predict_slide import HIRES_MAX_SIDE, predict_slide
+from stevs.spot_grid import make_spot_grid, spot_tissue_fractions
+from stevs.tissue import TissueDetection, detect_tissue
 from tests.conftest import assert_draws_over_he, write_pyramid_tiff
 
 matplotlib.use("Agg")

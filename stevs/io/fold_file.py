@@ -225,13 +225,19 @@ def check_no_overlap(fold: Fold, path: Path | None) -> None:
                 )
 
 
-def training_patch_scale(fold: Fold) -> dict[str, float] | None:
-    """The patch scale of the fold's first existing training patch cache (what a model
-    trained on the fold saw), or None when none exists."""
-    from stevs.io.patch_cache import read_patch_scale
-
+def training_patch_cache(fold: Fold) -> Path | None:
+    """The first training patch cache of a fold that exists on disk (None when none does)."""
     for slide in fold.train:
         path = Path(fold.slide_entry(slide).patches)
         if path.is_file():
-            return read_patch_scale(path).to_dict()
+            return path
     return None
+
+
+def training_patch_scale(fold: Fold) -> dict[str, float] | None:
+    """The patch scale of the first existing training patch cache of a fold (what a model
+    trained on it saw), as :meth:`stevs.io.patch_cache.PatchScale.to_dict`; None without one."""
+    from stevs.io.patch_cache import read_patch_scale
+
+    path = training_patch_cache(fold)
+    return None if path is None else read_patch_scale(path).to_dict()
