@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
     """``stevs predict-slide``."""
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
-    from stevs.train import resolve_device
+    from stevs.device import resolve_device
 
     resolve_device(args.device)  # a device this machine lacks stops here, before any work
     check_writable(args.out_dir)
