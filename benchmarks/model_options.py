@@ -223,9 +223,8 @@ def stevs_score(
     model = create_model(method, preset_obj, fold.genes, fold.normalisation, **options)
     config = {"method": method, "genes": fold.genes, "headline_genes": fold.headline_genes}
     with tempfile.TemporaryDirectory() as tmp:
-        result = fit_model(
-            model, as_dataset(splits["train"]), as_dataset(splits["val"]), tmp, opts, config
-        )
+        data = (as_dataset(splits["train"]), as_dataset(splits["val"]))
+        result = fit_model(model, data, tmp, opts, config)
         model.load_state_dict(load_file(str(Path(tmp) / "model.safetensors")))
     test = splits["test"]
     data = with_context(model, as_dataset(test))

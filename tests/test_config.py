@@ -36,11 +36,27 @@ def overlay(tmp_path: Path, text: str, name: str = "overlay.yaml") -> Path:
 # ------------------------------------------------------------------ the schema and the package
 
 
+def _enums(node, where=""):
+    """Every (path, enum) of a JSON schema, depth first."""
+    if isinstance(node, dict):
+        if "enum" in node:
+            yield where, node["enum"]
+        for key, value in node.items():
+            yield from _enums(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _enums(value, f"{where}[{index}]")
+
+
 def test_schema_method_enums_are_the_registry():
-    properties = SCHEMA["properties"]
-    assert properties["methods"]["items"]["enum"] == list(METHOD_NAMES)
-    assert properties["predict_slides"]["properties"]["model"]["enum"] == list(METHOD_NAMES)
-    assert properties["methods"]["default"] == ["stevs"]
+    """Every enum of the schema that names a method lists exactly the registry's methods."""
+    method_enums = {
+        where: enum for where, enum in _enums(SCHEMA) if len(set(enum) & set(METHOD_NAMES)) > 1
+    }
+    assert len(method_enums) == 3, sorted(method_enums)  # methods, encoders[].methods, model
+    for where, enum in method_enums.items():
+        assert enum == list(METHOD_NAMES), where
+    assert SCHEMA["properties"]["methods"]["default"] == ["stevs"]
 
 
 def test_schema_slide_id_pattern_is_the_one_rule():

@@ -180,6 +180,7 @@ def test_refit_retrains_on_train_and_val_for_the_selected_epochs(study, tmp_path
     )
     assert not any(k.startswith("backbone.") for k in refit)
     assert config["backbone_weights"]["stored"] is False
+    _loads_only_with_the_recorded_backbone(out, tmp_path)
     # a rerun finds the finished refit: nothing trains again, the weights stay
     caplog.set_level(logging.INFO, logger="stevs")
     caplog.clear()
@@ -192,6 +193,24 @@ def test_refit_retrains_on_train_and_val_for_the_selected_epochs(study, tmp_path
     _frozen(study, plain, "--embeddings", str(study["embeddings"]), "--refit")
     assert not (plain / "selection").exists() and not (plain / "checkpoint.pt").exists()
     assert all(torch.equal(refit[k], v) for k, v in load_file(plain / "model.safetensors").items())
+
+
+def _loads_only_with_the_recorded_backbone(model_dir, tmp_path) -> None:
+    """The model rebuilds its backbone from the preset (equal to the trained model's), and a
+    config whose recorded hash differs is refused naming the file."""
+    from stevs.models import load_model
+
+    model, _ = load_model(model_dir)
+    assert model.backbone is not None and model.linear is not None
+    copy = tmp_path / "tampered"
+    copy.mkdir()
+    for name in ("model.safetensors", "metrics.csv"):
+        (copy / name).write_bytes((model_dir / name).read_bytes())
+    config = json.loads((model_dir / "config.json").read_text())
+    config["backbone_weights"]["sha256"] = "0" * 64
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StevsInputError, match="config.json: .*differ from those the model"):
+        load_model(copy)
 
 
 def _runs() -> tuple[pd.DataFrame, pd.DataFrame]:

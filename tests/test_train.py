@@ -336,7 +336,7 @@ def _context_run(out) -> tuple:
     config = {"method": "stevs", "model": model.config.to_dict(), "genes": genes, "fold": "f0"}
     train, val = TinySpots(40, (0, 1), seed=1), TinySpots(16, (2,), seed=2)
     train_data, val_data = tiny_embeddings(model, train), tiny_embeddings(model, val)
-    result = fit_model(model, train_data, val_data, out, opts, config)
+    result = fit_model(model, (train_data, val_data), out, opts, config)
     return model, result
 
 

@@ -31,7 +31,7 @@ from stevs.models.factory import create_model
 from stevs.models.presets import Preset, get_preset
 from stevs.models.stevs import STevs, fit_linear_path
 from stevs.training.batches import EmbeddingDataset
-from stevs.training.loop import finished_result, run_key, train_model
+from stevs.training.loop import finished_result, run_key, stored_result, train_model
 from stevs.training.options import TrainOptions, TrainResult
 
 log = logging.getLogger("stevs.train")
@@ -168,19 +168,18 @@ def _fit_linear_path(
 
 def fit_model(
     model: STevs,
-    train_data: Dataset,
-    val_data: Dataset | None,
+    data: tuple[Dataset, Dataset | None],
     out_dir: str | os.PathLike,
     options: TrainOptions,
     config: Mapping[str, Any],
     **loop_options: Any,
 ) -> TrainResult:
-    """Prepare the features (:func:`prepare_features`) and run the loop, unless ``out_dir``
-    already holds this very run, finished."""
+    """Prepare the features of ``data`` (training, validation) (:func:`prepare_features`)
+    and run the loop, unless ``out_dir`` already holds this very run, finished."""
     done = finished_result(ModelDir(out_dir), config, options)
     if done is not None:
         return done
-    train_data, val_data = prepare_features(model, train_data, val_data, options, config)
+    train_data, val_data = prepare_features(model, *data, options, config)
     return train_model(model, train_data, val_data, out_dir, options, config, **loop_options)
 
 
@@ -262,13 +261,13 @@ def train_fold(
         if options.refit:
             log.info("no validation spots: nothing to select on, no refit")
         val = val_data if len(val_data) else None
-        return fit_model(model, train_data, val, out_dir, options, config)
+        return fit_model(model, (train_data, val), out_dir, options, config)
     done = _finished_refit(out_dir, config, selection_options)
     if done is not None:
         return done
     selection_dir = Path(out_dir) / REFIT_SELECTION_DIR
     selection = fit_model(
-        model, train_data, val_data, selection_dir, selection_options, config,
+        model, (train_data, val_data), selection_dir, selection_options, config,
         keep_checkpoint=True,
     )  # fmt: skip
     if not selection.finished:  # time-limited: the rerun continues the selection run
@@ -288,26 +287,14 @@ def _finished_refit(
 ) -> TrainResult | None:
     """The stored result when ``out_dir`` holds a finished refit of this very selection run
     (its selection folder may be gone), else None."""
-    folder = ModelDir(out_dir)
-    if folder.checkpoint_path.is_file() or not folder.weights_path.is_file():
-        return None
-    try:
-        saved = folder.read_config()
-    except StevsInputError:
-        return None
-    selection = saved.get("selection") or {}
-    if not saved.get("finished") or selection.get("run_key") != run_key(config, selection_options):
-        return None
-    log.info("%s holds this run, finished: nothing to train", folder.path)
-    metrics = folder.read_metrics()
-    return TrainResult(
-        out_dir=folder.path,
-        epochs_done=int(saved.get("epochs_done", 0)),
-        best_epoch=int(saved.get("best_epoch", 0)),
-        best_val_pearson=selection.get(VAL_METRIC),
-        finished=True,
-        history=[] if metrics is None else metrics.to_dict("records"),
+    key = run_key(config, selection_options)
+    done = stored_result(
+        ModelDir(out_dir), lambda saved: (saved.get("selection") or {}).get("run_key") == key
     )
+    if done is None:
+        return None
+    selection = ModelDir(out_dir).read_config()["selection"]
+    return replace(done, best_val_pearson=selection.get(VAL_METRIC))
 
 
 def _refit(
@@ -344,7 +331,7 @@ def _refit(
         },
     }
     log.info("refit: %d epochs on %d train + val spots", epochs, len(fit_data))
-    result = fit_model(model, fit_data, None, out_dir, options, refit_config, stop_after=epochs)
+    result = fit_model(model, (fit_data, None), out_dir, options, refit_config, stop_after=epochs)
     rows = [{**r, "stage": "selection"} for r in selection.history]
     rows += [{**r, "stage": "refit"} for r in result.history]
     ModelDir(out_dir).write_metrics(rows)

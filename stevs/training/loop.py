@@ -516,19 +516,32 @@ def finished_result(
 ) -> TrainResult | None:
     """The result stored in ``folder`` when it holds this very run (same :func:`run_key`)
     finished and not resumable (no checkpoint), else None."""
+    key = run_key(config, options)
+
+    def same_run(saved: Mapping[str, Any]) -> bool:
+        if saved.get("run_key") == key:
+            return True
+        _warn_other_run(folder.weights_path, saved.get("run_key") or {}, key)
+        return False
+
+    return stored_result(folder, same_run)
+
+
+def stored_result(
+    folder: ModelDir, same_run: Callable[[Mapping[str, Any]], bool]
+) -> TrainResult | None:
+    """The finished run stored in ``folder`` (no checkpoint; ``config.json`` says finished)
+    when ``same_run(config)`` accepts it, else None."""
     if folder.checkpoint_path.is_file() or not folder.weights_path.is_file():
         return None
     try:
         saved = folder.read_config()
     except StevsInputError:
         return None
-    key = run_key(config, options)
-    if not saved.get("finished") or saved.get("run_key") != key:
-        _warn_other_run(folder.weights_path, saved.get("run_key") or {}, key)
+    if not saved.get("finished") or not same_run(saved):
         return None
     log.info("%s holds this run, finished: nothing to train", folder.path)
     metrics = folder.read_metrics()
-    history = [] if metrics is None else metrics.to_dict("records")
     score = saved.get("best_val_pearson")
     return TrainResult(
         out_dir=folder.path,
@@ -536,5 +549,5 @@ def finished_result(
         best_epoch=int(saved.get("best_epoch", 0)),
         best_val_pearson=None if score is None else float(score),
         finished=True,
-        history=history,
+        history=[] if metrics is None else metrics.to_dict("records"),
     )

@@ -14,7 +14,7 @@ from snakemake.utils import validate
 from stevs.errors import StevsInputError
 from stevs.folds import plan_folds
 from stevs.io.samples import hest_metadata_path, read_fixed_splits, read_sample_sheet
-from stevs.methods import check_he_only, names
+from stevs.methods import REGISTRY, check_he_only, names
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
 
@@ -192,10 +192,10 @@ def _encoder_runs():
     """The encoders (id -> entry) and the runs: (encoder id, method, seed) triples.
 
     An encoder's id is its preset, with `-frozen` when its backbone is frozen (paths carry
-    it); its `methods` narrow the configured `methods` ([] = all). Torch methods run once
-    per training seed; ridge methods are deterministic and run
-    once (seed 0): ridge_embed on each frozen encoder, ridge_color (no encoder) under the
-    id `none`.
+    it); its `methods` narrow the configured `methods` ([] = all). The method registry
+    says how a method runs: seeded methods (torch) once per training seed, the others once
+    (seed 0); probes of a frozen encoder (ridge_embed) on each frozen encoder; methods that
+    need no encoder (ridge_color) once, under the id `none`.
     """
     encoders, runs = {}, []
     for index, entry in enumerate(config["encoders"]):
@@ -205,20 +205,22 @@ def _encoder_runs():
                 f"config: encoders[{index}]: {name} is listed twice (or is the reserved"
                 " id 'none')"
             )
-        if "ridge_embed" in entry["methods"] and not entry["freeze"]:
+        probes = [m for m in entry["methods"] if REGISTRY[m].encoder == "frozen"]
+        if probes and not entry["freeze"]:
             raise WorkflowError(
-                f"config: encoders[{index}]: ridge_embed probes a frozen encoder; set"
-                " freeze: true or leave ridge_embed out of its methods"
+                f"config: encoders[{index}]: {probes[0]} probes a frozen encoder; set"
+                f" freeze: true or leave {probes[0]} out of its methods"
             )
         encoders[name] = entry
         # an encoder's methods narrow `methods` (one not in `methods` does not run)
         for method in [m for m in METHODS if m in (entry["methods"] or METHODS)]:
-            if method in TORCH_METHODS:
-                runs += [(name, method, seed) for seed in config["training"]["seeds"]]
-            elif method == "ridge_embed" and entry["freeze"]:
+            kind = REGISTRY[method]
+            if kind.encoder == "any":
+                seeds = config["training"]["seeds"] if kind.seeded else [0]
+                runs += [(name, method, seed) for seed in seeds]
+            elif kind.encoder == "frozen" and entry["freeze"]:
                 runs.append((name, method, 0))
-    if "ridge_color" in METHODS:
-        runs.append(("none", "ridge_color", 0))
+    runs += [("none", m, 0) for m in METHODS if REGISTRY[m].encoder == "none"]
     return encoders, runs
 
 
@@ -253,17 +255,23 @@ def all_metrics():
 
 
 def uses_embeddings(wildcards):
-    """Whether a run reads the embedding cache: ridge_embed, and frozen torch runs on a
-    pretrained encoder (a frozen random encoder depends on the seed: it embeds in-run).
+    """Whether a run reads the embedding cache (the registry's `reads_embeddings`): a
+    probe of a frozen encoder, and frozen image runs on a pretrained encoder (a frozen
+    random encoder depends on the seed: it embeds in-run).
     """
     from stevs.models.presets import PRESETS
 
     entry = ENCODERS.get(wildcards.encoder)
-    if not entry or not entry["freeze"] or wildcards.method == "ridge_color":
+    if not entry:
         return False
-    return wildcards.method == "ridge_embed" or (
-        PRESETS[entry["preset"]].backbone.weights != "none"
-    )
+    pretrained = PRESETS[entry["preset"]].backbone.weights != "none"
+    return REGISTRY[wildcards.method].reads_embeddings(entry["freeze"], pretrained)
+
+
+def gpus(wildcards):
+    """The `gpu` resource of a run: the configured count where the method uses one (the
+    registry's `needs_gpu`), 0 for the ridge probes."""
+    return config["resources"]["gpu"] if REGISTRY[wildcards.method].needs_gpu else 0
 
 
 def embedding_dir(encoder):
@@ -308,8 +316,8 @@ def training_args(wildcards):
     """Command-line options of `stevs train` for one run, from the config.
 
     Torch methods get every training option, the encoder's preset and its freeze flag;
-    ridge methods only those they use (seed, device, and for ridge_embed the encoder), so a
-    new `training.epochs` does not refit the ridge baselines.
+    ridge methods only those they use (seed, device, and for a probe of a frozen encoder
+    the encoder), so a new `training.epochs` does not refit the ridge baselines.
     """
     training = config["training"]
     method = wildcards.method
@@ -319,7 +327,7 @@ def training_args(wildcards):
         embedding_args(wildcards),
     ]
     if method in RIDGE_METHODS:
-        if method == "ridge_embed":
+        if REGISTRY[method].encoder == "frozen":
             args.append(f"--backbone {ENCODERS[wildcards.encoder]['preset']}")
         return " ".join(a for a in args if a)
     entry = ENCODERS[wildcards.encoder]

@@ -42,7 +42,7 @@ rule train:
     resources:
         mem_mb=config["resources"]["train_mem_mb"],
         runtime=config["resources"]["train_runtime"],
-        gpu=config["resources"]["gpu"],
+        gpu=gpus,
     params:
         out=lambda wildcards, output: str(Path(output.model).parent),
         args=training_args,
@@ -68,7 +68,7 @@ rule predict:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=config["resources"]["gpu"],
+        gpu=gpus,
     params:
         model_dir=lambda wildcards, input: str(Path(input.model).parent),
         device=config["training"]["device"],
