@@ -68,6 +68,12 @@ def test_schema_slide_id_pattern_is_the_one_rule():
     assert "pslide=SLIDE_ID_PATTERN.pattern" in rules
 
 
+def test_schema_view_enum_is_the_embedding_cache_views():
+    from stevs.io.embedding_cache import VIEWS
+
+    assert SCHEMA["properties"]["embeddings"]["properties"]["view"]["enum"] == list(VIEWS)
+
+
 def test_schema_preset_enum_is_the_presets():
     from stevs.models.presets import PRESETS
 

@@ -13,6 +13,7 @@ from snakemake.utils import validate
 
 from stevs.errors import StevsInputError
 from stevs.folds import plan_folds
+from stevs.io.embedding_cache import VIEWS
 from stevs.io.samples import hest_metadata_path, read_fixed_splits, read_sample_sheet
 from stevs.methods import REGISTRY, check_he_only, names
 
@@ -234,7 +235,7 @@ wildcard_constraints:
     method="|".join(map(re.escape, METHODS)),
     encoder="|".join(map(re.escape, [*ENCODERS, "none"])),
     seed="[0-9]+",
-    view="|".join(map(re.escape, ("none", "dihedral8"))),
+    view="|".join(map(re.escape, VIEWS)),
 
 
 #: run path components: {encoder}/{method}/seed{seed}
