@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("stevs.tiling", "cut spot-centred patches into an HDF5 patch cache"),
     "folds": ("stevs.folds", "write leakage-free fold files with their gene panels"),
     "embed": ("stevs.embed", "embed a slide's patches once with a frozen encoder"),
+    "encoders": ("stevs.encoders", "list the encoder presets, their patches and weights"),
     "train": ("stevs.train", "train STevs or a baseline on one fold"),
     "predict": ("stevs.predict", "predict the test slides of one fold"),
     "evaluate": ("stevs.metrics", "score predictions per gene and slide"),

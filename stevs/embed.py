@@ -6,7 +6,8 @@ Every frozen-feature consumer goes through here: ``stevs embed`` (the workflow's
 slide and encoder; ``ridge_embed``, frozen-backbone training and prediction read it through
 :func:`spot_embeddings`, which computes the embeddings with the same :func:`embed_patches`
 when no cache folder is given. The encoder is a ``stevs.models`` image backbone
-(:class:`stevs.models.backbones.ImageBackbone`: every stage's pooled features).
+(:class:`stevs.models.backbones.ImageBackbone`: every stage's pooled features, or a ViT's
+pooled tokens; ``stevs encoders`` lists the presets).
 
 ``--view dihedral8`` is test-time augmentation: the mean embedding over the 8 symmetries of
 the square (4 quarter turns, each with and without a flip) of each patch.
@@ -47,7 +48,11 @@ def embedding_key(
     preset: str, spec: BackboneSpec, view: str, patch_px: int, mpp_target: float
 ) -> EmbeddingKey:
     """The :class:`EmbeddingKey` of a preset's backbone (as trained or probed) at a scale."""
-    weights = spec.weights if spec.weights != "file" else f"file:{spec.weights_path}"
+    weights = spec.weights
+    if spec.weights == "file":
+        weights = f"file:{spec.weights_path}"
+    elif spec.weights == "hf":
+        weights = f"hf:{spec.hub}/{spec.hub_file}"
     return EmbeddingKey(preset, spec.name, weights, view, int(patch_px), float(mpp_target))
 
 
@@ -192,7 +197,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs embed``."""
     parser.add_argument("--patches", required=True, help="patch cache (results/patches/S.h5)")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--weights", help="backbone weights: 'none', 'timm' or a local file")
+    parser.add_argument(
+        "--weights",
+        help="backbone weights: 'none', 'timm', 'hf' (the preset's Hugging Face file, from the "
+        "cache) or a local file",
+    )
     parser.add_argument("--view", default="none", choices=VIEWS)
     parser.add_argument("--out", required=True, help="embedding cache to write (.h5)")
     parser.add_argument("--device", default="auto")

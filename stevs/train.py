@@ -37,9 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help="output folder (resumes if it has a checkpoint)"
     )
-    parser.add_argument("--backbone", help="timm model name replacing the preset's backbone")
     parser.add_argument(
-        "--weights", help="backbone weights: 'none', 'timm' (timm's hub) or a local file"
+        "--backbone",
+        help="a preset (its whole encoder recipe, e.g. uni) or a timm model name (timm's "
+        "defaults) replacing the preset's backbone",
+    )
+    parser.add_argument(
+        "--weights",
+        help="backbone weights: 'none', 'timm' (timm's hub), 'hf' (the recipe's Hugging Face "
+        "file, from the cache) or a local file",
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)

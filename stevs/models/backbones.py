@@ -43,6 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stevs.errors import StevsInputError
+from stevs.models.checkpoints import (
+    HEAD_PREFIX,
+    check_fits,
+    hub_file,
+    resample_pos_embed,
+    to_timm_layout,
+)
 
 WEIGHT_SOURCES = ("none", "timm", "hf", "file", "effnet_lite0_package")
 POOLINGS = ("stages", "cls", "mean", "cls+mean", "conch_attn")
@@ -240,14 +247,12 @@ def _timm_pretrained(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
 def source_state_dict(spec: BackboneSpec) -> dict[str, Tensor]:
     """The weights of a ``file``, ``hf`` or ``effnet_lite0_package`` spec, in timm's key
     layout (a pooling head's keys under ``head.``)."""
-    from stevs.models.checkpoints import hub_state_dict, to_timm_layout
-
     if spec.weights == "effnet_lite0_package":
         return effnet_lite0_package_state_dict()
     if spec.weights == "hf":
         if not spec.hub:
             raise StevsInputError(None, f"weight source 'hf' needs a repository ({spec.name})")
-        state_dict = hub_state_dict(spec.hub, spec.hub_file)
+        state_dict = read_state_dict(hub_file(spec.hub, spec.hub_file))
     else:
         if not spec.weights_path:
             raise StevsInputError(None, "weight source 'file' needs a weights path")
@@ -257,8 +262,6 @@ def source_state_dict(spec: BackboneSpec) -> dict[str, Tensor]:
 
 def create_feature_model(spec: BackboneSpec) -> nn.Module:
     """The timm ``features_only`` model of ``spec`` with its weights loaded."""
-    from stevs.models.checkpoints import check_fits
-
     _check_spec(spec)
     kwargs = timm_arguments(spec)
     if spec.weights == "none":
@@ -288,8 +291,6 @@ def create_feature_model(spec: BackboneSpec) -> nn.Module:
 def create_token_model(spec: BackboneSpec) -> tuple[nn.Module, nn.Module | None]:
     """The plain timm model of ``spec`` (its ``forward_features`` gives tokens) and its
     pooling head (``conch_attn`` only), with their weights loaded."""
-    from stevs.models.checkpoints import HEAD_PREFIX, check_fits, resample_pos_embed
-
     _check_spec(spec)
     kwargs = {"num_classes": 0, **timm_arguments(spec)}
     if spec.weights == "timm":

@@ -31,12 +31,10 @@ LAYOUTS = ("timm", "conch_v1_5", "hf_dinov2")
 HEAD_PREFIX = "head."
 
 
-def hub_state_dict(repo: str, filename: str) -> dict[str, Tensor]:
-    """The weight file ``filename`` of Hugging Face repository ``repo``, from the local cache
-    when it is there (with ``HF_HUB_OFFLINE=1`` only from the cache)."""
+def hub_file(repo: str, filename: str) -> str:
+    """The local path of the weight file ``filename`` of Hugging Face repository ``repo``,
+    from the cache when it is there (with ``HF_HUB_OFFLINE=1`` only from the cache)."""
     from huggingface_hub import hf_hub_download
-
-    from stevs.models.backbones import read_state_dict
 
     try:
         path = hf_hub_download(repo, filename)
@@ -49,7 +47,7 @@ def hub_state_dict(repo: str, filename: str) -> dict[str, Tensor]:
             f"then HF_HOME=/shared/hf huggingface-cli download {repo} {filename}) and run "
             "with HF_HOME=/shared/hf HF_HUB_OFFLINE=1; or pass --weights FILE",
         ) from err
-    return read_state_dict(path)
+    return str(path)
 
 
 def to_timm_layout(state_dict: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:

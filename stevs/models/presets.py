@@ -102,6 +102,8 @@ PRESETS: dict[str, Preset] = {
         warmup_epochs=0.5,
         kl_warmup_epochs=3.0,
         patience=4,
+        embedding_dim=480,
+        licence="none (random init)",
     ),
     "swin_t": Preset(
         name="swin_t",
@@ -117,6 +119,8 @@ PRESETS: dict[str, Preset] = {
         batch_size=64,
         lr_backbone=2e-5,
         lr_heads=5e-4,
+        embedding_dim=1440,
+        licence="MIT (Microsoft's ImageNet Swin-T via timm), open",
     ),
     "effnet_lite0_in1k": Preset(
         name="effnet_lite0_in1k",
@@ -138,6 +142,8 @@ PRESETS: dict[str, Preset] = {
         context="neighbours",
         linear_path="ridge",
         linear_rank="cv",
+        embedding_dim=512,
+        licence="Apache-2.0 (PyPI package), open",
     ),
 }
 
@@ -185,223 +191,140 @@ def _encoder(
     )
 
 
+def _hf_vit(
+    timm_name: str, hub: str, pooling: str = "cls", *, img_size: int = 224, **spec: Any
+) -> BackboneSpec:
+    """A timm ViT recipe whose published weights are a Hugging Face file (source ``hf``);
+    ``spec`` holds ``timm_kwargs`` and any other :class:`BackboneSpec` field."""
+    kwargs = spec.pop("timm_kwargs")
+    return BackboneSpec(
+        timm_name, kwargs, img_size=img_size, weights="hf", pooling=pooling, hub=hub, **spec
+    )
+
+
+_GATED = "gated (request access on Hugging Face)"
+_MAHMOOD = f"CC-BY-NC-ND-4.0, {_GATED}"
+#: Virchow / Virchow2 (load.py VirchowInferenceEncoder, Virchow2InferenceEncoder; HEST the
+#: same): vit_huge_patch14_224 with SwiGLU; embedding = class token + mean patch token
+_VIRCHOW = {"init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", **_SWIGLU}
+#: H-Optimus-0 / -1 (load.py HOptimus0InferenceEncoder, HOptimus1InferenceEncoder): the same
+#: vit_giant_patch14_reg4_dinov2 at 224 px, class token
+_HOPTIMUS = {"img_size": 224, "init_values": 1e-5, "global_pool": "token"}
+_DYNAMIC = {"dynamic_img_size": True}
+
 # Recipes as TRIDENT (mahmoodlab/TRIDENT trident/patch_encoder_models/load.py, "load.py"
 # below) and HEST (mahmoodlab/HEST src/hest/bench/cpath_model_zoo/inference_models.py,
 # "HEST" below) build them from a local checkpoint; the model cards give the rest.
 ENCODERS: dict[str, Preset] = {
-    # load.py UNIInferenceEncoder: vit_large_patch16_224, init_values 1e-5, CLS token
-    "uni": _encoder(
-        "uni",
-        BackboneSpec(
-            "vit_large_patch16_224",
-            {"patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
-            weights="hf",
-            pooling="cls",
-            hub="MahmoodLab/UNI",
-        ),  # fmt: skip
-        1024,
-        "CC-BY-NC-ND-4.0, gated (request access on Hugging Face)",
-        "UNI (Mahmood lab), ViT-L/16 DINOv2 on 100k WSIs; class token",
-    ),
-    # load.py UNIv2InferenceEncoder: vit_giant_patch14_224 re-shaped, SwiGLU, 8 registers
-    "uni2_h": _encoder(
-        "uni2_h",
-        BackboneSpec(
-            "vit_giant_patch14_224",
-            {
-                "patch_size": 14,
-                "depth": 24,
-                "num_heads": 24,
-                "init_values": 1e-5,
-                "embed_dim": 1536,
-                "mlp_ratio": 2.66667 * 2,
-                "no_embed_class": True,
-                **_SWIGLU,
-                "reg_tokens": 8,
-                "dynamic_img_size": True,
-            },
-            weights="hf",
-            pooling="cls",
-            hub="MahmoodLab/UNI2-h",
-        ),  # fmt: skip
-        1536,
-        "CC-BY-NC-ND-4.0, gated (request access on Hugging Face)",
-        "UNI2-h (Mahmood lab), ViT-H/14 with registers, 350k WSIs; class token",
-    ),
-    # load.py Conchv15InferenceEncoder + model_zoo/conchv1_5/conchv1_5.py: ViT-L/16 trunk
-    # (init_values 1.0) built at 224 and resampled to 448 (bilinear), attentional pooler to
-    # 768 + LayerNorm; file pytorch_model_vision.bin (trunk. / attn_pool_contrast. keys)
-    "conch_v1_5": _encoder(
-        "conch_v1_5",
-        BackboneSpec(
-            "vit_large_patch16_224",
-            {"img_size": 448, "init_values": 1.0},
-            img_size=448,
-            weights="hf",
-            pooling="conch_attn",
-            pool_dim=768,
-            hub="MahmoodLab/conchv1_5",
-            hub_file="pytorch_model_vision.bin",
-            layout="conch_v1_5",
-        ),  # fmt: skip
-        768,
-        "CC-BY-NC-ND-4.0, gated (request access on Hugging Face)",
-        "CONCH v1.5 vision tower (Mahmood lab, TITAN's patch encoder), ViT-L/16 at 448 px; "
-        "attentional-pooler embedding",
-        patch_px=448,
-    ),
-    # load.py VirchowInferenceEncoder (HEST the same): vit_huge_patch14_224, SwiGLU,
-    # embedding = class token + mean patch token
-    "virchow": _encoder(
-        "virchow",
-        BackboneSpec(
-            "vit_huge_patch14_224",
-            {
-                "init_values": 1e-5,
-                "mlp_ratio": 5.3375,
-                "global_pool": "",
-                "dynamic_img_size": True,
-                **_SWIGLU,
-            },
-            weights="hf",
-            pooling="cls+mean",
-            hub="paige-ai/Virchow",
-        ),  # fmt: skip
-        2560,
-        "Apache-2.0, gated (agree to Paige's terms on Hugging Face)",
-        "Virchow (Paige), ViT-H/14 on 1.5M WSIs; class token + mean patch token",
-    ),
-    # load.py Virchow2InferenceEncoder: as Virchow with 4 registers (patch tokens from 5)
-    "virchow2": _encoder(
-        "virchow2",
-        BackboneSpec(
-            "vit_huge_patch14_224",
-            {
-                "init_values": 1e-5,
-                "reg_tokens": 4,
-                "mlp_ratio": 5.3375,
-                "global_pool": "",
-                "dynamic_img_size": True,
-                **_SWIGLU,
-            },
-            weights="hf",
-            pooling="cls+mean",
-            hub="paige-ai/Virchow2",
-        ),  # fmt: skip
-        2560,
-        "CC-BY-NC-ND-4.0, gated (agree to Paige's terms on Hugging Face)",
-        "Virchow2 (Paige), ViT-H/14 with registers, 3.1M WSIs; class token + mean patch token",
-    ),
-    # load.py HOptimus0InferenceEncoder: vit_giant_patch14_reg4_dinov2 at 224, CLS token
-    "hoptimus0": _encoder(
-        "hoptimus0",
-        BackboneSpec(
-            "vit_giant_patch14_reg4_dinov2",
-            {
-                "img_size": 224,
-                "init_values": 1e-5,
-                "global_pool": "token",
-                "dynamic_img_size": True,
-            },
-            weights="hf",
-            pooling="cls",
-            hub="bioptimus/H-optimus-0",
-        ),  # fmt: skip
-        1536,
-        "Apache-2.0, open",
-        "H-Optimus-0 (Bioptimus), ViT-g/14 with registers, 500k WSIs; class token",
-        norm=HOPTIMUS,
-    ),
-    # load.py HOptimus1InferenceEncoder: same architecture as H-Optimus-0
-    "hoptimus1": _encoder(
-        "hoptimus1",
-        BackboneSpec(
-            "vit_giant_patch14_reg4_dinov2",
-            {
-                "img_size": 224,
-                "init_values": 1e-5,
-                "global_pool": "token",
-                "dynamic_img_size": True,
-            },
-            weights="hf",
-            pooling="cls",
-            hub="bioptimus/H-optimus-1",
-        ),  # fmt: skip
-        1536,
-        "non-commercial licence, gated (request access on Hugging Face)",
-        "H-Optimus-1 (Bioptimus), ViT-g/14 with registers, 1M+ WSIs; class token",
-        norm=HOPTIMUS,
-    ),
-    # load.py GigaPathInferenceEncoder (local checkpoint): vit_giant_patch14_dinov2
-    # re-shaped to 16 px patches (SwiGLU from the timm model); class token
-    "gigapath": _encoder(
-        "gigapath",
-        BackboneSpec(
-            "vit_giant_patch14_dinov2",
-            {
-                "img_size": 224,
-                "in_chans": 3,
-                "patch_size": 16,
-                "embed_dim": 1536,
-                "depth": 40,
-                "num_heads": 24,
-                "mlp_ratio": 5.33334,
-                "dynamic_img_size": True,
-            },
-            weights="hf",
-            pooling="cls",
-            hub="prov-gigapath/prov-gigapath",
-        ),  # fmt: skip
-        1536,
-        "Apache-2.0, gated (request access on Hugging Face)",
-        "Prov-GigaPath tile encoder (Microsoft/Providence), ViT-g/16 on 171k WSIs; class "
-        "token (its loaders resize to 256 px and crop 224)",
-    ),
-    # load.py Phikonv2InferenceEncoder (HEST the same): Hugging Face Dinov2Model ViT-L/16,
-    # class token of last_hidden_state; model.safetensors in Hugging Face names
-    "phikon_v2": _encoder(
-        "phikon_v2",
-        BackboneSpec(
-            "vit_large_patch16_224",
-            {"init_values": 1e-5, "dynamic_img_size": True},
-            weights="hf",
-            pooling="cls",
-            hub="owkin/phikon-v2",
-            hub_file="model.safetensors",
-            layout="hf_dinov2",
-        ),  # fmt: skip
-        1024,
-        "Owkin non-commercial licence, open",
-        "Phikon-v2 (Owkin), ViT-L/16 DINOv2 on PANCAN-XL; class token",
-    ),
-    # load.py HibouLInferenceEncoder (pooler_output = class token), HEST HibouLarge
-    # (tokens from 5: 4 registers); Hugging Face Dinov2-with-registers names
-    "hibou_l": _encoder(
-        "hibou_l",
-        BackboneSpec(
-            "vit_large_patch14_reg4_dinov2",
-            {"img_size": 224, "dynamic_img_size": True},
-            weights="hf",
-            pooling="cls",
-            hub="histai/hibou-L",
-            hub_file="model.safetensors",
-            layout="hf_dinov2",
-        ),  # fmt: skip
-        1024,
-        "Apache-2.0, gated (request access on Hugging Face)",
-        "Hibou-L (HistAI), ViT-L/14 with registers on 1.1M WSIs; class token",
-        norm=HIBOU,
-    ),
-    # HEST ResNet50InferenceEncoder / load.py: resnet50.tv_in1k, features_only,
-    # out_indices [3] (truncated after the third stage), average-pooled
-    "resnet50_trunc": _encoder(
-        "resnet50_trunc",
-        BackboneSpec("resnet50.tv_in1k", {"out_indices": (3,)}, weights="timm"),
-        1024,
-        "BSD-3-Clause (torchvision ImageNet weights via timm), open",
-        "ResNet50 ImageNet, truncated after the third stage (HEST-Benchmark's baseline)",
-    ),
-}
+    preset.name: preset
+    for preset in (
+        # load.py UNIInferenceEncoder: vit_large_patch16_224, init_values 1e-5, class token
+        _encoder(
+            "uni",
+            _hf_vit("vit_large_patch16_224", "MahmoodLab/UNI",
+                    timm_kwargs={"patch_size": 16, "init_values": 1e-5, **_DYNAMIC}),
+            1024, _MAHMOOD, "UNI (Mahmood lab), ViT-L/16 DINOv2 on 100k WSIs; class token",
+        ),
+        # load.py UNIv2InferenceEncoder: vit_giant_patch14_224 re-shaped, SwiGLU, 8 registers
+        _encoder(
+            "uni2_h",
+            _hf_vit("vit_giant_patch14_224", "MahmoodLab/UNI2-h",
+                    timm_kwargs={"patch_size": 14, "depth": 24, "num_heads": 24,
+                                 "init_values": 1e-5, "embed_dim": 1536,
+                                 "mlp_ratio": 2.66667 * 2, "no_embed_class": True,
+                                 **_SWIGLU, "reg_tokens": 8, **_DYNAMIC}),
+            1536, _MAHMOOD,
+            "UNI2-h (Mahmood lab), ViT-H/14 with registers, 350k WSIs; class token",
+        ),
+        # load.py Conchv15InferenceEncoder + model_zoo/conchv1_5/conchv1_5.py: ViT-L/16
+        # trunk (init_values 1.0) whose 224 px positions are resampled to 448 (bilinear),
+        # attentional pooler to 768 + LayerNorm; pytorch_model_vision.bin holds trunk. /
+        # attn_pool_contrast. / ln_contrast. keys
+        _encoder(
+            "conch_v1_5",
+            _hf_vit("vit_large_patch16_224", "MahmoodLab/conchv1_5", "conch_attn",
+                    img_size=448, timm_kwargs={"img_size": 448, "init_values": 1.0},
+                    pool_dim=768, hub_file="pytorch_model_vision.bin", layout="conch_v1_5"),
+            768, _MAHMOOD,
+            "CONCH v1.5 vision tower (Mahmood lab, TITAN's patch encoder), ViT-L/16 at "
+            "448 px; attentional-pooler embedding",
+            patch_px=448,
+        ),
+        _encoder(
+            "virchow",
+            _hf_vit("vit_huge_patch14_224", "paige-ai/Virchow", "cls+mean",
+                    timm_kwargs={**_VIRCHOW, **_DYNAMIC}),
+            2560, "Apache-2.0, gated (agree to Paige's terms on Hugging Face)",
+            "Virchow (Paige), ViT-H/14 on 1.5M WSIs; class token + mean patch token",
+        ),
+        # Virchow2: Virchow's recipe with 4 registers (patch tokens from the 6th)
+        _encoder(
+            "virchow2",
+            _hf_vit("vit_huge_patch14_224", "paige-ai/Virchow2", "cls+mean",
+                    timm_kwargs={**_VIRCHOW, "reg_tokens": 4, **_DYNAMIC}),
+            2560, "CC-BY-NC-ND-4.0, gated (agree to Paige's terms on Hugging Face)",
+            "Virchow2 (Paige), ViT-H/14 with registers, 3.1M WSIs; class token + mean "
+            "patch token",
+        ),
+        _encoder(
+            "hoptimus0",
+            _hf_vit("vit_giant_patch14_reg4_dinov2", "bioptimus/H-optimus-0",
+                    timm_kwargs={**_HOPTIMUS, **_DYNAMIC}),
+            1536, "Apache-2.0, open",
+            "H-Optimus-0 (Bioptimus), ViT-g/14 with registers, 500k WSIs; class token",
+            norm=HOPTIMUS,
+        ),
+        _encoder(
+            "hoptimus1",
+            _hf_vit("vit_giant_patch14_reg4_dinov2", "bioptimus/H-optimus-1",
+                    timm_kwargs={**_HOPTIMUS, **_DYNAMIC}),
+            1536, f"non-commercial licence, {_GATED}",
+            "H-Optimus-1 (Bioptimus), ViT-g/14 with registers, 1M+ WSIs; class token",
+            norm=HOPTIMUS,
+        ),
+        # load.py GigaPathInferenceEncoder (local checkpoint): vit_giant_patch14_dinov2
+        # re-shaped to 16 px patches (SwiGLU from the timm model); class token
+        _encoder(
+            "gigapath",
+            _hf_vit("vit_giant_patch14_dinov2", "prov-gigapath/prov-gigapath",
+                    timm_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16,
+                                 "embed_dim": 1536, "depth": 40, "num_heads": 24,
+                                 "mlp_ratio": 5.33334, **_DYNAMIC}),
+            1536, f"Apache-2.0, {_GATED}",
+            "Prov-GigaPath tile encoder (Microsoft/Providence), ViT-g/16 on 171k WSIs; "
+            "class token (its loaders resize to 256 px and crop 224)",
+        ),
+        # load.py Phikonv2InferenceEncoder (HEST the same): Hugging Face Dinov2Model
+        # ViT-L/16, class token of last_hidden_state; model.safetensors in its names
+        _encoder(
+            "phikon_v2",
+            _hf_vit("vit_large_patch16_224", "owkin/phikon-v2",
+                    timm_kwargs={"init_values": 1e-5, **_DYNAMIC},
+                    hub_file="model.safetensors", layout="hf_dinov2"),
+            1024, "Owkin non-commercial licence, open",
+            "Phikon-v2 (Owkin), ViT-L/16 DINOv2 on PANCAN-XL; class token",
+        ),
+        # load.py HibouLInferenceEncoder (pooler_output = class token), HEST
+        # HibouLargeInferenceEncoder (patch tokens from the 6th: 4 registers)
+        _encoder(
+            "hibou_l",
+            _hf_vit("vit_large_patch14_reg4_dinov2", "histai/hibou-L",
+                    timm_kwargs={"img_size": 224, **_DYNAMIC},
+                    hub_file="model.safetensors", layout="hf_dinov2"),
+            1024, f"Apache-2.0, {_GATED}",
+            "Hibou-L (HistAI), ViT-L/14 with registers on 1.1M WSIs; class token",
+            norm=HIBOU,
+        ),
+        # HEST ResNet50InferenceEncoder / load.py: resnet50.tv_in1k, features_only,
+        # out_indices [3] (truncated after the third stage), average-pooled
+        _encoder(
+            "resnet50_trunc",
+            BackboneSpec("resnet50.tv_in1k", {"out_indices": (3,)}, weights="timm"),
+            1024, "BSD-3-Clause (torchvision ImageNet weights via timm), open",
+            "ResNet50 ImageNet, truncated after the third stage (HEST-Benchmark's baseline)",
+        ),
+    )
+}  # fmt: skip
 PRESETS.update(ENCODERS)
 
 
