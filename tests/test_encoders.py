@@ -148,6 +148,26 @@ def test_preset_as_backbone_keeps_its_whole_recipe():
     assert get_preset("uni", weights="hf").backbone.weights == "hf"
 
 
+def test_a_scaled_down_vit_recipe_trains_inside_stevs():
+    from stevs.models import STevs, STevsConfig
+
+    torch.manual_seed(0)
+    spec = tiny(ENCODERS["virchow2"].backbone)
+    config = STevsConfig.for_method("stevs", n_genes=4, backbone=spec, latent_dim=4)
+    model = STevs(config)
+    assert model.backbone.feature_dim == 64
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "patch": torch.randint(0, 256, (6, 3, 28, 28), generator=g, dtype=torch.uint8),
+        "coords": torch.rand(6, 2, generator=g),
+        "target": torch.randn(6, 4, generator=g),
+        "counts": torch.randint(0, 9, (6, 4), generator=g).float(),
+        "library_size": torch.full((6,), 100.0),
+    }
+    model(batch, kl_weight=1.0).loss.backward()
+    assert model.backbone.body.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
 def test_spec_round_trips_through_json_and_reads_old_specs():
     spec = PRESETS["conch_v1_5"].backbone
     assert BackboneSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
@@ -171,6 +191,17 @@ def test_published_conch_layout_loads_offline_from_the_hf_cache(offline_hub):
     np.testing.assert_array_equal(embed(loaded, images), embed(source, images))
     key = embedding_key("conch_v1_5", loaded.spec, "none", 448, 0.5)
     assert key.weights == "hf:MahmoodLab/conchv1_5/pytorch_model_vision.bin"
+
+
+def test_a_cache_that_timm_filled_with_safetensors_serves_too(offline_hub):
+    torch.manual_seed(4)
+    spec = tiny(ENCODERS["uni"].backbone)
+    source = ImageBackbone(spec).eval()
+    state = {k: v.contiguous() for k, v in source.body.state_dict().items()}
+    hf_cache(offline_hub, spec.hub, "model.safetensors", state)  # not pytorch_model.bin
+    images = patches(3, spec.img_size)
+    loaded = ImageBackbone(replace(spec, weights="hf"))
+    np.testing.assert_array_equal(embed(loaded, images), embed(source, images))
 
 
 def test_hf_cache_without_the_file_says_how_to_get_it_offline(offline_hub):

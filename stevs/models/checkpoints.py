@@ -2,7 +2,7 @@
 
 Pathology encoders publish their weights on the Hugging Face hub, most of them gated. On a
 cluster without internet, download a repository's weight file once where there is internet
-(``huggingface-cli download ORG/REPO FILE`` after accepting its licence, into the ``HF_HOME``
+(``hf download ORG/REPO FILE`` after accepting its licence, into the ``HF_HOME``
 the jobs will see) and run with ``HF_HUB_OFFLINE=1``: :func:`hub_state_dict` then reads the
 file from the cache and never touches the network. A copy of the file anywhere works too
 (weight source ``file``).
@@ -31,23 +31,33 @@ LAYOUTS = ("timm", "conch_v1_5", "hf_dinov2")
 HEAD_PREFIX = "head."
 
 
+#: the two names timm's ``hf-hub:`` loader looks for (safetensors first): a cache that timm
+#: filled for a repository serves :func:`hub_file` too
+TIMM_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def hub_file(repo: str, filename: str) -> str:
-    """The local path of the weight file ``filename`` of Hugging Face repository ``repo``,
-    from the cache when it is there (with ``HF_HUB_OFFLINE=1`` only from the cache)."""
+    """The local path of the weight file ``filename`` of Hugging Face repository ``repo``
+    (or, for timm's file names, the other one), from the cache when it is there: with
+    ``HF_HUB_OFFLINE=1`` only from the cache."""
     from huggingface_hub import hf_hub_download
 
-    try:
-        path = hf_hub_download(repo, filename)
-    except Exception as err:  # offline without a cached copy, gated repo without a token
-        raise StevsInputError(
-            None,
-            f"cannot get {filename} of Hugging Face repository {repo} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Without internet, download it "
-            f"once where there is internet (accept the licence at huggingface.co/{repo}, "
-            f"then HF_HOME=/shared/hf huggingface-cli download {repo} {filename}) and run "
-            "with HF_HOME=/shared/hf HF_HUB_OFFLINE=1; or pass --weights FILE",
-        ) from err
-    return str(path)
+    names = [filename] + [name for name in TIMM_HUB_FILES if filename in TIMM_HUB_FILES]
+    errors = []
+    for name in dict.fromkeys(names):
+        try:
+            return str(hf_hub_download(repo, name))
+        except Exception as err:  # offline without a cached copy, gated repo without a token
+            errors.append(err)
+    err = errors[0]
+    raise StevsInputError(
+        None,
+        f"cannot get {filename} of Hugging Face repository {repo} ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Without internet, download it "
+        f"once where there is internet (accept the licence at huggingface.co/{repo}, "
+        f"then HF_HOME=/shared/hf hf download {repo} {filename}) and run "
+        "with HF_HOME=/shared/hf HF_HUB_OFFLINE=1; or pass --weights FILE",
+    ) from err
 
 
 def to_timm_layout(state_dict: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
