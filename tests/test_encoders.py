@@ -193,6 +193,25 @@ def test_published_conch_layout_loads_offline_from_the_hf_cache(offline_hub):
     assert key.weights == "hf:MahmoodLab/conchv1_5/pytorch_model_vision.bin"
 
 
+def test_conch_positions_of_the_224_px_checkpoint_are_resampled_bilinearly(tmp_path):
+    torch.manual_seed(5)
+    small = tiny(ENCODERS["conch_v1_5"].backbone)  # 2 x 2 patches, as the checkpoint
+    large = replace(small, img_size=64, timm_kwargs={**small.timm_kwargs, "img_size": 64})
+    source = ImageBackbone(small)
+    state = {f"trunk.{k}": v for k, v in source.body.state_dict().items()}
+    state |= source.head.state_dict()
+    path = tmp_path / "pytorch_model_vision.bin"
+    torch.save(state, path)
+    loaded = ImageBackbone(replace(large, weights="file", weights_path=str(path)))
+    pos = source.body.pos_embed.detach()
+    grid = pos[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bilinear")
+    expected = expected.permute(0, 2, 3, 1).reshape(1, 16, -1)
+    torch.testing.assert_close(loaded.body.pos_embed[:, 1:].detach(), expected)
+    torch.testing.assert_close(loaded.body.pos_embed[:, :1].detach(), pos[:, :1])
+    assert embed(loaded, patches(2, 64)).shape == (2, 16)
+
+
 def test_a_cache_that_timm_filled_with_safetensors_serves_too(offline_hub):
     torch.manual_seed(4)
     spec = tiny(ENCODERS["uni"].backbone)

@@ -307,7 +307,7 @@ def create_token_model(spec: BackboneSpec) -> tuple[nn.Module, nn.Module | None]
         k[len(HEAD_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)
     }
     body_state = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
-    body_state = resample_pos_embed(body_state, body)
+    body_state = resample_pos_embed(body_state, body, spec.layout)
     where = spec.weights_path or f"{spec.hub}/{spec.hub_file}"
     check_fits(body_state, body, where)
     body.load_state_dict(body_state, strict=True)

@@ -132,9 +132,12 @@ def _from_hf_dinov2(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def resample_pos_embed(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """``pos_embed`` of another patch grid resampled to ``model``'s (bilinear, no antialias,
-    as CONCH v1.5's loader does: its 224 px checkpoint runs at 448 px)."""
+def resample_pos_embed(
+    state_dict: dict[str, Tensor], model: nn.Module, layout: str = "timm"
+) -> dict[str, Tensor]:
+    """``pos_embed`` of another patch grid resampled to ``model``'s: bilinear without
+    antialias as CONCH v1.5's loader does (its 224 px checkpoint runs at 448 px), bicubic
+    for Hugging Face Dinov2 checkpoints (as ``Dinov2Model`` interpolates its positions)."""
     source, target = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
     if source is None or target is None or source.shape == target.shape:
         return state_dict
@@ -142,7 +145,8 @@ def resample_pos_embed(state_dict: dict[str, Tensor], model: nn.Module) -> dict[
     grid = model.patch_embed.grid_size
     old = int(math.isqrt(source.shape[1] - prefix))
     patches = source[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
+    mode = "bicubic" if layout == "hf_dinov2" else "bilinear"
+    patches = F.interpolate(patches, size=grid, mode=mode, align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(source.dtype)
     return {**state_dict, "pos_embed": torch.cat([source[:, :prefix], patches], dim=1)}
 
