@@ -43,6 +43,16 @@ def tiny(spec: BackboneSpec, width: int = 32) -> BackboneSpec:
     )
 
 
+def on_meta(spec: BackboneSpec) -> ImageBackbone:
+    """The full-size backbone on the meta device (no memory; timm's ViT weight init, which
+    means nothing there, skipped)."""
+    spec = replace(spec, weights="none")
+    if spec.pooling != "stages":
+        spec = replace(spec, timm_kwargs={**spec.timm_kwargs, "weight_init": "skip"})
+    with torch.device("meta"):
+        return ImageBackbone(spec)
+
+
 def tiny_dim(spec: BackboneSpec, width: int = 32) -> int:
     return {"cls": width, "mean": width, "cls+mean": 2 * width, "conch_attn": 16}[spec.pooling]
 
@@ -87,9 +97,9 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_full_size_on_meta_with_its_published_width(name):
     preset = PRESETS[name]
-    spec = replace(preset.backbone, weights="none")
+    spec = preset.backbone
+    backbone = on_meta(spec)
     with torch.device("meta"):
-        backbone = ImageBackbone(spec)
         out = backbone(torch.empty(2, 3, spec.img_size, spec.img_size), normalised=True)
     assert preset.embedding_dim > 0
     assert backbone.feature_dim == preset.embedding_dim
@@ -99,13 +109,15 @@ def test_every_preset_builds_full_size_on_meta_with_its_published_width(name):
 
 def test_recipes_are_the_published_architectures():
     def params(name: str) -> float:
-        with torch.device("meta"):
-            body = ImageBackbone(replace(PRESETS[name].backbone, weights="none")).body
+        body = on_meta(PRESETS[name].backbone).body
         return sum(p.numel() for p in body.parameters()) / 1e6
 
-    # model cards: UNI ViT-L 303M, Virchow2 ViT-H 632M, H-Optimus-1 ViT-g 1.1B
+    # model cards: UNI ViT-L 303M, UNI2-h 681M, Virchow2 ViT-H 632M, H-Optimus-1 ViT-g 1.1B,
+    # Prov-GigaPath tile encoder 1.13B
     assert params("uni") == pytest.approx(303, abs=2)
+    assert params("uni2_h") == pytest.approx(681, abs=2)
     assert params("virchow2") == pytest.approx(632, abs=2)
+    assert params("gigapath") == pytest.approx(1134, abs=5)
     assert params("hoptimus1") == pytest.approx(1134, abs=5)
     uni2 = PRESETS["uni2_h"].backbone
     assert uni2.timm_kwargs["mlp_layer"] == "SwiGLUPacked" and uni2.timm_kwargs["reg_tokens"] == 8
