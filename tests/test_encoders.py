@@ -303,6 +303,23 @@ def test_a_wrong_shaped_tensor_is_named(tmp_path):
         ImageBackbone(replace(spec, weights="file", weights_path=str(path)))
 
 
+def test_resnet50_truncated_after_the_third_stage_loads_the_full_published_weights(tmp_path):
+    torch.manual_seed(6)
+    source = timm.create_model("resnet50")  # resnet50.tv_in1k's keys: all four stages + fc
+    path = tmp_path / "resnet50.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    backbone = ImageBackbone(get_preset("resnet50_trunc", weights=str(path)).backbone)
+    assert (
+        backbone.feature_dim == 1024 and "layer4.0.conv1.weight" not in backbone.body.state_dict()
+    )
+    torch.testing.assert_close(
+        backbone.body.state_dict()["layer3.5.conv3.weight"],
+        source.state_dict()["layer3.5.conv3.weight"],
+        rtol=0,
+        atol=0,
+    )
+
+
 def test_a_wrong_shaped_tensor_is_named_for_a_cnn_too(tmp_path):
     state = {k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}
     state["layer2.0.conv1.weight"] = torch.zeros(3, 3)

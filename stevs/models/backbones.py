@@ -59,7 +59,9 @@ _EFFNET_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 
 #: timm layer classes a recipe may name in ``timm_kwargs`` (kept as strings so that a spec
 #: stays JSON; activations are names timm resolves itself, e.g. ``act_layer="silu"``)
-_LAYER_CLASSES = {"SwiGLUPacked": "SwiGLUPacked", "SwiGLU": "SwiGLU", "Mlp": "Mlp"}
+_LAYER_CLASSES = ("SwiGLUPacked", "SwiGLU", "Mlp")
+#: ``timm_kwargs`` that only a ``features_only`` model takes
+_FEATURE_ONLY_ARGS = ("out_indices", "feature_cls", "feature_cfg")
 
 
 @dataclass
@@ -214,7 +216,7 @@ def timm_arguments(spec: BackboneSpec) -> dict[str, Any]:
             raise StevsInputError(
                 None, f"unknown mlp_layer {layer!r} ({', '.join(_LAYER_CLASSES)})"
             )
-        kwargs["mlp_layer"] = getattr(timm.layers, _LAYER_CLASSES[layer])
+        kwargs["mlp_layer"] = getattr(timm.layers, layer)
     return kwargs
 
 
@@ -269,8 +271,9 @@ def create_feature_model(spec: BackboneSpec) -> nn.Module:
     if spec.weights == "timm":
         return _timm_pretrained(spec, features_only=True, **kwargs)
     state_dict = _strip_classifier(source_state_dict(spec), spec.name)
+    model_args = {k: v for k, v in kwargs.items() if k not in _FEATURE_ONLY_ARGS}
     with torch.device("meta"):  # the full model's tensor shapes, without memory
-        full = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
+        full = timm.create_model(spec.name, pretrained=False, num_classes=0, **model_args)
     check_fits(state_dict, full, spec.weights_path or spec.weights)
     try:
         return timm.create_model(
