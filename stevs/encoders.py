@@ -1,5 +1,6 @@
 """``stevs encoders``: the image encoders stevs knows by name (:mod:`stevs.models.presets`),
-their embedding width, the patch each expects and where each expects its weights.
+their timm architecture, embedding width, the patch each expects (pixels, µm per pixel,
+field of view), pooling, where each expects its weights and their licence.
 
 Nothing is downloaded: ``cached`` says whether a Hugging Face weight file is already in the
 local cache (``HF_HOME``), which is all a job with ``HF_HUB_OFFLINE=1`` can use.
@@ -16,6 +17,7 @@ from stevs.models.presets import PRESETS, Preset
 
 COLUMNS = (
     "preset",
+    "model",
     "dim",
     "px",
     "um_per_px",
@@ -52,6 +54,7 @@ def encoder_row(preset: Preset) -> dict[str, Any]:
     spec = preset.backbone
     return {
         "preset": preset.name,
+        "model": spec.name,
         "dim": preset.embedding_dim,
         "px": preset.patch_px,
         "um_per_px": preset.mpp,
