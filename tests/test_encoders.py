@@ -235,10 +235,16 @@ def test_a_cache_that_timm_filled_with_safetensors_serves_too(offline_hub):
     np.testing.assert_array_equal(embed(loaded, images), embed(source, images))
 
 
-def test_hf_cache_without_the_file_says_how_to_get_it_offline(offline_hub):
+def test_hf_cache_without_the_file_says_how_to_get_it_offline(offline_hub, capsys):
     spec = tiny(ENCODERS["uni"].backbone)
     with pytest.raises(StevsInputError, match="MahmoodLab/UNI.*HF_HUB_OFFLINE=1"):
         ImageBackbone(replace(spec, weights="hf"))
+    # the command: one line, exit code 2, before the full-size model is built
+    out = offline_hub.parent / "uni.h5"
+    argv = ["embed", "--patches", str(out), "--preset", "uni", "--out", str(out)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "pytorch_model.bin of Hugging Face repository" in error
 
 
 def _to_hf_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -293,9 +293,11 @@ def create_feature_model(spec: BackboneSpec) -> nn.Module:
 
 def create_token_model(spec: BackboneSpec) -> tuple[nn.Module, nn.Module | None]:
     """The plain timm model of ``spec`` (its ``forward_features`` gives tokens) and its
-    pooling head (``conch_attn`` only), with their weights loaded."""
+    pooling head (``conch_attn`` only), with their weights loaded (read before the model is
+    built, so that missing weights fail fast)."""
     _check_spec(spec)
     kwargs = {"num_classes": 0, **timm_arguments(spec)}
+    state_dict = None if spec.weights in ("none", "timm") else source_state_dict(spec)
     if spec.weights == "timm":
         body = _timm_pretrained(spec, **kwargs)
     else:
@@ -303,9 +305,8 @@ def create_token_model(spec: BackboneSpec) -> tuple[nn.Module, nn.Module | None]
     head = None
     if spec.pooling == "conch_attn":
         head = ConchHead(spec.pool_dim, int(body.num_features))
-    if spec.weights in ("none", "timm"):
+    if state_dict is None:
         return body, head
-    state_dict = source_state_dict(spec)
     head_state = {
         k[len(HEAD_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)
     }
