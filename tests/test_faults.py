@@ -649,3 +649,67 @@ def test_divergence_to_nan_names_the_epoch_and_writes_no_weights(tmp_path):
         train_model(model, Diverging(16, (0,), 1), None, tmp_path, options, {"method": "stevs"})
     assert str(info.value).startswith(str(tmp_path)) and "--lr" in str(info.value)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# -- issue 25: a model applied to a fold it does not fit ----------------------------------------
+
+
+def edited_fold(source: Path, out: Path, **changes: object) -> Path:
+    """A copy of the fold file ``source`` with some keys replaced."""
+    data = json.loads(source.read_text(encoding="utf-8"))
+    data.update(changes)
+    out.write_text(json.dumps(data), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ridge_fold0(run, tmp_path_factory) -> Path:
+    """A ridge_color model of fold0 (its config records its training slides)."""
+    out = tmp_path_factory.mktemp("ridge") / "fold0"
+    argv = ["train", "--fold", run["fold"], "--method", "ridge_color", "--out", out]
+    assert main([*map(str, argv), "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["stevs", "ridge_color"])
+def test_a_model_is_not_applied_to_a_fold_normalised_otherwise(run, ridge_fold0, tmp_path,
+                                                               capsys, kind):  # fmt: skip
+    """Was: log1p_cp10k predictions written as `raw` values, exit 0."""
+    fold0 = json.loads(run["fold"].read_text(encoding="utf-8"))
+    raw = edited_fold(run["fold"], tmp_path / "fold0.json",
+                      normalisation={**fold0["normalisation"], "method": "raw"})  # fmt: skip
+    model = run["model"] if kind == "stevs" else ridge_fold0
+    argv = commands(run, tmp_path / "out")["predict"]
+    argv[argv.index("--model-dir") + 1] = model
+    argv[argv.index("--fold") + 1] = raw
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, str(raw), "normalisation method is 'raw'", str(model),
+                          "'log1p_cp10k'")  # fmt: skip
+    assert files_under(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("kind", ["stevs", "ridge_color"])
+def test_a_model_is_not_applied_to_its_own_training_slides(run, ridge_fold0, tmp_path, capsys,
+                                                           kind):  # fmt: skip
+    """fold0's model on fold1 (same panel), whose test slide demo_2 trained fold0's model.
+    Was: exit 0 with an inflated score (ridge), one warning line (STevs)."""
+    fold0 = json.loads(run["fold"].read_text(encoding="utf-8"))
+    same_panel = {k: fold0[k] for k in ("genes", "headline_genes", "panel", "normalisation")}
+    fold1 = edited_fold(run["fold"].parent / "fold1.json", tmp_path / "fold1.json", **same_panel)
+    assert read_fold(fold1).test == ["demo_2"]
+    model = ridge_fold0
+    if kind == "stevs":  # the fixture's model, recording its slides as `stevs train` does
+        model = tmp_path / "stevs_fold0"
+        model.mkdir()
+        for name in ("model.safetensors", "config.json"):
+            (model / name).write_bytes((run["model"] / name).read_bytes())
+        config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+        config["training_slides"] = ["demo_2", "demo_3"]
+        (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    argv = commands(run, tmp_path / "out")["predict"]
+    argv[argv.index("--model-dir") + 1] = model
+    argv[argv.index("--fold") + 1] = fold1
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, str(fold1), "test slide(s) demo_2 of fold fold1",
+                          f"training slides of the model in {model} (fold fold0)")  # fmt: skip
+    assert files_under(tmp_path / "out") == []
