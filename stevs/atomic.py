@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,21 +137,47 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def _make_folder(folder: Path, output: Path) -> None:
+    """Create the folder of ``output``; a regular file in the way is an error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise StevsOutputError(
+            output, f"cannot write this output: {err.filename or folder} is a file, not a folder"
+        ) from err
+    except OSError as err:
+        raise output_error(output, err) from err
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, replaces: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a not-yet-existing path inside a temporary sibling folder of ``path`` for a
-    writer that makes a directory (a zarr store); renamed to ``path`` (replacing an older
-    one) when the block succeeds, removed when it raises."""
+    writer that makes a directory (a zarr store); renamed to ``path`` when the block
+    succeeds, removed when it raises.
+
+    Whatever is at ``path`` already is replaced only if ``replaces(path)`` says it is an
+    earlier output of the same kind (e.g. a store stevs wrote); anything else (a folder of
+    the user's, a file) is an error naming it, checked before the work, left untouched.
+    """
     import shutil
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _make_folder(path.parent, path)
+    if path.is_symlink() or (path.exists() and not (path.is_dir() and replaces(path))):
+        raise StevsOutputError(
+            path,
+            "exists and is not an earlier output of this kind, so it is not replaced: "
+            "remove it or choose another output path",
+        )
+    try:
+        holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as err:
+        raise output_error(path, err) from err
     tmp = holder / path.name
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir() and not path.is_symlink() and replaces(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:

@@ -713,3 +713,56 @@ def test_a_model_is_not_applied_to_its_own_training_slides(run, ridge_fold0, tmp
     assert_one_line_error(code, err, str(fold1), "test slide(s) demo_2 of fold fold1",
                           f"training slides of the model in {model} (fold fold0)")  # fmt: skip
     assert files_under(tmp_path / "out") == []
+
+
+# -- issue 25: never remove or overwrite what the project did not write ---------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_over_a_users_folder_leaves_it_untouched(run, tmp_path, capsys):
+    """Was: `stevs export --out mydata` deleted the folder mydata and wrote a store there."""
+    pytest.importorskip("spatialdata")
+    mine = tmp_path / "mydata"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "he.png").write_bytes(b"\x89PNG my picture")
+    (mine / "sheet.tsv").write_text("slide_id\nmine\n")
+    before = snapshot(mine)
+    code, err = run_cli(capsys, "export", "--input", run["slide"], "--out", mine)
+    assert_one_line_error(code, err, f"{mine}: exists and is not an earlier output")
+    assert snapshot(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"]  # no temporary left
+    store = tmp_path / "demo_1.zarr"  # a store stevs wrote is replaced by the rerun
+    for _ in range(2):
+        code, err = run_cli(capsys, "export", "--input", run["slide"], "--out", store)
+        assert code == 0, err
+    assert (store / "zarr.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_1.zarr", "mydata"]
+
+
+@pytest.mark.parametrize("where", ["at", "under"])
+def test_export_at_or_under_a_regular_file_is_one_line(run, tmp_path, capsys, where):
+    """Was a FileExistsError / NotADirectoryError traceback (under) or a replaced file (at)."""
+    pytest.importorskip("spatialdata")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    out = notes if where == "at" else notes / "demo_1.zarr"
+    code, err = run_cli(capsys, "export", "--input", run["slide"], "--out", out)
+    problem = "exists and is not an earlier output" if where == "at" else f"{notes} is a file"
+    assert_one_line_error(code, err, str(out), problem)
+    assert notes.read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_demo_into_a_users_folder_changes_nothing(run, tmp_path, capsys):
+    """Was: `stevs demo --out` overwrote the user's samples.tsv in an existing folder."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "samples.tsv").write_text("slide_id\timage\nmine\tmine.tif\n")
+    before = snapshot(mine)
+    code, err = run_cli(capsys, *commands(run, mine)["demo"][:2], mine, "--size-um", 600)
+    assert_one_line_error(code, err, f"{mine}: is a folder with files 'stevs demo' did not write")
+    assert snapshot(mine) == before
