@@ -766,3 +766,74 @@ def test_demo_into_a_users_folder_changes_nothing(run, tmp_path, capsys):
     code, err = run_cli(capsys, *commands(run, mine)["demo"][:2], mine, "--size-um", 600)
     assert_one_line_error(code, err, f"{mine}: is a folder with files 'stevs demo' did not write")
     assert snapshot(mine) == before
+
+
+# -- issue 25: scores on part of the data ------------------------------------------------------
+
+
+def evaluate_argv(run: dict[str, Path], predictions: Path, out: Path) -> list[object]:
+    argv = commands(run, out)["evaluate"]
+    argv[argv.index("--predictions") + 1] = predictions
+    return argv
+
+
+def test_a_prediction_of_part_of_the_test_spots_is_not_scored(run, tmp_path, capsys, caplog):
+    """Was: 10 of the test spots scored and reported as the fold's number, exit 0."""
+    full = ad.read_h5ad(run["predictions"] / "demo_1.h5ad")
+    assert full.n_obs == 35
+    part = tmp_path / "pred" / "demo_1.h5ad"
+    part.parent.mkdir()
+    full[:10].copy().write_h5ad(part)
+    code, err = run_cli(capsys, *evaluate_argv(run, part.parent, tmp_path / "out"))
+    assert_one_line_error(code, err, str(part), f"predicts 10 of the {full.n_obs} test spots",
+                          "--allow-missing-spots")  # fmt: skip
+    assert files_under(tmp_path / "out") == []
+    code, err = run_cli(capsys, *evaluate_argv(run, part.parent, tmp_path / "out"),
+                        "--allow-missing-spots")  # fmt: skip
+    assert code == 0, err
+    assert "a PARTIAL score: 25 test spot(s) have no prediction" in caplog.text
+    summary = pd.read_csv(tmp_path / "out" / "fold0.summary.tsv", sep="\t")
+    assert summary.loc[0, "n_spots_missing"] == full.n_obs - 10
+    assert summary.loc[0, "n_spots"] == 10
+
+
+@pytest.mark.parametrize("how", ["recorded slide", "barcodes"])
+def test_a_prediction_of_another_slide_names_the_prediction(run, tmp_path, capsys, how):
+    """demo_2's prediction saved as demo_1.h5ad. Was: an error blaming the ground truth
+    (the slide AnnData's 'unknown spot barcodes')."""
+    other = ad.read_h5ad(run["predictions"] / "demo_1.h5ad")
+    other.uns["stevs"]["slide"] = "demo_2"
+    if how == "barcodes":  # a file without the slide it predicts: its spots tell
+        del other.uns["stevs"]["slide"]
+        other.obs_names = [f"demo_2-{b}" for b in other.obs_names]
+    wrong = tmp_path / "pred" / "demo_1.h5ad"
+    wrong.parent.mkdir()
+    other.write_h5ad(wrong)
+    code, err = run_cli(capsys, *evaluate_argv(run, wrong.parent, tmp_path / "out"))
+    problem = (
+        "is a prediction of slide 'demo_2'" if how != "barcodes" else "35 of its spots are not"
+    )
+    assert_one_line_error(code, err, f"{wrong}: {problem}")
+    assert str(run["slide"]) not in err
+    assert files_under(tmp_path / "out") == []
+
+
+def test_report_does_not_compare_runs_scored_on_other_folds(run, tmp_path, capsys):
+    """stevs on fold0 and fold1, ridge_color on fold0 only. Was: both means compared as equal."""
+    metrics = tmp_path / "metrics"
+    for method, folds in (("stevs", ("fold0", "fold1")), ("ridge_color", ("fold0",))):
+        (metrics / method).mkdir(parents=True)
+        for fold in folds:
+            for suffix in (".tsv", ".summary.tsv", ".pooled.tsv"):
+                table = pd.read_csv(run["metrics"] / "stevs" / f"fold0{suffix}", sep="\t")
+                table = table.assign(method=method, fold=fold)
+                table.to_csv(metrics / method / f"{fold}{suffix}", sep="\t", index=False)
+    out = tmp_path / "report"
+    code, err = run_cli(capsys, "report", "--metrics", metrics, "--out", out)
+    assert_one_line_error(code, err, str(metrics), "ridge_color: not scored on fold1",
+                          "--allow-partial")  # fmt: skip
+    assert files_under(out) == []
+    code, err = run_cli(capsys, "report", "--metrics", metrics, "--out", out, "--allow-partial")
+    assert code == 0, err
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "PARTIAL comparison" in page and "ridge_color: not scored on fold1" in page
