@@ -837,3 +837,41 @@ def test_report_does_not_compare_runs_scored_on_other_folds(run, tmp_path, capsy
     assert code == 0, err
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "PARTIAL comparison" in page and "ridge_color: not scored on fold1" in page
+
+
+# -- issue 25: Ctrl-C ----------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_training_is_one_line_with_the_checkpoint(run, tmp_path, capsys,
+                                                                monkeypatch, caplog):  # fmt: skip
+    """Ctrl-C in epoch 2: exit 130, one line naming the epoch, the checkpoint and the command
+    that resumes; no weights that look finished. Was: a KeyboardInterrupt traceback."""
+    import stevs.training.loop as loop
+
+    real = loop._train_epoch
+
+    def interrupted_in_second(state, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(state, epoch)
+
+    monkeypatch.setattr(loop, "_train_epoch", interrupted_in_second)
+    out = tmp_path / "model"
+    argv = ["train", "--fold", run["fold"], "--method", "stevs", "--out", out, "--device", "cpu",
+            "--epochs", 2, "--workers", 0, "--batch-size", 16]  # fmt: skip
+    code, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert code == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("stevs train: interrupted: "), err
+    for needle in ("training stopped in epoch 2", f"epoch 1 is saved in {out / 'checkpoint.pt'}",
+                   f"rerun: stevs train --fold {run['fold']} --method stevs"):  # fmt: skip
+        assert needle in lines[0], (needle, lines[0])
+    assert (out / "checkpoint.pt").is_file()
+    assert not list(out.rglob("model.safetensors"))
+    monkeypatch.setattr(loop, "_train_epoch", real)  # the command of the line resumes
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert f"resuming from {out / 'checkpoint.pt'} after epoch 1" in caplog.text
+    assert (out / "model.safetensors").is_file() and not (out / "checkpoint.pt").exists()
