@@ -92,15 +92,42 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def not_replaced(path: Path) -> StevsOutputError:
+    """The error of an output path taken by something stevs does not replace."""
+    return StevsOutputError(
+        path,
+        "exists and is not an earlier output of this kind, so it is not replaced: "
+        "remove it or choose another output path",
+    )
+
+
+def is_hdf5_with(path: str | os.PathLike, *names: str) -> bool:
+    """True for an HDF5 file holding every one of ``names`` (a group or dataset path, or a
+    root attribute): how a writer recognises a file of its own kind it may replace."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return all(name in handle or name in handle.attrs for name in names)
+    except Exception:  # not HDF5, unreadable, damaged: not recognised as ours
+        return False
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, suffix: str = "", replaces: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it to ``path`` if the block succeeds.
 
     The temporary file is removed when the block raises. ``suffix`` keeps an extension
     for writers that look at it (e.g. ``.h5ad``). Stale temporaries of ``path`` from a
-    killed run are removed first.
+    killed run are removed first. With ``replaces``, an existing file at ``path`` is
+    replaced only if ``replaces(path)`` recognises it as an earlier output of the same kind;
+    anything else is an error naming it, left untouched.
     """
     path = Path(path)
+    if replaces is not None and path.is_file() and not replaces(path):
+        raise not_replaced(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
@@ -164,11 +191,7 @@ def atomic_dir(path: str | os.PathLike, replaces: Callable[[Path], bool]) -> Ite
     path = Path(path)
     _make_folder(path.parent, path)
     if path.is_symlink() or (path.exists() and not (path.is_dir() and replaces(path))):
-        raise StevsOutputError(
-            path,
-            "exists and is not an earlier output of this kind, so it is not replaced: "
-            "remove it or choose another output path",
-        )
+        raise not_replaced(path)
     try:
         holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as err:

@@ -875,3 +875,35 @@ def test_ctrl_c_during_training_is_one_line_with_the_checkpoint(run, tmp_path, c
     assert code == 0, err
     assert f"resuming from {out / 'checkpoint.pt'} after epoch 1" in caplog.text
     assert (out / "model.safetensors").is_file() and not (out / "checkpoint.pt").exists()
+
+
+def test_file_writers_replace_only_their_own_kind(run, tmp_path, capsys):
+    """ingest over the user's own .h5ad, tile over an HDF5 file of theirs, predict into the
+    slides folder (over the slide AnnData): each refused naming the file, none changed.
+    Was: every one replaced without a word."""
+    import h5py
+
+    mine = tmp_path / "mine.h5ad"
+    ad.AnnData(np.ones((3, 2), np.float32)).write_h5ad(mine)
+    hest = tmp_path / "hest.h5"
+    with h5py.File(hest, "w") as handle:
+        handle["img"] = np.zeros((2, 4, 4, 3), np.uint8)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    slide = slides / "demo_1.h5ad"
+    slide.write_bytes(run["slide"].read_bytes())
+    cases = {"ingest": ("--out", mine), "tile": ("--out", hest), "predict": ("--out-dir", slides)}
+    for name, (option, target) in cases.items():
+        taken = slide if name == "predict" else target
+        before = taken.read_bytes()
+        argv = commands(run, tmp_path / "unused")[name]
+        argv[argv.index(option) + 1] = target
+        code, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, f"{taken}: exists and is not an earlier output")
+        assert taken.read_bytes() == before, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hest.h5", "mine.h5ad", "slides"]
+    assert sorted(p.name for p in slides.iterdir()) == ["demo_1.h5ad"]
+    out = tmp_path / "again"  # a file of the same kind stevs wrote is replaced
+    for _ in range(2):
+        code, err = run_cli(capsys, *commands(run, out)["ingest"])
+        assert code == 0, err
