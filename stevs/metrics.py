@@ -398,6 +398,12 @@ def _aligned(
         raise StevsInputError(
             pred_path, f"is a prediction of slide {of_slide!r}, not of test slide {slide!r}"
         )
+    unit = (prediction.meta.get("normalisation") or {}).get("method")
+    if unit not in (None, "", fold.normalisation_method):
+        raise StevsInputError(
+            pred_path, f"holds {unit} values but fold {fold.fold} is normalised "
+            f"{fold.normalisation_method}; predict with this fold",
+        )  # fmt: skip
     test_spots = fold.spots_for("test", slide)
     observed, barcodes, _ = load_observed(fold, slide, test_spots)
     rows = prediction.barcodes.get_indexer(barcodes)

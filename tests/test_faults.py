@@ -797,22 +797,27 @@ def test_a_prediction_of_part_of_the_test_spots_is_not_scored(run, tmp_path, cap
     assert summary.loc[0, "n_spots"] == 10
 
 
-@pytest.mark.parametrize("how", ["recorded slide", "barcodes"])
+@pytest.mark.parametrize("how", ["recorded slide", "barcodes", "normalisation"])
 def test_a_prediction_of_another_slide_names_the_prediction(run, tmp_path, capsys, how):
     """demo_2's prediction saved as demo_1.h5ad. Was: an error blaming the ground truth
-    (the slide AnnData's 'unknown spot barcodes')."""
+    (the slide AnnData's 'unknown spot barcodes'). Also: raw values scored as log values."""
     other = ad.read_h5ad(run["predictions"] / "demo_1.h5ad")
     other.uns["stevs"]["slide"] = "demo_2"
     if how == "barcodes":  # a file without the slide it predicts: its spots tell
         del other.uns["stevs"]["slide"]
         other.obs_names = [f"demo_2-{b}" for b in other.obs_names]
+    if how == "normalisation":  # the right slide, predicted with a fold normalised `raw`
+        other.uns["stevs"]["slide"] = "demo_1"
+        other.uns["stevs"]["normalisation"]["method"] = "raw"
     wrong = tmp_path / "pred" / "demo_1.h5ad"
     wrong.parent.mkdir()
     other.write_h5ad(wrong)
     code, err = run_cli(capsys, *evaluate_argv(run, wrong.parent, tmp_path / "out"))
-    problem = (
-        "is a prediction of slide 'demo_2'" if how != "barcodes" else "35 of its spots are not"
-    )
+    problem = {
+        "recorded slide": "is a prediction of slide 'demo_2', not of test slide 'demo_1'",
+        "barcodes": "35 of its spots are not spots of test slide 'demo_1'",
+        "normalisation": "holds raw values but fold fold0 is normalised log1p_cp10k",
+    }[how]
     assert_one_line_error(code, err, f"{wrong}: {problem}")
     assert str(run["slide"]) not in err
     assert files_under(tmp_path / "out") == []
