@@ -294,6 +294,7 @@ def summarise_fold(
         "n_genes": int(per_gene["gene"].nunique()),
         "n_test_slides": int(per_gene["slide"].nunique()),
         "n_spots": int(per_gene.groupby("slide")["n_spots"].first().sum()),
+        "n_spots_missing": 0,  # evaluate_fold counts those of a partial score
         "protocol": "stevs",  # evaluate_fold's hest_bench protocol adds its own numbers
     }
     if pooled_r is not None:
