@@ -1,7 +1,8 @@
-"""Faults and bad input, tried as a new user would (issue 14).
+"""Faults and bad input, tried as a new user would (issues 14 and 25).
 
-Every case ends the same way: exit code 2 from ``stevs.cli.main``, one line on stderr that
-names the file (or the option) and the problem, and no output that looks valid. Cases
+Every case ends the same way: exit code 2 from ``stevs.cli.main`` (130 for Ctrl-C), one line
+on stderr that names the file (or the option) and the problem, no output that looks valid,
+and no file of the user's changed. Cases
 tested in their module's own test file are listed in :data:`ELSEWHERE`, so this file and
 that list together are the catalogue of fault classes.
 """
