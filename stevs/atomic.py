@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -92,15 +92,42 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def not_replaced(path: Path) -> StevsOutputError:
+    """The error of an output path taken by something stevs does not replace."""
+    return StevsOutputError(
+        path,
+        "exists and is not an earlier output of this kind, so it is not replaced: "
+        "remove it or choose another output path",
+    )
+
+
+def is_hdf5_with(path: str | os.PathLike, *names: str) -> bool:
+    """True for an HDF5 file holding every one of ``names`` (a group or dataset path, or a
+    root attribute): how a writer recognises a file of its own kind it may replace."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return all(name in handle or name in handle.attrs for name in names)
+    except Exception:  # not HDF5, unreadable, damaged: not recognised as ours
+        return False
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, suffix: str = "", replaces: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it to ``path`` if the block succeeds.
 
     The temporary file is removed when the block raises. ``suffix`` keeps an extension
     for writers that look at it (e.g. ``.h5ad``). Stale temporaries of ``path`` from a
-    killed run are removed first.
+    killed run are removed first. With ``replaces``, an existing file at ``path`` is
+    replaced only if ``replaces(path)`` recognises it as an earlier output of the same kind;
+    anything else is an error naming it, left untouched.
     """
     path = Path(path)
+    if replaces is not None and path.is_file() and not replaces(path):
+        raise not_replaced(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
@@ -137,21 +164,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def _make_folder(folder: Path, output: Path) -> None:
+    """Create the folder of ``output``; a regular file in the way is an error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise StevsOutputError(
+            output, f"cannot write this output: {err.filename or folder} is a file, not a folder"
+        ) from err
+    except OSError as err:
+        raise output_error(output, err) from err
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, replaces: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a not-yet-existing path inside a temporary sibling folder of ``path`` for a
-    writer that makes a directory (a zarr store); renamed to ``path`` (replacing an older
-    one) when the block succeeds, removed when it raises."""
+    writer that makes a directory (a zarr store); renamed to ``path`` when the block
+    succeeds, removed when it raises.
+
+    Whatever is at ``path`` already is replaced only if ``replaces(path)`` says it is an
+    earlier output of the same kind (e.g. a store stevs wrote); anything else (a folder of
+    the user's, a file) is an error naming it, checked before the work, left untouched.
+    """
     import shutil
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _make_folder(path.parent, path)
+    if path.is_symlink() or (path.exists() and not (path.is_dir() and replaces(path))):
+        raise not_replaced(path)
+    try:
+        holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as err:
+        raise output_error(path, err) from err
     tmp = holder / path.name
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir() and not path.is_symlink() and replaces(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:

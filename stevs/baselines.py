@@ -26,7 +26,7 @@ from stevs.color_features import color_texture_features
 from stevs.errors import StevsInputError
 from stevs.hashing import file_sha256
 from stevs.io.fold_file import Fold, read_fold, training_patch_scale
-from stevs.io.model_dir import ModelDir, check_trained_scale
+from stevs.io.model_dir import ModelDir, check_model_fits_fold
 from stevs.io.patch_cache import PatchCache, read_patch_scale
 from stevs.io.prediction import new_prediction, prediction_meta, write_prediction
 from stevs.io.slide_adata import spots_of
@@ -235,8 +235,8 @@ def predict_ridge(
     """
     model = load_ridge(model_dir)
     fold = read_fold(fold_path)
-    if list(model.genes) != fold.genes:
-        raise StevsInputError(fold.path, "the fold's panel differs from the model's panel")
+    test = list(slides) if slides is not None else list(fold.test)
+    check_model_fits_fold(model.meta, fold, model_dir, test)
     method = str(model.meta["method"])
     source = str(model.meta.get("feature_source", "color_texture"))
     if get_method(method).features == "embedding" and embed is None:
@@ -247,8 +247,7 @@ def predict_ridge(
         embed = FrozenEncoder(backbone, view, str(embeddings) if embeddings else None)
     sha = ModelDir(model_dir).weights_sha256()
     written = []
-    for slide in slides if slides is not None else fold.test:
-        check_trained_scale(model.meta, fold.slide_entry(slide).patches)
+    for slide in test:
         features, _, barcodes = _slide_data(fold, "test", slide, method, embed)
         pred = model.predict(features)
         std = np.broadcast_to(model.residual_std.astype(np.float32), pred.shape)

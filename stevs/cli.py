@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 from dataclasses import fields
 from typing import Any, TypeVar
 
 from stevs import __version__
 from stevs.atomic import is_disk_error, output_error
-from stevs.errors import StevsInputError
+from stevs.errors import StevsInputError, StevsInterrupted
 
 T = TypeVar("T")
+
+#: exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         result = module.run(args)
     except StevsInputError as err:
         return _report(command, err)
+    except KeyboardInterrupt as err:
+        return _interrupted(command, argv, err)
     except OSError as err:  # a write outside stevs.atomic: full disk, folder not writable
         if not (is_disk_error(err) or isinstance(err, PermissionError)) or not err.filename:
             raise
@@ -92,6 +98,19 @@ def _report(command: str, err: StevsInputError) -> int:
     logging.getLogger("stevs").error("%s", err)
     print(f"stevs {command}: error: {err}", file=sys.stderr)
     return 2
+
+
+def _interrupted(command: str, argv: list[str], err: KeyboardInterrupt) -> int:
+    """Ctrl-C: one line, where it stopped and the command that resumes; exit code 130."""
+    where = (
+        err.where
+        if isinstance(err, StevsInterrupted)
+        else "stopped before its output was complete (nothing half-written is kept)"
+    )
+    line = f"stevs {command}: interrupted: {where}; to go on, rerun: stevs {shlex.join(argv)}"
+    logging.getLogger("stevs").warning("%s", line)
+    print(line, file=sys.stderr)
+    return INTERRUPTED
 
 
 if __name__ == "__main__":

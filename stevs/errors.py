@@ -40,3 +40,13 @@ class StevsOutputError(StevsInputError):
     A :class:`StevsInputError` so that the command line reports it the same way: one line
     starting with the output's path, exit code 2.
     """
+
+
+class StevsInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a long job, with where it stopped (``where``: one line naming the resume
+    state, e.g. the checkpoint). Still a :class:`KeyboardInterrupt`, so cleanup that handles
+    that runs unchanged; the command line turns it into one line and exit code 130."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        super().__init__(where)

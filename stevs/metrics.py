@@ -98,6 +98,10 @@ SUMMARY_METRICS: dict[str, str] = {
     "n_genes": "panel genes",
     "n_test_slides": "test slides",
     "n_spots": "test spots over all test slides",
+    "n_spots_missing": (
+        "test spots without a prediction, left out (0: all scored; more only with "
+        "stevs evaluate --allow-missing-spots: a partial score)"
+    ),
 }
 #: evaluation protocols: stevs' own, and HEST-Benchmark's (see the module docstring)
 PROTOCOLS = ("stevs", "hest_bench")
@@ -290,6 +294,7 @@ def summarise_fold(
         "n_genes": int(per_gene["gene"].nunique()),
         "n_test_slides": int(per_gene["slide"].nunique()),
         "n_spots": int(per_gene.groupby("slide")["n_spots"].first().sum()),
+        "n_spots_missing": 0,  # evaluate_fold counts those of a partial score
         "protocol": "stevs",  # evaluate_fold's hest_bench protocol adds its own numbers
     }
     if pooled_r is not None:
@@ -382,13 +387,59 @@ def hest_bench_summary(pooled_r: np.ndarray) -> dict[str, float]:
     }
 
 
+def _aligned(
+    fold: Fold, slide: str, pred_path: Path, allow_missing_spots: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Observed values, predicted mean and std on the test spots of ``slide`` that
+    ``pred_path`` predicts, and how many test spots it lacks. A prediction of another slide,
+    or (unless ``allow_missing_spots``) one lacking test spots, is an error naming the file."""
+    prediction = read_prediction(pred_path, fold.genes)
+    of_slide = prediction.meta.get("slide")
+    if of_slide not in (None, "", slide):
+        raise StevsInputError(
+            pred_path, f"is a prediction of slide {of_slide!r}, not of test slide {slide!r}"
+        )
+    unit = (prediction.meta.get("normalisation") or {}).get("method")
+    if unit not in (None, "", fold.normalisation_method):
+        raise StevsInputError(
+            pred_path, f"holds {unit} values but fold {fold.fold} is normalised "
+            f"{fold.normalisation_method}; predict with this fold",
+        )  # fmt: skip
+    test_spots = fold.spots_for("test", slide)
+    observed, barcodes, _ = load_observed(fold, slide, test_spots)
+    rows = prediction.barcodes.get_indexer(barcodes)
+    covered = rows >= 0
+    if test_spots is None and len(prediction.barcodes) > int(covered.sum()):
+        raise StevsInputError(
+            pred_path,
+            f"{len(prediction.barcodes) - int(covered.sum())} of its spots are not spots of "
+            f"test slide {slide!r}: a prediction of another slide?",
+        )
+    n_missing = len(rows) - int(covered.sum())
+    if n_missing and (not allow_missing_spots or not covered.any()):
+        raise StevsInputError(
+            pred_path,
+            f"predicts {int(covered.sum())} of the {len(rows)} test spots of slide {slide!r}; "
+            "predict them all, or score the rest with --allow-missing-spots (a partial "
+            "result, labelled n_spots_missing)",
+        )
+    rows = rows[covered]
+    std = None if prediction.std is None else prediction.std[rows]
+    return observed[covered], prediction.mean[rows], std, n_missing
+
+
 def evaluate_fold(
     fold_path: str | os.PathLike,
     predictions_dir: str | os.PathLike,
     method: str,
     protocol: str = "stevs",
+    *,
+    allow_missing_spots: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
     """Score one method on one fold (``protocol``: one of :data:`PROTOCOLS`).
+
+    Every test spot needs a prediction; with ``allow_missing_spots`` the spots predicted are
+    scored and the summary's ``n_spots_missing`` counts the rest (a labelled partial score).
 
     Returns the per gene x slide table, the fold summary and the pooled per-gene table
     (gene, pooled_pearson_r, pooled_spearman_rho, headline, constant, n_spots).
@@ -405,24 +456,13 @@ def evaluate_fold(
         raise StevsInputError(fold.path, "the fold has no test slides")
     tables = []
     pooled_obs, pooled_pred = [], []
+    n_missing = 0
     for slide in tqdm(fold.test, desc=f"evaluate {method}/{fold.fold}", unit="slide"):
         pred_path = predictions_dir / f"{slide}.h5ad"
         if not pred_path.exists():
             raise StevsInputError(pred_path, f"no prediction for test slide {slide!r}")
-        prediction = read_prediction(pred_path, fold.genes)
-        pred, std, pred_barcodes = prediction.mean, prediction.std, prediction.barcodes
-        test_spots = fold.spots_for("test", slide)
-        if test_spots is None:
-            keep = np.arange(len(pred_barcodes))
-        else:
-            keep = pred_barcodes.get_indexer(test_spots)
-            if (keep < 0).any():
-                n_missing = int((keep < 0).sum())
-                raise StevsInputError(pred_path, f"{n_missing} test spot(s) of the fold missing")
-        barcodes = pred_barcodes[keep]
-        observed, _, _ = load_observed(fold, slide, barcodes)
-        pred = pred[keep]
-        std = None if std is None else std[keep]
+        observed, pred, std, missing = _aligned(fold, slide, pred_path, allow_missing_spots)
+        n_missing += missing
         tables.append(
             per_gene_table(
                 observed,
@@ -454,6 +494,12 @@ def evaluate_fold(
     )
     summary = summarise_fold(per_gene, pooled.set_index("gene")["pooled_pearson_r"])
     summary["protocol"] = protocol
+    summary["n_spots_missing"] = n_missing
+    if n_missing:
+        log.warning(
+            "%s %s: a PARTIAL score: %d test spot(s) have no prediction (n_spots_missing)",
+            method, fold.fold, n_missing,
+        )  # fmt: skip
     if protocol == "hest_bench":
         summary.update(hest_bench_summary(pooled["pooled_pearson_r"].to_numpy()))
     return per_gene, summary, pooled
@@ -510,6 +556,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hest_bench: also HEST-Benchmark's pooled Pearson r (fold: log1p, gene_list)",
     )
     parser.add_argument(
+        "--allow-missing-spots",
+        action="store_true",
+        help="score a prediction lacking test spots on the spots it has (a partial result, "
+        "labelled n_spots_missing in the summary); default: an error",
+    )
+    parser.add_argument(
         "--out",
         required=True,
         help="per gene x slide TSV; FOO.summary.tsv and FOO.pooled.tsv are written beside it",
@@ -519,7 +571,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``stevs evaluate``: score one method's predictions on one fold."""
     per_gene, summary, pooled = evaluate_fold(
-        args.fold, args.predictions, args.method, args.protocol
+        args.fold,
+        args.predictions,
+        args.method,
+        args.protocol,
+        allow_missing_spots=args.allow_missing_spots,
     )
     write_evaluation(per_gene, summary, pooled, args.out)
     if args.protocol == "hest_bench":

@@ -31,7 +31,7 @@ from stevs.device import autocast as autocast_on
 from stevs.device import resolve_device
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, read_fold
-from stevs.io.model_dir import ModelDir, check_trained_scale
+from stevs.io.model_dir import ModelDir, check_model_fits_fold
 from stevs.io.prediction import new_prediction, prediction_meta, write_prediction
 from stevs.io.slide_adata import spots_of
 from stevs.methods import get_method
@@ -218,20 +218,11 @@ def predict_fold(
 
     fold_obj = fold if isinstance(fold, Fold) else read_fold(fold)
     model, config = load_model(model_dir, device)
-    if list(config["genes"]) != list(fold_obj.genes):
-        raise StevsInputError(
-            fold_obj.path,
-            f"the fold's gene panel differs from the panel the model in {model_dir} was "
-            "trained on; predict with the fold the model was trained on",
-        )
-    if config.get("fold") not in (None, fold_obj.fold):
-        log.warning(
-            "model was trained on fold %s, predicting fold %s", config["fold"], fold_obj.fold
-        )
+    test = _test_slides(fold_obj, slides)
+    check_model_fits_fold(config, fold_obj, model_dir, test)
     sha = ModelDir(model_dir).weights_sha256()
     written: list[Path] = []
-    for slide in _test_slides(fold_obj, slides):
-        check_trained_scale(config, fold_obj.slide_entry(slide).patches)
+    for slide in test:
         dataset = SpotDataset(fold_obj, "test", slides=[slide])
         training = config.get("training") or {}
         view = str(training.get("embedding_view") or "none")

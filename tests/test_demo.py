@@ -247,6 +247,7 @@ def test_same_seed_same_bytes_other_seed_other_data(demo_dir: Path, tmp_path: Pa
 
 
 def test_interrupted_run_leaves_no_sample_sheet(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "README.md").write_text("# Synthetic STevs demo data\n\nof an earlier run\n")
     (tmp_path / "samples.tsv").write_text("stale sheet of an earlier run\n")
     make_slide = study.make_slide
     calls = []

@@ -1,7 +1,8 @@
-"""Faults and bad input, tried as a new user would (issue 14).
+"""Faults and bad input, tried as a new user would (issues 14 and 25).
 
-Every case ends the same way: exit code 2 from ``stevs.cli.main``, one line on stderr that
-names the file (or the option) and the problem, and no output that looks valid. Cases
+Every case ends the same way: exit code 2 from ``stevs.cli.main`` (130 for Ctrl-C), one line
+on stderr that names the file (or the option) and the problem, no output that looks valid,
+and no file of the user's changed. Cases
 tested in their module's own test file are listed in :data:`ELSEWHERE`, so this file and
 that list together are the catalogue of fault classes.
 """
@@ -649,3 +650,266 @@ def test_divergence_to_nan_names_the_epoch_and_writes_no_weights(tmp_path):
         train_model(model, Diverging(16, (0,), 1), None, tmp_path, options, {"method": "stevs"})
     assert str(info.value).startswith(str(tmp_path)) and "--lr" in str(info.value)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# -- issue 25: a model applied to a fold it does not fit ----------------------------------------
+
+
+def edited_fold(source: Path, out: Path, **changes: object) -> Path:
+    """A copy of the fold file ``source`` with some keys replaced."""
+    data = json.loads(source.read_text(encoding="utf-8"))
+    data.update(changes)
+    out.write_text(json.dumps(data), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ridge_fold0(run, tmp_path_factory) -> Path:
+    """A ridge_color model of fold0 (its config records its training slides)."""
+    out = tmp_path_factory.mktemp("ridge") / "fold0"
+    argv = ["train", "--fold", run["fold"], "--method", "ridge_color", "--out", out]
+    assert main([*map(str, argv), "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["stevs", "ridge_color"])
+def test_a_model_is_not_applied_to_a_fold_normalised_otherwise(run, ridge_fold0, tmp_path,
+                                                               capsys, kind):  # fmt: skip
+    """Was: log1p_cp10k predictions written as `raw` values, exit 0."""
+    fold0 = json.loads(run["fold"].read_text(encoding="utf-8"))
+    raw = edited_fold(run["fold"], tmp_path / "fold0.json",
+                      normalisation={**fold0["normalisation"], "method": "raw"})  # fmt: skip
+    model = run["model"] if kind == "stevs" else ridge_fold0
+    argv = commands(run, tmp_path / "out")["predict"]
+    argv[argv.index("--model-dir") + 1] = model
+    argv[argv.index("--fold") + 1] = raw
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, str(raw), "normalisation method is 'raw'", str(model),
+                          "'log1p_cp10k'")  # fmt: skip
+    assert files_under(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("kind", ["stevs", "ridge_color"])
+def test_a_model_is_not_applied_to_its_own_training_slides(run, ridge_fold0, tmp_path, capsys,
+                                                           kind):  # fmt: skip
+    """fold0's model on fold1 (same panel), whose test slide demo_2 trained fold0's model.
+    Was: exit 0 with an inflated score (ridge), one warning line (STevs)."""
+    fold0 = json.loads(run["fold"].read_text(encoding="utf-8"))
+    same_panel = {k: fold0[k] for k in ("genes", "headline_genes", "panel", "normalisation")}
+    fold1 = edited_fold(run["fold"].parent / "fold1.json", tmp_path / "fold1.json", **same_panel)
+    assert read_fold(fold1).test == ["demo_2"]
+    model = ridge_fold0
+    if kind == "stevs":  # the fixture's model, recording its slides as `stevs train` does
+        model = tmp_path / "stevs_fold0"
+        model.mkdir()
+        for name in ("model.safetensors", "config.json"):
+            (model / name).write_bytes((run["model"] / name).read_bytes())
+        config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+        config["training_slides"] = ["demo_2", "demo_3"]
+        (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    argv = commands(run, tmp_path / "out")["predict"]
+    argv[argv.index("--model-dir") + 1] = model
+    argv[argv.index("--fold") + 1] = fold1
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, str(fold1), "test slide(s) demo_2 of fold fold1",
+                          f"training slides of the model in {model} (fold fold0)")  # fmt: skip
+    assert files_under(tmp_path / "out") == []
+
+
+# -- issue 25: never remove or overwrite what the project did not write ---------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_over_a_users_folder_leaves_it_untouched(run, tmp_path, capsys):
+    """Was: `stevs export --out mydata` deleted the folder mydata and wrote a store there."""
+    pytest.importorskip("spatialdata")
+    mine = tmp_path / "mydata"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "he.png").write_bytes(b"\x89PNG my picture")
+    (mine / "sheet.tsv").write_text("slide_id\nmine\n")
+    before = snapshot(mine)
+    code, err = run_cli(capsys, "export", "--input", run["slide"], "--out", mine)
+    assert_one_line_error(code, err, f"{mine}: exists and is not an earlier output")
+    assert snapshot(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"]  # no temporary left
+    store = tmp_path / "demo_1.zarr"  # a store stevs wrote is replaced by the rerun
+    for _ in range(2):
+        code, err = run_cli(capsys, "export", "--input", run["slide"], "--out", store)
+        assert code == 0, err
+    assert (store / "zarr.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_1.zarr", "mydata"]
+
+
+@pytest.mark.parametrize("where", ["at", "under"])
+def test_export_at_or_under_a_regular_file_is_one_line(run, tmp_path, capsys, where):
+    """Was a FileExistsError / NotADirectoryError traceback (under) or a replaced file (at)."""
+    pytest.importorskip("spatialdata")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    out = notes if where == "at" else notes / "demo_1.zarr"
+    code, err = run_cli(capsys, "export", "--input", run["slide"], "--out", out)
+    problem = "exists and is not an earlier output" if where == "at" else f"{notes} is a file"
+    assert_one_line_error(code, err, str(out), problem)
+    assert notes.read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_demo_into_a_users_folder_changes_nothing(run, tmp_path, capsys):
+    """Was: `stevs demo --out` overwrote the user's samples.tsv in an existing folder."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "samples.tsv").write_text("slide_id\timage\nmine\tmine.tif\n")
+    before = snapshot(mine)
+    code, err = run_cli(capsys, *commands(run, mine)["demo"][:2], mine, "--size-um", 600)
+    assert_one_line_error(code, err, f"{mine}: is a folder with files 'stevs demo' did not write")
+    assert snapshot(mine) == before
+
+
+# -- issue 25: scores on part of the data ------------------------------------------------------
+
+
+def evaluate_argv(run: dict[str, Path], predictions: Path, out: Path) -> list[object]:
+    argv = commands(run, out)["evaluate"]
+    argv[argv.index("--predictions") + 1] = predictions
+    return argv
+
+
+def test_a_prediction_of_part_of_the_test_spots_is_not_scored(run, tmp_path, capsys, caplog):
+    """Was: 10 of the test spots scored and reported as the fold's number, exit 0."""
+    full = ad.read_h5ad(run["predictions"] / "demo_1.h5ad")
+    assert full.n_obs == 35
+    part = tmp_path / "pred" / "demo_1.h5ad"
+    part.parent.mkdir()
+    full[:10].copy().write_h5ad(part)
+    code, err = run_cli(capsys, *evaluate_argv(run, part.parent, tmp_path / "out"))
+    assert_one_line_error(code, err, str(part), f"predicts 10 of the {full.n_obs} test spots",
+                          "--allow-missing-spots")  # fmt: skip
+    assert files_under(tmp_path / "out") == []
+    code, err = run_cli(capsys, *evaluate_argv(run, part.parent, tmp_path / "out"),
+                        "--allow-missing-spots")  # fmt: skip
+    assert code == 0, err
+    assert "a PARTIAL score: 25 test spot(s) have no prediction" in caplog.text
+    summary = pd.read_csv(tmp_path / "out" / "fold0.summary.tsv", sep="\t")
+    assert summary.loc[0, "n_spots_missing"] == full.n_obs - 10
+    assert summary.loc[0, "n_spots"] == 10
+
+
+@pytest.mark.parametrize("how", ["recorded slide", "barcodes", "normalisation"])
+def test_a_prediction_of_another_slide_names_the_prediction(run, tmp_path, capsys, how):
+    """demo_2's prediction saved as demo_1.h5ad. Was: an error blaming the ground truth
+    (the slide AnnData's 'unknown spot barcodes'). Also: raw values scored as log values."""
+    other = ad.read_h5ad(run["predictions"] / "demo_1.h5ad")
+    other.uns["stevs"]["slide"] = "demo_2"
+    if how == "barcodes":  # a file without the slide it predicts: its spots tell
+        del other.uns["stevs"]["slide"]
+        other.obs_names = [f"demo_2-{b}" for b in other.obs_names]
+    if how == "normalisation":  # the right slide, predicted with a fold normalised `raw`
+        other.uns["stevs"]["slide"] = "demo_1"
+        other.uns["stevs"]["normalisation"]["method"] = "raw"
+    wrong = tmp_path / "pred" / "demo_1.h5ad"
+    wrong.parent.mkdir()
+    other.write_h5ad(wrong)
+    code, err = run_cli(capsys, *evaluate_argv(run, wrong.parent, tmp_path / "out"))
+    problem = {
+        "recorded slide": "is a prediction of slide 'demo_2', not of test slide 'demo_1'",
+        "barcodes": "35 of its spots are not spots of test slide 'demo_1'",
+        "normalisation": "holds raw values but fold fold0 is normalised log1p_cp10k",
+    }[how]
+    assert_one_line_error(code, err, f"{wrong}: {problem}")
+    assert str(run["slide"]) not in err
+    assert files_under(tmp_path / "out") == []
+
+
+def test_report_does_not_compare_runs_scored_on_other_folds(run, tmp_path, capsys):
+    """stevs on fold0 and fold1, ridge_color on fold0 only. Was: both means compared as equal."""
+    metrics = tmp_path / "metrics"
+    for method, folds in (("stevs", ("fold0", "fold1")), ("ridge_color", ("fold0",))):
+        (metrics / method).mkdir(parents=True)
+        for fold in folds:
+            for suffix in (".tsv", ".summary.tsv", ".pooled.tsv"):
+                table = pd.read_csv(run["metrics"] / "stevs" / f"fold0{suffix}", sep="\t")
+                table = table.assign(method=method, fold=fold)
+                table.to_csv(metrics / method / f"{fold}{suffix}", sep="\t", index=False)
+    out = tmp_path / "report"
+    code, err = run_cli(capsys, "report", "--metrics", metrics, "--out", out)
+    assert_one_line_error(code, err, str(metrics), "ridge_color: not scored on fold1",
+                          "--allow-partial")  # fmt: skip
+    assert files_under(out) == []
+    code, err = run_cli(capsys, "report", "--metrics", metrics, "--out", out, "--allow-partial")
+    assert code == 0, err
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "PARTIAL comparison" in page and "ridge_color: not scored on fold1" in page
+
+
+# -- issue 25: Ctrl-C ----------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_training_is_one_line_with_the_checkpoint(run, tmp_path, capsys,
+                                                                monkeypatch, caplog):  # fmt: skip
+    """Ctrl-C in epoch 2: exit 130, one line naming the epoch, the checkpoint and the command
+    that resumes; no weights that look finished. Was: a KeyboardInterrupt traceback."""
+    import stevs.training.loop as loop
+
+    real = loop._train_epoch
+
+    def interrupted_in_second(state, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(state, epoch)
+
+    monkeypatch.setattr(loop, "_train_epoch", interrupted_in_second)
+    out = tmp_path / "model"
+    argv = ["train", "--fold", run["fold"], "--method", "stevs", "--out", out, "--device", "cpu",
+            "--epochs", 2, "--workers", 0, "--batch-size", 16]  # fmt: skip
+    code, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert code == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("stevs train: interrupted: "), err
+    for needle in ("training stopped in epoch 2", f"epoch 1 is saved in {out / 'checkpoint.pt'}",
+                   f"rerun: stevs train --fold {run['fold']} --method stevs"):  # fmt: skip
+        assert needle in lines[0], (needle, lines[0])
+    assert (out / "checkpoint.pt").is_file()
+    assert not list(out.rglob("model.safetensors"))
+    monkeypatch.setattr(loop, "_train_epoch", real)  # the command of the line resumes
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert f"resuming from {out / 'checkpoint.pt'} after epoch 1" in caplog.text
+    assert (out / "model.safetensors").is_file() and not (out / "checkpoint.pt").exists()
+
+
+def test_file_writers_replace_only_their_own_kind(run, tmp_path, capsys):
+    """ingest over the user's own .h5ad, tile over an HDF5 file of theirs, predict into the
+    slides folder (over the slide AnnData): each refused naming the file, none changed.
+    Was: every one replaced without a word."""
+    import h5py
+
+    mine = tmp_path / "mine.h5ad"
+    ad.AnnData(np.ones((3, 2), np.float32)).write_h5ad(mine)
+    hest = tmp_path / "hest.h5"
+    with h5py.File(hest, "w") as handle:
+        handle["img"] = np.zeros((2, 4, 4, 3), np.uint8)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    slide = slides / "demo_1.h5ad"
+    slide.write_bytes(run["slide"].read_bytes())
+    cases = {"ingest": ("--out", mine), "tile": ("--out", hest), "predict": ("--out-dir", slides)}
+    for name, (option, target) in cases.items():
+        taken = slide if name == "predict" else target
+        before = taken.read_bytes()
+        argv = commands(run, tmp_path / "unused")[name]
+        argv[argv.index(option) + 1] = target
+        code, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, f"{taken}: exists and is not an earlier output")
+        assert taken.read_bytes() == before, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hest.h5", "mine.h5ad", "slides"]
+    assert sorted(p.name for p in slides.iterdir()) == ["demo_1.h5ad"]
+    out = tmp_path / "again"  # a file of the same kind stevs wrote is replaced
+    for _ in range(2):
+        code, err = run_cli(capsys, *commands(run, out)["ingest"])
+        assert code == 0, err

@@ -46,7 +46,7 @@ def write_prediction(
     if std is not None:
         pred.layers["std"] = np.asarray(std, dtype=np.float32)
     pred.obsm["spatial"] = np.zeros((len(barcodes), 2))
-    pred.uns["stevs"] = {"method": "m", "fold": "fold0", "slide": "s", "model_sha256": "0"}
+    pred.uns["stevs"] = {"method": "m", "fold": "fold0", "slide": path.stem, "model_sha256": "0"}
     path.parent.mkdir(parents=True, exist_ok=True)
     pred.write_h5ad(path)
 

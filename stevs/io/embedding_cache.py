@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from stevs import __version__
-from stevs.atomic import atomic_path
+from stevs.atomic import atomic_path, is_hdf5_with
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchScale, hdf5_attr_value
 
@@ -152,7 +152,8 @@ def write_embedding_cache(
         raise StevsInputError(path, "refusing to write NaN or infinite embeddings")
     if key.view not in VIEWS:
         raise ValueError(f"unknown view {key.view!r}; use one of {VIEWS}")
-    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
+    ours = lambda p: is_hdf5_with(p, EMBEDDINGS, "backbone")  # noqa: E731
+    with atomic_path(path, suffix=".h5", replaces=ours) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset(EMBEDDINGS, data=embeddings)
         handle.create_dataset(
             BARCODES, data=np.array(list(barcodes), dtype=object), dtype=h5py.string_dtype()

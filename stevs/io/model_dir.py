@@ -24,13 +24,16 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stevs.atomic import atomic_write_bytes, atomic_write_text
 from stevs.errors import StevsInputError
 from stevs.hashing import file_sha256
+
+if TYPE_CHECKING:
+    from stevs.io.fold_file import Fold
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -230,3 +233,63 @@ def check_trained_scale(config: Mapping[str, Any], patches: str | os.PathLike) -
             f"patches are {cache.describe()} but the model was trained on {trained.describe()}; "
             "tile this slide at the model's scale (stevs tile --patch-px / --patch-um)",
         )
+
+
+def trained_slides(config: Mapping[str, Any]) -> list[str] | None:
+    """The slides a model was fitted on (train + val): ``config["training_slides"]``, else
+    those of the fold file it records (older configs), else None (unknown)."""
+    from stevs.io.fold_file import read_fold
+
+    if config.get("training_slides") is not None:
+        return [str(s) for s in config["training_slides"]]
+    fold_path = config.get("fold_path")
+    if fold_path and Path(fold_path).is_file():
+        fold = read_fold(fold_path)
+        return sorted(set(fold.train) | set(fold.val))
+    return None
+
+
+def _leaked_slides(config: Mapping[str, Any], fold: Fold, test: Sequence[str]) -> list[str]:
+    """Test slides of ``fold`` the model was trained on. A fold that splits a slide into
+    spots (within-slice) may test on a training slide, but only with the model of that
+    very fold: its own spot split keeps the test spots out of training."""
+    trained = trained_slides(config)
+    if trained is None:  # an old config without its slides: only its own fold is safe
+        return [] if config.get("fold") == fold.fold else list(test)
+    same_fold = config.get("fold") == fold.fold and sorted(trained) == sorted(
+        fold.slides_of("train", "val")
+    )
+    spot_split = bool(fold.spots) and same_fold
+    return [s for s in test if s in trained and not (spot_split and fold.spots_for("test", s))]
+
+
+def check_model_fits_fold(
+    config: Mapping[str, Any], fold: Fold, model_dir: str | os.PathLike, slides: Sequence[str]
+) -> None:
+    """The one rule for applying a model to a fold's test ``slides``: the same gene panel,
+    the same target normalisation, patch caches at the model's scale, and no test slide
+    among the slides the model was trained on. Otherwise an error naming both."""
+    where = f"the model in {model_dir} (fold {config.get('fold')})"
+    if list(config["genes"]) != list(fold.genes):
+        raise StevsInputError(
+            fold.path, f"the fold's gene panel differs from the panel of {where}; "
+            "predict with the fold the model was trained on",
+        )  # fmt: skip
+    norm = config.get("normalisation") or {}
+    for key in ("method", "target_sum"):
+        if key in norm and norm.get(key) != fold.normalisation.get(key):
+            raise StevsInputError(
+                fold.path,
+                f"normalisation {key} is {fold.normalisation.get(key)!r} but {where} was "
+                f"trained on {norm.get(key)!r}; predict with the fold the model was trained on",
+            )
+    leaked = _leaked_slides(config, fold, slides)
+    if leaked:
+        raise StevsInputError(
+            fold.path,
+            f"test slide(s) {', '.join(leaked)} of fold {fold.fold} were training slides of "
+            f"{where}: its scores would be inflated; predict with the fold the model was "
+            "trained on",
+        )
+    for slide in slides:
+        check_trained_scale(config, fold.slide_entry(slide).patches)

@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 
 from stevs import __version__
-from stevs.atomic import atomic_path
+from stevs.atomic import atomic_path, is_hdf5_with
 from stevs.errors import StevsInputError
 
 PATCHES = "patches"
@@ -421,7 +421,8 @@ class PatchCacheWriter:
 
     def __enter__(self) -> PatchCacheWriter:
         with ExitStack() as stack:
-            tmp = stack.enter_context(atomic_path(self.path))
+            ours = lambda p: is_hdf5_with(p, PATCHES, CENTERS)  # noqa: E731
+            tmp = stack.enter_context(atomic_path(self.path, replaces=ours))
             file = stack.enter_context(h5py.File(tmp, "w"))
             self._patches = self._create(file)
             self._file = file

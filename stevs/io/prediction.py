@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import sparse
 
 from stevs import __version__
-from stevs.atomic import atomic_path
+from stevs.atomic import atomic_path, is_hdf5_with
 from stevs.errors import StevsInputError
 from stevs.io.slide_adata import SlideSpots
 
@@ -80,8 +80,10 @@ def prediction_meta(config: Mapping[str, Any], fold: Any, slide: str, sha: str) 
 
 
 def write_prediction(adata: Any, path: str | os.PathLike) -> Path:
-    """Write a prediction AnnData atomically (gzip)."""
-    with atomic_path(path, suffix=".h5ad") as tmp:
+    """Write a prediction AnnData atomically (gzip); an existing file is replaced only if it
+    is a prediction file (``uns["stevs"]`` with ``model_sha256``)."""
+    replaces = lambda p: is_hdf5_with(p, "uns/stevs/model_sha256")  # noqa: E731
+    with atomic_path(path, suffix=".h5ad", replaces=replaces) as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stevs import __version__
-from stevs.atomic import atomic_path
+from stevs.atomic import atomic_path, is_hdf5_with
 from stevs.errors import StevsInputError
 from stevs.io.visium_uns import check_spatial_uns, lowres_only
 
@@ -199,9 +199,14 @@ def write_slide_adata(adata: Any, meta: SlideMeta, path: str | os.PathLike) -> P
     """Set ``uns["stevs"]`` from ``meta``, validate and write atomically (gzip)."""
     adata.uns["stevs"] = meta.to_uns()
     check_slide_adata(adata, path)
-    with atomic_path(path, suffix=".h5ad") as tmp:
+    with atomic_path(path, suffix=".h5ad", replaces=is_slide_adata_file) as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
+
+
+def is_slide_adata_file(path: Path) -> bool:
+    """True for a slide AnnData :func:`write_slide_adata` wrote (what it may replace)."""
+    return is_hdf5_with(path, "uns/stevs/patient", "uns/stevs/expression_path")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from stevs.errors import StevsInputError
 REGION_KEY = "region"
 INSTANCE_KEY = "spot_id"
 TABLE = "table"
+#: root attribute of a store stevs wrote (what lets a rerun replace it)
+MARKER = "stevs"
 
 
 def _library(path: Path, adata: ad.AnnData) -> tuple[str, dict[str, Any]]:
@@ -98,10 +100,30 @@ def spatialdata_of(adata: ad.AnnData, path: str | os.PathLike = "") -> Any:
     )
 
 
+def is_stevs_store(path: str | os.PathLike) -> bool:
+    """True for a zarr store :func:`write_spatialdata` wrote: zarr's own group metadata
+    (``zarr.json`` or ``.zgroup``) whose attributes carry :data:`MARKER`."""
+    import zarr
+
+    path = Path(path)
+    if not ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
+        return False
+    try:
+        return MARKER in zarr.open_group(str(path), mode="r").attrs
+    except Exception:  # zarr raises many kinds for a damaged store: not ours to replace
+        return False
+
+
 def write_spatialdata(adata: ad.AnnData, out: str | os.PathLike, source: str = "") -> Path:
     """Write ``adata`` as a SpatialData zarr store at ``out`` (atomically: the store appears
-    whole or not at all); ``source`` names the input in errors."""
-    sdata = spatialdata_of(adata, source)
-    with atomic_dir(out) as tmp:
+    whole or not at all); ``source`` names the input in errors. An existing ``out`` is
+    replaced only if it is a store written here (:func:`is_stevs_store`)."""
+    import zarr
+
+    from stevs import __version__
+
+    with atomic_dir(out, replaces=is_stevs_store) as tmp:
+        sdata = spatialdata_of(adata, source)
         sdata.write(tmp)
+        zarr.open_group(str(tmp), mode="r+").attrs[MARKER] = {"stevs_version": __version__}
     return Path(out)

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="report folder (index.html + TSVs)")
     parser.add_argument("--max-map-slides", type=int, default=4, help="test slides with maps")
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="report runs scored on fewer folds or test spots than the others, labelled "
+        "PARTIAL (default: an error)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         models_dir=args.models,
         config_path=args.config,
         max_map_slides=args.max_map_slides,
+        allow_partial=args.allow_partial,
     )
     log.info("report written to %s", index)
     return 0

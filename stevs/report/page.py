@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,13 @@ from stevs.report.provenance import provenance_html
 from stevs.report.tables import (
     LOWER_IS_BETTER,
     TABLE_METRICS,
+    check_complete,
     collect_metrics,
     compare_to_baselines,
     summarise_methods,
 )
+
+log = logging.getLogger(__name__)
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -184,6 +188,19 @@ give a predictive standard deviation.</p>
 """
 
 
+def partial_section(notes: list[str]) -> list[str]:
+    """The warning that opens a partial comparison (``stevs report --allow-partial``)."""
+    if not notes:
+        return []
+    for note in notes:
+        log.warning("partial comparison: %s", note)
+    items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    return [
+        "<h2>PARTIAL comparison</h2><p>These runs are not scored on the same data, so their "
+        f"means are not comparable:</p><ul>{items}</ul>"
+    ]
+
+
 def build_report(
     metrics_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -193,10 +210,14 @@ def build_report(
     models_dir: str | os.PathLike | None = None,
     config_path: str | os.PathLike | None = None,
     max_map_slides: int = 4,
+    allow_partial: bool = False,
 ) -> Path:
-    """Write the TSV tables and ``index.html`` into ``out_dir``; returns the HTML path."""
+    """Write the TSV tables and ``index.html`` into ``out_dir``; returns the HTML path.
+    Runs scored on other folds or on part of the test spots are an error unless
+    ``allow_partial`` (then the page lists them at the top)."""
     out_dir = Path(out_dir)
     per_gene, folds, pooled = collect_metrics(metrics_dir)
+    partial = check_complete(folds, metrics_dir, allow_partial)
     summary = summarise_methods(folds)
     comparison = compare_to_baselines(per_gene, folds)
     runs, lead_run = shown_runs(folds, summary)
@@ -205,6 +226,7 @@ def build_report(
                     *[m for m in SUMMARY_METRICS if m in folds.columns]]  # fmt: skip
 
     sections = [
+        *partial_section(partial),
         f"<h2>How to read this</h2>{how_to_read(fold_data)}{PROTOCOL_HTML}",
         *table_sections(summary, comparison, folds),
         *figure_sections(summary, per_gene),

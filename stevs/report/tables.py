@@ -88,6 +88,44 @@ def collect_metrics(
     return per_gene_df, folds_df.reset_index(drop=True), pooled_df
 
 
+def partial_runs(folds: pd.DataFrame) -> list[str]:
+    """What makes the comparison of runs unequal, one line each: a run scored on fewer folds
+    than the others of its protocol, a fold scored on part of its test spots."""
+    folds = _with_runs(folds)
+    protocol = folds["protocol"] if "protocol" in folds else pd.Series("stevs", folds.index)
+    notes = []
+    for name, group in folds.groupby(protocol.fillna("stevs"), sort=True):
+        every = sorted(set(group["fold"]))
+        for run, scored in group.groupby("run", sort=True)["fold"]:
+            lacking = [f for f in every if f not in set(scored)]
+            if lacking:
+                notes.append(
+                    f"{run}: not scored on {', '.join(lacking)} (protocol {name}: other runs "
+                    f"cover {', '.join(every)})"
+                )
+    if "n_spots_missing" in folds:
+        gaps = folds[folds["n_spots_missing"].fillna(0) > 0]
+        notes += [
+            f"{row.run} {row.fold}: {int(row.n_spots_missing)} test spot(s) not scored"
+            for row in gaps.itertuples()
+        ]
+    return notes
+
+
+def check_complete(folds: pd.DataFrame, metrics_dir: str | os.PathLike, allow: bool) -> list[str]:
+    """:func:`partial_runs`, an error naming ``metrics_dir`` unless ``allow`` (then the
+    notes, for the report to show)."""
+    notes = partial_runs(folds)
+    if notes and not allow:
+        more = f" (and {len(notes) - 1} more)" if len(notes) > 1 else ""
+        raise StevsInputError(
+            metrics_dir,
+            f"runs are not scored on the same data: {notes[0]}{more}; evaluate what is "
+            "missing, or report with --allow-partial (a labelled partial comparison)",
+        )
+    return notes
+
+
 def _with_runs(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with the run columns (a bare per-method table: no encoder, seed 0)."""
     defaults = {"encoder": "", "seed": 0}

@@ -219,6 +219,7 @@ def _run_config(
         "mpp": preset.mpp,
         "patch_um": preset.patch_um,
         "patches": training_patch_scale(fold),
+        "training_slides": sorted(fold.slides_of("train", "val")),
         "training": asdict(options),
         "stevs_version": __version__,
     }

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from stevs import __version__
 from stevs.device import autocast, resolve_device
-from stevs.errors import StevsInputError
+from stevs.errors import StevsInputError, StevsInterrupted
 from stevs.io.model_dir import ModelDir
 from stevs.metrics import VAL_METRIC, headline_pearson
 from stevs.models.factory import save_model
@@ -492,6 +492,40 @@ def train_model(
     run = _setup(model, train_data, val_data, ModelDir(out_dir), options, config)
     run.last_epoch = min(options.epochs, stop_after or options.epochs)
     state = _resume(run)
+    try:
+        stopped = _epochs(run, state, options, on_epoch_end)
+    except KeyboardInterrupt as err:
+        raise StevsInterrupted(_where_stopped(run, state)) from err
+    if stopped:
+        log.warning(
+            "--max-minutes %.1f reached after epoch %d; writing the best weights so far; "
+            "rerun the same command to continue",
+            options.max_minutes,
+            state.epoch,
+        )
+    return _finish(run, state, keep_checkpoint)
+
+
+def _where_stopped(run: _Run, state: TrainState) -> str:
+    """Where Ctrl-C stopped training: the epoch and the checkpoint a rerun resumes from."""
+    checkpoint = run.folder.checkpoint_path
+    if state.epoch and checkpoint.is_file():
+        done = "epoch 1 is" if state.epoch == 1 else f"epochs 1-{state.epoch} are"
+        return (
+            f"{run.folder.path}: training stopped in epoch {state.epoch + 1}; {done} saved "
+            f"in {checkpoint}, the rerun resumes from there"
+        )
+    return f"{run.folder.path}: training stopped in epoch 1, before any checkpoint"
+
+
+def _epochs(
+    run: _Run,
+    state: TrainState,
+    options: TrainOptions,
+    on_epoch_end: Callable[[int], None] | None,
+) -> bool:
+    """Train epochs until the run is finished or its last epoch; True when ``--max-minutes``
+    stopped it first."""
     started = time.monotonic()
     while not state.finished and state.epoch < run.last_epoch:
         epoch_start = time.monotonic()
@@ -501,14 +535,8 @@ def train_model(
             on_epoch_end(state.epoch)
         minutes = (time.monotonic() - started) / 60
         if options.max_minutes and minutes > options.max_minutes and not state.finished:
-            log.warning(
-                "--max-minutes %.1f reached after epoch %d; writing the best weights so far; "
-                "rerun the same command to continue",
-                options.max_minutes,
-                state.epoch,
-            )
-            break
-    return _finish(run, state, keep_checkpoint)
+            return True
+    return False
 
 
 def finished_result(
