@@ -112,6 +112,8 @@ def comparison_table(results: Path) -> str:
     table = pd.read_csv(path, sep="\t")
     if table.empty:
         return ""
+    if "slide_test" not in table.columns:
+        raise SystemExit(f"{path}: written before the test over held-out slides; rerun the report")
     lines = [
         "| encoder | STevs | best baseline | difference | seed sd | folds ahead"
         " | slides ahead | test over held-out slides | verdict |",

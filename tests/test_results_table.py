@@ -79,6 +79,10 @@ def test_comparison_is_copied_from_the_report(tmp_path):
         "| `ridge_embed` 0.430 | +0.035 | 0.021 | 1 of 2 | 1 of 2 | too few slides to test" in table
     )
     assert "| test over held-out slides |" in table
+    old = {k: v for k, v in row.items() if not k.startswith(("slide", "n_slides"))}
+    pd.DataFrame([old]).to_csv(tmp_path / "report" / "comparison.tsv", sep="\t", index=False)
+    with pytest.raises(SystemExit, match="comparison.tsv: written before the test over held"):
+        module["comparison_table"](tmp_path)
 
 
 def test_missing_report_is_a_clear_error(tmp_path):
