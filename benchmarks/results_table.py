@@ -30,6 +30,8 @@ ORDER = (
     "stevs_spatial_only",
     "stnet",
     "ridge_embed",
+    "ridge_context",
+    "ridge_rrr",
     "ridge_color",
 )
 
@@ -110,17 +112,19 @@ def comparison_table(results: Path) -> str:
     table = pd.read_csv(path, sep="\t")
     if table.empty:
         return ""
+    if "slide_test" not in table.columns:
+        raise SystemExit(f"{path}: written before the test over held-out slides; rerun the report")
     lines = [
         "| encoder | STevs | best baseline | difference | seed sd | folds ahead"
-        " | Wilcoxon p (slide x gene) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        " | slides ahead | test over held-out slides | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table.itertuples():
         lines.append(
             f"| {row.encoder} | {row.headline_r:.3f}"
             f" | `{row.baseline}` {row.baseline_headline_r:.3f}"
             f" | {row.difference:+.3f} | {row.seed_sd:.3f} | {row.folds_ahead} of {row.n_folds}"
-            f" | {row.wilcoxon_p:.2g} (n={row.n_pairs}) | {row.verdict} |"
+            f" | {row.slides_ahead} of {row.n_slides} | {row.slide_test} | {row.verdict} |"
         )
     return "\n".join(lines)
 

@@ -5,8 +5,13 @@
 * ``ridge_embed``: embeddings of a frozen encoder (:mod:`stevs.embed`: the shared embedding
   cache, or the encoder run here; any ``embed(patches_uint8) -> array`` callable for tests)
   with the HEST-Benchmark recipe.
+* ``ridge_context``: the same probe on [the spot's embedding, the mean embedding of its
+  neighbours on its slide] (:func:`stevs.models.context.neighbour_mean`, the encoder
+  preset's ``context_radius``): the neighbourhood context STevs gets, given to the probe.
+* ``ridge_rrr``: ``ridge_embed``'s fit reduced to the rank its inner CV picks
+  (:func:`stevs.models.ridge.reduce_rank`), as STevs's linear path.
 
-Both fit the ridge probe of :mod:`stevs.models.ridge` on the fold's training (+ validation)
+All fit the ridge probe of :mod:`stevs.models.ridge` on the fold's training (+ validation)
 spots only and write a complete model folder (:func:`stevs.models.ridge.save_ridge`).
 """
 
@@ -32,7 +37,14 @@ from stevs.io.prediction import new_prediction, prediction_meta, write_predictio
 from stevs.io.slide_adata import spots_of
 from stevs.methods import get_method, names
 from stevs.metrics import load_observed
-from stevs.models.ridge import DEFAULT_ALPHAS, MAX_COMPONENTS, fit_ridge, load_ridge, save_ridge
+from stevs.models.ridge import (
+    DEFAULT_ALPHAS,
+    MAX_COMPONENTS,
+    fit_ridge,
+    load_ridge,
+    reduce_rank,
+    save_ridge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +77,35 @@ def _training_slides(fold: Fold) -> list[tuple[str, str]]:
 
 
 def _features_of(method: str, patches: np.ndarray, embed: Embedder | None) -> np.ndarray:
-    features = get_method(method).features
-    if features == "color_texture":
+    """A ridge method's own features of ``patches`` (an embedding: without its context)."""
+    registered = get_method(method)
+    if registered.features == "color_texture":
         return color_texture_features(patches)
-    if features == "embedding":
+    if registered.encoder == "frozen":
         if embed is None:
             raise ValueError(f"{method} needs an embed callable")
         return np.asarray(embed(patches), dtype=np.float32)
     raise ValueError(f"{method} is not a ridge method")
+
+
+def context_radius_of(backbone: str) -> float:
+    """The neighbourhood radius (spot pitches) STevs uses on ``backbone``: its preset's
+    ``context_radius``, or the model's default for a backbone that is not a preset."""
+    from stevs.models.presets import PRESETS
+    from stevs.models.stevs import STevsConfig
+
+    preset = PRESETS.get(backbone)
+    return float(preset.context_radius if preset else STevsConfig.context_radius)
+
+
+def with_context(features: np.ndarray, coords: np.ndarray, radius: float) -> np.ndarray:
+    """[``features``, the mean features of each spot's neighbours within ``radius`` pitches]
+    of one slide's spots (:func:`stevs.models.context.neighbour_mean`, as STevs computes
+    its context among the spots of a split)."""
+    from stevs.models.context import neighbour_mean
+
+    context = neighbour_mean(features, np.asarray(coords, dtype=np.float64), None, radius)
+    return np.concatenate([features, context.numpy().astype(features.dtype)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -123,23 +156,31 @@ def _slide_data(
     slide: str,
     method: str,
     embed: Embedder | FrozenEncoder | None,
+    context_radius: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(features, observed targets, barcodes) of one slide's spots in ``part``."""
+    """(features, observed targets, barcodes) of one slide's spots in ``part``; with
+    ``context_radius``, each spot's features followed by its neighbours' mean among them."""
     barcodes = fold.spots_for(part, slide)
     if isinstance(embed, FrozenEncoder):
         features, barcodes = embed.read(fold, slide, barcodes)
     else:
         patches, barcodes = read_patches(fold, slide, barcodes)
         features = _features_of(method, patches, embed)
-    targets, _, _ = load_observed(fold, slide, barcodes)
+    targets, _, adata = load_observed(fold, slide, barcodes)
+    if context_radius is not None:
+        features = with_context(features, adata.obsm["spatial"], context_radius)
     return features, targets, barcodes
+
+
+def _uses_context(method: str) -> bool:
+    return get_method(method).features == "embedding+context"
 
 
 def _embedder_for(
     method: str, embed: Embedder | None, backbone: str, embeddings: str | None, view: str
 ) -> tuple[Embedder | FrozenEncoder | None, str]:
     """The feature function of a ridge fit and how ``config.json`` names it."""
-    if get_method(method).features != "embedding":
+    if get_method(method).encoder != "frozen":
         return None, "color_texture"
     if embed is not None:
         return embed, f"custom:{getattr(embed, 'backbone_name', 'callable')}"
@@ -160,6 +201,7 @@ def train_ridge(
     seed: int = 0,
     embeddings: str | os.PathLike | None = None,
     view: str = "none",
+    context_radius: float | None = None,
 ) -> Path:
     """Fit a ridge baseline on a fold's training + validation spots; returns ``out_dir``.
 
@@ -167,31 +209,34 @@ def train_ridge(
     ``embed`` callable wins over ``backbone`` (a ``stevs.models`` preset name, or a timm
     model name built with random weights; frozen either way). ``embeddings``: a folder of
     embedding caches of ``backbone`` at ``view`` (``stevs embed``) read instead of
-    embedding the patches again.
+    embedding the patches again. ``context_radius`` (``ridge_context``): neighbours within,
+    in spot pitches; None = the radius STevs uses on ``backbone`` (:func:`context_radius_of`).
+    A ``reduced_rank`` method (``ridge_rrr``) then reduces the fit to the rank its inner CV
+    picks on the fold's headline genes.
     """
-    if get_method(method).kind != "ridge":
+    registered = get_method(method)
+    if registered.kind != "ridge":
         raise ValueError(f"{method!r} is not a ridge method; expected one of {RIDGE_METHODS}")
     fold = read_fold(fold_path)
     embed, feature_source = _embedder_for(method, embed, backbone, embeddings, view)
+    if _uses_context(method) and context_radius is None:
+        context_radius = context_radius_of(backbone)
+    elif not _uses_context(method):
+        context_radius = None
     pairs = _training_slides(fold)
     if not pairs:
         raise StevsInputError(fold.path, "the fold has no training slides or spots")
     features, targets, groups = [], [], []
     for part, slide in pairs:
-        x, y, barcodes = _slide_data(fold, part, slide, method, embed)
+        x, y, barcodes = _slide_data(fold, part, slide, method, embed, context_radius)
         features.append(x)
         targets.append(y)
         groups.extend([slide] * len(barcodes))
-    model = fit_ridge(
-        np.concatenate(features),
-        np.concatenate(targets),
-        np.asarray(groups),
-        fold.genes,
-        alphas=alphas,
-        max_components=max_components,
-        n_splits=n_splits,
-        seed=seed,
-    )
+    x, y, groups = np.concatenate(features), np.concatenate(targets), np.asarray(groups)
+    cv = {"n_splits": n_splits, "seed": seed}
+    model = fit_ridge(x, y, groups, fold.genes, alphas=alphas, max_components=max_components, **cv)
+    if registered.reduced_rank:
+        model = reduce_rank(model, x, y, groups, headline_genes=fold.headline_genes, **cv)
     config = {
         "method": method,
         "fold": fold.fold,
@@ -199,6 +244,7 @@ def train_ridge(
         "fold_sha256": file_sha256(fold.path),
         "feature_source": feature_source,
         "embedding_view": view if feature_source.startswith("backbone:") else None,
+        "context_radius": context_radius,
         "headline_genes": list(fold.headline_genes),
         "normalisation": dict(fold.normalisation),
         "patches": training_patch_scale(fold),
@@ -208,11 +254,12 @@ def train_ridge(
     }
     save_ridge(model, out_dir, config)
     log.info(
-        "%s %s: alpha %.3g, %d components, %d spots",
+        "%s %s: alpha %.3g, %d components, rank %s, %d spots",
         method,
         fold.fold,
         model.alpha,
         model.meta["n_components"],
+        model.meta.get("rank", "full"),
         model.meta["n_train_spots"],
     )
     return Path(out_dir)
@@ -239,16 +286,19 @@ def predict_ridge(
     check_model_fits_fold(model.meta, fold, model_dir, test)
     method = str(model.meta["method"])
     source = str(model.meta.get("feature_source", "color_texture"))
-    if get_method(method).features == "embedding" and embed is None:
+    if get_method(method).encoder == "frozen" and embed is None:
         if not source.startswith("backbone:"):
             raise StevsInputError(model_dir, f"model was trained with {source}; pass its embed")
         view = str(model.meta.get("embedding_view") or "none")
         backbone = source.removeprefix("backbone:")
         embed = FrozenEncoder(backbone, view, str(embeddings) if embeddings else None)
+    radius = model.meta.get("context_radius") if _uses_context(method) else None
+    if _uses_context(method) and radius is None:
+        raise StevsInputError(model_dir, f"{method} model without a context_radius in config.json")
     sha = ModelDir(model_dir).weights_sha256()
     written = []
     for slide in test:
-        features, _, barcodes = _slide_data(fold, "test", slide, method, embed)
+        features, _, barcodes = _slide_data(fold, "test", slide, method, embed, radius)
         pred = model.predict(features)
         std = np.broadcast_to(model.residual_std.astype(np.float32), pred.shape)
         spots = spots_of(fold.slide_entry(slide).adata, barcodes)

@@ -29,12 +29,17 @@ class Method:
 
     ``switches`` are the :class:`stevs.models.stevs.STevsConfig` fields a torch method sets
     (ablations are switches of one model, never copies); ``features`` is what a ridge probe
-    regresses on. ``he_only`` says whether the method can predict an H&E-only slide (a
-    Visium-like grid laid over detected tissue, no measured expression): true for every
-    method that reads the image. ``baseline``: a method STevs is compared against (the
-    report's "best baseline"). ``encoder``: which image encoder a run needs: ``"any"`` (a
-    torch method, trained or frozen), ``"frozen"`` (a probe of a frozen encoder's
-    embeddings), ``"none"`` (no encoder: one run, under the encoder id ``none``).
+    regresses on (``embedding``: a frozen encoder's embedding of the spot;
+    ``embedding+context``: that and the mean embedding of its neighbours within the
+    encoder preset's ``context_radius``, :mod:`stevs.models.context`, as STevs sees them;
+    ``color_texture``: hand-made features); ``reduced_rank``: a ridge probe reduced to the
+    rank its inner CV picks (:func:`stevs.models.ridge.reduce_rank`). ``he_only`` says
+    whether the method can predict an H&E-only slide (a Visium-like grid laid over detected
+    tissue, no measured expression): true for every method that reads the image.
+    ``baseline``: a method STevs is compared against (the report's "best baseline").
+    ``encoder``: which image encoder a run needs: ``"any"`` (a torch method, trained or
+    frozen), ``"frozen"`` (a probe of a frozen encoder's embeddings), ``"none"`` (no
+    encoder: one run, under the encoder id ``none``).
     """
 
     name: str
@@ -47,6 +52,7 @@ class Method:
     features: str | None = None
     baseline: bool = False
     encoder: Literal["any", "frozen", "none"] = "any"
+    reduced_rank: bool = False
 
     @property
     def seeded(self) -> bool:
@@ -153,6 +159,25 @@ _METHODS = (
         features="embedding",
         baseline=True,
         encoder="frozen",
+    ),
+    Method(
+        "ridge_context",
+        "ridge",
+        "ridge probe on [frozen embedding, mean embedding of the neighbours]: STevs's context",
+        he_only=False,
+        features="embedding+context",
+        baseline=True,
+        encoder="frozen",
+    ),
+    Method(
+        "ridge_rrr",
+        "ridge",
+        "reduced-rank ridge probe on frozen embeddings (rank by the probe's inner CV)",
+        he_only=False,
+        features="embedding",
+        baseline=True,
+        encoder="frozen",
+        reduced_rank=True,
     ),
     Method(
         "ridge_color",

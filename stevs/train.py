@@ -62,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context", choices=CONTEXTS, help="neighbourhood context (frozen backbone only)"
     )
-    parser.add_argument("--context-radius", type=float, help="neighbours within, in pitches")
+    parser.add_argument(
+        "--context-radius", type=float, help="neighbours within, in pitches (also ridge_context)"
+    )
     parser.add_argument(
         "--linear-path", choices=LINEAR_PATHS, help="linear map from the image features"
     )
@@ -137,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if method.kind == "ridge":
             backbone = {"backbone": args.backbone} if args.backbone else {}  # else its default
-            if method.features == "embedding":
+            if method.encoder == "frozen":
                 backbone.update(embeddings=args.embeddings, view=args.embedding_view)
+            if method.features == "embedding+context" and args.context_radius is not None:
+                backbone["context_radius"] = args.context_radius
             method.entry("train")(args.fold, args.method, out, seed=args.seed, **backbone)
             log.info("done: %s -> %s", args.method, out)
             return 0

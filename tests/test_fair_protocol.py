@@ -22,6 +22,7 @@ from stevs.io.embedding_cache import EmbeddingCache, EmbeddingKey, write_embeddi
 from stevs.io.fold_file import Fold, write_fold
 from stevs.io.model_dir import ModelDir
 from stevs.report import compare_to_baselines, summarise_methods
+from stevs.report.tables import paired_test
 
 torch.set_num_threads(1)
 EFFNET = "effnet_lite0_in1k"
@@ -213,15 +214,16 @@ def _loads_only_with_the_recorded_backbone(model_dir, tmp_path) -> None:
         load_model(copy)
 
 
-def _runs() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-gene and fold tables of STevs (3 seeds) and two baselines on one encoder."""
+def _runs(n_folds: int = 3, n_genes: int = 20) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-gene and fold tables of STevs (3 seeds) and two baselines on one encoder; one
+    held-out slide per fold."""
     rng = np.random.default_rng(0)
-    genes = [f"g{i}" for i in range(20)]
+    genes = [f"g{i}" for i in range(n_genes)]
     per_gene, folds = [], []
     levels = {("enc", "stevs"): 0.50, ("enc", "ridge_embed"): 0.45, ("none", "ridge_color"): 0.3}
     for (encoder, method), level in levels.items():
         for seed in (0, 1, 2) if method == "stevs" else (0,):
-            for fold in ("fold0", "fold1", "fold2"):
+            for fold in [f"fold{i}" for i in range(n_folds)]:
                 r = level + 0.01 * seed + rng.normal(0, 0.02, len(genes))
                 per_gene.append(pd.DataFrame({
                     "method": method, "fold": fold, "slide": f"t{fold}", "gene": genes,
@@ -248,16 +250,52 @@ def test_summary_averages_seeds_per_fold_and_reports_the_seed_sd():
     assert np.isnan(summary.loc[("enc", "ridge_embed"), "pearson_r_mean_headline_seed_sd"])
 
 
-def test_comparison_picks_the_best_same_encoder_baseline_and_tests_pairs():
+def test_comparison_picks_the_best_same_encoder_baseline_and_tests_slides():
     per_gene, folds = _runs()
     row = compare_to_baselines(per_gene, folds).iloc[0]
     assert (row["encoder"], row["baseline"]) == ("enc", "ridge_embed")
-    stevs = per_gene[per_gene["method"] == "stevs"].groupby(["fold", "slide", "gene"])["pearson_r"]
-    ridge = per_gene[per_gene["method"] == "ridge_embed"].set_index(["fold", "slide", "gene"])
-    delta = stevs.mean() - ridge["pearson_r"]
-    assert row["wilcoxon_p"] == pytest.approx(wilcoxon(delta).pvalue)
-    assert row["n_pairs"] == 60 and row["folds_ahead"] == 3 and row["verdict"] == "ahead"
+    # 3 held-out slides (60 slide x gene pairs): too few to test, no p-value
+    assert row["n_slides"] == 3 and row["slides_ahead"] == 3 and np.isnan(row["slide_wilcoxon_p"])
+    assert row["slide_test"].startswith("too few slides to test")
+    assert row["folds_ahead"] == 3 and row["verdict"] == "ahead"
     # the same gap, but seeds far apart: inside the seed sd, a tie
     noisy = folds.copy()
     noisy.loc[noisy["seed"] == 2, "pearson_r_mean_headline"] += 0.5
     assert compare_to_baselines(per_gene, noisy).iloc[0]["verdict"].startswith("tie")
+
+
+def _slide_delta(per_gene: pd.DataFrame) -> pd.Series:
+    """Per slide: STevs's headline r (genes, then seeds averaged) minus ridge_embed's."""
+    by_slide = {m: per_gene[per_gene["method"] == m].groupby(["slide", "seed"])["pearson_r"]
+                .mean().groupby("slide").mean() for m in ("stevs", "ridge_embed")}  # fmt: skip
+    return by_slide["stevs"] - by_slide["ridge_embed"]
+
+
+def test_slide_test_p_value_comes_from_slides_not_genes():
+    per_gene, folds = _runs(n_folds=6, n_genes=20)
+    row = compare_to_baselines(per_gene, folds).iloc[0]
+    delta = _slide_delta(per_gene)
+    assert row["n_slides"] == 6 and row["slides_ahead"] == int((delta > 0).sum())
+    assert row["slide_wilcoxon_p"] == pytest.approx(wilcoxon(delta.to_numpy()).pvalue)
+    assert row["slide_test"] == f"Wilcoxon over 6 slides: p = {row['slide_wilcoxon_p']:.2g}"
+    # 10 times the genes, each slide's r unchanged: the same p (a (slide, gene) test's
+    # p-value would shrink with the number of genes)
+    copies = [per_gene.assign(gene=per_gene["gene"] + f"_copy{i}") for i in range(10)]
+    more = compare_to_baselines(pd.concat(copies, ignore_index=True), folds).iloc[0]
+    assert more["slide_wilcoxon_p"] == pytest.approx(row["slide_wilcoxon_p"])
+    assert more["n_slides"] == 6
+    # a slide tested in two folds (spot blocks of one section) counts once
+    twice = per_gene.assign(slide=per_gene["slide"].replace({"tfold5": "tfold4"}))
+    assert compare_to_baselines(twice, folds).iloc[0]["n_slides"] == 5
+
+
+def test_paired_test_below_five_slides_says_too_few():
+    ours = pd.Series([0.5, 0.6, 0.7, 0.8], index=list("abcd"))
+    row = paired_test(ours, ours - 0.1)
+    assert row["slide_test"] == "too few slides to test (4 held-out, fewer than 5)"
+    assert np.isnan(row["slide_wilcoxon_p"]) and row["slides_ahead"] == 4
+    five = paired_test(pd.concat([ours, pd.Series([0.9], index=["e"])]), ours)  # paired: 4
+    assert five["n_slides"] == 4 and five["slide_test"].startswith("too few slides to test")
+    row = paired_test(pd.Series(np.arange(5.0), index=list("abcde")),
+                      pd.Series(np.arange(5.0) - 1, index=list("abcde")))  # fmt: skip
+    assert row["slide_wilcoxon_p"] == pytest.approx(0.0625)  # all 5 ahead: the smallest p

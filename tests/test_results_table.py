@@ -69,12 +69,20 @@ def test_comparison_is_copied_from_the_report(tmp_path):
         "encoder": "effnet_lite0_in1k-frozen", "method": "stevs", "baseline": "ridge_embed",
         "baseline_encoder": "effnet_lite0_in1k-frozen", "headline_r": 0.465,
         "baseline_headline_r": 0.43, "difference": 0.035, "seed_sd": 0.021, "folds_ahead": 1,
-        "n_folds": 2, "n_pairs": 100, "wilcoxon_p": 0.0123, "verdict": "ahead",
+        "n_folds": 2, "n_slides": 2, "slides_ahead": 1, "slide_wilcoxon_p": float("nan"),
+        "slide_test": "too few slides to test (2 held-out, fewer than 5)", "verdict": "ahead",
     }  # fmt: skip
     pd.DataFrame([row]).to_csv(tmp_path / "report" / "comparison.tsv", sep="\t", index=False)
     module = runpy.run_path(str(SCRIPT))
     table = module["comparison_table"](tmp_path)
-    assert "| `ridge_embed` 0.430 | +0.035 | 0.021 | 1 of 2 | 0.012 (n=100) | ahead |" in table
+    assert (
+        "| `ridge_embed` 0.430 | +0.035 | 0.021 | 1 of 2 | 1 of 2 | too few slides to test" in table
+    )
+    assert "| test over held-out slides |" in table
+    old = {k: v for k, v in row.items() if not k.startswith(("slide", "n_slides"))}
+    pd.DataFrame([old]).to_csv(tmp_path / "report" / "comparison.tsv", sep="\t", index=False)
+    with pytest.raises(SystemExit, match="comparison.tsv: written before the test over held"):
+        module["comparison_table"](tmp_path)
 
 
 def test_missing_report_is_a_clear_error(tmp_path):

@@ -213,9 +213,9 @@ def test_fold_jobs_read_only_the_folds_slides(tmp_path):
         assert embeddings == (wanted if frozen else set()), job
         assert f"results/folds/{fold}.json" in inputs
         checked[job["rule"]] += 1
-    # 2 folds x (stevs, stnet on cpu_small + stevs, stnet, ridge_embed on the frozen
-    # EfficientNet + ridge_color), one seed
-    assert checked == {"train": 12, "predict": 12, "evaluate": 12}, checked
+    # 2 folds x (stevs, stnet on cpu_small + stevs, stnet, ridge_embed, ridge_context,
+    # ridge_rrr on the frozen EfficientNet + ridge_color), one seed
+    assert checked == {"train": 16, "predict": 16, "evaluate": 16}, checked
 
 
 def test_readme_forcerun_example_retrains_one_fold(tmp_path):
@@ -258,7 +258,7 @@ def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     assert embed == [f"results/embeddings/effnet_lite0_in1k/dihedral8/demo_{i}.h5"
                      for i in range(1, 7)]  # fmt: skip
     trained = [j["output"] for j in jobs if j["rule"] == "train"]
-    assert len(trained) == 2 * (3 * (2 + 2) + 2)  # folds x (seeds x torch runs + ridges)
+    assert len(trained) == 2 * (3 * (2 + 2) + 4)  # folds x (seeds x torch runs + ridges)
     assert {o.split("/")[4] for o in trained if "/stevs/" in o} == {"seed0", "seed1", "seed2"}
     assert not [o for o in trained if "ridge" in o and "/seed0/" not in o]
     lines = result.stdout.splitlines()
@@ -322,7 +322,7 @@ def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
     assert len(folds) == 1 and "--scheme fixed" in result.stdout
     assert f"--splits {sheet}" in result.stdout and str(sheet) in folds[0]["input"]
     trains = {Path(j["output"]).parts[-4] for j in jobs if j["rule"] == "train"}
-    assert trains == {"stevs", "stnet", "ridge_embed", "ridge_color"}
+    assert trains == {"stevs", "stnet", "ridge_embed", "ridge_context", "ridge_rrr", "ridge_color"}
     exports = sorted(j["output"] for j in jobs if j["rule"].startswith("export_") and j["output"])
     n_runs = sum(j["rule"] == "train" for j in jobs)  # (encoder, method, seed) runs of fold0
     assert len(exports) == n_runs + 3  # every run's prediction of test slide c, every slide

@@ -15,12 +15,15 @@ import pandas as pd
 
 from stevs.atomic import atomic_write_text
 from stevs.io.fold_file import read_fold
+from stevs.methods import baselines
 from stevs.metrics import HEST_BENCH_METRICS, SUMMARY_METRICS, write_tsv_atomic
 from stevs.report.figures import bar_charts, gene_r_distribution, spatial_maps, training_curves
 from stevs.report.provenance import provenance_html
 from stevs.report.tables import (
     LOWER_IS_BETTER,
+    MIN_TEST_SLIDES,
     TABLE_METRICS,
+    TOO_FEW_SLIDES,
     check_complete,
     collect_metrics,
     compare_to_baselines,
@@ -136,13 +139,17 @@ once.</p>
 """
 #: how the comparison table is computed, in words
 COMPARISON_WORDS = (
-    "For each encoder: STevs against the best (by mean headline r) of the ST-Net head and "
-    "the ridge probe on the same encoder and the encoder-free colour/texture ridge. "
-    "<code>wilcoxon_p</code>: scipy.stats.wilcoxon (two-sided) over (fold, test slide, "
-    "headline gene) pairs of per-gene Pearson r, each averaged over seeds; "
-    "<code>folds_ahead</code>: folds where STevs's seed-averaged headline r is higher. A "
-    "difference of means not larger than the seed sd (the larger of the two methods') is a "
-    "tie, whatever the test says."
+    "For each encoder: STevs against the best (by mean headline r) of the baselines "
+    f"({', '.join(baselines())}) on the same encoder, an encoder-free one on any. The test's "
+    "unit is the held-out slide (the genes of one slide are not independent samples): per "
+    "test slide, STevs's headline r minus the baseline's, seeds averaged first; "
+    "<code>slide_wilcoxon_p</code>: scipy.stats.wilcoxon (two-sided signed-rank) over those "
+    f"differences, only with at least {MIN_TEST_SLIDES} slides (with 5 the smallest "
+    "possible p is 0.0625); with fewer, <code>slide_test</code> says "
+    f'"{TOO_FEW_SLIDES}". <code>slides_ahead</code> / <code>folds_ahead</code>: slides / '
+    "folds where STevs's seed-averaged headline r is higher. A difference of means not "
+    "larger than the seed sd (the larger of the two methods') is a tie, whatever the test "
+    "says."
 )
 
 

@@ -3,8 +3,9 @@
 :func:`collect_metrics` reads what ``stevs evaluate`` wrote; :func:`summarise_methods`
 averages the seeds of each fold and summarises each (encoder, method) across folds;
 :func:`compare_to_baselines` sets a method against the best baseline on its encoder, with a
-paired test. Which methods are baselines, and which of them run without an encoder, is the
-method registry's answer (:mod:`stevs.methods`), never a list kept here.
+test paired over held-out slides (:func:`paired_test`). Which methods are baselines, and
+which of them run without an encoder, is the method registry's answer
+(:mod:`stevs.methods`), never a list kept here.
 """
 
 from __future__ import annotations
@@ -185,6 +186,17 @@ def baseline_candidates(
     return candidates
 
 
+def slide_headline_r(per_gene: pd.DataFrame) -> pd.Series:
+    """Per (encoder, method, slide): the held-out slide's headline r (per-gene Pearson r
+    averaged over the headline genes), averaged over seeds first, then over the folds that
+    test the slide (a slide split into spot blocks is one slide, not one per fold)."""
+    per_gene = _with_runs(per_gene)
+    headline = per_gene[per_gene["headline"].astype(bool)]
+    per_run = headline.groupby(["encoder", "method", "fold", "slide", "seed"])["pearson_r"].mean()
+    per_fold = per_run.groupby(["encoder", "method", "fold", "slide"]).mean()
+    return per_fold.groupby(["encoder", "method", "slide"]).mean()
+
+
 def compare_to_baselines(
     per_gene: pd.DataFrame, folds: pd.DataFrame, method: str = "stevs"
 ) -> pd.DataFrame:
@@ -192,16 +204,15 @@ def compare_to_baselines(
     baselines on E, or an encoder-free one: see :func:`baseline_candidates`), by mean
     headline r.
 
-    Paired test: ``scipy.stats.wilcoxon`` over (fold, test slide, headline gene) pairs of
-    per-gene Pearson r, each averaged over seeds first; and a sign count over folds
-    (seed-averaged headline r). The difference of the means is a ``tie`` when it is not
-    larger than the seed sd (the larger of the two methods'), else ``ahead`` / ``behind``;
-    with one seed there is no seed sd and the verdict says so.
+    Paired test over held-out slides (:func:`paired_test` of :func:`slide_headline_r`: the
+    slide is the unit, the genes of one slide are not independent samples); and a sign
+    count over folds (seed-averaged headline r). The difference of the means is a ``tie``
+    when it is not larger than the seed sd (the larger of the two methods'), else
+    ``ahead`` / ``behind``; with one seed there is no seed sd and the verdict says so.
     """
     folds, per_gene = _with_runs(folds), _with_runs(per_gene)
     summary = summarise_methods(folds).set_index(["encoder", "method"])
-    headline = per_gene[per_gene["headline"].astype(bool)]
-    r = headline.groupby(["encoder", "method", "fold", "slide", "gene"])["pearson_r"].mean()
+    r = slide_headline_r(per_gene)
     fold_r = folds.groupby(["encoder", "method", "fold"])["pearson_r_mean_headline"].mean()
     mean = summary["pearson_r_mean_headline_mean"]
     rows = []
@@ -227,15 +238,34 @@ def compare_to_baselines(
     return pd.DataFrame(rows)
 
 
+#: fewest held-out slides :func:`paired_test` tests on (with 5, the smallest two-sided
+#: Wilcoxon p is 2 / 2**5 = 0.0625)
+MIN_TEST_SLIDES = 5
+#: what the report says instead of a p-value below :data:`MIN_TEST_SLIDES`
+TOO_FEW_SLIDES = "too few slides to test"
+
+
 def paired_test(ours: pd.Series, theirs: pd.Series) -> dict[str, Any]:
-    """``n_pairs`` and the two-sided ``wilcoxon_p`` of the pairs two per-gene r series
-    share (by index); the p-value is NaN when every pair is equal."""
+    """Two per-slide headline r series (:func:`slide_headline_r`), paired by slide ->
+    ``n_slides``, ``slides_ahead``, the two-sided ``slide_wilcoxon_p``
+    (``scipy.stats.wilcoxon``, signed-rank over the slides' differences; NaN below
+    :data:`MIN_TEST_SLIDES` slides or when every slide ties) and ``slide_test``, the
+    report's words: the test and its p, or "too few slides to test"."""
     from scipy.stats import wilcoxon
 
     pairs = pd.concat([ours, theirs], axis=1, join="inner").dropna()
     delta = pairs.iloc[:, 0] - pairs.iloc[:, 1]
-    p_value = float(wilcoxon(delta).pvalue) if (delta != 0).any() else float("nan")
-    return {"n_pairs": len(delta), "wilcoxon_p": p_value}
+    n = len(delta)
+    row: dict[str, Any] = {"n_slides": n, "slides_ahead": int((delta > 0).sum()),
+                           "slide_wilcoxon_p": float("nan")}  # fmt: skip
+    if n < MIN_TEST_SLIDES:
+        row["slide_test"] = f"{TOO_FEW_SLIDES} ({n} held-out, fewer than {MIN_TEST_SLIDES})"
+    elif not (delta != 0).any():
+        row["slide_test"] = f"no difference on any of {n} slides"
+    else:
+        row["slide_wilcoxon_p"] = float(wilcoxon(delta.to_numpy()).pvalue)
+        row["slide_test"] = f"Wilcoxon over {n} slides: p = {row['slide_wilcoxon_p']:.2g}"
+    return row
 
 
 def _verdict(difference: float, noise: float) -> str:
