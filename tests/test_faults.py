@@ -649,3 +649,130 @@ def test_divergence_to_nan_names_the_epoch_and_writes_no_weights(tmp_path):
         train_model(model, Diverging(16, (0,), 1), None, tmp_path, options, {"method": "stevs"})
     assert str(info.value).startswith(str(tmp_path)) and "--lr" in str(info.value)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# -- numbers nobody checks (issue 25) ----------------------------------------------------------
+
+SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+#: config key -> the option of the command its rule passes it to
+CONFIG_OPTIONS = {
+    "demo.seed": ("demo", "--seed"),
+    "demo.n_slides": ("demo", "--n-slides"),
+    "demo.size_um": ("demo", "--size-um"),
+    "demo.mpp": ("demo", "--mpp"),
+    "tiling.patch_px": ("tile", "--patch-px"),
+    "tiling.patch_um": ("tile", "--patch-um"),
+    "tiling.threads": ("tile", "--threads"),
+    "folds.k": ("folds", "--k"),
+    "folds.seed": ("folds", "--seed"),
+    "folds.n_genes": ("folds", "--n-genes"),
+    "folds.n_headline": ("folds", "--n-headline"),
+    "training.epochs": ("train", "--epochs"),
+    "training.batch_size": ("train", "--batch-size"),
+    "training.seeds[]": ("train", "--seed"),
+    "training.workers": ("train", "--workers"),
+    "report.max_map_slides": ("report", "--max-map-slides"),
+}
+
+
+def _numeric_options() -> list[tuple[str, str, object]]:
+    """(command, option, type) of every numeric option of every subcommand."""
+    from stevs.cli import COMMANDS, command_parser
+    from stevs.options import numeric_actions
+
+    found = []
+    for command in COMMANDS:
+        _, parser = command_parser(command)
+        found += [(command, a.option_strings[-1], a) for a in numeric_actions(parser)]
+    return found
+
+
+def test_every_numeric_option_states_its_range_in_its_help():
+    from stevs.options import Number
+
+    options = _numeric_options()
+    assert len(options) > 40  # every command's, not an empty walk
+    for command, option, action in options:
+        assert isinstance(action.type, Number), (command, option, "a bare int/float")
+        assert f"[{action.type.range}]" in action.help, (command, option)
+        if action.default is not None:  # the default is within the range
+            assert action.type.contains(action.default), (command, option, action.default)
+
+
+def test_every_numeric_option_refuses_out_of_range_values(capsys):
+    """NaN, infinity, just past each bound, a fraction for whole numbers: exit 2 and one
+    line naming the option and its range, before any work (no other argument given)."""
+    for command, option, action in _numeric_options():
+        for text in action.type.outside():
+            code, err = run_cli(capsys, command, f"{option}={text}")
+            assert_one_line_error(code, err, f"argument {option}: must be {action.type.range}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--lr", "nan"], "argument --lr: must be > 0, got nan"),
+        (["train", "--lr=-1"], "argument --lr: must be > 0, got -1"),
+        (["train", "--lr", "0", "--lr-backbone", "0"], "argument --lr: must be > 0, got 0"),
+        (["train", "--patience", "-1"], "argument --patience: must be a whole number >= 1"),
+        (["train", "--latent-dim", "0"], "argument --latent-dim: must be a whole number >= 1"),
+        (["folds", "--n-headline", "-3"], "argument --n-headline: must be a whole number >= 1"),
+        (["folds", "--n-headline", "0"], "argument --n-headline: must be a whole number >= 1"),
+        (["train", "--workers", "-1"], "argument --workers: must be a whole number >= 0"),
+        (["predict", "--workers", "-1"], "argument --workers: must be a whole number >= 0"),
+    ],
+    ids=[
+        "lr-nan",
+        "lr-negative",
+        "lr-zero",
+        "patience",
+        "latent-dim",
+        "headline-negative",
+        "headline-zero",
+        "train-workers",
+        "predict-workers",
+    ],  # fmt: skip
+)
+def test_the_issues_numbers_are_refused_before_any_work(run, tmp_path, capsys, argv, message):
+    """The cases of issue 25 on otherwise working command lines: nothing is written."""
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *commands(run, out)[argv[0]], *argv[1:])
+    assert_one_line_error(code, err, message)
+    assert files_under(out) == []
+
+
+def _schema_numbers(node: object, where: str = "") -> list[tuple[str, dict]]:
+    """(dotted key, schema) of every number or whole number of the config schema."""
+    found = []
+    if isinstance(node, dict):
+        kinds = node.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if {"integer", "number"} & set(kinds):
+            found.append((where, node))
+        for key, value in node.get("properties", {}).items():
+            found += _schema_numbers(value, f"{where}.{key}".lstrip("."))
+        if "items" in node:
+            found += _schema_numbers(node["items"], f"{where}[]")
+    return found
+
+
+def test_every_numeric_config_key_has_a_range_within_its_options():
+    """Each number of the config has a lower bound; each passed to a `stevs` option accepts
+    only values that option accepts (so the workflow stops at the config, not in a job)."""
+    import yaml
+
+    from stevs.cli import command_parser
+
+    numbers = dict(_schema_numbers(yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))))
+    assert len(numbers) >= 20
+    for key, node in numbers.items():
+        assert "minimum" in node or "exclusiveMinimum" in node, key
+    for key, (command, option) in CONFIG_OPTIONS.items():
+        node = numbers[key]
+        _, parser = command_parser(command)
+        kind = next(a.type for a in parser._actions if option in a.option_strings)
+        lo = node.get("minimum", node.get("exclusiveMinimum"))
+        assert kind.lo is None or lo >= kind.lo, (key, lo, kind.range)
+        assert kind.lo_open <= (lo > kind.lo or "exclusiveMinimum" in node), key
+        if kind.hi is not None:
+            assert node.get("maximum", np.inf) <= kind.hi, (key, kind.range)
