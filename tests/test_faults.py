@@ -776,3 +776,46 @@ def test_every_numeric_config_key_has_a_range_within_its_options():
         assert kind.lo_open <= (lo > kind.lo or "exclusiveMinimum" in node), key
         if kind.hi is not None:
             assert node.get("maximum", np.inf) <= kind.hi, (key, kind.range)
+
+
+# -- inputs that look fine and are not (issue 25) ------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["stripped", "tiled", "tiled-sampled", "max-tag"])
+def test_16_bit_tiff_of_12_bit_data_is_scaled_by_its_bit_depth(tmp_path, monkeypatch, layout):
+    """A scanner's 12-bit samples in a 16-bit TIFF (white at 4095): was scaled by 65535,
+    near-black patches (at most 16 of 255). Now the same pixels as the 8-bit image."""
+    import tifffile
+
+    import stevs.io.slide
+    from stevs.io.slide import open_slide
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (128, 192, 3), dtype=np.uint8)
+    rgb[:8] = 255  # glass
+    twelve = np.round(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    path = tmp_path / "scan12.tif"
+    extra = {"tile": (64, 64)} if layout.startswith("tiled") else {}
+    if layout == "max-tag":  # the writer says so: MaxSampleValue 4095
+        twelve[:8] = 3000  # the data alone would say 12 bits all the same; the tag decides
+        extra = {"extratags": [(281, "H", 1, 4095, True)]}
+        rgb[:8] = round(3000 * 255 / 4095)
+    if layout == "tiled-sampled":  # a large level: the largest value of tiles spread over it
+        monkeypatch.setattr(stevs.io.slide, "BIT_DEPTH_SAMPLE_PX", 64 * 64 * 2)
+    tifffile.imwrite(path, twelve, photometric="rgb", **extra)
+    with open_slide(path) as slide:
+        pixels = slide.read_region((0, 0, 192, 128))
+    assert np.abs(pixels.astype(int) - rgb).max() <= 1
+
+
+def test_16_bit_png_of_12_bit_grey_is_scaled_by_its_bit_depth(tmp_path):
+    from PIL import Image
+
+    from stevs.io.slide import open_slide
+
+    grey = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (16, 1))
+    Image.fromarray(grey).save(tmp_path / "grey12.png")
+    with open_slide(tmp_path / "grey12.png") as slide:
+        pixels = slide.read_region((0, 0, 256, 16))
+    expected = np.round(grey.astype(np.float64) * 255 / 4095)
+    assert np.abs(pixels[..., 0].astype(int) - expected).max() <= 1
