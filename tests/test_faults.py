@@ -819,3 +819,45 @@ def test_16_bit_png_of_12_bit_grey_is_scaled_by_its_bit_depth(tmp_path):
         pixels = slide.read_region((0, 0, 256, 16))
     expected = np.round(grey.astype(np.float64) * 255 / 4095)
     assert np.abs(pixels[..., 0].astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("rename", "message"),
+    [
+        ({"mpp": "mmp"}, "unknown column 'mmp': did you mean 'mpp'?"),
+        ({"patient": "patients"}, "unknown column 'patients': did you mean 'patient'?"),
+        ({"image": "imgae"}, "unknown column 'imgae': did you mean 'image'?"),
+        ({"spots": "Spots"}, "unknown column 'Spots': did you mean 'spots'?"),
+    ],
+    ids=["mmp", "patients", "imgae", "case"],
+)
+def test_a_sample_sheet_column_typo_is_refused_with_did_you_mean(
+    run, tmp_path, capsys, rename, message
+):
+    """`mmp` for `mpp` was ignored (mpp then came from the image's metadata), while the
+    config refuses unknown keys. Columns of a user's own (notes, batch) still pass."""
+    table = demo_rows(run).assign(mpp="2.0", spots="")
+    sheet = tmp_path / "samples.tsv"
+    table.rename(columns=rename).to_csv(sheet, sep="\t", index=False)
+    out = tmp_path / "out" / "demo_1.h5ad"
+    code, err = run_cli(capsys, "ingest", "--sample-sheet", sheet, "--slide-id", "demo_1",
+                        "--out", out)  # fmt: skip
+    assert_one_line_error(code, err, str(sheet), message)
+    assert not out.exists()
+    table.assign(notes="x", batch="b1", age="60", sample_id="s").to_csv(
+        sheet, sep="\t", index=False
+    )
+    code, err = run_cli(capsys, "ingest", "--sample-sheet", sheet, "--slide-id", "demo_1",
+                        "--out", out)  # fmt: skip
+    assert code == 0, err
+
+
+def test_a_predict_sheet_column_typo_is_refused(run, tmp_path, capsys):
+    from stevs.io.samples import read_predict_sheet
+
+    table = pd.read_csv(run["predict_sheet"], sep="\t", dtype=str, keep_default_na=False)
+    sheet = tmp_path / "predict.tsv"
+    table.assign(mpp="2.0").rename(columns={"mpp": "mmp"}).to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(StevsInputError, match="did you mean 'mpp'") as info:
+        read_predict_sheet(sheet, check_paths=False)
+    assert str(info.value).startswith(f"{sheet}: unknown column 'mmp'")
