@@ -861,3 +861,37 @@ def test_a_predict_sheet_column_typo_is_refused(run, tmp_path, capsys):
     with pytest.raises(StevsInputError, match="did you mean 'mpp'") as info:
         read_predict_sheet(sheet, check_paths=False)
     assert str(info.value).startswith(f"{sheet}: unknown column 'mmp'")
+
+
+def test_never_detected_genes_do_not_fill_up_a_panel(caplog):
+    """80 "highly variable" genes asked for, 49 ever detected: the panel filled up with 31
+    genes of zero counts (no r, nothing to learn). Now: they never enter a panel, the log
+    says how many were left out, and asking for more than qualify is an error saying so."""
+    import scipy.sparse as sp
+
+    from stevs.panels import TrainingCounts, choose_panel
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:03d}" for i in range(80)]
+    counts = rng.poisson(rng.gamma(0.5, 4.0, 80), (200, 80)).astype(np.float64)
+    counts[:, 49:] = 0  # 31 genes no training spot detects
+    counts[:, :49] += rng.random((200, 49)) < 0.02  # each of the others somewhere
+    training = TrainingCounts(sp.csr_matrix(counts), np.full(200, 5000.0),
+                              np.repeat(["a", "b"], 100), genes)  # fmt: skip
+    slides = {"a": genes, "b": genes, "c": genes}
+    with pytest.raises(StevsInputError, match="panel of 80 genes was requested but only 49") as err:
+        choose_panel(training, slides, n_genes=80, n_headline=10, fold_label="fold0")
+    assert "31 never are" in str(err.value) and "lower --n-genes" in str(err.value)
+    with caplog.at_level(logging.INFO, logger="stevs.panels"):
+        panel = choose_panel(training, slides, n_genes=49, n_headline=10, fold_label="fold0")
+    assert set(panel.genes) == set(genes[:49])
+    assert panel.info["dropped"]["never_detected"] == 31
+    assert "fold0: 31 genes never detected in the 200 training spots are left out" in caplog.text
+    for method in ("highly_expressed",):  # the other ranked panel, by its own rule
+        panel = choose_panel(training, slides, method=method, n_genes=5, min_detection=0.0)
+        assert not set(panel.genes) & set(genes[49:])
+    with caplog.at_level(logging.WARNING, logger="stevs.panels"):  # a list is taken as given
+        panel = choose_panel(training, slides, method="gene_list", gene_list=genes[45:55],
+                             gene_list_path="genes.txt")  # fmt: skip
+    assert panel.genes == genes[45:55]
+    assert "genes.txt: 6 listed genes are never detected in the training spots" in caplog.text
