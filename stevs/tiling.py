@@ -567,9 +567,7 @@ def _patch_mpp(args: argparse.Namespace) -> float:
     """Patch resolution of ``stevs tile``: ``--patch-mpp``, or ``--patch-um`` / ``--patch-px``."""
     if args.patch_um is None:
         return DEFAULT_PATCH_MPP if args.patch_mpp is None else args.patch_mpp
-    if not (math.isfinite(args.patch_um) and args.patch_um > 0) or args.patch_px <= 0:
-        raise StevsInputError(args.slide, f"--patch-um must be positive, got {args.patch_um!r}")
-    return args.patch_um / args.patch_px
+    return args.patch_um / args.patch_px  # both > 0: their argparse types
 
 
 def run(args: argparse.Namespace) -> int:

@@ -455,8 +455,9 @@ def test_spots_in_hires_pixels_are_refused_with_the_fix(run, tmp_path, capsys):
     assert files_under(tmp_path / "out") == []
 
 
-def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_dir):
-    """The check stays quiet on the 5 real sections; the same spots at hires scale stop it."""
+def test_spot_check_passes_every_her2st_section_and_refuses_wrong_spots(her2st_dir):
+    """The check stays quiet on the 5 real sections; the same spots at hires or half scale,
+    or on another section's image (all 20 pairings), stop it."""
     from stevs.io.expression import estimate_mpp_from_spot_grid, read_legacy_st
     from stevs.io.slide import open_slide
     from stevs.tiling import TileGeometry
@@ -465,6 +466,7 @@ def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_
 
     sheet = pd.read_csv(Path(__file__).parents[1] / "config" / "her2st.tsv", sep="\t")
     assert len(sheet) == 5
+    sections = {}
     for row in sheet.itertuples():
         adata = read_legacy_st(her2st_dir / row.expression, her2st_dir / row.spots)
         mpp = estimate_mpp_from_spot_grid(adata, "st")
@@ -473,11 +475,20 @@ def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_
         geometry = TileGeometry(mpp, 224, 0.5, 0, 1.0)
         boxes = geometry.boxes(np.asarray(adata.obsm["spatial"]))
         check_spots_on_tissue(row.slide_id, row.image, tissue, boxes, tissue.box_fractions(boxes))
+        sections[row.slide_id] = (tissue, boxes)
         shrunk = geometry.boxes(np.asarray(adata.obsm["spatial"]) * tissue.scale)
         with pytest.raises(StevsInputError, match="tissue_hires_scalef"):
             check_spots_on_tissue(
                 row.slide_id, row.image, tissue, shrunk, tissue.box_fractions(shrunk)
             )
+        half = geometry.boxes(np.asarray(adata.obsm["spatial"]) * 0.5)
+        with pytest.raises(StevsInputError, match="mostly off tissue"):
+            check_spots_on_tissue(row.slide_id, row.image, tissue, half, tissue.box_fractions(half))
+    for slide, (_, boxes) in sections.items():  # each section's spots on another's image
+        for other, (tissue, _) in sections.items():
+            if other != slide:
+                with pytest.raises(StevsInputError, match="another section"):
+                    check_spots_on_tissue(slide, other, tissue, boxes, tissue.box_fractions(boxes))
 
 
 # -- folds --------------------------------------------------------------------------------
@@ -895,3 +906,30 @@ def test_never_detected_genes_do_not_fill_up_a_panel(caplog):
                              gene_list_path="genes.txt")  # fmt: skip
     assert panel.genes == genes[45:55]
     assert "genes.txt: 6 listed genes are never detected in the training spots" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["half-scale", "another-section"])
+def test_spots_partly_on_glass_are_refused(run, tmp_path, capsys, case):
+    """Coordinates at half scale, or a section's expression with another section's image:
+    a share of the spots on glass, the rest on tissue. Was: exit 0 (the check fired only
+    when most patches were background), a cache of patches that do not show the spots.
+    (The demo's sections share their layout, so of their pairings only some show: demo_3's
+    spots on demo_2's image, 27% off tissue; her2st's, in the test below, all do.)"""
+    if case == "half-scale":
+        adata = ad.read_h5ad(run["slide"])
+        adata.obsm["spatial"] = adata.obsm["spatial"] * 0.5
+        slide = tmp_path / "half.h5ad"
+        adata.write_h5ad(slide)
+    else:
+        table = demo_rows(run)
+        table.loc[table["slide_id"] == "demo_3", "image"] = table["image"][1]  # demo_2's
+        sheet = tmp_path / "samples.tsv"
+        table.to_csv(sheet, sep="\t", index=False)
+        slide = tmp_path / "demo_3.h5ad"
+        assert main(["ingest", "--sample-sheet", str(sheet), "--slide-id", "demo_3",
+                     "--out", str(slide)]) == 0  # fmt: skip
+    out = tmp_path / "out" / "demo_1.h5"
+    code, err = run_cli(capsys, "tile", "--slide", slide, "--out", out,
+                        "--patch-px", PATCH_PX, "--patch-um", PATCH_UM)  # fmt: skip
+    assert_one_line_error(code, err, str(slide), "spot patches are background", "off tissue")
+    assert files_under(tmp_path / "out") == []
