@@ -144,7 +144,7 @@ def spot_embeddings(
         return EmbeddingCache(embedding_path(folder, slide)).check(key).read(list(barcodes))
     if encoder is None:
         raise ValueError("give an embedding-cache folder or an encoder")
-    with PatchCache(patches) as cache:
+    with PatchCache(patches, slide) as cache:
         return embed_patches(encoder, cache, cache.rows_of(list(barcodes)), view=view)
 
 

@@ -933,3 +933,34 @@ def test_spots_partly_on_glass_are_refused(run, tmp_path, capsys, case):
                         "--patch-px", PATCH_PX, "--patch-um", PATCH_UM)  # fmt: skip
     assert_one_line_error(code, err, str(slide), "spot patches are background", "off tissue")
     assert files_under(tmp_path / "out") == []
+
+
+# -- tracebacks or the wrong file named (issue 25) ---------------------------------------------
+
+
+def test_a_patch_cache_of_another_slide_renamed_is_refused_naming_it(run, tmp_path, capsys):
+    """demo_2's cache copied to demo_1.h5: Visium barcodes repeat across slides, so the
+    rows matched and another slide's patches were trained on. The cache records its slide."""
+    import shutil
+
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    for i in (2, 3):
+        shutil.copy(run["patches"] / f"demo_{i}.h5", patches)
+    shutil.copy(run["patches"] / "demo_2.h5", patches / "demo_1.h5")  # renamed
+    argv = commands(run, tmp_path / "folds")["folds"]
+    argv[argv.index("--patches-dir") + 1] = patches
+    assert run_cli(capsys, *argv)[0] == 0
+    fold = next(f for f in sorted((tmp_path / "folds").glob("fold*.json"))
+                if "demo_1" in read_fold(f).train)  # fmt: skip
+    out = tmp_path / "model"
+    code, err = run_cli(capsys, "train", "--fold", fold, "--method", "ridge_color",
+                        "--out", out, "--device", "cpu")  # fmt: skip
+    assert_one_line_error(code, err, f"{patches / 'demo_1.h5'}: this is the patch cache of "
+                          "slide 'demo_2', not of 'demo_1'")  # fmt: skip
+    assert files_under(out) == []
+    from stevs.io.patch_cache import PatchCache
+
+    with pytest.raises(StevsInputError, match="patch cache of slide 'demo_2', not of 'demo_1'"):
+        PatchCache(patches / "demo_1.h5", "demo_1")
+    assert len(PatchCache(patches / "demo_2.h5", "demo_2")) > 0
