@@ -439,12 +439,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-genes", type=positive_int(), default=250, help="panel size (default 250)"
     )
     parser.add_argument("--gene-list", help="gene list file (one gene per line) for gene_list")
-    parser.add_argument(
-        "--n-headline",
-        type=positive_int(),
-        default=50,
-        help="headline genes (default 50 most variable)",
-    )
+    parser.add_argument("--n-headline", type=positive_int(), default=50, help="headline genes")
     parser.add_argument(
         "--keep-mito-ribo",
         action="store_true",

@@ -254,20 +254,22 @@ def predict_fold(
     return written
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and ``--samples``, shared with ``stevs predict-slide``."""
+    parser.add_argument("--batch-size", type=positive_int(), default=64)
+    parser.add_argument(
+        "--samples", type=non_negative_int(), default=16, help="posterior samples for the std"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs predict``."""
     parser.add_argument("--model-dir", required=True, help="output folder of 'stevs train'")
     parser.add_argument("--fold", required=True, help="the fold file the model was trained on")
     parser.add_argument("--out-dir", required=True, help="one {slide}.h5ad per test slide")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=positive_int(), default=64)
+    add_sampling_arguments(parser)
     parser.add_argument("--workers", type=non_negative_int(), default=0)
-    parser.add_argument(
-        "--samples",
-        type=non_negative_int(),
-        default=16,
-        help="posterior samples for the predictive std",
-    )
     parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
     parser.add_argument("--slides", nargs="+", help="only these test slides (default: all)")
     parser.add_argument(
