@@ -45,6 +45,10 @@ ELSEWHERE = {
     "unseeded predictive std": "test_predict.py::test_predictions_are_byte_identical_on_rerun",
     "--epochs 0": "test_train.py::test_zero_epochs_is_an_error",
     "--batch-size 0 (predict)": "test_predict.py::test_batch_size_zero_is_one_clear_line",
+    "--patch-px 0, a patch resolution out of range (tile)": "test_tiling.py::"
+    "test_cli_reports_bad_input_naming_the_file",
+    "16-bit TIFF with 8-bit values, RGBA, grey": "test_slide.py::"
+    "test_rgba_grey_and_16bit_images_are_converted",
     "missing model / other panel": "test_predict.py::"
     "test_predict_refuses_a_missing_model_and_another_panel",
     "unknown config keys, demo.generate with a custom sheet": "test_config.py::"
