@@ -64,7 +64,7 @@ def read_patches(
 
     ``barcodes`` selects and orders spots (error if any is missing from the cache).
     """
-    with PatchCache(fold.slide_entry(slide).patches) as cache:
+    with PatchCache(fold.slide_entry(slide).patches, slide) as cache:
         if barcodes is None:
             return cache.read_rows(np.arange(len(cache))), list(cache.barcodes)
         return cache.read_rows(cache.rows_of(barcodes)), list(barcodes)
@@ -126,7 +126,7 @@ class FrozenEncoder:
 
         patches = fold.slide_entry(slide).patches
         if barcodes is None:
-            with PatchCache(patches) as cache:
+            with PatchCache(patches, slide) as cache:
                 barcodes = list(cache.barcodes)
         source: dict[str, Any] = {"view": self.view}
         if self.folder:

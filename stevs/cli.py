@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from stevs import __version__
 from stevs.atomic import is_disk_error, output_error
 from stevs.errors import StevsInputError, StevsInterrupted
+from stevs.options import show_ranges
 
 T = TypeVar("T")
 
@@ -62,6 +63,17 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(command: str) -> tuple[Any, argparse.ArgumentParser]:
+    """The module of ``stevs COMMAND`` and its parser (numeric options show their range)."""
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"stevs {command}", description=help_)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    show_ranges(parser)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stevs`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,12 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         top.parse_args(argv or ["--help"])
         return 0
     command = top.parse_args(argv[:1]).command
-    module_name, help_ = COMMANDS[command]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"stevs {command}", description=help_)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    module, parser = command_parser(command)
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as stop:  # a bad option (exit 2, argparse's one line) or --help
+        return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -70,7 +70,7 @@ class SpotDataset(Dataset):
             index = self.fold.slide_index(slide)
             entry = self.fold.slides[index]
             panel_counts, lib, xy, chosen = self._read_slide(entry.adata, slide)
-            cache = PatchCache(entry.patches)
+            cache = PatchCache(entry.patches, slide)
             patch_rows, shape = cache.rows_of(chosen), cache.patch_shape
             if self.patch_shape is not None and shape != self.patch_shape:
                 raise StevsInputError(

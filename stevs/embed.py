@@ -37,6 +37,7 @@ from stevs.io.embedding_cache import (
 from stevs.io.patch_cache import PatchCache, PatchScale
 from stevs.models.backbones import BackboneSpec, ImageBackbone
 from stevs.models.presets import PRESETS, get_preset
+from stevs.options import positive_int
 
 log = logging.getLogger("stevs.embed")
 
@@ -148,7 +149,7 @@ def spot_embeddings(
         return EmbeddingCache(embedding_path(folder, slide)).check(key).read(list(barcodes))
     if encoder is None:
         raise ValueError("give an embedding-cache folder or an encoder")
-    with PatchCache(patches) as cache:
+    with PatchCache(patches, slide) as cache:
         return embed_patches(encoder, cache, cache.rows_of(list(barcodes)), view=view)
 
 
@@ -205,8 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view", default="none", choices=VIEWS)
     parser.add_argument("--out", required=True, help="embedding cache to write (.h5)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=positive_int(), default=128)
+    parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,6 +48,13 @@ from stevs.io.fold_file import (
 )
 from stevs.io.samples import read_fixed_splits
 from stevs.io.slide_adata import raw_counts, read_slide_adata, slide_meta
+from stevs.options import (
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from stevs.panels import (
     NORMALISATIONS,
     PANEL_METHODS,
@@ -422,30 +429,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "sample sheet, or a HEST-Benchmark splits/ folder (train_i.csv, test_i.csv)",
     )
     parser.add_argument(
-        "--k", type=int, default=3, help="folds for group_kfold and within_slice (default 3)"
+        "--k",
+        type=int_at_least(2),
+        default=3,
+        help="folds for group_kfold and within_slice (default 3)",
     )
     parser.add_argument("--panel", choices=PANEL_METHODS, default="highly_variable")
-    parser.add_argument("--n-genes", type=int, default=250, help="panel size (default 250)")
-    parser.add_argument("--gene-list", help="gene list file (one gene per line) for gene_list")
     parser.add_argument(
-        "--n-headline", type=int, default=50, help="headline genes (default 50 most variable)"
+        "--n-genes", type=positive_int(), default=250, help="panel size (default 250)"
     )
+    parser.add_argument("--gene-list", help="gene list file (one gene per line) for gene_list")
+    parser.add_argument("--n-headline", type=positive_int(), default=50, help="headline genes")
     parser.add_argument(
         "--keep-mito-ribo",
         action="store_true",
         help="let MT-/RPL/RPS genes into ranked panels (excluded by default)",
     )
     parser.add_argument("--normalisation", choices=NORMALISATIONS, default="log1p_cp10k")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int(), default=0)
     parser.add_argument(
         "--block-um",
-        type=float,
+        type=positive_float(),
         default=None,
         help="side of the square spatial blocks in µm (default: 4 spot pitches)",
     )
     parser.add_argument(
         "--buffer-pitches",
-        type=float,
+        type=non_negative_float(),
         default=1.0,
         help="drop training spots within this many pitches of held-out spots (default 1)",
     )
@@ -454,10 +464,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``stevs folds``: write the fold files."""
-    if args.block_um is not None and args.block_um <= 0:
-        raise StevsInputError(None, f"--block-um must be positive, got {args.block_um}")
-    if args.buffer_pitches < 0:
-        raise StevsInputError(None, f"--buffer-pitches must be >= 0, got {args.buffer_pitches}")
     check_patches_dir(args.patches_dir)
     options = options_from_args(FoldOptions, args, exclude_mito_ribo=not args.keep_mito_ribo)
     folds = make_folds(args.slides, args.patches_dir, args.out_dir, options)

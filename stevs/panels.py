@@ -286,6 +286,27 @@ class Panel:
     info: dict[str, Any]
 
 
+def never_detected(training: TrainingCounts, genes: Sequence[str]) -> list[str]:
+    """``genes`` with no count in any training spot: nothing to learn, no Pearson r."""
+    genes = list(genes)
+    if not genes:
+        return []
+    seen = np.asarray((training.columns(genes) > 0).sum(axis=0)).ravel() > 0
+    return [g for g, s in zip(genes, seen, strict=True) if not s]
+
+
+def _warn_never_detected(genes: list[str], gene_list_path: str | PathLike | None) -> None:
+    """A gene list is taken as given; genes of it no training spot detects are named."""
+    if genes:
+        log.warning(
+            "%s: %d listed genes are never detected in the training spots (kept as listed; "
+            "they cannot be learned): %s",
+            gene_list_path,
+            len(genes),
+            ", ".join(genes[:10]) + (" ..." if len(genes) > 10 else ""),
+        )
+
+
 def choose_panel(
     training: TrainingCounts,
     genes_by_slide: Mapping[str, Sequence[str]],
@@ -312,11 +333,20 @@ def choose_panel(
     mito = [g for g in shared if is_mito(g)]
     ribo = [g for g in shared if is_ribo(g)]
     excluded = set(mito) | set(ribo) if exclude_mito_ribo else set()
-    candidates = [g for g in shared if g not in excluded]
+    unseen = set(never_detected(training, [g for g in shared if g not in excluded]))
+    candidates = [g for g in shared if g not in excluded and g not in unseen]
     dropped: dict[str, int] = {"not_in_every_slide": len(all_genes) - len(shared)}
     if exclude_mito_ribo:
         dropped["mitochondrial"] = len(mito)
         dropped["ribosomal"] = len(ribo)
+    dropped["never_detected"] = len(unseen)
+    if unseen and method != "gene_list":
+        log.info(
+            "%s: %d genes never detected in the %d training spots are left out of the panel",
+            fold_label,
+            len(unseen),
+            training.counts.shape[0],
+        )
     slides_text = ", ".join(genes_by_slide)
 
     hv_order, hv_rule = highly_variable_ranking(training, candidates)
@@ -338,6 +368,7 @@ def choose_panel(
                 gene_list_path, f"genes of the list are not measured in every slide: {where}"
             )
         genes = gene_list
+        _warn_never_detected(never_detected(training, genes), gene_list_path)
     else:
         if method == "highly_expressed":
             order = rank_highly_expressed(training, candidates, min_detection)
@@ -345,7 +376,7 @@ def choose_panel(
             rule = f"detected in >= {min_detection:.0%} of training spots, "
         else:
             order = hv_order
-            rule = ""
+            rule = f"detected in a training spot ({len(unseen)} never are), "
         if n_genes < 1:
             raise StevsInputError(None, f"--n-genes must be at least 1, got {n_genes}")
         if n_genes > len(order):

@@ -37,6 +37,7 @@ from stevs.io.slide_adata import spots_of
 from stevs.methods import get_method
 from stevs.models.factory import load_model
 from stevs.models.stevs import STevs
+from stevs.options import non_negative_int, positive_int
 from stevs.training.batches import collate
 
 log = logging.getLogger("stevs.predict")
@@ -244,20 +245,27 @@ def predict_fold(
     return written
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and ``--samples``, shared with ``stevs predict-slide``."""
+    parser.add_argument("--batch-size", type=positive_int(), default=64)
+    parser.add_argument(
+        "--samples", type=non_negative_int(), default=16, help="posterior samples for the std"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs predict``."""
     parser.add_argument("--model-dir", required=True, help="output folder of 'stevs train'")
     parser.add_argument("--fold", required=True, help="the fold file the model was trained on")
     parser.add_argument("--out-dir", required=True, help="one {slide}.h5ad per test slide")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument(
-        "--samples", type=int, default=16, help="posterior samples for the predictive std"
-    )
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    add_sampling_arguments(parser)
+    parser.add_argument("--workers", type=non_negative_int(), default=0)
+    parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
     parser.add_argument("--slides", nargs="+", help="only these test slides (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    parser.add_argument(
+        "--seed", type=non_negative_int(), default=0, help="seed of the posterior samples"
+    )
     parser.add_argument(
         "--embeddings", help="folder of embedding caches of a frozen encoder (stevs embed)"
     )
@@ -267,8 +275,6 @@ def run(args: argparse.Namespace) -> int:
     """``stevs predict``: the model folder's method (config.json) picks the predictor."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch_size < 1 or args.samples < 0:
-        raise StevsInputError(None, "--batch-size must be >= 1 and --samples >= 0")
     resolve_device(args.device)  # a device this machine lacks stops here, before any work
     check_writable(args.out_dir)
     folder = ModelDir(args.model_dir)

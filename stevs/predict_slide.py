@@ -60,9 +60,11 @@ from stevs.ids import check_slide_id
 from stevs.io.model_dir import ModelDir
 from stevs.io.patch_cache import PatchCache, PatchScale, read_patch_scale
 from stevs.io.prediction import new_prediction, write_prediction
+from stevs.io.slide import MPP_RANGE
 from stevs.io.slide_adata import SlideSpots
 from stevs.io.visium_uns import spatial_uns
 from stevs.maps import draw_gene_map, draw_tissue_qc, safe_file_name, write_atomically
+from stevs.options import in_range, positive_float, positive_int
 from stevs.spot_grid import (
     DEFAULT_MIN_TISSUE,
     DEFAULT_PITCH_UM,
@@ -73,6 +75,7 @@ from stevs.spot_grid import (
     grid_obs,
     select_spots,
 )
+from stevs.tiling_checks import PATCH_PX_RANGE
 from stevs.tissue import THUMBNAIL_PX, TissueDetection, detect_tissue
 
 log = logging.getLogger("stevs.predict_slide")
@@ -395,6 +398,8 @@ class Clock:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs predict-slide``."""
+    from stevs.predict import add_sampling_arguments
+
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="H&E slide image (any supported format)")
     source.add_argument(
@@ -402,9 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-root", help="folder the sheet's image paths are relative to")
     parser.add_argument("--slide-id", required=True, help="name of the slide in the outputs")
-    parser.add_argument(
-        "--mpp", type=float, help="µm per level-0 pixel (default: the sheet's, else the image's)"
-    )
+    parser.add_argument("--mpp", type=in_range(*MPP_RANGE), help="µm per level-0 pixel")
     parser.add_argument(
         "--models",
         nargs="+",
@@ -414,12 +417,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True, help="writes ID.h5ad, maps/*.png, tissue.png")
     parser.add_argument("--grid", choices=GRID_KINDS, default="visium", help="spot grid (visium)")
     parser.add_argument(
-        "--pitch-um", type=float, default=DEFAULT_PITCH_UM, help="spot centre distance (100)"
+        "--pitch-um", type=positive_float(), default=DEFAULT_PITCH_UM, help="spot pitch (100)"
     )
-    parser.add_argument("--spot-um", type=float, default=DEFAULT_SPOT_UM, help="spot diameter (55)")
+    parser.add_argument(
+        "--spot-um", type=positive_float(), default=DEFAULT_SPOT_UM, help="spot diameter (55)"
+    )
     parser.add_argument(
         "--min-tissue",
-        type=float,
+        type=in_range(0, 1),
         default=DEFAULT_MIN_TISSUE,
         help="share of a spot's disk on tissue for it to be kept (0.5)",
     )
@@ -427,17 +432,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--genes", nargs="+", help="genes to draw as maps (default: up to 6 headline genes)"
     )
     parser.add_argument(
-        "--patch-px", type=int, help="patch side the models expect (checked; default: theirs)"
+        "--patch-px",
+        type=in_range(*PATCH_PX_RANGE, integer=True),
+        help="patch side the models expect (checked; default: theirs)",
     )
     parser.add_argument(
-        "--patch-um", type=float, help="patch side in µm the models expect (checked)"
+        "--patch-um", type=positive_float(), help="patch side in µm the models expect (checked)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="tiling readers and torch threads")
+    parser.add_argument(
+        "--threads", type=positive_int(), default=1, help="tiling readers and torch threads"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--samples", type=int, default=16, help="posterior samples for the predictive std"
-    )
+    add_sampling_arguments(parser)
     parser.add_argument(
         "--keep-patches", action="store_true", help="keep the patch cache as ID.patches.h5"
     )

@@ -66,8 +66,11 @@ from tqdm import tqdm
 
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
-from stevs.io.slide import SlideReader, open_slide
+from stevs.io.slide import MPP_RANGE, SlideReader, open_slide
+from stevs.options import in_range, positive_float, positive_int
 from stevs.tiling_checks import (
+    PATCH_MPP_RANGE,
+    PATCH_PX_RANGE,
     check_centers,
     check_spots_match_image,
     check_spots_on_tissue,
@@ -532,22 +535,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mpp-override",
-        type=float,
+        type=in_range(*MPP_RANGE),
         help="microns per level-0 pixel of the image, overriding the AnnData and the file",
     )
     parser.add_argument(
-        "--patch-px", type=int, default=DEFAULT_PATCH_PX, help="patch side in pixels (224)"
+        "--patch-px",
+        type=in_range(*PATCH_PX_RANGE, integer=True),
+        default=DEFAULT_PATCH_PX,
+        help="patch side in pixels (224)",
     )
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument(
-        "--patch-mpp", type=float, help=f"patch resolution, µm per pixel ({DEFAULT_PATCH_MPP})"
+        "--patch-mpp",
+        type=in_range(*PATCH_MPP_RANGE),
+        help=f"patch resolution, µm per pixel ({DEFAULT_PATCH_MPP})",
     )
-    scale.add_argument("--patch-um", type=float, help="patch side in µm (instead of --patch-mpp)")
-    parser.add_argument("--threads", type=int, default=1, help="parallel readers (1)")
+    scale.add_argument(
+        "--patch-um", type=positive_float(), help="patch side in µm (instead of --patch-mpp)"
+    )
+    parser.add_argument("--threads", type=positive_int(), default=1, help="parallel readers (1)")
     parser.add_argument("--qc", help="QC picture to write (PNG): thumbnail with the patch boxes")
     parser.add_argument(
         "--window-patches",
-        type=int,
+        type=positive_int(),
         default=DEFAULT_WINDOW_PATCHES,
         help="side of a read window, in patches (4); larger = fewer, bigger reads",
     )
@@ -557,9 +567,7 @@ def _patch_mpp(args: argparse.Namespace) -> float:
     """Patch resolution of ``stevs tile``: ``--patch-mpp``, or ``--patch-um`` / ``--patch-px``."""
     if args.patch_um is None:
         return DEFAULT_PATCH_MPP if args.patch_mpp is None else args.patch_mpp
-    if not (math.isfinite(args.patch_um) and args.patch_um > 0) or args.patch_px <= 0:
-        raise StevsInputError(args.slide, f"--patch-um must be positive, got {args.patch_um!r}")
-    return args.patch_um / args.patch_px
+    return args.patch_um / args.patch_px  # both > 0: their argparse types
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from stevs.models.context import CONTEXTS
 from stevs.models.poe import ALIGNMENTS
 from stevs.models.presets import PRESETS
 from stevs.models.stevs import LINEAR_PATHS, LINEAR_RANKS
+from stevs.options import non_negative_float, non_negative_int, positive_float, positive_int
 from stevs.training.fold import train_fold
 from stevs.training.options import TrainOptions
 
@@ -47,15 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="backbone weights: 'none', 'timm' (timm's hub), 'hf' (the recipe's Hugging Face "
         "file, from the cache) or a local file",
     )
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="learning rate of the heads")
-    parser.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
-    parser.add_argument("--latent-dim", type=int)
-    parser.add_argument("--patience", type=int, help="early-stopping patience (epochs)")
-    parser.add_argument("--beta", type=float, help="KL weight (after warm-up)")
+    parser.add_argument("--epochs", type=positive_int())
+    parser.add_argument("--batch-size", type=positive_int())
+    parser.add_argument("--lr", type=positive_float(), help="learning rate of the heads")
+    parser.add_argument(
+        "--lr-backbone", type=non_negative_float(), help="learning rate of the backbone"
+    )
+    parser.add_argument("--latent-dim", type=positive_int())
+    parser.add_argument("--patience", type=positive_int(), help="early-stopping patience (epochs)")
+    parser.add_argument("--beta", type=non_negative_float(), help="KL weight (after warm-up)")
     parser.add_argument("--align", choices=ALIGNMENTS, help="alignment divergence (stevs)")
-    parser.add_argument("--align-weight", type=float, help="lambda of the alignment loss")
+    parser.add_argument(
+        "--align-weight", type=non_negative_float(), help="lambda of the alignment loss"
+    )
     parser.add_argument(
         "--likelihood", choices=("gaussian", "nb"), help="add a negative binomial count term"
     )
@@ -63,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--context", choices=CONTEXTS, help="neighbourhood context (frozen backbone only)"
     )
     parser.add_argument(
-        "--context-radius", type=float, help="neighbours within, in pitches (also ridge_context)"
+        "--context-radius",
+        type=positive_float(),
+        help="neighbours within, in pitches (also ridge_context)",
     )
     parser.add_argument(
         "--linear-path", choices=LINEAR_PATHS, help="linear map from the image features"
@@ -71,13 +78,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--linear-rank", choices=LINEAR_RANKS, help="ridge path: full, or reduced rank by CV"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--seed", type=non_negative_int(), default=0)
+    parser.add_argument(
+        "--workers", type=non_negative_int(), default=2, help="DataLoader worker processes"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--freeze-backbone", action="store_true", default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--max-minutes", type=float, help="stop (resumably) after this long")
+    parser.add_argument(
+        "--max-minutes", type=positive_float(), help="stop (resumably) after this long"
+    )
     parser.add_argument(
         "--refit",
         action="store_true",
@@ -95,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--embedding-view", default="none", choices=VIEWS,
         help="frozen backbone / ridge_embed: test-time view of the embeddings",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
 
 
 def _options(args: argparse.Namespace) -> TrainOptions:

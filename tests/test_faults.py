@@ -46,6 +46,10 @@ ELSEWHERE = {
     "unseeded predictive std": "test_predict.py::test_predictions_are_byte_identical_on_rerun",
     "--epochs 0": "test_train.py::test_zero_epochs_is_an_error",
     "--batch-size 0 (predict)": "test_predict.py::test_batch_size_zero_is_one_clear_line",
+    "--patch-px 0, a patch resolution out of range (tile)": "test_tiling.py::"
+    "test_cli_reports_bad_input_naming_the_file",
+    "16-bit TIFF with 8-bit values, RGBA, grey": "test_slide.py::"
+    "test_rgba_grey_and_16bit_images_are_converted",
     "missing model / other panel": "test_predict.py::"
     "test_predict_refuses_a_missing_model_and_another_panel",
     "unknown config keys, demo.generate with a custom sheet": "test_config.py::"
@@ -456,8 +460,9 @@ def test_spots_in_hires_pixels_are_refused_with_the_fix(run, tmp_path, capsys):
     assert files_under(tmp_path / "out") == []
 
 
-def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_dir):
-    """The check stays quiet on the 5 real sections; the same spots at hires scale stop it."""
+def test_spot_check_passes_every_her2st_section_and_refuses_wrong_spots(her2st_dir):
+    """The check stays quiet on the 5 real sections; the same spots at hires or half scale,
+    or on another section's image (all 20 pairings), stop it."""
     from stevs.io.expression import estimate_mpp_from_spot_grid, read_legacy_st
     from stevs.io.slide import open_slide
     from stevs.tiling import TileGeometry
@@ -466,6 +471,7 @@ def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_
 
     sheet = pd.read_csv(Path(__file__).parents[1] / "config" / "her2st.tsv", sep="\t")
     assert len(sheet) == 5
+    sections = {}
     for row in sheet.itertuples():
         adata = read_legacy_st(her2st_dir / row.expression, her2st_dir / row.spots)
         mpp = estimate_mpp_from_spot_grid(adata, "st")
@@ -474,11 +480,20 @@ def test_spot_check_passes_every_her2st_section_and_refuses_hires_pixels(her2st_
         geometry = TileGeometry(mpp, 224, 0.5, 0, 1.0)
         boxes = geometry.boxes(np.asarray(adata.obsm["spatial"]))
         check_spots_on_tissue(row.slide_id, row.image, tissue, boxes, tissue.box_fractions(boxes))
+        sections[row.slide_id] = (tissue, boxes)
         shrunk = geometry.boxes(np.asarray(adata.obsm["spatial"]) * tissue.scale)
         with pytest.raises(StevsInputError, match="tissue_hires_scalef"):
             check_spots_on_tissue(
                 row.slide_id, row.image, tissue, shrunk, tissue.box_fractions(shrunk)
             )
+        half = geometry.boxes(np.asarray(adata.obsm["spatial"]) * 0.5)
+        with pytest.raises(StevsInputError, match="mostly off tissue"):
+            check_spots_on_tissue(row.slide_id, row.image, tissue, half, tissue.box_fractions(half))
+    for slide, (_, boxes) in sections.items():  # each section's spots on another's image
+        for other, (tissue, _) in sections.items():
+            if other != slide:
+                with pytest.raises(StevsInputError, match="another section"):
+                    check_spots_on_tissue(slide, other, tissue, boxes, tissue.box_fractions(boxes))
 
 
 # -- folds --------------------------------------------------------------------------------
@@ -913,3 +928,307 @@ def test_file_writers_replace_only_their_own_kind(run, tmp_path, capsys):
     for _ in range(2):
         code, err = run_cli(capsys, *commands(run, out)["ingest"])
         assert code == 0, err
+
+
+# -- numbers nobody checks (issue 25) ----------------------------------------------------------
+
+SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+#: config key -> the option of the command its rule passes it to
+CONFIG_OPTIONS = {
+    "demo.seed": ("demo", "--seed"),
+    "demo.n_slides": ("demo", "--n-slides"),
+    "demo.size_um": ("demo", "--size-um"),
+    "demo.mpp": ("demo", "--mpp"),
+    "tiling.patch_px": ("tile", "--patch-px"),
+    "tiling.patch_um": ("tile", "--patch-um"),
+    "tiling.threads": ("tile", "--threads"),
+    "folds.k": ("folds", "--k"),
+    "folds.seed": ("folds", "--seed"),
+    "folds.n_genes": ("folds", "--n-genes"),
+    "folds.n_headline": ("folds", "--n-headline"),
+    "training.epochs": ("train", "--epochs"),
+    "training.batch_size": ("train", "--batch-size"),
+    "training.seeds[]": ("train", "--seed"),
+    "training.workers": ("train", "--workers"),
+    "report.max_map_slides": ("report", "--max-map-slides"),
+}
+
+
+def _numeric_options() -> list[tuple[str, str, object]]:
+    """(command, option, type) of every numeric option of every subcommand."""
+    from stevs.cli import COMMANDS, command_parser
+    from stevs.options import numeric_actions
+
+    found = []
+    for command in COMMANDS:
+        _, parser = command_parser(command)
+        found += [(command, a.option_strings[-1], a) for a in numeric_actions(parser)]
+    return found
+
+
+def test_every_numeric_option_states_its_range_in_its_help():
+    from stevs.options import Number
+
+    options = _numeric_options()
+    assert len(options) > 40  # every command's, not an empty walk
+    for command, option, action in options:
+        assert isinstance(action.type, Number), (command, option, "a bare int/float")
+        assert f"[{action.type.range}]" in action.help, (command, option)
+        if action.default is not None:  # the default is within the range
+            assert action.type.contains(action.default), (command, option, action.default)
+
+
+def test_every_numeric_option_refuses_out_of_range_values(capsys):
+    """NaN, infinity, just past each bound, a fraction for whole numbers: exit 2 and one
+    line naming the option and its range, before any work (no other argument given)."""
+    for command, option, action in _numeric_options():
+        for text in action.type.outside():
+            code, err = run_cli(capsys, command, f"{option}={text}")
+            assert_one_line_error(code, err, f"argument {option}: must be {action.type.range}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--lr", "nan"], "argument --lr: must be > 0, got nan"),
+        (["train", "--lr=-1"], "argument --lr: must be > 0, got -1"),
+        (["train", "--lr", "0", "--lr-backbone", "0"], "argument --lr: must be > 0, got 0"),
+        (["train", "--patience", "-1"], "argument --patience: must be a whole number >= 1"),
+        (["train", "--latent-dim", "0"], "argument --latent-dim: must be a whole number >= 1"),
+        (["folds", "--n-headline", "-3"], "argument --n-headline: must be a whole number >= 1"),
+        (["folds", "--n-headline", "0"], "argument --n-headline: must be a whole number >= 1"),
+        (["train", "--workers", "-1"], "argument --workers: must be a whole number >= 0"),
+        (["predict", "--workers", "-1"], "argument --workers: must be a whole number >= 0"),
+    ],
+    ids=[
+        "lr-nan",
+        "lr-negative",
+        "lr-zero",
+        "patience",
+        "latent-dim",
+        "headline-negative",
+        "headline-zero",
+        "train-workers",
+        "predict-workers",
+    ],  # fmt: skip
+)
+def test_the_issues_numbers_are_refused_before_any_work(run, tmp_path, capsys, argv, message):
+    """The cases of issue 25 on otherwise working command lines: nothing is written."""
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *commands(run, out)[argv[0]], *argv[1:])
+    assert_one_line_error(code, err, message)
+    assert files_under(out) == []
+
+
+def _schema_numbers(node: object, where: str = "") -> list[tuple[str, dict]]:
+    """(dotted key, schema) of every number or whole number of the config schema."""
+    found = []
+    if isinstance(node, dict):
+        kinds = node.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if {"integer", "number"} & set(kinds):
+            found.append((where, node))
+        for key, value in node.get("properties", {}).items():
+            found += _schema_numbers(value, f"{where}.{key}".lstrip("."))
+        if "items" in node:
+            found += _schema_numbers(node["items"], f"{where}[]")
+    return found
+
+
+def test_every_numeric_config_key_has_a_range_within_its_options():
+    """Each number of the config has a lower bound; each passed to a `stevs` option accepts
+    only values that option accepts (so the workflow stops at the config, not in a job)."""
+    import yaml
+
+    from stevs.cli import command_parser
+
+    numbers = dict(_schema_numbers(yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))))
+    assert len(numbers) >= 20
+    for key, node in numbers.items():
+        assert "minimum" in node or "exclusiveMinimum" in node, key
+    for key, (command, option) in CONFIG_OPTIONS.items():
+        node = numbers[key]
+        _, parser = command_parser(command)
+        kind = next(a.type for a in parser._actions if option in a.option_strings)
+        lo = node.get("minimum", node.get("exclusiveMinimum"))
+        assert kind.lo is None or lo >= kind.lo, (key, lo, kind.range)
+        assert kind.lo_open <= (lo > kind.lo or "exclusiveMinimum" in node), key
+        if kind.hi is not None:
+            assert node.get("maximum", np.inf) <= kind.hi, (key, kind.range)
+
+
+# -- inputs that look fine and are not (issue 25) ------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["stripped", "tiled", "tiled-sampled", "max-tag"])
+def test_16_bit_tiff_of_12_bit_data_is_scaled_by_its_bit_depth(tmp_path, monkeypatch, layout):
+    """A scanner's 12-bit samples in a 16-bit TIFF (white at 4095): was scaled by 65535,
+    near-black patches (at most 16 of 255). Now the same pixels as the 8-bit image."""
+    import tifffile
+
+    import stevs.io.slide
+    from stevs.io.slide import open_slide
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (128, 192, 3), dtype=np.uint8)
+    rgb[:8] = 255  # glass
+    twelve = np.round(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    path = tmp_path / "scan12.tif"
+    extra = {"tile": (64, 64)} if layout.startswith("tiled") else {}
+    if layout == "max-tag":  # the writer says so: MaxSampleValue 4095
+        twelve[:8] = 3000  # the data alone would say 12 bits all the same; the tag decides
+        extra = {"extratags": [(281, "H", 1, 4095, True)]}
+        rgb[:8] = round(3000 * 255 / 4095)
+    if layout == "tiled-sampled":  # a large level: the largest value of tiles spread over it
+        monkeypatch.setattr(stevs.io.slide, "BIT_DEPTH_SAMPLE_PX", 64 * 64 * 2)
+    tifffile.imwrite(path, twelve, photometric="rgb", **extra)
+    with open_slide(path) as slide:
+        pixels = slide.read_region((0, 0, 192, 128))
+    assert np.abs(pixels.astype(int) - rgb).max() <= 1
+
+
+def test_16_bit_png_of_12_bit_grey_is_scaled_by_its_bit_depth(tmp_path):
+    from PIL import Image
+
+    from stevs.io.slide import open_slide
+
+    grey = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (16, 1))
+    Image.fromarray(grey).save(tmp_path / "grey12.png")
+    with open_slide(tmp_path / "grey12.png") as slide:
+        pixels = slide.read_region((0, 0, 256, 16))
+    expected = np.round(grey.astype(np.float64) * 255 / 4095)
+    assert np.abs(pixels[..., 0].astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("rename", "message"),
+    [
+        ({"mpp": "mmp"}, "unknown column 'mmp': did you mean 'mpp'?"),
+        ({"patient": "patients"}, "unknown column 'patients': did you mean 'patient'?"),
+        ({"image": "imgae"}, "unknown column 'imgae': did you mean 'image'?"),
+        ({"spots": "Spots"}, "unknown column 'Spots': did you mean 'spots'?"),
+    ],
+    ids=["mmp", "patients", "imgae", "case"],
+)
+def test_a_sample_sheet_column_typo_is_refused_with_did_you_mean(
+    run, tmp_path, capsys, rename, message
+):
+    """`mmp` for `mpp` was ignored (mpp then came from the image's metadata), while the
+    config refuses unknown keys. Columns of a user's own (notes, batch) still pass."""
+    table = demo_rows(run).assign(mpp="2.0", spots="")
+    sheet = tmp_path / "samples.tsv"
+    table.rename(columns=rename).to_csv(sheet, sep="\t", index=False)
+    out = tmp_path / "out" / "demo_1.h5ad"
+    code, err = run_cli(capsys, "ingest", "--sample-sheet", sheet, "--slide-id", "demo_1",
+                        "--out", out)  # fmt: skip
+    assert_one_line_error(code, err, str(sheet), message)
+    assert not out.exists()
+    table.assign(notes="x", batch="b1", age="60", sample_id="s").to_csv(
+        sheet, sep="\t", index=False
+    )
+    code, err = run_cli(capsys, "ingest", "--sample-sheet", sheet, "--slide-id", "demo_1",
+                        "--out", out)  # fmt: skip
+    assert code == 0, err
+
+
+def test_a_predict_sheet_column_typo_is_refused(run, tmp_path, capsys):
+    from stevs.io.samples import read_predict_sheet
+
+    table = pd.read_csv(run["predict_sheet"], sep="\t", dtype=str, keep_default_na=False)
+    sheet = tmp_path / "predict.tsv"
+    table.assign(mpp="2.0").rename(columns={"mpp": "mmp"}).to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(StevsInputError, match="did you mean 'mpp'") as info:
+        read_predict_sheet(sheet, check_paths=False)
+    assert str(info.value).startswith(f"{sheet}: unknown column 'mmp'")
+
+
+def test_never_detected_genes_do_not_fill_up_a_panel(caplog):
+    """80 "highly variable" genes asked for, 49 ever detected: the panel filled up with 31
+    genes of zero counts (no r, nothing to learn). Now: they never enter a panel, the log
+    says how many were left out, and asking for more than qualify is an error saying so."""
+    import scipy.sparse as sp
+
+    from stevs.panels import TrainingCounts, choose_panel
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:03d}" for i in range(80)]
+    counts = rng.poisson(rng.gamma(0.5, 4.0, 80), (200, 80)).astype(np.float64)
+    counts[:, 49:] = 0  # 31 genes no training spot detects
+    counts[:, :49] += rng.random((200, 49)) < 0.02  # each of the others somewhere
+    training = TrainingCounts(sp.csr_matrix(counts), np.full(200, 5000.0),
+                              np.repeat(["a", "b"], 100), genes)  # fmt: skip
+    slides = {"a": genes, "b": genes, "c": genes}
+    with pytest.raises(StevsInputError, match="panel of 80 genes was requested but only 49") as err:
+        choose_panel(training, slides, n_genes=80, n_headline=10, fold_label="fold0")
+    assert "31 never are" in str(err.value) and "lower --n-genes" in str(err.value)
+    with caplog.at_level(logging.INFO, logger="stevs.panels"):
+        panel = choose_panel(training, slides, n_genes=49, n_headline=10, fold_label="fold0")
+    assert set(panel.genes) == set(genes[:49])
+    assert panel.info["dropped"]["never_detected"] == 31
+    assert "fold0: 31 genes never detected in the 200 training spots are left out" in caplog.text
+    for method in ("highly_expressed",):  # the other ranked panel, by its own rule
+        panel = choose_panel(training, slides, method=method, n_genes=5, min_detection=0.0)
+        assert not set(panel.genes) & set(genes[49:])
+    with caplog.at_level(logging.WARNING, logger="stevs.panels"):  # a list is taken as given
+        panel = choose_panel(training, slides, method="gene_list", gene_list=genes[45:55],
+                             gene_list_path="genes.txt")  # fmt: skip
+    assert panel.genes == genes[45:55]
+    assert "genes.txt: 6 listed genes are never detected in the training spots" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["half-scale", "another-section"])
+def test_spots_partly_on_glass_are_refused(run, tmp_path, capsys, case):
+    """Coordinates at half scale, or a section's expression with another section's image:
+    a share of the spots on glass, the rest on tissue. Was: exit 0 (the check fired only
+    when most patches were background), a cache of patches that do not show the spots.
+    (The demo's sections share their layout, so of their pairings only some show: demo_3's
+    spots on demo_2's image, 27% off tissue; her2st's, in the test below, all do.)"""
+    if case == "half-scale":
+        adata = ad.read_h5ad(run["slide"])
+        adata.obsm["spatial"] = adata.obsm["spatial"] * 0.5
+        slide = tmp_path / "half.h5ad"
+        adata.write_h5ad(slide)
+    else:
+        table = demo_rows(run)
+        table.loc[table["slide_id"] == "demo_3", "image"] = table["image"][1]  # demo_2's
+        sheet = tmp_path / "samples.tsv"
+        table.to_csv(sheet, sep="\t", index=False)
+        slide = tmp_path / "demo_3.h5ad"
+        assert main(["ingest", "--sample-sheet", str(sheet), "--slide-id", "demo_3",
+                     "--out", str(slide)]) == 0  # fmt: skip
+    out = tmp_path / "out" / "demo_1.h5"
+    code, err = run_cli(capsys, "tile", "--slide", slide, "--out", out,
+                        "--patch-px", PATCH_PX, "--patch-um", PATCH_UM)  # fmt: skip
+    assert_one_line_error(code, err, str(slide), "spot patches are background", "off tissue")
+    assert files_under(tmp_path / "out") == []
+
+
+# -- tracebacks or the wrong file named (issue 25) ---------------------------------------------
+
+
+def test_a_patch_cache_of_another_slide_renamed_is_refused_naming_it(run, tmp_path, capsys):
+    """demo_2's cache copied to demo_1.h5: Visium barcodes repeat across slides, so the
+    rows matched and another slide's patches were trained on. The cache records its slide."""
+    import shutil
+
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    for i in (2, 3):
+        shutil.copy(run["patches"] / f"demo_{i}.h5", patches)
+    shutil.copy(run["patches"] / "demo_2.h5", patches / "demo_1.h5")  # renamed
+    argv = commands(run, tmp_path / "folds")["folds"]
+    argv[argv.index("--patches-dir") + 1] = patches
+    assert run_cli(capsys, *argv)[0] == 0
+    fold = next(f for f in sorted((tmp_path / "folds").glob("fold*.json"))
+                if "demo_1" in read_fold(f).train)  # fmt: skip
+    out = tmp_path / "model"
+    code, err = run_cli(capsys, "train", "--fold", fold, "--method", "ridge_color",
+                        "--out", out, "--device", "cpu")  # fmt: skip
+    assert_one_line_error(code, err, f"{patches / 'demo_1.h5'}: this is the patch cache of "
+                          "slide 'demo_2', not of 'demo_1'")  # fmt: skip
+    assert files_under(out) == []
+    from stevs.io.patch_cache import PatchCache
+
+    with pytest.raises(StevsInputError, match="patch cache of slide 'demo_2', not of 'demo_1'"):
+        PatchCache(patches / "demo_1.h5", "demo_1")
+    assert len(PatchCache(patches / "demo_2.h5", "demo_2")) > 0

@@ -258,4 +258,4 @@ def test_a_device_the_machine_lacks_is_one_clear_line(
 
 def test_batch_size_zero_is_one_clear_line(fold_path, model_dir, tmp_path, capsys):
     assert _predict(model_dir, fold_path, tmp_path / "out", "--batch-size", "0") == 2
-    assert "--batch-size must be >= 1" in capsys.readouterr().err
+    assert "argument --batch-size: must be a whole number >= 1" in capsys.readouterr().err

@@ -291,6 +291,9 @@ def test_tissue_fraction_from_the_cleaned_otsu_mask(tmp_path: Path) -> None:
         tmp_path / "s.tif", mpp, [(900.0, 100.0, 6.0)], size_um=(1024, 512), tissue_right_um=400
     )
     points = np.array([[160.0, 256.0], [400.0, 256.0], [800.0, 256.0], [900.0, 100.0]])
+    # measured spots sit on tissue (at most 10% of them background): 18 more on tissue
+    on_tissue = [[x, y] for x in (80.0, 160.0, 240.0) for y in (80.0, 150, 220, 290, 360, 430)]
+    points = np.concatenate([points, on_tissue])
     adata = write_slide_adata(tmp_path / "s.h5ad", image, um_to_px(points, mpp), mpp)
     out = tile_slide(adata, tmp_path / "p.h5", patch_px=32, patch_mpp=4.0)  # 128 µm patches
     with h5py.File(out) as f:
@@ -298,7 +301,7 @@ def test_tissue_fraction_from_the_cleaned_otsu_mask(tmp_path: Path) -> None:
         assert f["tissue_fraction"].dtype == np.float32
         threshold = int(f.attrs["tissue_threshold_saturation"])
     # tissue, border, glass, the speck (dropped by the clean-up)
-    np.testing.assert_allclose(tissue, [1.0, 0.5, 0.0, 0.0], atol=0.05)
+    np.testing.assert_allclose(tissue, [1.0, 0.5, 0.0, 0.0] + [1.0] * 18, atol=0.05)
     with open_slide(image) as slide:
         detection = detect_tissue(slide)
     assert detection.threshold == threshold
@@ -425,12 +428,12 @@ def test_cli_tile_with_patch_um(small_slide: Path, tmp_path: Path) -> None:
 def test_cli_reports_bad_input_naming_the_file(
     small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = stevs_main(
-        ["tile", "--slide", str(small_slide), "--out", str(tmp_path / "p.h5"), "--patch-px", "0"]
-    )
-    assert code == 2
+    argv = ["tile", "--slide", str(small_slide), "--out", str(tmp_path / "p.h5")]
+    assert stevs_main([*argv, "--patch-px", "0"]) == 2  # the option's range
+    assert "argument --patch-px: must be a whole number from 8 to 4096" in capsys.readouterr().err
+    assert stevs_main([*argv, "--patch-px", "4096", "--patch-um", "10"]) == 2  # 0.0024 µm/px
     err = capsys.readouterr().err
-    assert str(small_slide) in err and "patch size" in err
+    assert str(small_slide) in err and "patch resolution" in err
     assert not (tmp_path / "p.h5").exists()
 
 

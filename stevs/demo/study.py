@@ -22,6 +22,7 @@ from stevs.demo.files import write_text
 from stevs.demo.genes import make_gene_model
 from stevs.demo.slide import make_slide
 from stevs.errors import StevsInputError
+from stevs.options import in_range, int_at_least, non_negative_int
 
 logger = logging.getLogger("stevs.demo")
 
@@ -58,18 +59,25 @@ depth, log-normal spot size, tissue fraction of the spot).
 )
 
 
+#: ranges of ``stevs demo``'s settings (slides, slide side in µm, µm per pixel)
+N_SLIDES_RANGE = (1, 1000)
+SIZE_UM_RANGE = (500.0, 50_000.0)
+MPP_RANGE = (0.1, 10.0)
+
+
 def _check_settings(
     out: Path, seed: int, n_slides: int, size_um: float, mpp: float, n_genes: int
 ) -> None:
     """Raise :class:`StevsInputError` on settings ``stevs demo`` cannot honour."""
     if seed < 0:
         raise StevsInputError(None, f"--seed must be >= 0, got {seed}")
-    if not 1 <= n_slides <= 1000:
-        raise StevsInputError(None, f"--n-slides must be between 1 and 1000, got {n_slides}")
-    if not 500.0 <= size_um <= 50_000.0:
-        raise StevsInputError(None, f"--size-um must be between 500 and 50000, got {size_um:g}")
-    if not 0.1 <= mpp <= 10.0:
-        raise StevsInputError(None, f"--mpp must be between 0.1 and 10 µm/px, got {mpp:g}")
+    for flag, value, (lo, hi) in [
+        ("--n-slides", n_slides, N_SLIDES_RANGE),
+        ("--size-um", size_um, SIZE_UM_RANGE),
+        ("--mpp", mpp, MPP_RANGE),
+    ]:
+        if not lo <= value <= hi:
+            raise StevsInputError(None, f"{flag} must be from {lo:g} to {hi:g}, got {value:g}")
     if size_um / mpp < 256:
         raise StevsInputError(None, f"slide of {size_um / mpp:.0f} px is too small (< 256 px)")
     if n_genes < MIN_GENES:
@@ -185,12 +193,23 @@ def make_demo(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs demo``."""
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--n-slides", type=int, default=4, help="slides with expression")
-    parser.add_argument("--size-um", type=float, default=3000.0, help="slide side in µm")
-    parser.add_argument("--mpp", type=float, default=1.0, help="µm per level-0 pixel")
     parser.add_argument(
-        "--n-genes", type=int, default=DEFAULT_N_GENES, help=f"genes (>= {MIN_GENES})"
+        "--seed", type=non_negative_int(), default=0, help="random seed (default 0)"
+    )
+    parser.add_argument(
+        "--n-slides",
+        type=in_range(*N_SLIDES_RANGE, integer=True),
+        default=4,
+        help="slides with expression",
+    )
+    parser.add_argument(
+        "--size-um", type=in_range(*SIZE_UM_RANGE), default=3000.0, help="slide side in µm"
+    )
+    parser.add_argument(
+        "--mpp", type=in_range(*MPP_RANGE), default=1.0, help="µm per level-0 pixel"
+    )
+    parser.add_argument(
+        "--n-genes", type=int_at_least(MIN_GENES), default=DEFAULT_N_GENES, help="genes"
     )
 
 

@@ -190,14 +190,25 @@ def _read_scale(path: Path, attrs: Mapping[str, Any]) -> PatchScale:
 
 
 class PatchCache:
-    """Read side of a patch cache; validates on open, errors are StevsInputError(path, ...)."""
+    """Read side of a patch cache; validates on open, errors are StevsInputError(path, ...).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    ``slide``: the slide the cache is opened for; a cache that records another slide (its
+    ``slide`` attribute: a cache renamed or copied) is refused, naming both.
+    """
+
+    def __init__(self, path: str | os.PathLike, slide: str | None = None) -> None:
         self.path = Path(path)
         try:
             self._read_index()
         except (OSError, KeyError, RuntimeError) as err:  # HDF5's errors of a damaged file
             raise _damaged(self.path, err) from err
+        recorded = self.attrs.get("slide")
+        if slide is not None and recorded not in (None, "", slide):
+            raise StevsInputError(
+                self.path,
+                f"this is the patch cache of slide '{recorded}', not of '{slide}' (renamed or "
+                f"copied?); run 'stevs tile' for {slide}",
+            )
         self._row = {b: i for i, b in enumerate(self.barcodes)}
         self._pid: int | None = None
         self._file: h5py.File | None = None

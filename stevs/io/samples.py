@@ -14,6 +14,7 @@ resolved against ``data_root`` when given, else against the sheet's own folder.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -29,6 +30,10 @@ REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
 OPTIONAL_COLUMNS = ("patient", "spots", "mpp", "split")
 FORMATS = ("visium", "visium_hd", "st", "h5ad", "hest", "spatialdata")
 PREDICT_REQUIRED_COLUMNS = ("slide_id", "image")
+#: how alike (difflib ratio) an unknown column must be to an absent known one to be taken
+#: for its typo: ``mmp`` for ``mpp`` (0.67), ``imgae`` for ``image``; ``notes`` (0.6 to
+#: ``spots``) and other columns of a user's own pass
+TYPO_CUTOFF = 0.65
 #: values of the ``split`` column (fold scheme ``fixed``); empty = not in the fold
 SPLIT_VALUES = ("train", "val", "test")
 
@@ -89,6 +94,23 @@ def _read_table(path: Path) -> pd.DataFrame:
     return table.apply(lambda column: column.str.strip())
 
 
+def check_column_names(path: Path, table: pd.DataFrame, known: tuple[str, ...]) -> None:
+    """Refuse a column that looks like a typo of a known one the sheet lacks (``mmp`` for
+    ``mpp`` would be ignored, not read): "did you mean". Other extra columns pass."""
+    every = {*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *PREDICT_REQUIRED_COLUMNS}
+    absent = [c for c in known if c not in table.columns]
+    for column in table.columns:
+        if column in every:
+            continue
+        close = difflib.get_close_matches(column.lower(), absent, n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise StevsInputError(
+                path,
+                f"unknown column '{column}': did you mean '{close[0]}'? (rename it, or remove "
+                f"it if it is not meant as '{close[0]}')",
+            )
+
+
 def _row_error(path: Path, table: pd.DataFrame, index: int, problem: str) -> StevsInputError:
     slide = table.at[index, "slide_id"] if "slide_id" in table.columns else "?"
     # line 1 is the header, so data row i sits on line i + 2
@@ -143,6 +165,7 @@ def read_sample_sheet(
     """
     path = Path(path)
     table = _read_table(path)
+    check_column_names(path, table, REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise StevsInputError(
@@ -194,6 +217,7 @@ def read_predict_sheet(
     """Read the sheet of H&E-only slides (``slide_id``, ``image``, optional ``mpp``)."""
     path = Path(path)
     table = _read_table(path)
+    check_column_names(path, table, (*PREDICT_REQUIRED_COLUMNS, "mpp"))
     missing = [c for c in PREDICT_REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise StevsInputError(path, f"missing column(s) {', '.join(missing)}")

@@ -14,8 +14,9 @@
   gigapixel scans, which come as pyramidal files.
 
 Every reader returns uint8 RGB. RGBA is composited over white, grey is replicated to
-three channels, 16-bit samples are scaled to 8 bits; anything else is refused with an
-error that names the file.
+three channels, 16-bit samples are scaled to 8 bits by the bit depth the data use (a 16-bit
+file holding 12-bit data, white at 4095, is scaled by 4095, not 65535: :func:`data_bits`);
+anything else is refused with an error that names the file.
 """
 
 from __future__ import annotations
@@ -57,10 +58,24 @@ BAND_PX = 256
 Box = tuple[float, float, float, float]
 
 
-def composite_to_rgb(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
-    """Convert an image array (H, W[, C]) of any common layout to uint8 RGB."""
+#: pixels of the level a 16-bit slide's bit depth is read from (the smallest level, or
+#: tiles of it spread over the slide up to about this many pixels)
+BIT_DEPTH_SAMPLE_PX = 4096 * 4096
+
+
+def data_bits(max_value: int) -> int:
+    """Bits 16-bit samples really use, from their largest value: an H&E image is white
+    somewhere (glass, background), so 12-bit data reach above 2048 and stay <= 4095."""
+    return min(16, max(8, int(max_value).bit_length()))
+
+
+def composite_to_rgb(array: np.ndarray, path: str | os.PathLike, bits: int = 16) -> np.ndarray:
+    """Convert an image array (H, W[, C]) of any common layout to uint8 RGB; 16-bit samples
+    holding ``bits``-bit data are scaled by ``2**bits - 1``."""
     if array.dtype == np.uint16:
-        array = (array >> 8).astype(np.uint8)
+        top = (1 << bits) - 1
+        array = np.minimum((array.astype(np.uint32) * 255 + top // 2) // top, 255)
+        array = array.astype(np.uint8)
     elif array.dtype != np.uint8:
         raise StevsInputError(
             path, f"unsupported pixel type {array.dtype}: expected 8- or 16-bit RGB"
@@ -341,12 +356,38 @@ class TiffReader(SlideReader):
             raise StevsInputError(
                 path, f"unsupported pixel type {page.dtype}: expected 8- or 16-bit RGB"
             )
-        if page.dtype == np.uint16:
-            log.warning("%s: 16-bit image, scaled to 8 bits per channel", path)
         self._set_metadata_mpp(self._metadata_mpp())
         self._lock = threading.Lock()
+        self._bits = 16
+        if page.dtype == np.uint16:
+            self._bits = data_bits(self._max_sample())
+            log.warning(
+                "%s: 16-bit image holding %d-bit data, scaled by %d to 8 bits per channel",
+                path,
+                self._bits,
+                (1 << self._bits) - 1,
+            )
         self._whole_pages: dict[int, np.ndarray] = {}
         self._tiles = PixelCache(TILE_CACHE_BYTES)
+
+    def _max_sample(self) -> int:
+        """The largest sample value: the MaxSampleValue tag where it is below 65535, else
+        the largest value of the smallest level (of tiles spread over it, if that is big)."""
+        tag = self._pages[0].tags.get("MaxSampleValue")
+        if tag is not None and 0 < int(np.max(tag.value)) < 65535:
+            return int(np.max(tag.value))
+        page = self._pages[-1]
+        if not page.is_tiled or page.imagewidth * page.imagelength <= BIT_DEPTH_SAMPLE_PX:
+            return int(page.asarray().max())
+        tiles = len(page.dataoffsets)
+        wanted = max(1, BIT_DEPTH_SAMPLE_PX // (int(page.tilewidth) * int(page.tilelength)))
+        largest = 0
+        for index in np.linspace(0, tiles - 1, min(tiles, wanted)).astype(int):
+            self._tif.filehandle.seek(page.dataoffsets[index])
+            data = self._tif.filehandle.read(page.databytecounts[index])
+            segment = page.decode(data, int(index), jpegtables=page.jpegtables)[0] if data else None
+            largest = max(largest, 0 if segment is None else int(np.max(segment)))
+        return largest
 
     def _metadata_mpp(self) -> float | None:
         if self._tif.is_ome and self._tif.ome_metadata:
@@ -395,7 +436,8 @@ class TiffReader(SlideReader):
         segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         if segment is None:  # a missing tile: white
             return np.full((min(tile_h, full_h - ty0), min(tile_w, full_w - tx0), 3), 255, np.uint8)
-        tile = composite_to_rgb(np.asarray(segment).reshape(tile_h, tile_w, -1), self.path)
+        tile = np.asarray(segment).reshape(tile_h, tile_w, -1)
+        tile = composite_to_rgb(tile, self.path, self._bits)
         return tile[: full_h - ty0, : full_w - tx0]
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -403,7 +445,8 @@ class TiffReader(SlideReader):
         if not page.is_tiled:
             if level not in self._whole_pages:
                 with self._lock:
-                    self._whole_pages[level] = composite_to_rgb(page.asarray(), self.path)
+                    pixels = page.asarray()
+                    self._whole_pages[level] = composite_to_rgb(pixels, self.path, self._bits)
             canvas, cy, cx, sy, sx = _paste_into_white(
                 self._whole_pages[level], x, y, width, height
             )
@@ -465,9 +508,11 @@ class ImageReader(SlideReader):
     def _to_rgb_array(self, image: Image.Image) -> np.ndarray:
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image)
-            maximum = 65535 if image.mode.startswith("I;16") else max(int(array.max()), 1)
+            maximum = max(int(array.max()), 1)
+            if image.mode.startswith("I;16"):  # by the bits the data use, as for a TIFF
+                maximum = (1 << data_bits(maximum)) - 1
             array = (array.astype(np.float64) * (255.0 / maximum)).round().astype(np.uint8)
-            log.warning("%s: %s image scaled to 8-bit grey", self.path, image.mode)
+            log.warning("%s: %s image scaled by %d to 8-bit grey", self.path, image.mode, maximum)
             return composite_to_rgb(array, self.path)
         if image.mode in ("RGB", "RGBA", "L", "LA"):
             return composite_to_rgb(np.asarray(image), self.path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from stevs.options import non_negative_int
 from stevs.report.page import build_report
 from stevs.report.tables import (
     TABLE_METRICS,
@@ -56,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config), copied into the report",
     )
     parser.add_argument("--out", required=True, help="report folder (index.html + TSVs)")
-    parser.add_argument("--max-map-slides", type=int, default=4, help="test slides with maps")
+    parser.add_argument(
+        "--max-map-slides", type=non_negative_int(), default=4, help="test slides with maps"
+    )
     parser.add_argument(
         "--allow-partial",
         action="store_true",
