@@ -214,13 +214,6 @@ def run(args: argparse.Namespace) -> int:
     """``stevs embed``."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    embed_patch_cache(
-        args.patches,
-        args.out,
-        preset=args.preset,
-        view=args.view,
-        weights=args.weights,
-        device=args.device,
-        batch_size=args.batch_size,
-    )
+    options = ("preset", "view", "weights", "device", "batch_size")
+    embed_patch_cache(args.patches, args.out, **{k: getattr(args, k) for k in options})
     return 0
