@@ -25,6 +25,7 @@ from stevs.models.presets import PRESETS
 from stevs.models.stevs import LINEAR_PATHS, LINEAR_RANKS
 from stevs.options import non_negative_float, non_negative_int, positive_float, positive_int
 from stevs.training.fold import train_fold
+from stevs.training.latent import write_latent_analysis
 from stevs.training.options import TrainOptions
 
 log = logging.getLogger("stevs.train")
@@ -167,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
             weights=args.weights,
             **_overrides(args),
         )
+        if result.finished:  # the latent analysis beside the model (stevs.models.analysis)
+            write_latent_analysis(args.fold, out, device=str(resolve_device(args.device)))
     finally:
         logging.getLogger("stevs").removeHandler(handler)
         handler.close()

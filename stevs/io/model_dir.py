@@ -10,7 +10,10 @@ Every method writes the same complete folder (docs/architecture.md, "Model folde
 * ``checkpoint.pt``: resume state of torch methods (plain tensors, ``weights_only=True``),
   removed once the run finishes (a killed run keeps it, so the rerun resumes);
 * ``metrics.csv``: one row per epoch (torch) or per penalty (ridge);
-* ``train.log``: the training log.
+* ``train.log``: the training log;
+* ``latent.json``: torch VAE methods, the latent analysis of the finished model
+  (:mod:`stevs.models.analysis`: active dimensions, the experts' PoE shares, their distance)
+  on its training and held-out slides, with the weights' SHA-256 it describes.
 
 ``config.json`` is written only together with the weights it describes (by the run that made
 them), so it never describes other weights.
@@ -40,6 +43,7 @@ WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 LOG = "train.log"
+LATENT = "latent.json"
 
 
 def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
@@ -90,6 +94,10 @@ class ModelDir:
     @property
     def log_path(self) -> Path:
         return self.path / LOG
+
+    @property
+    def latent_path(self) -> Path:
+        return self.path / LATENT
 
     # -- config.json ---------------------------------------------------------------------------
 
@@ -181,7 +189,7 @@ class ModelDir:
         """Remove a model folder's own files (those named here), then the folder if that
         left it empty; anything else in it stays."""
         for path in (self.config_path, self.weights_path, self.checkpoint_path,
-                     self.metrics_path, self.log_path):  # fmt: skip
+                     self.metrics_path, self.log_path, self.latent_path):  # fmt: skip
             path.unlink(missing_ok=True)
         if self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()
@@ -192,6 +200,29 @@ class ModelDir:
         buffer = io.BytesIO()
         torch.save(dict(state), buffer)
         return atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+
+    # -- latent.json ---------------------------------------------------------------------------
+
+    def write_latent(self, analysis: Mapping[str, Any]) -> Path:
+        """The latent analysis of this folder's weights (their SHA-256 recorded in it)."""
+        record = {**analysis, "weights_sha256": self.weights_sha256()}
+        return atomic_write_text(self.latent_path, json.dumps(record, indent=1) + "\n")
+
+    def read_latent(self) -> dict[str, Any] | None:
+        """``latent.json``, or None when the folder has none or it describes other weights
+        than the folder's (an older run's)."""
+        if not self.latent_path.is_file():
+            return None
+        path = self.latent_path
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise StevsInputError(path, f"not a readable latent analysis: {err}") from err
+        if not isinstance(record, dict) or not isinstance(record.get("splits"), dict):
+            raise StevsInputError(path, "a latent analysis holds an object with 'splits'")
+        if not self.weights_path.is_file():
+            return None
+        return record if record.get("weights_sha256") == self.weights_sha256() else None
 
     # -- metrics.csv ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from stevs.io.fold_file import read_fold
 from stevs.methods import baselines
 from stevs.metrics import HEST_BENCH_METRICS, SUMMARY_METRICS, write_tsv_atomic
 from stevs.report.figures import bar_charts, gene_r_distribution, spatial_maps, training_curves
+from stevs.report.latent import latent_section
 from stevs.report.provenance import provenance_html
 from stevs.report.tables import (
     LOWER_IS_BETTER,
@@ -249,6 +250,7 @@ def build_report(
         sections.append(maps_section(maps, notes, lead_run))
     if models_dir is not None:
         sections.append(curves_section(training_curves(Path(models_dir), runs)))
+        sections.append(latent_section(models_dir))
     sections.append(provenance_html(fold_data, config_path))
 
     out_dir.mkdir(parents=True, exist_ok=True)
