@@ -67,11 +67,32 @@ def _views(x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
 
 
-def embed_slide(fold: Fold, slide: str, preset: str, tta: bool, cache: Path) -> SlideEmbeddings:
-    """Embeddings of every spot of ``slide`` (cached in ``cache``)."""
+def hed_jitter(
+    patches: np.ndarray, seed: int, sigma: float = 0.05, bias: float = 0.01
+) -> np.ndarray:
+    """uint8 (N, H, W, 3) patches with their stains jittered in HED space (Tellez et al.
+    2018): each of haematoxylin, eosin and DAB scaled by U(1 - sigma, 1 + sigma) and shifted
+    by U(-bias, bias), one draw for all the patches given (a section's stain varies as a
+    whole)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    rng = np.random.default_rng(seed)
+    alpha, beta = rng.uniform(1 - sigma, 1 + sigma, 3), rng.uniform(-bias, bias, 3)
+    out = np.empty_like(patches)
+    for start in range(0, len(patches), 256):
+        hed = rgb2hed(patches[start : start + 256]) * alpha + beta
+        out[start : start + 256] = np.round(np.clip(hed2rgb(hed), 0, 1) * 255)
+    return out
+
+
+def embed_slide(
+    fold: Fold, slide: str, preset: str, tta: bool, cache: Path, hed: int = 0
+) -> SlideEmbeddings:
+    """Embeddings of every spot of ``slide`` (cached in ``cache``); ``hed`` > 0: of the
+    patches stain-jittered by :func:`hed_jitter` with seed ``hed``."""
     from stevs.models.backbones import ImageBackbone
 
-    view = "tta8" if tta else "plain"
+    view = ("tta8" if tta else "plain") + (f".hed{hed}" if hed else "")
     path = cache / f"{slide}.{preset}.{view}.npz"
     adata = read_slide_adata(fold.slide_entry(slide).adata)
     meta = adata.uns["stevs"]
@@ -80,6 +101,8 @@ def embed_slide(fold: Fold, slide: str, preset: str, tta: bool, cache: Path) -> 
         data = np.load(path)
         return SlideEmbeddings(list(data["barcodes"]), data["embedding"], data["centers"], pitch_px)
     patches, barcodes = read_patches(fold, slide)
+    if hed:
+        patches = hed_jitter(patches, seed=1000 * hed + fold.slide_index(slide))
     backbone = ImageBackbone(get_preset(preset).backbone).eval()
     out = []
     with torch.inference_mode():
@@ -94,20 +117,6 @@ def embed_slide(fold: Fold, slide: str, preset: str, tta: bool, cache: Path) -> 
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, barcodes=np.asarray(barcodes), embedding=embedding, centers=centers)
     return SlideEmbeddings(list(barcodes), embedding, centers, pitch_px)
-
-
-def neighbour_mean(emb: SlideEmbeddings, radius_pitches: float) -> np.ndarray:
-    """Mean embedding of each spot's neighbours within ``radius_pitches`` (itself excluded;
-    its own embedding when it has none)."""
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(emb.centers_px)
-    pairs = tree.query_ball_point(emb.centers_px, r=radius_pitches * emb.pitch_px * 1.01)
-    out = np.empty_like(emb.embedding)
-    for i, nbrs in enumerate(pairs):
-        others = [j for j in nbrs if j != i]
-        out[i] = emb.embedding[others].mean(0) if others else emb.embedding[i]
-    return out
 
 
 def slide_normalised(embedding: np.ndarray, how: str) -> np.ndarray:
@@ -128,26 +137,33 @@ def split_data(
     features: str,
     radius: float,
     slide_norm: str = "none",
+    columns: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Features, targets, coords and slide indices of a fold's ``part`` spots."""
+    """Features, targets, coords and slide indices of a fold's ``part`` spots; ``columns``
+    keeps only those embedding columns (some of the backbone's stages)."""
     from stevs.data import normalise_coords
+    from stevs.models.context import neighbour_mean
 
-    xs, ys, slides, coords = [], [], [], []
+    xs, ys, slides, coords, contexts = [], [], [], [], []
     for slide in fold.split_slides(part):
         emb = embs[slide]
         barcodes = fold.spots_for(part, slide) or emb.barcodes
         rows = np.asarray([emb.barcodes.index(b) for b in barcodes])
-        x = slide_normalised(emb.embedding, slide_norm)
-        emb = SlideEmbeddings(emb.barcodes, x, emb.centers_px, emb.pitch_px)
-        if features == "own+nbr":
-            x = np.concatenate([x, neighbour_mean(emb, radius)], axis=1)
+        x = slide_normalised(emb.embedding, slide_norm)[rows]
+        if columns is not None:
+            x = x[:, columns]
+        # the neighbourhood context among the split's spots of the slide, as STevs and
+        # ridge_context compute it; own+nbr: the probe's features are [own, context]
+        context = neighbour_mean(x, emb.centers_px[rows], None, radius).numpy()
+        contexts.append(context)
         y, _, _ = load_observed(fold, slide, barcodes)
-        xs.append(x[rows])
+        xs.append(np.concatenate([x, context], axis=1) if features == "own+nbr" else x)
         ys.append(y)
         coords.append(normalise_coords(emb.centers_px)[rows])
         slides.append(np.full(len(rows), fold.slide_index(slide)))
     return {
         "x": np.concatenate(xs).astype(np.float32),
+        "context": np.concatenate(contexts).astype(np.float32),
         "y": np.concatenate(ys).astype(np.float32),
         "coords": np.concatenate(coords).astype(np.float32),
         "slide": np.concatenate(slides),
@@ -178,7 +194,7 @@ def score(fold: Fold, data: Mapping[str, Any], prediction: np.ndarray) -> float:
 
 def ridge_score(
     fold: Fold, train: list[Mapping[str, Any]], test: Mapping[str, Any], rank: int = 0
-) -> float:
+) -> tuple[float, np.ndarray]:
     x = np.concatenate([d["x"] for d in train])
     y = np.concatenate([d["y"] for d in train])
     groups = np.concatenate([d["slide"] for d in train])
@@ -189,7 +205,8 @@ def ridge_score(
         ranks = REDUCED_RANKS if rank < 0 else [rank]
         model = reduce_rank(model, x, y, groups, ranks=ranks, headline_genes=fold.headline_genes)
         print(f"# {fold.fold}: reduced rank {model.meta['rank']}", flush=True)
-    return score(fold, test, model.predict(test["x"]))
+    prediction = model.predict(test["x"])
+    return score(fold, test, prediction), prediction
 
 
 def as_dataset(data: Mapping[str, Any]) -> EmbeddingDataset:
@@ -200,6 +217,7 @@ def as_dataset(data: Mapping[str, Any]) -> EmbeddingDataset:
         "counts": torch.zeros(n, data["y"].shape[1]),
         "library_size": torch.ones(n),
         "slide": torch.from_numpy(data["slide"].astype(np.int64)),
+        "context": torch.from_numpy(data["context"]),  # used by models with a context
     }
     return EmbeddingDataset(torch.from_numpy(data["x"]), items)
 
@@ -210,10 +228,12 @@ def stevs_score(
     splits: Mapping[str, Mapping[str, Any]],
     preset: str,
     seed: int,
-) -> tuple[float, float, int]:
-    """(test headline r, val headline r, best epoch) of one STevs variant and seed."""
+) -> tuple[float, float, int, np.ndarray]:
+    """(test headline r, val headline r, best epoch, test prediction) of one STevs variant
+    and seed; a variant with ``"hed": true`` trains on the stain-jittered copies too."""
     options = dict(variant)
     method = options.pop("method", "stevs")
+    train = splits["train_aug"] if options.pop("hed", False) else splits["train"]
     train_opts = {k: options.pop(k) for k in list(options) if k in TrainOptions.__annotations__}
     preset_obj = get_preset(preset)
     opts = TrainOptions(seed=seed, workers=0, device="cpu", freeze_backbone=True, **train_opts)
@@ -223,7 +243,7 @@ def stevs_score(
     model = create_model(method, preset_obj, fold.genes, fold.normalisation, **options)
     config = {"method": method, "genes": fold.genes, "headline_genes": fold.headline_genes}
     with tempfile.TemporaryDirectory() as tmp:
-        data = (as_dataset(splits["train"]), as_dataset(splits["val"]))
+        data = (as_dataset(train), as_dataset(splits["val"]))
         result = fit_model(model, data, tmp, opts, config)
         model.load_state_dict(load_file(str(Path(tmp) / "model.safetensors")))
     test = splits["test"]
@@ -232,7 +252,63 @@ def stevs_score(
         embedding=data.embeddings, coords=data.items["coords"], n_samples=0,
         context=data.items.get("context"),
     )  # fmt: skip
-    return score(fold, test, mean.numpy()), float(result.best_val_pearson), result.best_epoch
+    prediction = mean.numpy()
+    return (
+        score(fold, test, prediction),
+        float(result.best_val_pearson),
+        result.best_epoch,
+        prediction,
+    )
+
+
+def stage_columns(preset: str, stages: str) -> np.ndarray | None:
+    """Embedding columns of the backbone's stages ``stages`` ("all", "last" or a comma list
+    of stage indices): the embedding is every stage's pooled features, concatenated."""
+    if stages == "all":
+        return None
+    from stevs.models.backbones import ImageBackbone
+
+    widths = ImageBackbone(get_preset(preset).backbone).stage_channels
+    wanted = [len(widths) - 1] if stages == "last" else [int(i) for i in stages.split(",")]
+    ends = np.cumsum(widths)
+    return np.concatenate([np.arange(ends[i] - widths[i], ends[i]) for i in wanted])
+
+
+def prepare_fold(fold: Fold, args: argparse.Namespace, cache: Path, columns: Any) -> dict:
+    """The fold's splits on cached embeddings; with ``--hed-views K``, ``train_aug`` and
+    ``val_aug``: the split's spots once as they are and once per stain-jittered copy."""
+    wanted = set(fold.train) | set(fold.val) | set(fold.test)
+    options = (args.features, args.radius, args.slide_norm, columns)
+    views = [
+        {s: embed_slide(fold, s, args.preset, args.tta, cache, hed) for s in wanted}
+        for hed in range(args.hed_views + 1)
+    ]
+    splits = {p: split_data(fold, p, views[0], *options) for p in ("train", "val", "test")}
+    if args.hed_views:
+        for part in ("train", "val"):
+            copies = [splits[part]] + [split_data(fold, part, v, *options) for v in views[1:]]
+            splits[f"{part}_aug"] = {k: np.concatenate([c[k] for c in copies]) for k in copies[0]}
+    return splits
+
+
+def _with_context(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {**data, "x": np.concatenate([data["x"], data["context"]], axis=1)}
+
+
+def run_one(name: str, fold: Fold, splits: Mapping, variants: Mapping, args: Any, seed: int):
+    """(test r, val r, best epoch, test prediction) of one variant on one fold and seed."""
+    if not name.startswith("ridge"):
+        return stevs_score(fold, variants[name], splits, args.preset, seed)
+    with_val = name.startswith("ridge_trainval")
+    rank = name.split("_rrr")[1].split("_")[0] if "_rrr" in name else "0"  # ridge_*_rrrcv_*
+    rank = -1 if rank == "cv" else int(rank)
+    suffix = "_aug" if name.endswith("_hed") else ""
+    parts = [splits["train" + suffix]] + ([splits["val" + suffix]] if with_val else [])
+    test = splits["test"]
+    if "_ctx" in name:  # ridge_context: [own, neighbours' mean]
+        parts, test = [_with_context(p) for p in parts], _with_context(test)
+    r, prediction = ridge_score(fold, parts, test, rank)
+    return r, 0.0, 0, prediction
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="stevs", help="comma list or 'ridge'")
     parser.add_argument("--extra", default="{}", help="JSON: name -> variant options")
     parser.add_argument("--features", default="own", choices=("own", "own+nbr"))
-    parser.add_argument("--radius", type=float, default=1.0, help="neighbours, in spot pitches")
+    parser.add_argument("--radius", type=float, default=1.5, help="neighbours, in spot pitches")
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--slide-norm", default="none", choices=("none", "center", "zscore"))
+    parser.add_argument("--stages", default="all", help="'all', 'last' or stage indices 0,1,..")
+    parser.add_argument("--hed-views", type=int, default=0, help="stain-jittered copies")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -258,37 +336,34 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(args.root)
     variants = {**VARIANTS, **json.loads(args.extra)}
     folds = [read_fold(p) for p in sorted(glob.glob(args.folds))]
+    columns = stage_columns(args.preset, args.stages)
     results: dict[str, dict[int, list[float]]] = {}
+    ensembles: dict[str, list[float]] = {}
     print("variant\tseed\tfold\ttest_r\tval_r\tbest_epoch\tseconds", flush=True)
-    prepared = []
-    for fold in folds:
-        wanted = set(fold.train) | set(fold.val) | set(fold.test)
-        embs = {s: embed_slide(fold, s, args.preset, args.tta, cache) for s in wanted}
-        splits = {p: split_data(fold, p, embs, args.features, args.radius, args.slide_norm)
-                  for p in ("train", "val", "test")}  # fmt: skip
-        prepared.append((fold, splits))
+    prepared = [(fold, prepare_fold(fold, args, cache, columns)) for fold in folds]
     for name in args.variants.split(","):  # variant by variant: each finishes all folds
         seeds = [0] if name.startswith("ridge") else [int(s) for s in args.seeds.split(",")]
         for fold, splits in prepared:
+            predictions = []
             for seed in seeds:
                 start = time.monotonic()
-                if name.startswith("ridge"):
-                    with_val = name.startswith("ridge_trainval")
-                    rank = name.split("_rrr")[1] if "_rrr" in name else "0"
-                    rank = -1 if rank == "cv" else int(rank)
-                    parts = [splits["train"]] + ([splits["val"]] if with_val else [])
-                    r, val, epoch = ridge_score(fold, parts, splits["test"], rank), 0.0, 0
-                else:
-                    r, val, epoch = stevs_score(fold, variants[name], splits, args.preset, seed)
+                r, val, epoch, prediction = run_one(name, fold, splits, variants, args, seed)
+                predictions.append(prediction)
                 results.setdefault(name, {}).setdefault(seed, []).append(r)
                 print(f"{name}\t{seed}\t{fold.fold}\t{r:.4f}\t{val:.4f}\t{epoch}\t"
                       f"{time.monotonic() - start:.1f}", flush=True)  # fmt: skip
+            if len(seeds) > 1:  # the seed ensemble: predictions averaged over the seeds
+                mean = np.mean(predictions, axis=0)
+                ensembles.setdefault(name, []).append(score(fold, splits["test"], mean))
     print("\nvariant\tmean over folds (per seed)\tmean\tsd over seeds\tper fold (mean over seeds)")
     for name, by_seed in results.items():
         means = [float(np.mean(v)) for v in by_seed.values()]
         per_fold = np.mean(np.asarray(list(by_seed.values())), axis=0)
         print(f"{name}\t{' '.join(f'{m:.4f}' for m in means)}\t{np.mean(means):.4f}\t"
               f"{np.std(means, ddof=1) if len(means) > 1 else 0.0:.4f}\t"
+              f"{' '.join(f'{v:.3f}' for v in per_fold)}", flush=True)  # fmt: skip
+    for name, per_fold in ensembles.items():
+        print(f"{name}+seed_ensemble\t\t{np.mean(per_fold):.4f}\t\t"
               f"{' '.join(f'{v:.3f}' for v in per_fold)}", flush=True)  # fmt: skip
     return 0
 
