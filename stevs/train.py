@@ -85,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--freeze-backbone", action="store_true", default=None)
+    parser.add_argument(
+        "--train-stages",
+        type=positive_int(),
+        help="partial fine-tuning: train only the backbone's last N stages (the earlier ones "
+        "frozen, batch-norm statistics included) at --lr-backbone; default: all of it",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument(

@@ -116,7 +116,8 @@ def write_slide(directory, slide: str, seed: int, n: int = 12) -> SlideEntry:
     adata.uns["stevs"] = {"slide": slide, "patient": slide, "mpp": 1.0}
     adata.write_h5ad(directory / f"{slide}.h5ad")
     write_patch_cache(directory / f"{slide}.h5", patches, barcodes, xy, mpp_target=4.0, slide=slide)
-    return SlideEntry(slide, slide, str(directory / f"{slide}.h5ad"), str(directory / f"{slide}.h5"))
+    paths = (str(directory / f"{slide}.h5ad"), str(directory / f"{slide}.h5"))
+    return SlideEntry(slide, slide, *paths)
 
 
 @pytest.fixture(scope="module")

@@ -395,6 +395,38 @@ class ImageBackbone(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
 
+    def train_last_stages(self, n: int) -> int:
+        """Freeze the backbone but for its last ``n`` feature stages (partial fine-tuning):
+        the earlier stages' parameters stop taking gradients and their batch-norm statistics
+        stay as loaded (:meth:`train` keeps those layers in eval mode). Returns the number of
+        parameters left to train. A token (ViT) backbone counts as one stage."""
+        if n < 1:
+            raise ValueError(f"train at least one stage, not {n}")
+        names = [name for name, _ in self.body.named_parameters()]
+        stages = self.body.feature_info.module_name() if self.spec.pooling == "stages" else []
+        first = 0  # index of the first trained parameter
+        if n < len(stages):
+            last_frozen = stages[len(stages) - n - 1]
+            prefixes = (f"{last_frozen}.", f"{last_frozen.replace('.', '_')}.")
+            owned = [i for i, name in enumerate(names) if name.startswith(prefixes)]
+            first = owned[-1] + 1 if owned else 0
+        for i, param in enumerate(self.body.parameters()):
+            param.requires_grad_(i >= first)
+        self.partly_frozen = first > 0
+        self.train(self.training)
+        return sum(p.numel() for p in self.body.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> ImageBackbone:
+        """``nn.Module.train``; frozen layers' batch norms stay in eval mode."""
+        super().train(mode)
+        if mode and getattr(self, "partly_frozen", False):
+            for module in self.body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()
+                ):
+                    module.eval()
+        return self
+
     def prepare(self, patches: Tensor) -> Tensor:
         """(N, 3, H, W) uint8 or float in [0, 255] -> normalised float at ``img_size``."""
         x = patches.float()

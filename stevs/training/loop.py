@@ -217,6 +217,10 @@ def _check_options(options: TrainOptions) -> None:
         if not isinstance(value, int) or value < 1:
             flag = "--" + name.replace("_", "-")
             raise StevsInputError(None, f"{flag} must be a whole number >= 1, got {value!r}")
+    if options.train_stages is not None and options.freeze_backbone:
+        raise StevsInputError(
+            None, "--train-stages trains part of the backbone: drop --freeze-backbone"
+        )
 
 
 def _place(options: TrainOptions) -> tuple[torch.device, TrainOptions, bool, int, int]:
@@ -234,8 +238,9 @@ def _place(options: TrainOptions) -> tuple[torch.device, TrainOptions, bool, int
 
 def _make_optimizer(model: STevs, options: TrainOptions, frozen: bool) -> torch.optim.Optimizer:
     groups = []
-    if not frozen and model.backbone_parameters():
-        groups.append({"params": model.backbone_parameters(), "lr": options.lr_backbone})
+    trained = [p for p in model.backbone_parameters() if p.requires_grad]
+    if not frozen and trained:
+        groups.append({"params": trained, "lr": options.lr_backbone})
     groups.append({"params": model.head_parameters(), "lr": options.lr_heads})
     return torch.optim.AdamW(groups, weight_decay=options.weight_decay)
 
@@ -257,6 +262,10 @@ def _setup(
     frozen = bool(options.freeze_backbone) and model.backbone is not None
     if frozen:
         model.backbone.requires_grad_(False)
+    elif options.train_stages and model.backbone is not None:
+        trained = model.backbone.train_last_stages(options.train_stages)
+        log.info("backbone: training its last %d stage(s), %d parameters",
+                 options.train_stages, trained)  # fmt: skip
     _check_prepared(model, train_data)
     if distributed:
         from torch.utils.data.distributed import DistributedSampler

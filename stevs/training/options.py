@@ -22,6 +22,8 @@ class TrainOptions:
     patience: int | None = None
     grad_clip: float | None = None
     freeze_backbone: bool | None = None
+    #: trainable backbone: train only its last N feature stages (None: all of it)
+    train_stages: int | None = None
     seed: int = 0
     workers: int = 2
     device: str = "auto"
