@@ -182,3 +182,22 @@ def test_a_rerun_keeps_the_analysis_of_unchanged_weights(fold_path, tmp_path):
     mtime = (out / "latent.json").stat().st_mtime_ns
     train(fold_path, out, "stevs_no_align")  # a finished run: trains and analyses nothing
     assert (out / "latent.json").stat().st_mtime_ns == mtime
+
+
+def test_a_frozen_model_whose_test_slide_is_not_embedded_yet_embeds_it(fold_path, tmp_path):
+    embeddings = tmp_path / "emb"
+    for slide in ("s0", "s1", "s2"):  # the workflow embeds the test slide in its own job
+        patches = fold_path.parent / f"{slide}.h5"
+        out = embeddings / f"{slide}.h5"
+        assert main(["embed", "--patches", str(patches), "--preset", "effnet_lite0_in1k",
+                     "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    out = tmp_path / "m"
+    code = main(
+        ["train", "--fold", str(fold_path), "--method", "stevs", "--preset", "effnet_lite0_in1k"]
+        + ["--out", str(out), "--epochs", "1", "--batch-size", "8", "--workers", "0"]
+        + ["--device", "cpu", "--freeze-backbone", "--embeddings", str(embeddings)]
+    )
+    assert code == 0
+    record = ModelDir(out).read_latent()
+    assert record["splits"]["heldout"]["n_spots"] == 12
+    assert record["splits"]["train"]["n_spots"] == 24  # no refit: the training slides

@@ -1,17 +1,19 @@
 """The latent analysis of a finished STevs model (:mod:`stevs.models.analysis`) on its fold:
-the spots it was fitted on (training + validation slides) and the held-out (test) slides,
+the spots it was fitted on (training slides, + validation after a refit) and the held-out
+(test) slides,
 written as the model folder's ``latent.json``. ``stevs train`` runs it after training."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 
+from stevs.io.embedding_cache import embedding_path
 from stevs.io.fold_file import Fold, read_fold
 from stevs.io.model_dir import ModelDir
 from stevs.models.analysis import has_latent, latent_analysis
@@ -22,8 +24,9 @@ from stevs.training.options import TrainOptions
 
 log = logging.getLogger("stevs.train")
 
-#: the sets of spots analysed: name -> the fold's splits they come from
-ANALYSED_SPLITS = {"train": ("train", "val"), "heldout": ("test",)}
+#: the sets of spots analysed: name -> the fold's splits they come from (``train``: the
+#: spots the model was fitted on, the validation spots too after a refit)
+ANALYSED_SPLITS = {"train": ("train",), "heldout": ("test",)}
 
 
 def _options(config: dict[str, Any]) -> TrainOptions:
@@ -46,6 +49,12 @@ def _spots(model: STevs, fold: Fold, parts: tuple[str, ...], options: TrainOptio
         return None
     data: Dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     if options.freeze_backbone and model.backbone is not None:
+        if options.embeddings and not all(
+            embedding_path(options.embeddings, fold.slides[int(i)].slide).is_file()
+            for d in datasets
+            for i in set(d.slide_index.tolist())
+        ):  # held-out slides may not be embedded yet when training ends: embed them here
+            options = replace(options, embeddings=None)
         data = with_context(model, frozen_embeddings(model, [data], options, config)[0])
     return data
 
@@ -66,6 +75,8 @@ def write_latent_analysis(
     options = _options(config)
     splits = {}
     for name, parts in ANALYSED_SPLITS.items():
+        if name == "train" and "refit_epochs" in config:  # refitted on train + val
+            parts = ("train", "val")
         data = _spots(model, fold_obj, parts, options, config)
         if data is not None:
             batch_size = int(options.batch_size or 64)
