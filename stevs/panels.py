@@ -42,11 +42,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from stevs.errors import StevsInputError
+from stevs.io.fold_file import NORMALISATIONS, TARGET_SUM
 
 log = logging.getLogger(__name__)
 
-TARGET_SUM = 10_000.0
-NORMALISATIONS = ("log1p_cp10k", "log1p", "raw")
 PANEL_METHODS = ("highly_expressed", "highly_variable", "gene_list")
 MIN_DETECTION = 0.10
 MIN_GENES_FOR_SEURAT_V3 = 50

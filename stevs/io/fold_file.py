@@ -17,7 +17,6 @@ from typing import Any
 from stevs import __version__
 from stevs.atomic import atomic_write_text
 from stevs.errors import StevsInputError
-from stevs.panels import NORMALISATIONS, TARGET_SUM
 
 SCHEMES = (
     "leave_one_slide_out",
@@ -27,6 +26,11 @@ SCHEMES = (
     "fixed",
 )
 SPLITS = ("train", "val", "test")
+#: how a fold's targets are normalised (:func:`stevs.panels.normalise`), and the library size
+#: of ``log1p_cp10k``; here, with the format that records them, so that fold planning (and the
+#: workflow, at parse time) needs neither scipy nor the panels
+NORMALISATIONS = ("log1p_cp10k", "log1p", "raw")
+TARGET_SUM = 10_000.0
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format``, ``spots``
 (legacy ST spot file; empty otherwise), ``mpp`` (microns per level-0 pixel, within
-:data:`stevs.io.slide.MPP_RANGE`; empty, row by row, to take it from the input's metadata,
+:data:`stevs.geometry.MPP_RANGE`; empty, row by row, to take it from the input's metadata,
 the image or the spot grid; comes back as a float or None per row). Formats and their
 ``expression``: ``visium`` (Space Ranger ``outs/``), ``visium_hd`` (a
 ``binned_outputs/square_008um``-like bin folder, or the ``outs/`` above it), ``st``
@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from stevs.errors import StevsInputError
+from stevs.geometry import MPP_RANGE
 from stevs.ids import SLIDE_ID_RULE, is_slide_id
-from stevs.io.slide import MPP_RANGE
 
 REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
 OPTIONAL_COLUMNS = ("patient", "spots", "mpp", "split")

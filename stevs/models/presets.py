@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from stevs.errors import StevsInputError
-from stevs.models.backbones import BackboneSpec
+from stevs.models.backbone_spec import BackboneSpec
 
 
 @dataclass

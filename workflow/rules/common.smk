@@ -1,21 +1,61 @@
-"""Helpers shared by the rules: config and sample-sheet validation, slide and fold lists."""
+"""Helpers shared by the rules: config and sample-sheet validation, slide and fold lists.
+
+Snakemake parses the rules with the project's source tree on sys.path and needs only the
+standard library, pandas, PyYAML and jsonschema (what Snakemake itself brings): the
+`stevs` modules imported here are the light ones (tests/test_workflow_bare.py blocks
+torch, scipy and the rest while planning). Every job runs the `stevs` command of its rule's
+environment: the conda env (envs/stevs.yaml, `--sdm conda`), else the one of the Python
+running Snakemake (its bin folder goes first on the jobs' PATH).
+"""
 
 import difflib
+import os
 import re
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
+# the checkout's package, whatever is installed where Snakemake runs
+sys.path.insert(0, workflow.basedir)
+# envs/stevs.post-deploy.sh installs this checkout into the conda env (Snakemake copies the
+# env files to .snakemake/conda/, so the script cannot find the checkout from where it lies)
+os.environ["STEVS_SOURCE"] = workflow.basedir
+
 from stevs.errors import StevsInputError
-from stevs.folds import plan_folds
-from stevs.io.embedding_cache import VIEWS
+from stevs.fold_plan import plan_folds
 from stevs.io.samples import hest_metadata_path, read_fixed_splits, read_sample_sheet
 from stevs.methods import REGISTRY, check_he_only, names
+
+
+def _jobs_run_this_pythons_stevs():
+    """Without conda or a container, the jobs run the `stevs` beside the Python that runs
+    Snakemake (`.venv/bin/snakemake` works without activating the venv): its bin folder goes
+    first on the jobs' PATH (after bash's strict mode, Snakemake's default prefix)."""
+    isolated = {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}
+    if isolated & set(workflow.deployment_settings.deployment_method):
+        return
+    bin_dir = str(Path(sys.executable).parent)
+    if not shutil.which(
+        "stevs", path=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    ):
+        logger.warning(
+            f"stevs is not installed beside {sys.executable} nor on PATH: jobs will fail;"
+            " run `make install` (then .venv/bin/snakemake) or use --sdm conda"
+        )
+    quoted = shlex.quote(bin_dir).replace("{", "{{").replace("}", "}}")
+    shell.prefix(f'set -euo pipefail; export PATH={quoted}:"$PATH"; ')
+
+
+_jobs_run_this_pythons_stevs()
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
 
@@ -58,6 +98,8 @@ def config_problem(data, schema):
 
 with open(workflow.source_path(CONFIG_SCHEMA)) as _schema_file:
     _schema = yaml.safe_load(_schema_file)
+# embedding views: the schema's enum (tests/test_config.py: the embedding cache's VIEWS)
+VIEWS = _schema["properties"]["embeddings"]["properties"]["view"]["enum"]
 _problem = config_problem(config, _schema)
 if _problem:
     raise WorkflowError(_problem)
