@@ -2,7 +2,7 @@
 provenance, and (for the full demo) STevs above r = 0.3.
 
 Usage:
-    python .ci/check_demo.py config/config.yaml                        # the full demo
+    python .ci/check_demo.py config/demo.yaml                          # the full demo
     python .ci/check_demo.py .test/config/config.yaml --min-stevs-r -1  # the .test smoke run
 
 The config given is the one passed to ``--configfile``; what the run really used is read from
@@ -70,7 +70,7 @@ def check_exports(results: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="config/config.yaml")
+    parser.add_argument("config", nargs="?", default="config/demo.yaml")
     parser.add_argument(
         "--min-stevs-r",
         type=float,

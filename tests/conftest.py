@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,22 @@ def run_snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         env=env,
         timeout=300,
     )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dry run (``snakemake -n -p``) of the workflow: where it ran and what it printed."""
+
+    cwd: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def demo_plan(tmp_path_factory) -> Plan:
+    """The demo's plan (config/demo.yaml, from an empty folder), shared by the tests that read
+    it: one dry run instead of one per test."""
+    cwd = tmp_path_factory.mktemp("demo_plan")
+    demo = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
+    result = run_snakemake("-n", "-p", "--cores", "2", "--configfile", str(demo), cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return Plan(cwd, result.stdout)
