@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`; CI (.ci/run) adds
-# `make test-workflow` (the tiny .test/ run), `make test-plan-bare` and `make lint`.
+# `make test-workflow` (the tiny .test/ run) and `make lint`; `make test-plan-bare` plans in a
+# venv holding only Snakemake.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -62,7 +63,8 @@ test-workflow-rerun: install
 # venv with snakemake, its SLURM plugin and pandas (pinned by envs/versions.txt) dry-runs
 # the .test config with --sdm conda, as a user of conda would. Snakemake's dry run with
 # --sdm conda runs `conda info` (to place the environments), so where no conda binary is
-# on PATH it plans without --sdm conda and says so.
+# on PATH it plans without --sdm conda and says so. About 3.5 minutes, nearly all of it pip
+# downloading (so not in .ci/run; tests/test_workflow_bare.py checks the same in the suite).
 test-plan-bare:
 	@set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
 	$(PYTHON) -m venv "$$dir/venv"; \
@@ -72,8 +74,9 @@ test-plan-bare:
 		echo "test-plan-bare: no conda on PATH: dry run without --sdm conda"; fi; \
 	"$$dir/venv/bin/snakemake" -n $$sdm --cores 2 --configfile $(TEST_CONFIG) > "$$dir/plan.txt" 2>&1 \
 		|| { cat "$$dir/plan.txt"; exit 1; }; \
-	grep -A 20 '^Job stats' "$$dir/plan.txt"; \
-	echo "test-plan-bare: planned with only snakemake, its SLURM plugin and pandas $$sdm"
+	sed -n '/^Job stats/,/^total/p' "$$dir/plan.txt"; \
+	echo "test-plan-bare: planned with only snakemake, its SLURM plugin and pandas" \
+		"($${sdm:-without --sdm conda: no conda})"
 
 lint: install
 	$(BIN)/ruff check stevs tests benchmarks envs

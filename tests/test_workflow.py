@@ -248,7 +248,9 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
     assert lines, "README has no --forcerun example"
     command = lines[0].split("#")[0].split()
     assert command[:3] == ["snakemake", "--cores", "4"], command
-    result = snakemake("-n", *command[3:], cwd=tmp_path)
+    assert command[-2:] == ["--configfile", "config/demo.yaml"], command  # ends --forcerun
+    args = [str(ROOT / a) if a.startswith("config/") else a for a in command[3:]]
+    result = snakemake("-n", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
     fold_jobs = [j for j in jobs if j["rule"] in ("train", "predict", "evaluate", "report")]
@@ -272,8 +274,8 @@ def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     overlay.write_text(
         "training:\n  seeds: [0, 1, 2]\nembeddings:\n  view: dihedral8\nresources:\n  threads: 3\n"
     )
-    base = str(DEMO)
-    result = snakemake("-n", "-p", "--cores", "4", "--configfile", base, str(overlay),  # threads: at most --cores
+    base = str(DEMO)  # --cores 4: a job gets at most --cores threads
+    result = snakemake("-n", "-p", "--cores", "4", "--configfile", base, str(overlay),
                        cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
