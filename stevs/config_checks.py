@@ -93,8 +93,7 @@ def _encoders_problem(config: Mapping[str, Any]) -> str | None:
         name = encoder_id(entry)
         if name in seen or name == "none":
             return (
-                f"config: encoders[{index}]: {name} is listed twice (or is the reserved id"
-                " 'none')"
+                f"config: encoders[{index}]: {name} is listed twice (or is the reserved id 'none')"
             )
         seen.add(name)
         probes = [m for m in entry["methods"] if REGISTRY[m].encoder == "frozen"]

@@ -108,4 +108,3 @@ def test_post_deploy_without_the_checkout_fails_naming_it(tmp_path, source, mess
     result = _run_post_deploy(tmp_path, source)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert not (tmp_path / "python.args").exists()
-
