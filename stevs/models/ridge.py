@@ -89,7 +89,6 @@ def _scaler_pca(n_spots: int, n_features: int, max_components: int) -> Pipeline:
     return make_pipeline(StandardScaler(), PCA(n_components=k, svd_solver=solver))
 
 
-
 def _coef(ridge: Ridge, n_genes: int) -> np.ndarray:
     """A fitted ridge's coefficients as (components, genes), also for a one-gene panel
     (scikit-learn >= 1.9 flattens a one-column target's coefficients)."""
