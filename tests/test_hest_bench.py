@@ -29,7 +29,7 @@ from stevs.device import resolve_precision
 from stevs.embed import embed_patches
 from stevs.io.patch_cache import HestPatchFile
 from stevs.models import ImageBackbone, get_preset
-from stevs.models.presets import ENCODERS, IMAGENET, PRESETS
+from stevs.models.presets import ENCODERS, IMAGENET, PRESETS, scaled_down
 
 torch.set_num_threads(1)
 
@@ -42,10 +42,8 @@ LATENT = 8
 
 def tiny_uni() -> tuple[str, object]:
     """UNI's recipe at a tiny depth and width (random weights): the scaled-down preset."""
-    spec = ENCODERS["uni"].backbone
-    kwargs = {**spec.timm_kwargs, "embed_dim": 32, "depth": 2, "num_heads": 2,
-              "init_values": 1.0, "img_size": PX}  # fmt: skip
-    tiny = replace(spec, timm_kwargs=kwargs, img_size=PX, weights="none")
+    tiny = scaled_down(ENCODERS["uni"].backbone)
+    assert tiny.img_size == PX
     return "tiny_uni", replace(PRESETS["uni"], name="tiny_uni", backbone=tiny, patch_px=PX)
 
 

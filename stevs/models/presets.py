@@ -8,6 +8,7 @@ they depend on the backbone's size and on whether it is pretrained.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -338,6 +339,24 @@ ENCODERS: dict[str, Preset] = {
     )
 }  # fmt: skip
 PRESETS.update(ENCODERS)
+
+
+def scaled_down(spec: BackboneSpec, width: int = 32) -> BackboneSpec:
+    """A recipe at a tiny depth and width with random weights, for tests and CPU benchmarks:
+    the same timm class and options (a ViT: 2 blocks of ``width``, 2 x 2 patches, layer
+    scale 1 instead of 1e-5 so that a random model's tokens depend on the image; a CNN: the
+    same network at 32 px)."""
+    if spec.pooling == "stages":
+        return replace(spec, weights="none", weights_path=None, img_size=32)
+    found = re.search(r"patch(\d+)", spec.name)
+    patch = int(spec.timm_kwargs.get("patch_size") or (found[1] if found else 16))
+    kwargs = {**spec.timm_kwargs, "embed_dim": width, "depth": 2, "num_heads": 2}
+    kwargs["init_values"] = 1.0
+    kwargs["img_size"] = 2 * patch
+    return replace(
+        spec, timm_kwargs=kwargs, img_size=2 * patch, weights="none", weights_path=None,
+        pool_dim=16 if spec.pool_dim else 0,
+    )  # fmt: skip
 
 
 def get_preset(name: str, *, backbone: str | None = None, weights: str | None = None) -> Preset:
