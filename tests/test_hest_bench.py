@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 from dataclasses import replace
 from pathlib import Path
 
@@ -219,3 +220,18 @@ def test_embedding_precision_workers_and_hest_patch_files(bench, weights):
     assert resolve_precision("bfloat16", cpu, "float32") == "bfloat16"
     assert get_preset("resnet50_trunc").embed_precision == "float32"  # HEST's ResNet50
     assert get_preset("uni").embed_precision == "float16"  # HEST's UNI
+
+
+def test_embed_benchmark_measures_each_preset_and_its_precision(tmp_path):
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "embed.py"))
+    out = tmp_path / "embed.json"
+    args = ["--presets", "virchow2", "resnet50_trunc", "--patches", "12", "--batch-size", "8",
+            "--precision", "bfloat16", "--json", str(out)]  # fmt: skip
+    assert bench["main"](args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["px"], r["dim"], r["patches"]) for r in rows] == [
+        ("virchow2", 28, 64, 12), ("resnet50_trunc", 32, 1024, 12)
+    ]  # fmt: skip
+    for row in rows:
+        assert row["precision"] == "bfloat16" and row["patches_per_s"] > 0
+        assert 0 < row["max_rel_diff"] < 0.05  # bf16 moved the features, a little
