@@ -30,22 +30,25 @@ formula. Its model folders sit under ``{out}/models/``; a rerun reuses finished 
 Outputs in ``--out``: ``hest_bench.tsv`` (task rows, one column per method, "mean ± sd",
 and the average over tasks), ``leaderboard.md`` (the HEST README's shape: method rows, task
 columns, Average), ``dataset_results.csv`` (HEST's own file: ``dataset``,
-``{name}_mean``, ``{name}_std``), ``per_split.tsv`` and ``per_gene.tsv``.
+``{name}_mean``, ``{name}_std``), ``per_split.tsv``, ``per_gene.tsv`` and ``run.json`` (the
+options, tasks and stevs version).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from stevs import __version__
 from stevs.atomic import atomic_write_text
 from stevs.errors import StevsInputError
 from stevs.io.expression import read_hest_bench_expression
@@ -211,8 +214,6 @@ def stevs_split(
 ) -> np.ndarray:
     """A frozen-encoder STevs trained on the training samples' embeddings (the stevs loop,
     ``options.stevs_epochs`` epochs) -> its predicted means of the test spots (log1p)."""
-    from dataclasses import asdict
-
     import torch
 
     from stevs.io.model_dir import ModelDir
@@ -346,7 +347,8 @@ def write_tables(found: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     cells = pd.DataFrame(
         {m: [_cell(mean.at[t, m], std.at[t, m]) for t in tasks] for m in methods}, index=tasks
     )
-    cells.loc["Average"] = [f"{mean[m].mean():.4f}" for m in methods]  # benchmark.py:167-168
+    # the average over tasks, NaN-propagating as np.mean there (benchmark.py:167-168)
+    cells.loc["Average"] = [f"{np.mean(mean[m].to_numpy()):.4f}" for m in methods]
     table = cells.rename_axis("task").reset_index()
     hest = pd.DataFrame({"dataset": tasks})
     for m in methods:
@@ -386,6 +388,9 @@ def run_bench(
         results += run_task(bench / name, options, encoder, out)
     found = tables(results, options.encoder)
     paths = write_tables(found, out)
+    run = {"stevs_version": __version__, "bench_dir": str(bench.resolve()), "tasks": names,
+           "options": asdict(options)}  # fmt: skip
+    atomic_write_text(out / "run.json", json.dumps(run, indent=1) + "\n")
     log.info("HEST-Benchmark, %s: %s", options.encoder, paths[-1])
     return found
 

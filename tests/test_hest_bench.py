@@ -169,6 +169,8 @@ def test_hest_bench_reproduces_hests_formulas_with_stevs_beside(bench, weights, 
         assert (out / "models" / preset.name / task / "split1" / "model.safetensors").is_file()
     average = np.mean([hest[f"{preset.name}_mean"]])
     assert table.at["Average", preset.name] == f"{average:.4f}"
+    run = json.loads((out / "run.json").read_text())
+    assert run["tasks"] == ["IDC", "PRAD"] and run["options"]["latent_dim"] == LATENT
     board = (out / "leaderboard.md").read_text().splitlines()
     assert board[0] == "| Model | IDC | PRAD | Average |"
     assert board[2].startswith(f"| {preset.name} | ") and board[3].startswith("| tiny_uni+stevs")

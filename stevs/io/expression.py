@@ -422,6 +422,8 @@ def read_hest_bench_expression(
         source = ad.read_h5ad(path)
     except (OSError, KeyError, ValueError) as err:
         raise StevsInputError(path, f"not a readable .h5ad file: {err}") from err
+    for what, names in (("spot barcodes", source.obs_names), ("gene names", source.var_names)):
+        _check_unique(pd.Index(names), path, what)
     rows = source.obs_names.get_indexer(barcodes)
     columns = source.var_names.get_indexer(genes)
     for what, index, names in (("spots", rows, barcodes), ("genes", columns, genes)):
