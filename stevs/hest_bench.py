@@ -273,7 +273,9 @@ def _encoder(options: BenchOptions) -> tuple[Preset, Any, Any]:
     return preset, backbone, embed
 
 
-def run_task(task_dir: Path, options: BenchOptions, encoder: tuple, out: Path) -> list[dict]:
+def run_task(
+    task_dir: Path, options: BenchOptions, encoder: tuple[Preset, Any, Any], out: Path
+) -> list[dict[str, Any]]:
     """Every split of one task: per split and method, the per-gene r and HEST's numbers."""
     preset, backbone, embed = encoder
     splits = read_hest_bench_splits(task_dir / "splits")
@@ -318,7 +320,7 @@ def _cell(mean: float, std: float) -> str:
     return "nan" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
 
 
-def tables(results: list[dict], encoder: str) -> dict[str, pd.DataFrame]:
+def tables(results: list[dict[str, Any]], encoder: str) -> dict[str, pd.DataFrame]:
     """The long tables (per gene, per split) and the per-task table (task x method)."""
     per_gene = pd.DataFrame([
         {"task": r["task"], "method": _label(r["method"], encoder), "split": r["split"],
