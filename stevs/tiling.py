@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
-from stevs.io.slide import MPP_RANGE, SlideReader, open_slide
+from stevs.io.slide import MAX_UPSAMPLING, MPP_RANGE, SlideReader, open_slide
 from stevs.options import in_range, positive_float, positive_int
 from stevs.tiling_checks import (
     PATCH_MPP_RANGE,
@@ -86,8 +86,6 @@ DEFAULT_PATCH_PX = 224
 DEFAULT_PATCH_MPP = 0.5
 #: side of a window's grid cell, in patches
 DEFAULT_WINDOW_PATCHES = 4
-#: refuse targets more than this many times finer than the slide (blurred upsamples)
-MAX_UPSAMPLING = 4.0
 RESAMPLE = Image.Resampling.BICUBIC
 RESAMPLE_NAME = "bicubic (Pillow, antialiased)"
 #: extra source pixels around each patch box so the bicubic filter's support is inside
