@@ -511,15 +511,19 @@ TABLE_KEY_COLUMN = "method"
 
 
 def is_stevs_table(path: str | os.PathLike) -> bool:
-    """True for a TSV whose header holds :data:`TABLE_KEY_COLUMN` (a table stevs wrote)."""
-    return is_tsv_with(path, TABLE_KEY_COLUMN)
+    """True for a TSV whose header holds :data:`TABLE_KEY_COLUMN` (a table stevs wrote), or
+    a blank file (an empty table's, e.g. a comparison without baselines: nothing to lose)."""
+    if is_tsv_with(path, TABLE_KEY_COLUMN):
+        return True
+    try:
+        return Path(path).stat().st_size <= 2 and not Path(path).read_bytes().strip()
+    except OSError:
+        return False
 
 
 def write_tsv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a TSV through a temporary file in the same folder and rename it into place;
     a file already there is replaced only if it is a table of stevs (:func:`is_stevs_table`)."""
-    if TABLE_KEY_COLUMN not in table.columns:
-        raise ValueError(f"a table of stevs has a '{TABLE_KEY_COLUMN}' column: {path}")
     with atomic_path(path, replaces=is_stevs_table) as tmp:
         table.to_csv(tmp, sep="\t", index=False, float_format="%.10g")
     return Path(path)

@@ -89,13 +89,18 @@ def is_checkpoint(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
+#: the first column of ``metrics.csv``: a torch model's per epoch, a ridge's per alpha
+METRICS_FIRST_COLUMNS = (b"epoch", b"alpha")
+
+
 def is_metrics_table(path: Path) -> bool:
-    """A ``metrics.csv``: one row per epoch."""
+    """A ``metrics.csv``: one row per epoch (torch) or per alpha tried (ridge), or empty."""
     try:
         with open(path, "rb") as handle:
-            return handle.readline().split(b",")[0].strip() == b"epoch"
+            first = handle.readline().strip()
     except OSError:
         return False
+    return not first or first.split(b",")[0] in METRICS_FIRST_COLUMNS
 
 
 def is_train_log(path: Path) -> bool:
