@@ -258,13 +258,14 @@ def spaceranger_spatial_uns(
         hires_scalef = _positive(factors["tissue_hires_scalef"], "tissue_hires_scalef")
         lowres_scalef = _positive(factors["tissue_lowres_scalef"], "tissue_lowres_scalef")
         diameter = _positive(factors["spot_diameter_fullres"], "spot_diameter_fullres")
-        fiducial = factors.get("fiducial_diameter_fullres")
         level0_scalef = _positive(level0_scalef, "level0_scalef")
+        fiducial = factors.get("fiducial_diameter_fullres")
+        if fiducial is not None:
+            fiducial = _positive(fiducial, "fiducial_diameter_fullres") * level0_scalef
     except (KeyError, TypeError, ValueError) as err:
         raise StevsInputError(paths["scalefactors"], f"invalid scale factors: {err}") from err
     hires_scalef, lowres_scalef = hires_scalef / level0_scalef, lowres_scalef / level0_scalef
     diameter *= level0_scalef
-    fiducial = None if fiducial is None else float(fiducial) * level0_scalef
     hires, lowres = _read_png(paths["hires"]), _read_png(paths["lowres"])
     if not (
         _size_matches(hires, hires_scalef, dimensions)
@@ -315,11 +316,11 @@ def lowres_only(uns_spatial: Mapping[str, Any]) -> dict[str, Any]:
     under both keys, ``lowres`` and ``hires``, with ``tissue_hires_scalef`` set to its scale.
 
     Prediction files (one per run, fold and slide) carry this: a file stays about 1.6 MB
-    (0.9 MB with one key) instead of the ~8 MB a 2000 px ``hires`` image costs (the slide AnnData keeps both), and
-    ``sc.pl.spatial`` draws it with ``img_key="lowres"`` and with ``"hires"``, the default
-    of scanpy and of squidpy's ``spatial_scatter`` (squidpy 1.8 refuses a file with
-    ``lowres`` only unless given ``img_res_key="lowres"``). The scale factors stay true: each
-    maps ``obsm["spatial"]`` onto the image stored under its key.
+    (0.9 MB with one key) instead of the ~8 MB a 2000 px ``hires`` image costs (the slide
+    AnnData keeps both), and ``sc.pl.spatial`` draws it with ``img_key="lowres"`` and with
+    ``"hires"``, the default of scanpy and of squidpy's ``spatial_scatter`` (squidpy 1.8
+    refuses a file with ``lowres`` only unless given ``img_res_key="lowres"``). The scale
+    factors stay true: each maps ``obsm["spatial"]`` onto the image stored under its key.
     """
     out: dict[str, Any] = {}
     for library, entry in uns_spatial.items():
