@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from stevs.atomic import atomic_write_text
+from stevs.atomic import atomic_write_text, check_replaceable, is_tsv_with
 from stevs.cli import options_from_args
 from stevs.errors import StevsInputError
 from stevs.fold_plan import (
@@ -44,6 +44,7 @@ from stevs.io.fold_file import (
     Fold,
     SlideEntry,
     check_no_overlap,
+    is_fold_file,
     write_fold,
 )
 from stevs.io.samples import read_fixed_splits
@@ -366,6 +367,8 @@ def write_folds(folds: Sequence[Fold], out_dir: str | PathLike) -> None:
     files of this call already written are removed again.
     """
     out_dir = Path(out_dir)
+    targets = {out_dir / f"{fold.fold}.json": is_fold_file for fold in folds}
+    check_replaceable({**targets, out_dir / "folds.tsv": is_folds_summary})
     written: list[Path] = []
     try:
         for fold in folds:
@@ -377,6 +380,11 @@ def write_folds(folds: Sequence[Fold], out_dir: str | PathLike) -> None:
         for path in written:
             path.unlink(missing_ok=True)
         raise
+
+
+def is_folds_summary(path: Path) -> bool:
+    """True for a ``folds.tsv`` :func:`write_summary` wrote."""
+    return is_tsv_with(path, "fold", "scheme", "test")
 
 
 def write_summary(folds: Sequence[Fold], path: str | PathLike) -> Path:
@@ -405,7 +413,7 @@ def write_summary(folds: Sequence[Fold], path: str | PathLike) -> Path:
         ]
         lines.append("\t".join(row))
     path = Path(path)
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", replaces=is_folds_summary)
     return path
 
 

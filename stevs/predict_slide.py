@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stevs import __version__
-from stevs.atomic import check_writable
+from stevs.atomic import check_replaceable, check_writable, is_stevs_png, stevs_png_info
 from stevs.ensemble import (
     SCALE_TOLERANCE,
     ModelSet,
@@ -59,11 +59,11 @@ from stevs.geometry import GRID_KINDS
 from stevs.ids import check_slide_id
 from stevs.io.model_dir import ModelDir
 from stevs.io.patch_cache import PatchCache, PatchScale, read_patch_scale
-from stevs.io.prediction import new_prediction, write_prediction
+from stevs.io.prediction import is_prediction_file, new_prediction, write_prediction
 from stevs.io.slide import MPP_RANGE
 from stevs.io.slide_adata import SlideSpots
 from stevs.io.visium_uns import spatial_uns
-from stevs.maps import draw_gene_map, draw_tissue_qc, safe_file_name, write_atomically
+from stevs.maps import draw_gene_map, draw_tissue_qc, gene_map_path, write_atomically
 from stevs.options import in_range, positive_float, positive_int
 from stevs.spot_grid import (
     DEFAULT_MIN_TISSUE,
@@ -276,11 +276,13 @@ def _draw_outputs(
                 adata.layers["std"][:, column],
                 gene,
                 unit,
-                out / "maps" / f"{safe_file_name(gene)}.png",
+                gene_map_path(out, gene),
             )  # fmt: skip
         )
     qc = draw_tissue_qc(tissue, xy_thumb, diameter_thumb, slide_id)
-    qc_path = write_atomically(out / "tissue.png", ".png", lambda tmp: qc.save(tmp, format="PNG"))
+    qc_path = write_atomically(
+        out / "tissue.png", ".png", lambda tmp: qc.save(tmp, format="PNG", pnginfo=stevs_png_info())
+    )
     return maps, qc_path
 
 
@@ -329,6 +331,10 @@ def predict_slide(
     scale = resolve_patch_scale(models, patch_px, patch_um)
     map_genes = choose_genes(models, genes)
     out = Path(out_dir)
+    pictures = [out / "tissue.png", *(gene_map_path(out, gene) for gene in map_genes)]
+    check_replaceable(
+        {**dict.fromkeys(pictures, is_stevs_png), out / f"{slide_id}.h5ad": is_prediction_file}
+    )
     clock = Clock()
 
     slide_mpp, mpp_source, dimensions, tissue = _open_and_detect(image, mpp)

@@ -64,9 +64,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from stevs.atomic import check_replaceable, is_stevs_png
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
-from stevs.io.slide import MPP_RANGE, SlideReader, open_slide
+from stevs.io.slide import MAX_UPSAMPLING, MPP_RANGE, SlideReader, open_slide
 from stevs.options import in_range, positive_float, positive_int
 from stevs.tiling_checks import (
     PATCH_MPP_RANGE,
@@ -86,8 +87,6 @@ DEFAULT_PATCH_PX = 224
 DEFAULT_PATCH_MPP = 0.5
 #: side of a window's grid cell, in patches
 DEFAULT_WINDOW_PATCHES = 4
-#: refuse targets more than this many times finer than the slide (blurred upsamples)
-MAX_UPSAMPLING = 4.0
 RESAMPLE = Image.Resampling.BICUBIC
 RESAMPLE_NAME = "bicubic (Pillow, antialiased)"
 #: extra source pixels around each patch box so the bicubic filter's support is inside
@@ -384,6 +383,8 @@ def tile_spots(
     (:func:`check_spots_on_tissue`). Returns ``out_path``.
     """
     check_tiling_settings(patch_px, patch_mpp, threads, window_patches, slide.path)
+    if qc_path is not None:  # a picture of the user's there stops it before the work
+        check_replaceable({Path(qc_path): is_stevs_png})
     barcodes = [str(b) for b in barcodes]
     centers_px = np.asarray(centers_px, np.float64)
     check_centers(slide.path, barcodes, centers_px, slide)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stevs.atomic import atomic_path
+from stevs.atomic import atomic_path, is_stevs_png, stevs_png_info
 
 #: longest side of the QC picture; saved as a 256-colour PNG: ~0.8 MB a slide instead of the
 #: 6 MB of a lossless 2000 px RGB PNG (the Snakemake report embeds one per slide)
@@ -20,9 +20,9 @@ QC_MAX_PX = 1400
 
 def save_qc(picture: Image.Image, path: str | os.PathLike) -> None:
     """Write the QC picture atomically as a palette PNG."""
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path, suffix=".png", replaces=is_stevs_png) as tmp:
         picture.quantize(256, method=Image.Quantize.FASTOCTREE).save(
-            tmp, format="PNG", optimize=True
+            tmp, format="PNG", optimize=True, pnginfo=stevs_png_info()
         )
 
 

@@ -17,7 +17,7 @@ from stevs.atomic import check_writable
 from stevs.cli import options_from_args
 from stevs.device import resolve_device
 from stevs.io.embedding_cache import VIEWS
-from stevs.io.model_dir import LOG
+from stevs.io.model_dir import LOG, ModelDir
 from stevs.methods import METHOD_NAMES, get_method
 from stevs.models.context import CONTEXTS
 from stevs.models.poe import ALIGNMENTS
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     resolve_device(args.device)  # also for ridge methods, which run on the CPU anyway
     out = check_writable(args.out)
+    ModelDir(out).check_replaceable()  # a folder of the user's at --out stays as it was
     handler = logging.FileHandler(out / LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("stevs").addHandler(handler)

@@ -162,7 +162,8 @@ def add_he_images(adata, slide: str, diameter_px: float = 20.0) -> None:
 def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> None:
     """``scanpy.pl.spatial(adata, color=gene)`` with default arguments draws the spots over the
     H&E: one library, hires uint8 at most 2000 px a side, every spot centre (x scale factor)
-    inside both images and on tissue (not white glass) in hires, an AxesImage of hires drawn."""
+    inside both images and on tissue (not white glass) in hires, an AxesImage of hires drawn;
+    and so does ``img_key=k`` for each of ``hires`` / ``lowres`` stored."""
     import warnings
 
     import matplotlib
@@ -192,16 +193,19 @@ def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> Non
     on_spots = shown[xy[:, 1], xy[:, 0]]
     assert (on_spots.min(axis=1) < 230).mean() > 0.8  # spot centres are on tissue, not glass
     assert entry["scalefactors"]["spot_diameter_fullres"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # scanpy recommends squidpy
-        warnings.simplefilter("ignore", PendingDeprecationWarning)  # scanpy's cmap.set_bad
-        axes = sc.pl.spatial(adata, color=gene, show=False)
-    try:
-        assert len(axes) == 1 and axes[0].get_title() == gene
-        drawn = [c for c in axes[0].get_children() if isinstance(c, AxesImage)]
-        assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == shown.shape[:2]
-    finally:
-        plt.close("all")
+    # the default key, then every key stored (img_key="lowres" as well as "hires")
+    for key, image in [(None, shown)] + [(k, entry["images"][k]) for k in keys]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scanpy recommends squidpy
+            warnings.simplefilter("ignore", PendingDeprecationWarning)  # scanpy's cmap.set_bad
+            chosen = {} if key is None else {"img_key": key}
+            axes = sc.pl.spatial(adata, color=gene, show=False, **chosen)
+        try:
+            assert len(axes) == 1 and axes[0].get_title() == gene
+            drawn = [c for c in axes[0].get_children() if isinstance(c, AxesImage)]
+            assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == image.shape[:2], key
+        finally:
+            plt.close("all")
     assert_opens_in_squidpy_and_spatialdata(adata, gene, shown.shape[:2])
 
 

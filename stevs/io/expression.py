@@ -31,6 +31,7 @@ from scipy import sparse
 from stevs.errors import StevsInputError
 from stevs.geometry import median_spot_pitch
 from stevs.io.samples import hest_metadata_path
+from stevs.io.visium_uns import SPACERANGER_FILES, read_scalefactors
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +270,9 @@ def read_visium(outs: str | os.PathLike) -> ad.AnnData:
         index=positions.index.astype(str),
     )
     adata = _make_adata(counts, obs, var, spatial)
-    scalefactors = outs / "spatial" / "scalefactors_json.json"
+    scalefactors = outs / "spatial" / SPACERANGER_FILES["scalefactors"]
     if scalefactors.is_file():
-        try:
-            adata.uns["scalefactors"] = json.loads(scalefactors.read_text())
-        except json.JSONDecodeError as err:
-            raise StevsInputError(scalefactors, f"invalid JSON: {err}") from err
+        adata.uns["scalefactors"] = read_scalefactors(scalefactors)
     return adata
 
 

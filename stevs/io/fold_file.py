@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stevs import __version__
-from stevs.atomic import atomic_write_text
+from stevs.atomic import atomic_write_text, is_json_with
 from stevs.errors import StevsInputError
 
 SCHEMES = (
@@ -116,10 +116,20 @@ class Fold:
         return data
 
 
+#: keys every fold file holds: a file at a fold's path is replaced only when it has them
+FOLD_KEYS = ("fold", "scheme", "genes", "slides", "normalisation")
+
+
+def is_fold_file(path: str | PathLike) -> bool:
+    """True for a JSON object with the keys of a fold file (an earlier one, replaceable)."""
+    return is_json_with(path, *FOLD_KEYS)
+
+
 def write_fold(fold: Fold, path: str | PathLike) -> Path:
-    """Write a fold file atomically."""
+    """Write a fold file atomically; a file already there is replaced only if it is a fold
+    file, anything else is an error naming it."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(fold.to_dict(), indent=1) + "\n")
+    atomic_write_text(path, json.dumps(fold.to_dict(), indent=1) + "\n", replaces=is_fold_file)
     return path
 
 

@@ -79,11 +79,15 @@ def prediction_meta(config: Mapping[str, Any], fold: Any, slide: str, sha: str) 
     }
 
 
+def is_prediction_file(path: str | os.PathLike) -> bool:
+    """True for a prediction file :func:`write_prediction` wrote (what it may replace)."""
+    return is_hdf5_with(path, "uns/stevs/model_sha256")
+
+
 def write_prediction(adata: Any, path: str | os.PathLike) -> Path:
     """Write a prediction AnnData atomically (gzip); an existing file is replaced only if it
     is a prediction file (``uns["stevs"]`` with ``model_sha256``)."""
-    replaces = lambda p: is_hdf5_with(p, "uns/stevs/model_sha256")  # noqa: E731
-    with atomic_path(path, suffix=".h5ad", replaces=replaces) as tmp:
+    with atomic_path(path, suffix=".h5ad", replaces=is_prediction_file) as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
 

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 PLAIN_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff"}
+#: the most a patch may be upsampled from an image's level 0 (more is a blurred guess)
+MAX_UPSAMPLING = 4.0
 #: Pillow refuses images above this many pixels unless told otherwise; WSIs are larger
 MAX_IMAGE_PIXELS = 50_000 * 50_000
 #: decoded pyramid tiles (tifffile) and JPEG bands kept per open slide, in bytes: enough for

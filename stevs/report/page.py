@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stevs.atomic import atomic_write_text
+from stevs.atomic import atomic_write_text, check_replaceable
 from stevs.io.fold_file import read_fold
 from stevs.methods import baselines
-from stevs.metrics import HEST_BENCH_METRICS, SUMMARY_METRICS, write_tsv_atomic
+from stevs.metrics import HEST_BENCH_METRICS, SUMMARY_METRICS, is_stevs_table, write_tsv_atomic
 from stevs.report.figures import bar_charts, gene_r_distribution, spatial_maps, training_curves
 from stevs.report.provenance import provenance_html
 from stevs.report.tables import (
@@ -208,6 +208,27 @@ def partial_section(notes: list[str]) -> list[str]:
     ]
 
 
+#: the tables of a report folder (beside ``index.html``)
+REPORT_TABLES = ("summary.tsv", "folds.tsv", "per_gene.tsv", "comparison.tsv", "pooled.tsv")
+#: how ``index.html`` of a report starts (how a rerun recognises the page it may replace)
+PAGE_TITLE = "<title>STevs report</title>"
+
+
+def is_report_page(path: Path) -> bool:
+    """True for an ``index.html`` this module wrote."""
+    try:
+        with open(path, "rb") as handle:
+            return PAGE_TITLE.encode() in handle.read(4096)
+    except OSError:
+        return False
+
+
+def check_report_outputs(out_dir: Path) -> None:
+    """Before any work: files in ``out_dir`` at the report's names must be a report's."""
+    targets = {out_dir / name: is_stevs_table for name in REPORT_TABLES}
+    check_replaceable({**targets, out_dir / "index.html": is_report_page})
+
+
 def build_report(
     metrics_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -223,6 +244,7 @@ def build_report(
     Runs scored on other folds or on part of the test spots are an error unless
     ``allow_partial`` (then the page lists them at the top)."""
     out_dir = Path(out_dir)
+    check_report_outputs(out_dir)
     per_gene, folds, pooled = collect_metrics(metrics_dir)
     partial = check_complete(folds, metrics_dir, allow_partial)
     summary = summarise_methods(folds)
@@ -258,7 +280,8 @@ def build_report(
     write_tsv_atomic(comparison, out_dir / "comparison.tsv")
     if not pooled.empty:
         write_tsv_atomic(pooled, out_dir / "pooled.tsv")
-    return atomic_write_text(out_dir / "index.html", page_html(summary, folds, sections))
+    page = page_html(summary, folds, sections)
+    return atomic_write_text(out_dir / "index.html", page, replaces=is_report_page)
 
 
 def shown_runs(folds: pd.DataFrame, summary: pd.DataFrame) -> tuple[list[str], str]:
@@ -359,7 +382,7 @@ def page_html(summary: pd.DataFrame, folds: pd.DataFrame, sections: list[str]) -
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>STevs report</title><style>{CSS}</style></head><body>"
+        f"{PAGE_TITLE}<style>{CSS}</style></head><body>"
         f"<h1>STevs: spatial expression from H&amp;E, held-out results</h1>"
         f"<p>{len(summary)} method x encoder rows, {folds['fold'].nunique()} folds, "
         f"{folds['seed'].nunique()} training seed(s); generated {generated}.</p>"
