@@ -265,7 +265,7 @@ ELSEWHERE = [
     _plain("missing model / other panel", CLEAR,
            "test_predict.py::test_predict_refuses_a_missing_model_and_another_panel", "14"),
     _plain("unknown config keys, demo.generate with a custom sheet", CLEAR,
-           "test_config.py::test_bad_config_stops_before_any_job", "14"),
+           "test_config.py::test_bad_config_is_one_line_naming_the_problem", "14"),
     _plain("bad sample sheet in the workflow", CLEAR,
            "test_workflow.py::test_bad_sample_sheet_stops_before_running", "14"),
     _plain("spots off the image, from another image", CLEAR,
