@@ -73,8 +73,8 @@ def bar_charts(summary: pd.DataFrame) -> dict[str, str]:
 
 
 def gene_r_distribution(per_gene: pd.DataFrame) -> str | None:
-    """Box + strip plot of per gene x test-slide Pearson r, one box per (encoder, method)
-    (seeds pooled; constant genes out)."""
+    """Box + strip plot of per gene x test-slide Pearson r, one box per (encoder, method),
+    coloured by encoder as the bars are (seeds pooled; constant genes out)."""
     plt = _pyplot()
     per_gene = per_gene.assign(encoder=per_gene.get("encoder", "")).fillna({"encoder": ""})
     keys = sorted(per_gene.groupby(["encoder", "method"]).groups)
@@ -83,7 +83,10 @@ def gene_r_distribution(per_gene: pd.DataFrame) -> str | None:
     if not any(len(d) for d in data):
         return None
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(keys) + 2), 3.6))
-    ax.boxplot(data, showfliers=False)
+    boxes = ax.boxplot(data, showfliers=False, patch_artist=True)
+    encoders = list(dict.fromkeys(str(e) for e, _ in keys))
+    for box, (encoder, _) in zip(boxes["boxes"], keys, strict=True):
+        box.set(facecolor=f"C{encoders.index(str(encoder)) % 10}", alpha=0.6)
     labels = [run_label(str(e), str(m)) for e, m in keys]
     ax.set_xticks(range(1, len(keys) + 1), labels, rotation=60, ha="right", fontsize=7)
     rng = np.random.default_rng(0)

@@ -55,7 +55,9 @@ dt { font-weight: bold; } dd { margin-bottom: .4em; }
 #verdict { background: #eef3fb; border-left: 4px solid #4c72b0; padding: .3em 1em; }
 #verdict p { margin: .4em 0; }
 tr.group th { text-align: left; background: #dde6f3; }
-td.verdict { text-align: left; white-space: nowrap; }
+#leaderboard td { text-align: left; }
+#leaderboard td.num { text-align: right; }
+td.verdict { white-space: nowrap; }
 .maps img { max-width: 100%; }
 """
 
@@ -316,10 +318,12 @@ def first_screen(board: pd.DataFrame) -> str:
             rows.append(
                 f'<tr data-method="{html.escape(row.method)}" data-encoder='
                 f'"{html.escape(row.encoder)}"><td>{row.rank}. {html.escape(row.method)}{free}</td>'
-                f"<td>{_fmt(row.headline_r, row.headline_r_std)}</td><td>{row.n_seeds}</td>"
+                f"<td class=num>{_fmt(row.headline_r, row.headline_r_std)}</td>"
+                f"<td class=num>{row.n_seeds}</td>"
                 + (
                     f"<td>{versus}{html.escape(row.against)}</td>"
-                    f"<td>{row.difference:+.3f}</td><td>{row.slides_ahead} / {row.n_slides}</td>"
+                    f"<td class=num>{row.difference:+.3f}</td>"
+                    f"<td class=num>{row.slides_ahead} / {row.n_slides}</td>"
                     f"<td>{p_text}</td><td class=verdict>{html.escape(row.verdict)}</td>"
                     if row.against
                     else "<td colspan=5>only method</td>"

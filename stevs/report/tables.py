@@ -301,9 +301,13 @@ def verdict_line(group: str, rows: pd.DataFrame) -> str:
         return f"{where}: only {lead['method']} ran (headline r {lead['headline_r']:.3f})."
     seeds = int(rows["n_seeds"].max())
     p = lead["slide_wilcoxon_p"]
-    if not np.isfinite(p):
-        noise = "too few slides to test" if lead["n_slides"] < MIN_TEST_SLIDES else "untested"
-        noise = f"{noise} whether this is more than the noise ({lead['slide_test']})"
+    if lead["n_slides"] < MIN_TEST_SLIDES:
+        noise = (
+            f"{TOO_FEW_SLIDES} whether this is more than the noise ({lead['n_slides']} "
+            f"held-out, the test needs {MIN_TEST_SLIDES})"
+        )
+    elif not np.isfinite(p):
+        noise = f"not more than the noise ({lead['slide_test']})"
     elif p < 0.05 and not str(lead["verdict"]).startswith("tie"):
         noise = f"more than the noise ({lead['slide_test']})"
     else:
