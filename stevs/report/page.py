@@ -57,6 +57,7 @@ dt { font-weight: bold; } dd { margin-bottom: .4em; }
 tr.group th { text-align: left; background: #dde6f3; }
 #leaderboard td { text-align: left; }
 #leaderboard td.num { text-align: right; }
+#leaderboard th { text-align: left; }
 td.verdict { white-space: nowrap; }
 .maps img { max-width: 100%; }
 """
