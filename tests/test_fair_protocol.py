@@ -333,3 +333,10 @@ def test_leaderboard_leads_each_encoder_and_says_whether_it_beats_the_noise():
     assert "too few slides to test whether this is more than the noise (3 held-out" in (
         verdict_line("enc", few)
     )
+
+
+def test_a_single_method_has_a_first_screen_too():
+    per_gene, folds = _runs()
+    alone = leaderboard(per_gene[per_gene["method"] == "stevs"], folds[folds["method"] == "stevs"])
+    assert len(alone) == 1 and alone.iloc[0]["against"] == ""
+    assert verdict_line("enc", alone).startswith("On enc: only stevs ran (headline r 0.5")

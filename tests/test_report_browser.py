@@ -67,8 +67,8 @@ def _png(draw: bool) -> str:
 
 
 def test_browser_check_catches_what_a_reader_would(tmp_path: Path) -> None:
-    """A verdict below the first screen, a picture that does not load and empty axes are
-    each reported; a drawn figure is not."""
+    """A verdict below the first screen, a picture that does not load, empty axes and a
+    verdict column scrolled off are each reported; a drawn figure is not."""
     _need_chromium()
     page = tmp_path / "index.html"
     page.write_text(
@@ -76,10 +76,13 @@ def test_browser_check_catches_what_a_reader_would(tmp_path: Path) -> None:
         "<section id=verdict><p>late</p></section><table id=leaderboard><tr><td>x</td></tr>"
         f"</table><img alt=drawn src='data:image/png;base64,{_png(True)}'>"
         f"<img alt=empty src='data:image/png;base64,{_png(False)}'>"
-        "<img alt=broken src='data:image/png;base64,AAAA'></body></html>"
+        "<img alt=broken src='data:image/png;base64,AAAA'>"
+        "<table id=wide style='display:block;overflow-x:auto;max-width:600px'><tr>"
+        "<th style='min-width:2000px'>a</th><th>verdict</th></tr></table></body></html>"
     )
     problems = browser.browser_check(page)["problems"]
     assert any(p.startswith("#verdict is not inside the first screen") for p in problems)
     assert any("(empty) is an empty plot" in p for p in problems)
     assert any("(broken) did not load" in p for p in problems)
+    assert "the verdict column of #wide is off screen" in problems
     assert not any("(drawn)" in p for p in problems)

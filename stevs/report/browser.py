@@ -3,6 +3,7 @@
 :func:`browser_check` loads a copy of ``index.html`` with a small script appended (the
 report itself carries no script), at a window of ``width`` x ``height`` CSS px, and reads
 back from the page: whether the verdict lines and the leaderboard lie in the first screen,
+whether every table's verdict and p-value columns are on screen without scrolling,
 whether every ``<img>`` loaded (``naturalWidth > 0``), and which figures are empty plots
 (a half of the picture without any coloured pixel: bars, boxes' medians, curves, maps and
 the H&E are coloured; empty axes are black on white). :func:`screenshot` writes a PNG of
@@ -40,6 +41,15 @@ window.addEventListener("load", () => {
   };
   out.verdict = box("verdict");
   out.leaderboard = box("leaderboard");
+  out.columns = [];  // where each table's verdict and p-value headers sit
+  for (const th of document.querySelectorAll("th")) {
+    const name = th.innerText.trim();
+    if (["verdict", "slide_wilcoxon_p", "p (slides)"].includes(name)) {
+      const table = th.closest("table").getBoundingClientRect();
+      out.columns.push({name: name, table: th.closest("table").id,
+                        right: th.getBoundingClientRect().right, visible: table.right});
+    }
+  }
   for (const img of document.images) {
     const row = {alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth,
                  coloured: []};
@@ -132,6 +142,9 @@ def page_problems(result: dict[str, Any]) -> list[str]:
             problems.append(f"no #{name} on the page")
         elif box["top"] < 0 or box["bottom"] > result["height"] or box["right"] > result["width"]:
             problems.append(f"#{name} is not inside the first screen: {box}")
+    for column in result.get("columns", []):
+        if column["right"] > min(column["visible"], result["width"]) + 1:
+            problems.append(f"the {column['name']} column of #{column['table']} is off screen")
     for index, image in enumerate(result["images"]):
         name = f"image {index} ({image['alt']})"
         if not image["complete"] or image["naturalWidth"] <= 0:

@@ -277,8 +277,8 @@ def leaderboard(per_gene: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for group, keys in encoder_groups(summary).items():
         for rank, key in enumerate(keys, start=1):
-            other = keys[1] if rank == 1 else keys[0]
-            numbers = pair(key, other) if len(keys) > 1 else {}
+            other = (keys[1] if rank == 1 else keys[0]) if len(keys) > 1 else key
+            numbers = pair(key, other) if other != key else {}
             if numbers:
                 numbers["against_headline_r"] = numbers.pop("baseline_headline_r")
             rows.append({
