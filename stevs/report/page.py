@@ -305,32 +305,7 @@ def first_screen(board: pd.DataFrame) -> str:
     rows = []
     for group, table in board.groupby("group", sort=True):
         rows.append(f"<tr class=group><th colspan=8>{_group_name(group)}</th></tr>")
-        for row in table.itertuples():
-            test = getattr(row, "slide_wilcoxon_p", float("nan"))
-            p_text = f"{test:.2g}" if np.isfinite(test) else "too few slides to test"
-            if getattr(row, "n_slides", MIN_TEST_SLIDES) >= MIN_TEST_SLIDES and not np.isfinite(
-                test
-            ):
-                p_text = "–"
-            versus = "runner-up " if row.rank == 1 else "leader "
-            free = (
-                " (no encoder)" if row.encoder in ("", "none") and group not in ("", "none") else ""
-            )
-            rows.append(
-                f'<tr data-method="{html.escape(row.method)}" data-encoder='
-                f'"{html.escape(row.encoder)}"><td>{row.rank}. {html.escape(row.method)}{free}</td>'
-                f"<td class=num>{_fmt(row.headline_r, row.headline_r_std)}</td>"
-                f"<td class=num>{row.n_seeds}</td>"
-                + (
-                    f"<td>{versus}{html.escape(row.against)}</td>"
-                    f"<td class=num>{row.difference:+.3f}</td>"
-                    f"<td class=num>{row.slides_ahead} / {row.n_slides}</td>"
-                    f"<td>{p_text}</td><td class=verdict>{html.escape(row.verdict)}</td>"
-                    if row.against
-                    else "<td colspan=5>only method</td>"
-                )
-                + "</tr>"
-            )
+        rows += [_board_row(row, str(group)) for row in table.itertuples()]
     return (
         f"<section id=verdict>{lines}</section>"
         '<table id="leaderboard"><thead><tr><th>method</th><th>headline r (folds)</th>'
@@ -342,6 +317,30 @@ def first_screen(board: pd.DataFrame) -> str:
         f"test over the held-out slides (needs at least {MIN_TEST_SLIDES}); verdict: a "
         "difference not larger than the seed sd is a tie. How every number is made: "
         "<a href='#how'>How to read this</a>.</p>"
+    )
+
+
+def _board_row(row: Any, group: str) -> str:
+    """One method's row of the first screen's table (a :func:`leaderboard` row)."""
+    free = " (no encoder)" if row.encoder in ("", "none") and group not in ("", "none") else ""
+    cells = (
+        f'<tr data-method="{html.escape(row.method)}" data-encoder="{html.escape(row.encoder)}">'
+        f"<td>{row.rank}. {html.escape(row.method)}{free}</td>"
+        f"<td class=num>{_fmt(row.headline_r, row.headline_r_std)}</td>"
+        f"<td class=num>{row.n_seeds}</td>"
+    )
+    if not row.against:
+        return f"{cells}<td colspan=5>only method</td></tr>"
+    if row.n_slides < MIN_TEST_SLIDES:
+        p_text = TOO_FEW_SLIDES
+    else:  # NaN: every slide tied
+        p_text = f"{row.slide_wilcoxon_p:.2g}" if np.isfinite(row.slide_wilcoxon_p) else "–"
+    versus = "runner-up" if row.rank == 1 else "leader"
+    return (
+        f"{cells}<td>{versus} {html.escape(row.against)}</td>"
+        f"<td class=num>{row.difference:+.3f}</td>"
+        f"<td class=num>{row.slides_ahead} / {row.n_slides}</td>"
+        f"<td>{p_text}</td><td class=verdict>{html.escape(row.verdict)}</td></tr>"
     )
 
 
