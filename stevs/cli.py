@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("stevs.report", "build the HTML report"),
     "predict-slide": ("stevs.predict_slide", "predict expression maps for an H&E-only slide"),
     "export": ("stevs.export", "write a slide or prediction as a SpatialData zarr store"),
+    "hest-bench": ("stevs.hest_bench", "run HEST-Benchmark with an encoder preset, STevs beside"),
 }
 
 

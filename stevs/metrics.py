@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,23 @@ def check_hest_bench_fold(fold: Fold) -> None:
             f"protocol hest_bench needs a fold made with --normalisation log1p --panel "
             f"gene_list (HEST's normalisation and gene list), not {method} / {panel}",
         )
+
+
+def hest_pearson(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """HEST-Benchmark's per-gene score, exactly as its ``train_test_reg`` computes it
+    (src/hest/bench/trainer.py:66-72): ``scipy.stats.pearsonr`` of each gene over all test
+    spots of a split pooled; NaN for a constant column (which HEST then averages in)."""
+    obs = np.asarray(observed, dtype=np.float64)
+    pred = np.asarray(predicted, dtype=np.float64)
+    if obs.shape != pred.shape or obs.ndim != 2:
+        raise ValueError(f"observed {obs.shape} and predicted {pred.shape} must be equal 2-D")
+    r = np.full(obs.shape[1], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        for gene in range(obs.shape[1]):
+            if len(obs) >= 2:
+                r[gene] = stats.pearsonr(obs[:, gene], pred[:, gene])[0]
+    return r
 
 
 def hest_bench_summary(pooled_r: np.ndarray) -> dict[str, float]:

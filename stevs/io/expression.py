@@ -409,6 +409,34 @@ def read_hest(path: str | os.PathLike) -> ad.AnnData:
     return adata
 
 
+def read_hest_bench_expression(
+    path: str | os.PathLike, barcodes: list[str], genes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A HEST-Benchmark task's ``adata/{sample}.h5ad`` at ``barcodes`` (the patch file's, in
+    its order) and ``genes``: (spots x genes float64 values of X, as stored; each spot's total
+    over all genes). HEST's ``load_adata`` (src/hest/bench/st_dataset.py:37-45) takes
+    ``adata[barcodes][:, genes]`` the same way, as float64 before its log1p."""
+    path = Path(path)
+    _require_file(path, "HEST-Benchmark AnnData")
+    try:
+        source = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise StevsInputError(path, f"not a readable .h5ad file: {err}") from err
+    for what, names in (("spot barcodes", source.obs_names), ("gene names", source.var_names)):
+        _check_unique(pd.Index(names), path, what)
+    rows = source.obs_names.get_indexer(barcodes)
+    columns = source.var_names.get_indexer(genes)
+    for what, index, names in (("spots", rows, barcodes), ("genes", columns, genes)):
+        if (index < 0).any():
+            missing = [n for n, i in zip(names, index, strict=True) if i < 0]
+            raise StevsInputError(
+                path, f"{len(missing)} {what} of the benchmark missing, e.g. {missing[:3]}"
+            )
+    matrix = sparse.csr_matrix(source.X[rows], dtype=np.float64)
+    values = matrix[:, columns].toarray()
+    return values, np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
+
+
 # -- SpatialData -------------------------------------------------------------------------
 
 
