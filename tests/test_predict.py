@@ -130,7 +130,7 @@ def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model
         + ["--out-dir", str(out), "--device", "cpu", "--samples", "4"]
     )
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["s3.h5ad"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.tsv", "s3.h5ad"]
     prediction = ad.read_h5ad(out / "s3.h5ad")
     source = ad.read_h5ad(read_fold(fold_path).slide_entry("s3").adata)
     assert list(prediction.var_names) == GENES
