@@ -253,13 +253,17 @@ def embed_patch_cache(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs embed``."""
     parser.add_argument("--patches", required=True, help="patch cache (results/patches/S.h5)")
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument(
+        "--preset", required=True, choices=sorted(PRESETS), help="encoder preset (stevs encoders)"
+    )
     parser.add_argument(
         "--weights",
         help="backbone weights: 'none', 'timm', 'hf' (the preset's Hugging Face file, from the "
-        "cache) or a local file",
+        "cache) or a local file (default: the preset's own choice)",
     )
-    parser.add_argument("--view", default="none", choices=VIEWS)
+    parser.add_argument(
+        "--view", default="none", choices=VIEWS, help="test-time view of the patches (flips)"
+    )
     parser.add_argument("--out", required=True, help="embedding cache to write (.h5)")
     add_embedding_arguments(parser)
 
@@ -268,8 +272,10 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of a frozen embedding pass (``stevs embed``, ``stevs hest-bench``)."""
     from stevs.device import PRECISIONS
 
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=positive_int(), default=128)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument(
+        "--batch-size", type=positive_int(), default=128, help="patches per forward pass"
+    )
     parser.add_argument(
         "--workers", type=non_negative_int(), default=0,
         help="processes reading patches ahead of the device (0: in the main process)",
@@ -279,7 +285,9 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
         help="autocast dtype of the encoder; auto: the preset's on CUDA (stevs encoders), "
         "float32 elsewhere",
     )  # fmt: skip
-    parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=positive_int(), help="torch CPU threads (default: torch's choice)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ from stevs.io.patch_cache import HestPatchFile
 from stevs.io.samples import read_hest_bench_splits
 from stevs.metrics import hest_pearson, write_tsv_atomic
 from stevs.models.presets import PRESETS, Preset, get_preset
-from stevs.options import positive_int
+from stevs.options import non_negative_int, positive_int
 from stevs.panels import normalise, read_gene_list
 
 log = logging.getLogger("stevs.hest_bench")
@@ -411,11 +411,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", help="task folders to run (default: all)")
     parser.add_argument("--latent-dim", type=positive_int(), default=HEST_LATENT_DIM,
                         help="PCA components of HEST's probe")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=HEST_SEED)
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int(),
+        default=HEST_SEED,
+        help="seed of HEST's probe and of STevs",
+    )
     parser.add_argument("--gene-list", default=HEST_GENE_LIST, help="file in each task folder")
     parser.add_argument("--no-stevs", dest="stevs", action="store_false",
                         help="HEST's probe only")  # fmt: skip
-    parser.add_argument("--stevs-epochs", type=positive_int(), default=10)
+    parser.add_argument(
+        "--stevs-epochs", type=positive_int(), default=10, help="STevs's epochs per split"
+    )
     add_embedding_arguments(parser)
 
 

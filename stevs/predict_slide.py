@@ -407,18 +407,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stevs.predict import add_sampling_arguments
 
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="H&E slide image (any supported format)")
+    source.add_argument("--image", help="H&E slide image, any supported format (or --sheet)")
     source.add_argument(
-        "--sheet", help="predict sheet (slide_id, image, mpp): take the --slide-id row's image"
+        "--sheet",
+        help="predict sheet (slide_id, image, mpp): take the --slide-id row's image (or --image)",
     )
-    parser.add_argument("--data-root", help="folder the sheet's image paths are relative to")
+    parser.add_argument(
+        "--data-root",
+        help="folder the sheet's image paths are relative to (default: the sheet's folder)",
+    )
     parser.add_argument("--slide-id", required=True, help="name of the slide in the outputs")
-    parser.add_argument("--mpp", type=in_range(*MPP_RANGE), help="µm per level-0 pixel")
+    parser.add_argument(
+        "--mpp",
+        type=in_range(*MPP_RANGE),
+        help="µm per level-0 pixel (default: the sheet's, else the image's metadata)",
+    )
     parser.add_argument(
         "--models",
         nargs="+",
         required=True,
-        help="model folders (results/models/METHOD/FOLD); several are averaged as an ensemble",
+        help="model folders (results/models/{encoder}/{method}/seed{seed}/{fold}); several are "
+        "averaged as an ensemble",
     )
     parser.add_argument("--out-dir", required=True, help="writes ID.h5ad, maps/*.png, tissue.png")
     parser.add_argument("--grid", choices=GRID_KINDS, default="visium", help="spot grid (visium)")
@@ -443,7 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="patch side the models expect (checked; default: theirs)",
     )
     parser.add_argument(
-        "--patch-um", type=positive_float(), help="patch side in µm the models expect (checked)"
+        "--patch-um",
+        type=positive_float(),
+        help="patch side in µm the models expect, checked (default: the models')",
     )
     parser.add_argument(
         "--threads", type=positive_int(), default=1, help="tiling readers and torch threads"

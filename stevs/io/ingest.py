@@ -283,8 +283,16 @@ def ingest_from_sheet(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-sheet", required=True, help="samples.tsv")
     parser.add_argument("--slide-id", required=True, help="the row to ingest")
-    parser.add_argument("--data-root", default=None, help="base for relative paths in the sheet")
-    parser.add_argument("--out", required=True, help="results/slides/{slide}.h5ad")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="base for relative paths in the sheet (default: the sheet's own folder)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="slide AnnData to write (the workflow: results/slides/{slide}.h5ad)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -92,6 +92,34 @@ def write_prediction(adata: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+#: the file that lists a fold's prediction files (``stevs predict``), the workflow's output
+#: of the predict rule: a file, so that Snakemake keeps no timestamp file in the folder
+MANIFEST = "predictions.tsv"
+
+
+def write_manifest(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Write ``{out_dir}/predictions.tsv``: one row per prediction file written (``slide``,
+    ``file`` relative to ``out_dir``), atomically and last, once every file is in place."""
+    rows = pd.DataFrame(
+        {"slide": [Path(p).stem for p in paths], "file": [Path(p).name for p in paths]}
+    )
+    with atomic_path(Path(out_dir) / MANIFEST) as tmp:
+        rows.to_csv(tmp, sep="\t", index=False)
+    return Path(out_dir) / MANIFEST
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Path]:
+    """Slide -> prediction file of a :func:`write_manifest` file."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise StevsInputError(path, f"unreadable prediction list: {err}") from None
+    if list(table.columns) != ["slide", "file"]:
+        raise StevsInputError(path, "a prediction list has the columns slide, file")
+    return {row.slide: path.parent / row.file for row in table.itertuples()}
+
+
 @dataclass
 class Prediction:
     """A prediction file restricted to some genes, as evaluation and the report use it."""

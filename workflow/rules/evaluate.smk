@@ -18,7 +18,7 @@ rule evaluate:
     input:
         # the fold file and its test slides' observed expression
         unpack(fold_inputs("test", patches=False)),
-        predictions=f"{RESULTS}/predictions/{RUN}/{{fold}}",
+        predictions=f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
     output:
         # the per-gene table (written last), its fold summary and pooled table beside it
         table=f"{RESULTS}/metrics/{RUN}/{{fold}}.tsv",
@@ -36,8 +36,9 @@ rule evaluate:
         runtime=20,
     params:
         protocol=config["evaluation"]["protocol"],
+        predictions=lambda wildcards, input: str(Path(input.predictions).parent),
     shell:
-        "stevs evaluate --fold {input.fold} --predictions {input.predictions}"
+        "stevs evaluate --fold {input.fold} --predictions {params.predictions}"
         " --method {wildcards.method} --protocol {params.protocol} --out {output.table}"
         " > {log} 2>&1"
 
