@@ -113,7 +113,9 @@ def is_hdf5_with(path: str | os.PathLike, *names: str) -> bool:
         return False
 
 
-def _first_bytes(path: str | os.PathLike, size: int = 65536) -> bytes:
+def first_bytes(path: str | os.PathLike, size: int = 65536) -> bytes:
+    """The first ``size`` bytes of a file (b"" when unreadable): how writers peek at a
+    file before replacing it."""
     try:
         with open(path, "rb") as handle:
             return handle.read(size)
@@ -124,7 +126,7 @@ def _first_bytes(path: str | os.PathLike, size: int = 65536) -> bytes:
 def is_tsv_with(path: str | os.PathLike, *columns: str) -> bool:
     """True for a tab-separated file whose header holds every one of ``columns``: how a
     table writer recognises an earlier table of its own kind."""
-    head = _first_bytes(path).split(b"\n", 1)[0].rstrip(b"\r")
+    head = first_bytes(path).split(b"\n", 1)[0].rstrip(b"\r")
     try:
         header = set(head.decode("utf-8").split("\t"))
     except UnicodeDecodeError:

@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,19 @@ import numpy as np
 import pandas as pd
 
 from stevs import __version__
-from stevs.atomic import atomic_write_text
+from stevs.atomic import (
+    atomic_path,
+    atomic_write_text,
+    check_replaceable,
+    first_bytes,
+    is_json_with,
+    is_tsv_with,
+)
 from stevs.errors import StevsInputError
 from stevs.io.expression import read_hest_bench_expression
 from stevs.io.patch_cache import HestPatchFile
 from stevs.io.samples import read_hest_bench_splits
-from stevs.metrics import hest_pearson, write_tsv_atomic
+from stevs.metrics import hest_pearson, is_stevs_table, write_tsv_atomic
 from stevs.models.presets import PRESETS, Preset, get_preset
 from stevs.options import non_negative_int, positive_int
 from stevs.panels import normalise, read_gene_list
@@ -356,14 +364,30 @@ def write_tables(found: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     for m in methods:
         hest[f"{m}_mean"], hest[f"{m}_std"] = mean[m].to_numpy(), std[m].to_numpy()
     board = table.set_index("task").T.rename_axis("Model").reset_index()
-    paths = [
+    checks = output_checks(out)
+    csv, md = out / "dataset_results.csv", out / "leaderboard.md"
+    with atomic_path(out / "hest_bench.tsv", replaces=checks[out / "hest_bench.tsv"]) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    return [
         write_tsv_atomic(found["per_gene"], out / "per_gene.tsv"),
         write_tsv_atomic(found["per_split"], out / "per_split.tsv"),
-        atomic_write_text(out / "dataset_results.csv", hest.to_csv()),
-        atomic_write_text(out / "leaderboard.md", _markdown(board)),
-        write_tsv_atomic(table, out / "hest_bench.tsv"),
+        atomic_write_text(csv, hest.to_csv(), checks[csv]),
+        atomic_write_text(md, _markdown(board), checks[md]),
+        out / "hest_bench.tsv",
     ]
-    return paths
+
+
+def output_checks(out: Path) -> dict[Path, Callable[[Path], bool]]:
+    """Each file ``stevs hest-bench`` writes in ``out`` and how it knows an earlier one of
+    its own (anything else there is never replaced)."""
+    return {
+        out / "per_gene.tsv": is_stevs_table,
+        out / "per_split.tsv": is_stevs_table,
+        out / "hest_bench.tsv": lambda p: is_tsv_with(p, "task"),
+        out / "dataset_results.csv": lambda p: first_bytes(p).startswith(b",dataset,"),
+        out / "leaderboard.md": lambda p: first_bytes(p).startswith(b"| Model |"),
+        out / "run.json": lambda p: is_json_with(p, "stevs_version", "bench_dir", "tasks"),
+    }
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -384,6 +408,7 @@ def run_bench(
     bench, out = Path(bench_dir), Path(out)
     names = bench_tasks(bench, tasks)
     check_writable(out)
+    check_replaceable(output_checks(out))  # before any work
     encoder = _encoder(options)
     results = []
     for name in names:
@@ -392,7 +417,8 @@ def run_bench(
     paths = write_tables(found, out)
     run = {"stevs_version": __version__, "bench_dir": str(bench.resolve()), "tasks": names,
            "options": asdict(options)}  # fmt: skip
-    atomic_write_text(out / "run.json", json.dumps(run, indent=1) + "\n")
+    run_json = out / "run.json"
+    atomic_write_text(run_json, json.dumps(run, indent=1) + "\n", output_checks(out)[run_json])
     log.info("HEST-Benchmark, %s: %s", options.encoder, paths[-1])
     return found
 

@@ -277,6 +277,9 @@ ELSEWHERE = [
            "test_tiling.py::test_unreadable_level_is_reported_with_the_file", "14"),
     _plain("malformed fold files", CLEAR,
            "test_folds.py::test_read_fold_rejects_broken_or_leaky_files", "14"),
+    _plain("a user's file at a hest-bench output (leaderboard.md)", CLEAR,
+           "test_hest_bench.py::test_a_users_file_at_an_output_path_is_refused_before_any_work",
+           "rebuilt"),
 ]  # fmt: skip
 
 CATALOGUE: list[Case] = [

@@ -202,6 +202,23 @@ def test_a_bench_gene_missing_from_an_anndata_is_one_line(bench, weights, tmp_pa
     assert "no task LUNG" in capsys.readouterr().err
 
 
+def test_a_users_file_at_an_output_path_is_refused_before_any_work(bench, weights, tmp_path,
+                                                                  capsys):  # fmt: skip
+    preset, path = weights
+    out = tmp_path / "o"
+    out.mkdir()
+    mine = out / "leaderboard.md"
+    mine.write_text("# my notes\n")
+    args = ["hest-bench", "--bench-dir", str(bench), "--encoder", preset.name,
+            "--weights", str(path), "--out", str(out), "--no-stevs",
+            "--latent-dim", str(LATENT), "--device", "cpu"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "leaderboard.md" in err and "not replaced" in err and len(err.splitlines()) == 1
+    assert mine.read_text() == "# my notes\n"
+    assert sorted(p.name for p in out.iterdir()) == ["leaderboard.md"]
+
+
 def test_embedding_precision_workers_and_hest_patch_files(bench, weights):
     preset, path = weights
     backbone = ImageBackbone(get_preset(preset.name, weights=str(path)).backbone).eval()
