@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import Plan, run_snakemake
+
+from stevs.metrics import PER_GENE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -202,8 +204,10 @@ def test_threads_per_job_come_from_the_config(demo_plan: Plan):
 
 
 def test_report_reads_only_this_configs_metrics(demo_plan: Plan, tmp_path):
-    """The report job's command, run with a stub `stevs`: the metrics folder it is given holds
-    exactly this config's evaluation files (linked), not a stale run's beside them."""
+    """The report job's command names exactly this config's per-gene tables (`--only`), and
+    the report, given them, reads none of a stale run's tables beside them."""
+    from stevs.report import collect_metrics
+
     command = next(
         line.removeprefix("Shell command: ")
         for line in demo_plan.stdout.splitlines()
@@ -212,28 +216,28 @@ def test_report_reads_only_this_configs_metrics(demo_plan: Plan, tmp_path):
     metrics = [j for j in _jobs(demo_plan.stdout) if j["rule"] == "report"][0]["input"]
     wanted = sorted(p for p in metrics.split(", ") if p.startswith("results/metrics/"))
     assert len(wanted) == 3 * 2 * 8  # table, summary, pooled x folds x runs
-    for path in wanted:
+    tables = [p for p in wanted if not p.endswith((".summary.tsv", ".pooled.tsv"))]
+    words = shlex.split(command)
+    only = words[words.index("--only") + 1 : words.index("--predictions")]
+    assert sorted(only) == tables
+    for path in wanted:  # minimal tables of each run, then a stale run beside them
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(path)
+        kind = "summary" if path.endswith(".summary.tsv") else "gene"
+        (tmp_path / path).write_text(_MINIMAL[kind])
     stale = tmp_path / "results" / "metrics" / "cpu_small" / "stevs_concat" / "seed0"
     stale.mkdir(parents=True)
     (stale / "fold0.summary.tsv").write_text("an earlier config's run")
-    (tmp_path / "bin").mkdir()
-    stub = tmp_path / "bin" / "stevs"
-    # the stub lists what `stevs report --metrics DIR` would read: every file, its content
-    stub.write_text(
-        '#!/bin/bash\ncd "$3" && find . -type l -o -type f | sort'
-        ' | while read -r f; do echo "${f#./} $(cat "$f")"; done > ' + f"{tmp_path}/seen\n"
-    )
-    stub.chmod(0o755)
-    (tmp_path / "results" / "logs").mkdir(parents=True)
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    env["TMPDIR"] = str(tmp_path)
-    result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True)
-    assert result.returncode == 0, result.stderr
-    seen = (tmp_path / "seen").read_text().splitlines()
-    assert seen == [f"{p.removeprefix('results/metrics/')} {p}" for p in sorted(wanted)]
-    assert not list(tmp_path.glob("stevs-report-metrics.*"))  # the temporary folder is gone
+    (stale / "fold0.tsv").write_text("an earlier config's run")
+    _, folds, _ = collect_metrics(tmp_path / "results" / "metrics", [tmp_path / t for t in only])
+    assert sorted(folds["run"].unique()) == sorted({t.split("/", 2)[2].rsplit("/", 1)[0]
+                                                    for t in tables})  # fmt: skip
+    assert len(folds) == len(tables)
+
+
+_MINIMAL = {
+    "summary": "method\tfold\tprotocol\tpearson_r_mean_headline\nm\tfold0\tstevs\t0.5\n",
+    "gene": "\t".join(PER_GENE_COLUMNS) + "\nm\tfold0\ts\tg\t0.5\t0.5\t1\t1\t0.9\tTrue\tFalse\t9\n",
+}
 
 
 def test_readme_forcerun_example_retrains_one_fold(tmp_path):
@@ -333,3 +337,16 @@ def test_own_sheet_ingest_fixed_splits_and_the_export_target_dry_run(tmp_path):
     assert len(exports) == n_runs + 3  # every run's prediction of test slide c, every slide
     assert "results/export/cpu_small/stevs/seed0/fold0/c.zarr" in exports
     assert "results/export/slides/a.zarr" in exports
+
+
+def test_report_only_refuses_tables_outside_the_metrics_folder_or_missing(tmp_path):
+    from stevs.errors import StevsInputError
+    from stevs.report import collect_metrics
+
+    (tmp_path / "metrics").mkdir()
+    elsewhere = tmp_path / "elsewhere.tsv"
+    elsewhere.write_text(_MINIMAL["gene"])
+    with pytest.raises(StevsInputError, match="outside --metrics"):
+        collect_metrics(tmp_path / "metrics", [elsewhere])
+    with pytest.raises(StevsInputError, match="not found"):
+        collect_metrics(tmp_path / "metrics", [tmp_path / "metrics" / "m" / "fold0.summary.tsv"])

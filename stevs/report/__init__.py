@@ -76,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-map-slides", type=non_negative_int(), default=4, help="most test slides with maps"
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="TSV",
+        help="read only these per-gene tables ({fold}.tsv under --metrics; their .summary.tsv "
+        "and .pooled.tsv beside them), e.g. the runs of one config (default: every table "
+        "under --metrics)",
+    )
+    parser.add_argument(
         "--allow-partial",
         action="store_true",
         help="report runs scored on fewer folds or test spots than the others, labelled "
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         config_path=args.config,
         max_map_slides=args.max_map_slides,
         allow_partial=args.allow_partial,
+        only=args.only,
     )
     log.info("report written to %s", index)
     return 0

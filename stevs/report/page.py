@@ -7,6 +7,7 @@ import datetime as dt
 import html
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,13 +272,15 @@ def build_report(
     config_path: str | os.PathLike | None = None,
     max_map_slides: int = 4,
     allow_partial: bool = False,
+    only: Sequence[str | os.PathLike] | None = None,
 ) -> Path:
     """Write the TSV tables and ``index.html`` into ``out_dir``; returns the HTML path.
     Runs scored on other folds or on part of the test spots are an error unless
-    ``allow_partial`` (then the page lists them at the top)."""
+    ``allow_partial`` (then the page lists them at the top). ``only``: read just these
+    per-gene tables under ``metrics_dir`` (see :func:`collect_metrics`)."""
     out_dir = Path(out_dir)
     check_report_outputs(out_dir)
-    per_gene, folds, pooled = collect_metrics(metrics_dir)
+    per_gene, folds, pooled = collect_metrics(metrics_dir, only)
     partial = check_complete(folds, metrics_dir, allow_partial)
     summary = summarise_methods(folds)
     comparison = compare_to_baselines(per_gene, folds)

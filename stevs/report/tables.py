@@ -11,7 +11,7 @@ which of them run without an encoder, is the method registry's answer
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pandas as pd
 
 from stevs import methods
 from stevs.errors import StevsInputError
-from stevs.metrics import PER_GENE_COLUMNS, pooled_path
+from stevs.metrics import PER_GENE_COLUMNS, pooled_path, summary_path
 
 #: metrics of the method-by-metric table, headline first
 TABLE_METRICS = [
@@ -53,12 +53,17 @@ def run_of(relative: Path, source: Path) -> dict[str, Any]:
 
 
 def collect_metrics(
-    metrics_dir: str | os.PathLike,
+    metrics_dir: str | os.PathLike, only: Sequence[str | os.PathLike] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """All evaluations under ``metrics_dir`` -> (per_gene, fold summaries, pooled) tables,
-    each with the run columns ``encoder``, ``seed`` and ``run`` (see :func:`run_of`)."""
+    """All evaluations under ``metrics_dir`` (or just the per-gene tables ``only``, each
+    under it) -> (per_gene, fold summaries, pooled) tables, each with the run columns
+    ``encoder``, ``seed`` and ``run`` (see :func:`run_of`)."""
     metrics_dir = Path(metrics_dir)
-    summaries = sorted(metrics_dir.rglob("*.summary.tsv"))
+    summaries = (
+        sorted(metrics_dir.rglob("*.summary.tsv"))
+        if only is None
+        else sorted({summary_path(_under(Path(path), metrics_dir)) for path in only})
+    )
     if not summaries:
         raise StevsInputError(metrics_dir, "no {run}/{fold}.summary.tsv files found")
     per_gene, folds, pooled = [], [], []
@@ -87,6 +92,19 @@ def collect_metrics(
     per_gene_df["slide"] = per_gene_df["slide"].astype(str)
     pooled_df = pd.concat(pooled, ignore_index=True) if pooled else pd.DataFrame()
     return per_gene_df, folds_df.reset_index(drop=True), pooled_df
+
+
+def _under(path: Path, folder: Path) -> Path:
+    """``path`` (a per-gene table, or its summary / pooled table) checked to lie under
+    ``folder`` and to exist, as the per-gene table's path under ``folder``."""
+    for suffix in (".summary.tsv", ".pooled.tsv"):
+        if path.name.endswith(suffix):
+            path = path.with_name(path.name.removesuffix(suffix) + ".tsv")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise StevsInputError(path, f"a metrics table outside --metrics {folder}")
+    if not path.is_file():
+        raise StevsInputError(path, "metrics table not found")
+    return folder / path.resolve().relative_to(folder.resolve())
 
 
 def partial_runs(folds: pd.DataFrame) -> list[str]:

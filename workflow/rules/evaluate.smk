@@ -45,8 +45,8 @@ rule evaluate:
 
 rule report:
     input:
-        # this config's runs only: stale metrics of an earlier config in the same folder are
-        # not shown (the report reads a folder: these files, linked into a temporary one)
+        # this config's runs only (`--only`): stale metrics of an earlier config in the same
+        # folder are not read
         metrics=all_metrics(),
         models=run_paths(f"{RESULTS}/models/{{run}}/{{fold}}/model.safetensors"),
         config=f"{RESULTS}/config.yaml",
@@ -74,13 +74,12 @@ rule report:
     params:
         max_map_slides=config["report"]["max_map_slides"],
         results=lambda wildcards, output: str(Path(output.html).parent.parent),
+        # the per-gene tables (their summary and pooled tables lie beside them)
+        tables=lambda wildcards, input: [
+            p for p in input.metrics if not p.endswith((".summary.tsv", ".pooled.tsv"))
+        ],
     shell:
-        'metrics=$(mktemp -d "${{TMPDIR:-/tmp}}/stevs-report-metrics.XXXXXX")'
-        " && trap 'rm -rf \"$metrics\"' EXIT"
-        " && for f in {input.metrics:q}; do"
-        ' rel="${{f#{params.results}/metrics/}}"; mkdir -p "$metrics/$(dirname "$rel")";'
-        ' ln -s "$(realpath "$f")" "$metrics/$rel"; done'
-        ' && stevs report --metrics "$metrics"'
+        "stevs report --metrics {params.results}/metrics --only {params.tables:q}"
         " --predictions {params.results}/predictions --folds {params.results}/folds"
         " --models {params.results}/models --config {input.config}"
         " --max-map-slides {params.max_map_slides} --out {params.results}/report > {log} 2>&1"
