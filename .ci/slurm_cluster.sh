@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# A single-node Slurm cluster on this machine, for `make test-slurm` (tests/test_slurm.py).
+#
+#   .ci/slurm_cluster.sh install      # apt-get slurm-wlm slurmdbd munge mariadb-server (root; skipped when present)
+#   .ci/slurm_cluster.sh start DIR    # munged, MariaDB, slurmdbd, slurmctld, slurmd: all state under DIR
+#   .ci/slurm_cluster.sh stop DIR     # stops the daemons started in DIR (by their pid files)
+#
+# `start` writes DIR/slurm.conf describing this machine (its cores and memory, one partition
+# `local`), every daemon on loopback ports of its own, and DIR/env (`export SLURM_CONF=...`):
+# source it, and sbatch / squeue / sacct talk to this cluster. `sacct` needs accounting
+# storage: Debian's Slurm 22.05 has no text-file one (jobcomp/filetxt logs finished jobs, but
+# sacct does not read it), so slurmdbd stores jobs in a MariaDB whose data lie in DIR/mysql.
+set -euo pipefail
+
+SLURM_PACKAGES="slurm-wlm slurmdbd munge mariadb-server"
+# loopback ports away from Slurm's and MariaDB's defaults (a real installation may run beside)
+SLURMCTLD_PORT=${STEVS_SLURMCTLD_PORT:-16817}
+SLURMD_PORT=${STEVS_SLURMD_PORT:-16818}
+SLURMDBD_PORT=${STEVS_SLURMDBD_PORT:-16819}
+MARIADB_PORT=${STEVS_MARIADB_PORT:-16306}
+
+install() {
+    local tool missing=""
+    for tool in slurmctld slurmd slurmdbd sacct munged mariadbd mariadb-install-db; do
+        command -v "$tool" >/dev/null || [[ -x /usr/sbin/$tool ]] || missing=1
+    done
+    if [[ -z $missing ]]; then
+        echo "slurm, slurmdbd, munge and mariadb are installed"
+        return
+    fi
+    if [[ $(id -u) != 0 ]]; then
+        echo "installing $SLURM_PACKAGES needs root (apt-get); install them, then rerun" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        $SLURM_PACKAGES >/dev/null
+}
+
+# wait_for SECONDS COMMAND...: retry COMMAND every half second until it succeeds
+wait_for() {
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS > deadline)); then
+            echo "timed out waiting for: $*" >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+write_conf() {
+    local dir=$1 host cpus mem_mb
+    host=$(hostname -s)
+    cpus=$(nproc)
+    # what jobs may ask for: the machine's memory less 1 GB for the daemons and the OS
+    mem_mb=$(($(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024))
+    cat >"$dir/slurm.conf" <<CONF
+ClusterName=stevs
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$SLURMCTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$dir/munge.socket
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1000
+ReturnToService=2
+MinJobAge=600
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=10
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$SLURMDBD_PORT
+AccountingStoragePass=$dir/munge.socket
+AccountingStoreFlags=job_comment
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
+CONF
+    cat >"$dir/slurmdbd.conf" <<CONF
+AuthType=auth/munge
+AuthInfo=socket=$dir/munge.socket
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$SLURMDBD_PORT
+SlurmUser=root
+PidFile=$dir/slurmdbd.pid
+LogFile=$dir/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$MARIADB_PORT
+StorageUser=root
+StorageLoc=slurm_acct_db
+CONF
+    chmod 600 "$dir/slurmdbd.conf"
+    echo "export SLURM_CONF=$dir/slurm.conf" >"$dir/env"
+}
+
+start() {
+    local dir=$1
+    mkdir -p "$dir/state" "$dir/spool" "$dir/mysql"
+    dir=$(cd "$dir" && pwd)
+    chmod 700 "$dir"
+    write_conf "$dir"
+    export SLURM_CONF=$dir/slurm.conf
+    # munge: a key, socket, pid and log file of its own in DIR
+    dd if=/dev/urandom of="$dir/munge.key" bs=1024 count=1 status=none
+    chmod 400 "$dir/munge.key"
+    munged --force --socket="$dir/munge.socket" --key-file="$dir/munge.key" \
+        --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" --seed-file="$dir/munged.seed"
+    # MariaDB for slurmdbd: its data in DIR, listening on loopback only
+    mariadb-install-db --no-defaults --user=root --datadir="$dir/mysql" \
+        --auth-root-authentication-method=normal >"$dir/mariadb-install.log" 2>&1
+    mariadbd --no-defaults --user=root --datadir="$dir/mysql" --socket="$dir/mysql.sock" \
+        --bind-address=127.0.0.1 --port="$MARIADB_PORT" --pid-file="$dir/mariadb.pid" \
+        --log-error="$dir/mariadb.log" --innodb-buffer-pool-size=64M \
+        </dev/null >/dev/null 2>&1 &
+    wait_for 60 mariadb --no-defaults --socket="$dir/mysql.sock" -u root -e "select 1"
+    slurmdbd
+    wait_for 60 sacctmgr -n list cluster
+    slurmctld
+    slurmd
+    wait_for 60 bash -c "sinfo -h -o %t | grep -q idle"
+    echo "Slurm is up: source $dir/env"
+}
+
+stop() {
+    local dir=$1 name pid
+    for name in slurmd slurmctld slurmdbd mariadb munged; do
+        [[ -f $dir/$name.pid ]] || continue
+        pid=$(cat "$dir/$name.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 60); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.25
+        done
+        rm -f "$dir/$name.pid"
+    done
+}
+
+case "${1:-}" in
+install) install ;;
+start) start "$2" ;;
+stop) stop "$2" ;;
+*)
+    echo "usage: $0 install | start DIR | stop DIR" >&2
+    exit 2
+    ;;
+esac
