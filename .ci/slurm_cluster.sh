@@ -18,6 +18,7 @@ SLURMCTLD_PORT=${STEVS_SLURMCTLD_PORT:-16817}
 SLURMD_PORT=${STEVS_SLURMD_PORT:-16818}
 SLURMDBD_PORT=${STEVS_SLURMDBD_PORT:-16819}
 MARIADB_PORT=${STEVS_MARIADB_PORT:-16306}
+MUNGE_SOCKET=/run/munge/munge.socket.2
 
 install() {
     local tool missing=""
@@ -66,7 +67,6 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge.socket
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -80,20 +80,19 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
 ReturnToService=2
+SlurmctldParameters=enable_configless
 MinJobAge=600
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=10
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$SLURMDBD_PORT
-AccountingStoragePass=$dir/munge.socket
 AccountingStoreFlags=job_comment
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
     cat >"$dir/slurmdbd.conf" <<CONF
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge.socket
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort=$SLURMDBD_PORT
@@ -117,10 +116,17 @@ start() {
     chmod 700 "$dir"
     write_conf "$dir"
     export SLURM_CONF=$dir/slurm.conf
-    # munge: a key, socket, pid and log file of its own in DIR
+    # munge on its usual socket (slurmd's first configless fetch knows no other), with a key,
+    # pid, seed and log file of its own in DIR
+    if [[ -S $MUNGE_SOCKET ]]; then
+        echo "a munged already listens on $MUNGE_SOCKET: the test cluster needs this machine" \
+            "to itself (stop that munge, or run on a clean machine)" >&2
+        exit 1
+    fi
+    mkdir -p "$(dirname "$MUNGE_SOCKET")"
     dd if=/dev/urandom of="$dir/munge.key" bs=1024 count=1 status=none
     chmod 400 "$dir/munge.key"
-    munged --force --socket="$dir/munge.socket" --key-file="$dir/munge.key" \
+    munged --force --socket="$MUNGE_SOCKET" --key-file="$dir/munge.key" \
         --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" --seed-file="$dir/munged.seed"
     # MariaDB for slurmdbd: its data in DIR, listening on loopback only
     mariadb-install-db --no-defaults --user=root --datadir="$dir/mysql" \
@@ -133,7 +139,10 @@ start() {
     slurmdbd
     wait_for 60 sacctmgr -n list cluster
     slurmctld
-    slurmd
+    # configless, as many clusters run it: slurmd fetches the configuration from slurmctld and
+    # keeps it in /run/slurm/conf, where commands run inside jobs find it (the SLURM plugin's
+    # job steps call srun without SLURM_CONF)
+    env -u SLURM_CONF slurmd --conf-server "127.0.0.1:$SLURMCTLD_PORT"
     wait_for 60 bash -c "sinfo -h -o %t | grep -q idle"
     echo "Slurm is up: source $dir/env"
 }
@@ -150,6 +159,10 @@ stop() {
         done
         rm -f "$dir/$name.pid"
     done
+    # slurmd's configless cache link, when it points into DIR
+    if [[ $(readlink -f /run/slurm/conf) == "$dir"/* ]]; then
+        rm -f /run/slurm/conf
+    fi
 }
 
 case "${1:-}" in
