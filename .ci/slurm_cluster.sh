@@ -53,11 +53,12 @@ wait_for() {
 }
 
 write_conf() {
-    local dir=$1 host cpus mem_mb
+    local dir=$1 host node mem_mb
     host=$(hostname -s)
-    cpus=$(nproc)
-    # what jobs may ask for: the machine's memory less 1 GB for the daemons and the OS
+    # this machine as slurmd sees it (sockets, cores, threads: CPUs alone would make Slurm
+    # count one core per socket); jobs may ask for its memory less 1 GB for the daemons
     mem_mb=$(($(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024))
+    node=$(slurmd -C | head -1 | sed "s/RealMemory=[0-9]*/RealMemory=$mem_mb/")
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=stevs
 SlurmctldHost=$host(127.0.0.1)
@@ -88,7 +89,7 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$SLURMDBD_PORT
 AccountingStoreFlags=job_comment
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+$node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
     cat >"$dir/slurmdbd.conf" <<CONF
@@ -149,6 +150,11 @@ start() {
 
 stop() {
     local dir=$1 name pid
+    # jobs still queued or running (a test that failed half-way) end with the cluster
+    if [[ -f $dir/slurmctld.pid ]]; then
+        SLURM_CONF=$dir/slurm.conf scancel --full --user="$(id -un)" 2>/dev/null || true
+        SLURM_CONF=$dir/slurm.conf wait_for 30 bash -c '[[ -z $(squeue -h) ]]' || true
+    fi
     for name in slurmd slurmctld slurmdbd mariadb munged; do
         [[ -f $dir/$name.pid ]] || continue
         pid=$(cat "$dir/$name.pid")

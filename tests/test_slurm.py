@@ -119,9 +119,23 @@ def finished_run(cluster, tmp_path_factory) -> tuple[Path, str, str]:
     """(working folder, Snakemake's log, the cancelled job's id) of the whole .test run."""
     workdir = tmp_path_factory.mktemp("run")
     process = snakemake(workdir, cluster)
-    cancelled = cancel_a_training_job(cluster, process)
-    log = finish(process, timeout=1800)
+    try:
+        cancelled = cancel_a_training_job(cluster, process)
+        log = finish(process, timeout=1800)
+    finally:
+        stop(process)
     return workdir, log, cancelled
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a Snakemake that is still running (a failed or interrupted test)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def planned_jobs(workdir: Path, env: dict[str, str]) -> Counter:
@@ -166,7 +180,10 @@ def test_rerunning_one_fold_submits_only_its_jobs(finished_run, cluster):
     workdir, _, _ = finished_run
     before = max(int(j["JobID"]) for j in sacct(cluster))
     process = snakemake(workdir, cluster, FOLD0_METRICS, "--forcerun", FOLD0_MODEL)
-    finish(process, timeout=900)
+    try:
+        finish(process, timeout=900)
+    finally:
+        stop(process)
     new = [j for j in sacct(cluster) if int(j["JobID"]) > before]
     assert sorted(j["Comment"] for j in new) == [
         f"rule_{rule}_wildcards_cpu_small_stevs_0_fold0"

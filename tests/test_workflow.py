@@ -76,9 +76,9 @@ def _resources(job: dict[str, str]) -> dict[str, str]:
 
 
 def test_slurm_jobs_ask_what_they_need(tmp_path):
-    """Through profiles/slurm: a GPU for the jobs that run a network and for no other,
-    the threads the config asks for (not capped at this machine's cores), the rule's memory,
-    and no partition or CPU count of the profile's own (partitions.yaml picks the partition)."""
+    """Through profiles/slurm: a GPU for the jobs that run a network and for no other, the
+    threads the config asks for, the rule's memory, and no partition or CPU count of the
+    profile's own (partitions.yaml picks the partition, the threads are the CPUs)."""
     overlay = tmp_path / "gpu.yaml"
     overlay.write_text(
         yaml.safe_dump(
@@ -94,8 +94,18 @@ def test_slurm_jobs_ask_what_they_need(tmp_path):
     )
     test_config = str(ROOT / ".test" / "config" / "config.yaml")
     profile = str(ROOT / "profiles" / "slurm")
+    # a dry run caps threads at --cores (1 when not given); a SLURM run has no such cap
+    # unless a profile sets `cores` (test_default_profile_leaves_the_slurm_profile_alone)
     result = snakemake(
-        "-n", "--profile", profile, "--configfile", test_config, str(overlay), cwd=tmp_path
+        "-n",
+        "--cores",
+        "64",
+        "--profile",
+        profile,
+        "--configfile",
+        test_config,
+        str(overlay),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
