@@ -98,16 +98,20 @@ def rule_of(comment: str) -> str:
     return name
 
 
-def cancel_a_training_job(env: dict[str, str], process: subprocess.Popen) -> str:
-    """scancel the first STevs training job seen running; its Slurm job id."""
-    deadline = time.monotonic() + 900
+def cancel_a_training_job(workdir: Path, env: dict[str, str], process: subprocess.Popen) -> str:
+    """scancel the first STevs training job seen running, once `stevs train` has started in
+    it (its log has lines); its Slurm job id."""
+    deadline = time.monotonic() + 1200
     while time.monotonic() < deadline and process.poll() is None:
         argv = ["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"]
         out = subprocess.run(argv, capture_output=True, text=True, env=env).stdout
         for line in out.splitlines():
             job_id, comment = line.split("|", 1)
-            if comment.startswith("rule_train_wildcards_cpu_small_stevs"):
-                time.sleep(2)  # mid-run: the job's snakemake has started stevs train
+            if comment.startswith("rule_train_wildcards_cpu_small_stevs_0_"):
+                fold = comment.rsplit("_", 1)[-1]
+                log = workdir / f".test/results/logs/train/cpu_small/stevs/seed0/{fold}.log"
+                while process.poll() is None and not (log.exists() and log.stat().st_size):
+                    time.sleep(0.2)
                 subprocess.run(["scancel", job_id], check=True, env=env)
                 return job_id
         time.sleep(0.5)
@@ -120,7 +124,7 @@ def finished_run(cluster, tmp_path_factory) -> tuple[Path, str, str]:
     workdir = tmp_path_factory.mktemp("run")
     process = snakemake(workdir, cluster)
     try:
-        cancelled = cancel_a_training_job(cluster, process)
+        cancelled = cancel_a_training_job(workdir, cluster, process)
         log = finish(process, timeout=1800)
     finally:
         stop(process)
