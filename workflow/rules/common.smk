@@ -381,7 +381,7 @@ def all_exports():
 # the benchmark runs with headroom (docs/benchmarks.md, "Job resources"); each retry of a
 # job (profiles/slurm: retries) asks for twice the memory and time of the attempt before.
 
-#: rule (train and predict: per method kind) -> (minutes, MB); torch training takes the
+#: (minutes, MB) per rule, train and predict per method kind; torch training takes the
 #: config's resources.train_runtime and resources.train_mem_mb
 JOB_SIZES = {
     "make_demo": (10, 2000),
@@ -394,29 +394,29 @@ JOB_SIZES = {
     "predict_ridge": (30, 4000),
     "evaluate": (20, 4000),
     "report": (30, 4000),
-    "predict_slide": (120, 16000),
+    "predict_slide": (120, 4000),
     "export": (20, 4000),
 }
 
 
-def job_size(rule, wildcards):
-    """(minutes, MB) of one job of `rule`; train and predict by the method's kind."""
-    if rule not in ("train", "predict"):
-        return JOB_SIZES[rule]
+def job_size(name, wildcards):
+    """(minutes, MB) of one job of rule `name`; train and predict by the method's kind."""
+    if name not in ("train", "predict"):
+        return JOB_SIZES[name]
     kind = REGISTRY[wildcards.method].kind
-    if (rule, kind) == ("train", "torch"):
+    if (name, kind) == ("train", "torch"):
         return config["resources"]["train_runtime"], config["resources"]["train_mem_mb"]
-    return JOB_SIZES[f"{rule}_{kind}"]
+    return JOB_SIZES[f"{name}_{kind}"]
 
 
-def job_runtime(rule):
-    """The `runtime` resource (minutes) of `rule`'s jobs, doubled on each retry."""
-    return lambda wildcards, attempt: job_size(rule, wildcards)[0] * 2 ** (attempt - 1)
+def job_runtime(name):
+    """The `runtime` resource (minutes) of rule `name`'s jobs, doubled on each retry."""
+    return lambda wildcards, attempt: job_size(name, wildcards)[0] * 2 ** (attempt - 1)
 
 
-def job_mem_mb(rule):
-    """The `mem_mb` resource of `rule`'s jobs, doubled on each retry."""
-    return lambda wildcards, attempt: job_size(rule, wildcards)[1] * 2 ** (attempt - 1)
+def job_mem_mb(name):
+    """The `mem_mb` resource of rule `name`'s jobs, doubled on each retry."""
+    return lambda wildcards, attempt: job_size(name, wildcards)[1] * 2 ** (attempt - 1)
 
 
 def gpus(wildcards):
