@@ -71,14 +71,17 @@ def snakemake(workdir: Path, env: dict[str, str], *args: str) -> subprocess.Pope
     argv += ["--directory", str(workdir), "--profile", str(ROOT / "profiles" / "slurm")]
     argv += ["--profile", str(ROOT / ".test" / "slurm")]
     argv += ["--slurm-partition-config", str(partitions), "--configfile", str(CONFIG)]
-    log = open(workdir / f"snakemake-{time.time_ns()}.log", "w")  # noqa: SIM115
-    return subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = workdir / f"snakemake-{time.time_ns()}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    process.log = log  # type: ignore[attr-defined]
+    return process
 
 
 def finish(process: subprocess.Popen, timeout: float) -> str:
     """Wait for Snakemake; its log, asserting it succeeded."""
     code = process.wait(timeout=timeout)
-    log = Path(process.stdout.name).read_text()
+    log = process.log.read_text()
     assert code == 0, log[-4000:]
     return log
 
