@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +10,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_snakemake
+from conftest import Plan, run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+DEMO = ROOT / "config" / "demo.yaml"
 
 
 def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     if "--configfile" not in args:
-        args = (*args, "--configfile", str(ROOT / "config" / "config.yaml"))
+        args = (*args, "--configfile", str(DEMO))
     return run_snakemake(*args, cwd=cwd)
 
 
@@ -47,20 +49,19 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dry_run_plans_the_whole_dag(tmp_path):
-    result = snakemake("-n", "--cores", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_dry_run_plans_the_whole_dag(demo_plan: Plan):
     for rule in (
         "make_demo",
         "ingest_slide",
         "tile_slide",
         "make_folds",
+        "embed_slide",
         "train",
         "predict",
         "evaluate",
         "report",
     ):
-        assert f"rule {rule}:" in result.stdout or f"\n{rule} " in result.stdout, rule
+        assert f"rule {rule}:" in demo_plan.stdout, rule
 
 
 def test_slurm_profile_dry_run(tmp_path):
@@ -158,17 +159,8 @@ def test_partitions_send_network_jobs_to_the_gpu_partition():
     assert (best(1), best(0)) == ("gpu", "cpu")
 
 
-def test_one_fold_reruns_alone(tmp_path):
-    target = "results/metrics/cpu_small/stevs/seed0/fold1.tsv"
-    result = snakemake("-n", "--cores", "1", target, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "results/metrics/cpu_small/stevs/seed0/fold0.tsv" not in result.stdout
-    assert "results/models/cpu_small/stnet" not in result.stdout
-    assert "rule embed_slide" not in result.stdout  # cpu_small trains on patches
-
-
 def _config(tmp_path: Path, sheet: Path, **folds) -> Path:
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config = yaml.safe_load(DEMO.read_text())
     config["samples"] = str(sheet)
     config["demo"]["generate"] = False
     config["folds"].update(folds)
@@ -243,20 +235,6 @@ def test_bad_sample_sheet_stops_before_running(tmp_path, rows, drop, folds, mess
     assert not (tmp_path / "results").exists()
 
 
-def test_threads_per_job_come_from_the_config(tmp_path):
-    overlay = tmp_path / "threads.yaml"
-    overlay.write_text("resources:\n  threads: 3\n")
-    base = str(ROOT / "config" / "config.yaml")
-    result = snakemake("-n", "-p", "--cores", "4", "--configfile", base, str(overlay), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    train_commands = [line for line in result.stdout.splitlines() if "stevs train" in line]
-    predict_commands = [line for line in result.stdout.splitlines() if "stevs predict" in line]
-    assert train_commands and predict_commands
-    assert all("--threads 3" in line for line in train_commands + predict_commands)
-    demo = snakemake("-n", "-p", "--cores", "4", cwd=tmp_path)  # config.yaml: 1 per job
-    assert all("--threads 1" in line for line in demo.stdout.splitlines() if "stevs train" in line)
-
-
 def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
     """The jobs of a `snakemake -n` listing: rule, input, output (wildcards, threads and
     resources where listed)."""
@@ -275,17 +253,15 @@ def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
     return jobs
 
 
-def test_fold_jobs_read_only_the_folds_slides(tmp_path):
+def test_fold_jobs_read_only_the_folds_slides(demo_plan: Plan):
     """train reads the fold's train + val slides; predict and evaluate its test slides."""
-    from stevs.folds import plan_folds
+    from stevs.fold_plan import plan_folds
 
     ids = [f"demo_{i}" for i in range(1, 7)]
     plans = {
         p.name: p for p in plan_folds("leave_one_patient_out", ids, ["P1", "P2"] * 3, k=3, seed=0)
     }
-    result = snakemake("-n", "--cores", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    jobs = _jobs(result.stdout)
+    jobs = _jobs(demo_plan.stdout)
     checked = {"train": 0, "predict": 0, "evaluate": 0}
     for job in jobs:
         if job["rule"] not in checked:
@@ -308,6 +284,48 @@ def test_fold_jobs_read_only_the_folds_slides(tmp_path):
     assert checked == {"train": 16, "predict": 16, "evaluate": 16}, checked
 
 
+def test_threads_per_job_come_from_the_config(demo_plan: Plan):
+    """config/demo.yaml: 1 thread per job (an overlay's 3: the seeds test below)."""
+    lines = demo_plan.stdout.splitlines()
+    commands = [line for line in lines if "stevs train" in line or "stevs predict " in line]
+    assert commands and all("--threads 1" in line for line in commands)
+
+
+def test_report_reads_only_this_configs_metrics(demo_plan: Plan, tmp_path):
+    """The report job's command, run with a stub `stevs`: the metrics folder it is given holds
+    exactly this config's evaluation files (linked), not a stale run's beside them."""
+    command = next(
+        line.removeprefix("Shell command: ")
+        for line in demo_plan.stdout.splitlines()
+        if "stevs report" in line
+    )
+    metrics = [j for j in _jobs(demo_plan.stdout) if j["rule"] == "report"][0]["input"]
+    wanted = sorted(p for p in metrics.split(", ") if p.startswith("results/metrics/"))
+    assert len(wanted) == 3 * 2 * 8  # table, summary, pooled x folds x runs
+    for path in wanted:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(path)
+    stale = tmp_path / "results" / "metrics" / "cpu_small" / "stevs_concat" / "seed0"
+    stale.mkdir(parents=True)
+    (stale / "fold0.summary.tsv").write_text("an earlier config's run")
+    (tmp_path / "bin").mkdir()
+    stub = tmp_path / "bin" / "stevs"
+    # the stub lists what `stevs report --metrics DIR` would read: every file, its content
+    stub.write_text(
+        '#!/bin/bash\ncd "$3" && find . -type l -o -type f | sort'
+        ' | while read -r f; do echo "${f#./} $(cat "$f")"; done > ' + f"{tmp_path}/seen\n"
+    )
+    stub.chmod(0o755)
+    (tmp_path / "results" / "logs").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env["TMPDIR"] = str(tmp_path)
+    result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    seen = (tmp_path / "seen").read_text().splitlines()
+    assert seen == [f"{p.removeprefix('results/metrics/')} {p}" for p in sorted(wanted)]
+    assert not list(tmp_path.glob("stevs-report-metrics.*"))  # the temporary folder is gone
+
+
 def test_readme_forcerun_example_retrains_one_fold(tmp_path):
     """The README's retrain command plans that fold's jobs only (the target is not swallowed
     by --forcerun, which takes any number of rules or files)."""
@@ -320,11 +338,15 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
     assert lines, "README has no --forcerun example"
     command = lines[0].split("#")[0].split()
     assert command[:3] == ["snakemake", "--cores", "4"], command
-    result = snakemake("-n", *command[3:], cwd=tmp_path)
+    assert command[-2:] == ["--configfile", "config/demo.yaml"], command  # ends --forcerun
+    args = [str(ROOT / a) if a.startswith("config/") else a for a in command[3:]]
+    result = snakemake("-n", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
     fold_jobs = [j for j in jobs if j["rule"] in ("train", "predict", "evaluate", "report")]
     assert sorted(j["rule"] for j in fold_jobs) == ["evaluate", "predict", "train"], fold_jobs
+    # that fold alone: no other fold, method or encoder (and no embeddings: cpu_small trains
+    # on patches)
     assert all("cpu_small/stevs/seed0/fold0" in j["output"] for j in fold_jobs), fold_jobs
     assert "results/models/cpu_small/stevs/seed0/fold0/model.safetensors" in " ".join(command)
     # (from an empty folder, also the stages before it; never another fold or the report)
@@ -336,11 +358,14 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
 
 def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     """Deep methods run per seed and encoder, ridge once; the frozen pretrained encoder's
-    embeddings are one job per slide, read by its training and prediction jobs."""
+    embeddings are one job per slide, read by its training and prediction jobs; the jobs'
+    threads come from the config."""
     overlay = tmp_path / "seeds.yaml"
-    overlay.write_text("training:\n  seeds: [0, 1, 2]\nembeddings:\n  view: dihedral8\n")
-    base = str(ROOT / "config" / "config.yaml")
-    result = snakemake("-n", "-p", "--cores", "2", "--configfile", base, str(overlay),
+    overlay.write_text(
+        "training:\n  seeds: [0, 1, 2]\nembeddings:\n  view: dihedral8\nresources:\n  threads: 3\n"
+    )
+    base = str(DEMO)  # --cores 4: a job gets at most --cores threads
+    result = snakemake("-n", "-p", "--cores", "4", "--configfile", base, str(overlay),
                        cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
@@ -362,38 +387,15 @@ def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     assert "--backbone effnet_lite0_in1k" in ridge and "--refit" not in ridge
     predict = next(x for x in lines if "stevs predict " in x and "-frozen/stnet/" in x)
     assert "--embeddings results/embeddings/effnet_lite0_in1k/dihedral8" in predict
+    commands = [x for x in lines if "stevs train" in x or "stevs predict " in x]
+    assert all("--threads 3" in x for x in commands)  # resources.threads
 
 
-def test_ingest_reads_only_its_own_row(tmp_path):
-    """A slide's ingest job depends on its row's files and the row's text, not on the whole
-    sheet: editing another row re-ingests (and retiles) nothing else."""
-    for name in ("a.png", "b.png"):
-        (tmp_path / name).write_bytes(b"x")
-    for name in ("outs_a", "outs_b"):
-        (tmp_path / name).mkdir()
-    rows = [
-        {**ROW, "slide_id": "a", "image": "a.png", "expression": "outs_a"},
-        {**ROW, "slide_id": "b", "image": "b.png", "expression": "outs_b", "patient": "P2"},
-    ]
-    sheet = tmp_path / "samples.tsv"
-    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
-    config = _config(tmp_path, sheet)
-    result = snakemake("-n", "--configfile", str(config), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    ingest = {
-        Path(j["output"]).stem: j["input"].split(", ")
-        for j in _jobs(result.stdout)
-        if j["rule"] == "ingest_slide"
-    }
-    assert ingest == {
-        "a": [str(tmp_path / "a.png"), str(tmp_path / "outs_a")],
-        "b": [str(tmp_path / "b.png"), str(tmp_path / "outs_b")],
-    }, ingest
-
-
-def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
-    """Scheme fixed plans one fold from the sheet's split column; export_all plans a
-    SpatialData store per test prediction, slide and nothing else."""
+def test_own_sheet_ingest_fixed_splits_and_the_export_target_dry_run(tmp_path):
+    """A slide's ingest job depends on its own row's files (and the row's text), not on the
+    whole sheet: editing another row re-ingests (and retiles) nothing else. Scheme fixed plans
+    one fold from the sheet's split column; export_all plans a SpatialData store per test
+    prediction, slide and nothing else."""
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.png").write_bytes(b"x")
         (tmp_path / f"outs_{name}").mkdir()
@@ -408,6 +410,9 @@ def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
     result = snakemake(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
+    ingest = {Path(j["output"]).stem: j["input"].split(", ") for j in jobs
+              if j["rule"] == "ingest_slide"}  # fmt: skip
+    assert ingest == {s: [str(tmp_path / f"{s}.png"), str(tmp_path / f"outs_{s}")] for s in "abc"}
     folds = [j for j in jobs if j["rule"] == "make_folds"]
     assert len(folds) == 1 and "--scheme fixed" in result.stdout
     assert f"--splits {sheet}" in result.stdout and str(sheet) in folds[0]["input"]

@@ -4,7 +4,7 @@
 
 rule export_prediction:
     input:
-        f"{RESULTS}/predictions/{RUN}/{{fold}}",
+        f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
     output:
         directory(f"{RESULTS}/export/{RUN}/{{fold}}/{{slide}}.zarr"),
     log:
@@ -15,8 +15,10 @@ rule export_prediction:
     resources:
         mem_mb=job_mem_mb("export"),
         runtime=job_runtime("export"),
+    params:
+        folder=lambda wildcards, input: str(Path(input[0]).parent),
     shell:
-        "stevs export --input {input}/{wildcards.slide}.h5ad --out {output} > {log} 2>&1"
+        "stevs export --input {params.folder}/{wildcards.slide}.h5ad --out {output} > {log} 2>&1"
 
 
 rule export_slide:

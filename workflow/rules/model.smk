@@ -57,7 +57,9 @@ rule predict:
         unpack(fold_inputs("test")),
         model=f"{RESULTS}/models/{RUN}/{{fold}}/model.safetensors",
     output:
-        directory(f"{RESULTS}/predictions/{RUN}/{{fold}}"),
+        # the list of the fold's prediction files, written last beside them (a file, not a
+        # directory() output: Snakemake would keep a timestamp file in the user's folder)
+        f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
     log:
         f"{RESULTS}/logs/predict/{RUN}/{{fold}}.log",
     benchmark:
@@ -71,6 +73,7 @@ rule predict:
         gpu=gpus,
     params:
         model_dir=lambda wildcards, input: str(Path(input.model).parent),
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         device=config["training"]["device"],
         embeddings=lambda wildcards: (
             f"--embeddings {embedding_dir(wildcards.encoder)}"
@@ -80,4 +83,4 @@ rule predict:
     shell:
         "stevs predict --model-dir {params.model_dir} --fold {input.fold}"
         " {params.embeddings} --device {params.device} --threads {threads}"
-        " --out-dir {output} > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"
