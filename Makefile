@@ -7,8 +7,8 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.stevs-installed
 
-.PHONY: install demo test test-workflow test-workflow-rerun test-plan-bare lint clean her2st \
-	her2st-effnet her2st-gpu
+.PHONY: install demo test test-workflow test-workflow-rerun test-slurm test-plan-bare lint clean \
+	her2st her2st-effnet her2st-gpu
 
 # Installs the versions the tests run with: envs/versions.txt (envs/generate.py writes it and
 # envs/stevs.yaml from pyproject.toml) as pip constraints.
@@ -58,6 +58,13 @@ test-workflow: install
 # tests/test_workflow_rerun.py, five small Snakemake runs (about 5 minutes on 2 cores).
 test-workflow-rerun: install
 	$(BIN)/python -m pytest -q -m workflow_rerun tests/test_workflow_rerun.py
+
+# The .test workflow on a real, single-node Slurm cluster started on this machine (root:
+# installs slurm-wlm, slurmdbd, munge, mariadb-server with apt-get when missing): every job a
+# Slurm job (sacct), a cancelled job retried, one fold rerun alone (tests/test_slurm.py).
+test-slurm: install
+	.ci/slurm_cluster.sh install
+	$(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
 
 # The workflow plans where only Snakemake is installed (not stevs, torch, ...): a throwaway
 # venv with snakemake, its SLURM plugin and pandas (pinned by envs/versions.txt) dry-runs

@@ -72,6 +72,95 @@ def test_slurm_profile_dry_run(tmp_path):
     assert "train" in result.stdout
 
 
+def _resources(job: dict[str, str]) -> dict[str, str]:
+    """A dry-run job's `resources:` line as a mapping."""
+    pairs = (item.partition("=") for item in job.get("resources", "").split(", ") if item)
+    return {key: value for key, _, value in pairs}
+
+
+def test_slurm_jobs_ask_what_they_need(tmp_path):
+    """Through profiles/slurm: a GPU for the jobs that run a network and for no other, the
+    threads the config asks for, the rule's memory, and no partition or CPU count of the
+    profile's own (partitions.yaml picks the partition, the threads are the CPUs)."""
+    overlay = tmp_path / "gpu.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "methods": ["stevs", "ridge_color", "ridge_embed"],
+                "encoders": [
+                    {"preset": "cpu_small", "freeze": False, "methods": ["stevs"]},
+                    {"preset": "effnet_lite0_in1k", "freeze": True, "methods": ["ridge_embed"]},
+                ],
+                "resources": {"gpu": 1, "threads": 16, "train_mem_mb": 12345},
+            }
+        )
+    )
+    test_config = str(ROOT / ".test" / "config" / "config.yaml")
+    profile = str(ROOT / "profiles" / "slurm")
+    # a dry run caps threads at --cores (1 when not given); a SLURM run has no such cap
+    # unless a profile sets `cores` (test_default_profile_leaves_the_slurm_profile_alone)
+    result = snakemake(
+        "-n",
+        "--cores",
+        "64",
+        "--profile",
+        profile,
+        "--configfile",
+        test_config,
+        str(overlay),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    jobs = _jobs(result.stdout)
+    network = {"embed_slide", "predict_slide"}
+    seen = set()
+    for job in jobs:
+        resources, rule = _resources(job), job["rule"]
+        method = job.get("wildcards", "").partition("method=")[2].split(",")[0]
+        if rule in ("train", "predict"):
+            assert resources["gpu"] == ("1" if method == "stevs" else "0"), job
+            assert job["threads"] == "16", job
+            seen.add((rule, method))
+        elif rule in network:
+            assert resources["gpu"] == "1", job
+            seen.add((rule, ""))
+        else:
+            assert resources.get("gpu", "0") == "0", job
+        if rule == "train":
+            assert resources["mem_mb"] == ("12345" if method == "stevs" else "8000"), job
+        assert "slurm_partition" not in resources and "cpus_per_task" not in resources, job
+    assert {
+        (r, m) for r in ("train", "predict") for m in ("stevs", "ridge_color", "ridge_embed")
+    } | {(r, "") for r in network} == seen
+
+
+def test_default_profile_leaves_the_slurm_profile_alone():
+    """profiles/default is merged into every run and wins key by key: it must not set what
+    the SLURM profile sets, nor `cores` (which caps every job's threads at this host's cores)."""
+    default = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
+    slurm = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert not {"cores", "jobs", "default-resources", "set-resources", "set-threads"} & set(default)
+    assert all(slurm[key] == default[key] for key in set(default) & set(slurm))
+
+
+def test_partitions_send_network_jobs_to_the_gpu_partition():
+    """The SLURM plugin's partition choice with profiles/slurm/partitions.yaml: a job with a
+    `gpu` goes to the GPU partition, one without to the CPU partition."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+
+    partitions = read_partition_file(ROOT / "profiles" / "slurm" / "partitions.yaml")
+    logger = SimpleNamespace(info=print, warning=print, debug=print)
+
+    def best(gpu: int) -> str:
+        resources = {"gpu": gpu, "mem_mb": 8000, "runtime": 60}
+        job = SimpleNamespace(name="train", threads=4, resources=resources)
+        return get_best_partition(partitions, job, logger)
+
+    assert (best(1), best(0)) == ("gpu", "cpu")
+
+
 def _config(tmp_path: Path, sheet: Path, **folds) -> Path:
     config = yaml.safe_load(DEMO.read_text())
     config["samples"] = str(sheet)
@@ -149,7 +238,8 @@ def test_bad_sample_sheet_stops_before_running(tmp_path, rows, drop, folds, mess
 
 
 def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
-    """The jobs of a `snakemake -n` listing: rule, input, output."""
+    """The jobs of a `snakemake -n` listing: rule, input, output (wildcards, threads and
+    resources where listed)."""
     jobs = []
     for block in dry_run_stdout.split("\n\n"):
         lines = block.strip().splitlines()
@@ -159,7 +249,7 @@ def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
         job = {"rule": head[0].split()[-1].rstrip(":"), "input": "", "output": ""}
         for line in lines:
             key, _, value = line.strip().partition(": ")
-            if key in ("input", "output"):
+            if key in ("input", "output", "wildcards", "threads", "resources"):
                 job[key] = value
         jobs.append(job)
     return jobs

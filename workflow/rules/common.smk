@@ -228,12 +228,6 @@ def uses_embeddings(wildcards):
     return REGISTRY[wildcards.method].reads_embeddings(entry["freeze"], pretrained)
 
 
-def gpus(wildcards):
-    """The `gpu` resource of a run: the configured count where the method uses one (the
-    registry's `needs_gpu`), 0 for the ridge probes."""
-    return config["resources"]["gpu"] if REGISTRY[wildcards.method].needs_gpu else 0
-
-
 def embedding_dir(encoder):
     return f"{RESULTS}/embeddings/{ENCODERS[encoder]['preset']}/{VIEW}"
 
@@ -335,3 +329,56 @@ def all_exports():
     stores += expand(f"{RESULTS}/export/slides/{{slide}}.zarr", slide=SLIDES)
     stores += expand(f"{RESULTS}/export/predict_slides/{{pslide}}.zarr", pslide=PSLIDES)
     return stores
+
+
+# --- Job resources: what each job asks of the machine, or of SLURM -----------------------
+# The rules say what their jobs need; profiles/slurm only names the site's partitions and
+# account. GPUs (config resources.gpu) only for the jobs that run a network: training and
+# prediction of the methods the registry marks `needs_gpu` (torch), embed_slide and
+# predict_slide (they run the encoder); the ridge probes go to a CPU partition. CPUs: the
+# job's `threads` (the SLURM plugin asks --cpus-per-task=threads). Minutes and MB per rule:
+# the benchmark runs with headroom (docs/benchmarks.md, "Job resources"); each retry of a
+# job (profiles/slurm: retries) asks for twice the memory and time of the attempt before.
+
+#: (minutes, MB) per rule, train and predict per method kind; torch training takes the
+#: config's resources.train_runtime and resources.train_mem_mb
+JOB_SIZES = {
+    "make_demo": (10, 2000),
+    "ingest_slide": (30, 8000),
+    "tile_slide": (60, 4000),
+    "make_folds": (30, 8000),
+    "embed_slide": (60, 8000),
+    "train_ridge": (60, 8000),
+    "predict_torch": (60, 8000),
+    "predict_ridge": (30, 4000),
+    "evaluate": (20, 4000),
+    "report": (30, 4000),
+    "predict_slide": (120, 4000),
+    "export": (20, 4000),
+}
+
+
+def job_size(name, wildcards):
+    """(minutes, MB) of one job of rule `name`; train and predict by the method's kind."""
+    if name not in ("train", "predict"):
+        return JOB_SIZES[name]
+    kind = REGISTRY[wildcards.method].kind
+    if (name, kind) == ("train", "torch"):
+        return config["resources"]["train_runtime"], config["resources"]["train_mem_mb"]
+    return JOB_SIZES[f"{name}_{kind}"]
+
+
+def job_runtime(name):
+    """The `runtime` resource (minutes) of rule `name`'s jobs, doubled on each retry."""
+    return lambda wildcards, attempt: job_size(name, wildcards)[0] * 2 ** (attempt - 1)
+
+
+def job_mem_mb(name):
+    """The `mem_mb` resource of rule `name`'s jobs, doubled on each retry."""
+    return lambda wildcards, attempt: job_size(name, wildcards)[1] * 2 ** (attempt - 1)
+
+
+def gpus(wildcards):
+    """The `gpu` resource of a train or predict job: the configured count where the method
+    runs a network (the registry's `needs_gpu`), 0 for the ridge probes."""
+    return config["resources"]["gpu"] if REGISTRY[wildcards.method].needs_gpu else 0

@@ -32,8 +32,8 @@ rule evaluate:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("evaluate"),
+        runtime=job_runtime("evaluate"),
     params:
         protocol=config["evaluation"]["protocol"],
         predictions=lambda wildcards, input: str(Path(input.predictions).parent),
@@ -69,8 +69,8 @@ rule report:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("report"),
+        runtime=job_runtime("report"),
     params:
         max_map_slides=config["report"]["max_map_slides"],
         results=lambda wildcards, output: str(Path(output.html).parent.parent),

@@ -13,8 +13,8 @@ rule export_prediction:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("export"),
+        runtime=job_runtime("export"),
     params:
         folder=lambda wildcards, input: str(Path(input[0]).parent),
     shell:
@@ -32,8 +32,8 @@ rule export_slide:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("export"),
+        runtime=job_runtime("export"),
     shell:
         "stevs export --input {input} --out {output} > {log} 2>&1"
 
@@ -51,7 +51,7 @@ rule export_predict_slide:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("export"),
+        runtime=job_runtime("export"),
     shell:
         "stevs export --input {input} --out {output} > {log} 2>&1"

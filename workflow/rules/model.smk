@@ -15,8 +15,8 @@ rule embed_slide:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=job_mem_mb("embed_slide"),
+        runtime=job_runtime("embed_slide"),
         gpu=config["resources"]["gpu"],
     params:
         device=config["training"]["device"],
@@ -40,8 +40,8 @@ rule train:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=config["resources"]["train_mem_mb"],
-        runtime=config["resources"]["train_runtime"],
+        mem_mb=job_mem_mb("train"),
+        runtime=job_runtime("train"),
         gpu=gpus,
     params:
         out=lambda wildcards, output: str(Path(output.model).parent),
@@ -68,8 +68,8 @@ rule predict:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=job_mem_mb("predict"),
+        runtime=job_runtime("predict"),
         gpu=gpus,
     params:
         model_dir=lambda wildcards, input: str(Path(input.model).parent),

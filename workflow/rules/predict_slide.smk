@@ -71,8 +71,8 @@ rule predict_slide:
         "../../envs/stevs.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=job_mem_mb("predict_slide"),
+        runtime=job_runtime("predict_slide"),
         gpu=config["resources"]["gpu"],
     params:
         sheet=PREDICT["sheet"],
