@@ -280,6 +280,9 @@ ELSEWHERE = [
     _plain("a user's file at a hest-bench output (leaderboard.md)", CLEAR,
            "test_hest_bench.py::test_a_users_file_at_an_output_path_is_refused_before_any_work",
            "rebuilt"),
+    _plain("create_model(latent_dim=0) in the Python API (was: the preset's size)", CLEAR,
+           "test_models.py::test_create_model_refuses_latent_dim_zero_instead_of_using_the_presets",
+           "rebuilt"),
 ]  # fmt: skip
 
 CATALOGUE: list[Case] = [

@@ -50,12 +50,14 @@ def create_model(
     preset, ``config_overrides`` (command-line options) over both. ``backbone``: an already
     built backbone of the preset's spec to use instead of building another (a frozen
     encoder whose embeddings were computed with it)."""
+    if latent_dim is not None and latent_dim < 1:
+        raise ValueError(f"latent_dim must be >= 1 (None: the preset's), got {latent_dim}")
     defaults = {"beta": preset.beta, **preset.model_defaults(frozen)}
     config = STevsConfig.for_method(
         method,
         n_genes=len(genes),
         backbone=preset.backbone,
-        latent_dim=latent_dim or preset.latent_dim,
+        latent_dim=preset.latent_dim if latent_dim is None else latent_dim,
         hidden_dim=preset.hidden_dim,
         **defaults,
     )
