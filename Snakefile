@@ -12,7 +12,12 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-configfile: "config/config.yaml"
+# Your own slides: config/config.yaml (the template) when no --configfile is given; with
+# --configfile, those files alone (on top of the schema's defaults), so that a config of
+# your own inherits nothing from another file (the demo is config/demo.yaml: `make demo`).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

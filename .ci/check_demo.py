@@ -1,8 +1,10 @@
 """Check a workflow run's report: every configured method present, the merged config in the
-provenance, and (for the full demo) STevs above r = 0.3.
+provenance, the page as headless chromium shows it (verdict line and ranked table in the
+first screen, every picture loaded, no empty plot; stevs.report.browser), no Snakemake
+timestamp file among the predictions, and (for the full demo) STevs above r = 0.3.
 
 Usage:
-    python .ci/check_demo.py config/config.yaml                        # the full demo
+    python .ci/check_demo.py config/demo.yaml                          # the full demo
     python .ci/check_demo.py .test/config/config.yaml --min-stevs-r -1  # the .test smoke run
 
 The config given is the one passed to ``--configfile``; what the run really used is read from
@@ -68,9 +70,22 @@ def check_exports(results: Path) -> list[str]:
     return problems
 
 
+def check_in_browser(index: Path) -> list[str]:
+    """The report in headless chromium (stevs.report.browser); a note, not a failure, where
+    chromium is missing (.ci/run installs it)."""
+    from stevs.report import browser
+
+    if browser.find_chromium() is None:
+        print("no chromium on PATH: the report was not opened in a browser")
+        return []
+    result = browser.browser_check(index)
+    print(f"chromium: {len(result['images'])} pictures, verdict: {result['verdict']['text']}")
+    return [f"{index} in chromium: {problem}" for problem in result["problems"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="config/config.yaml")
+    parser.add_argument("config", nargs="?", default="config/demo.yaml")
     parser.add_argument(
         "--min-stevs-r",
         type=float,
@@ -122,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if not list((results / "predict_slides").glob("*/maps/*.png")):
             problems.append(f"predict_slides.sheet is set; no maps in {results}/predict_slides")
     problems += check_exports(results)
+    problems += check_in_browser(html_path)
+    stray = sorted((results / "predictions").rglob(".snakemake_timestamp"))
+    problems += [f"{path}: a Snakemake timestamp file among the predictions" for path in stray]
     print("\n".join(problems) or f"check passed ({results}): STevs headline r = {stevs_r:.3f}")
     return 1 if problems else 0
 

@@ -113,6 +113,74 @@ def is_hdf5_with(path: str | os.PathLike, *names: str) -> bool:
         return False
 
 
+def first_bytes(path: str | os.PathLike, size: int = 65536) -> bytes:
+    """The first ``size`` bytes of a file (b"" when unreadable): how writers peek at a
+    file before replacing it."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
+
+
+def is_tsv_with(path: str | os.PathLike, *columns: str) -> bool:
+    """True for a tab-separated file whose header holds every one of ``columns``: how a
+    table writer recognises an earlier table of its own kind."""
+    head = first_bytes(path).split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        header = set(head.decode("utf-8").split("\t"))
+    except UnicodeDecodeError:
+        return False
+    return bool(columns) and set(columns) <= header
+
+
+def is_json_with(path: str | os.PathLike, *keys: str) -> bool:
+    """True for a JSON object holding every one of ``keys``."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in keys)
+
+
+#: the PNG text chunk ``Software`` of every picture stevs writes (how it knows its own)
+PNG_SOFTWARE = "stevs"
+
+
+def stevs_png_info() -> object:
+    """PIL's ``pnginfo`` marking a picture as stevs's (``Software``: :data:`PNG_SOFTWARE`);
+    matplotlib writers pass ``metadata={"Software": PNG_SOFTWARE}``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    return info
+
+
+def is_stevs_png(path: str | os.PathLike) -> bool:
+    """True for a PNG whose ``Software`` text chunk is :data:`PNG_SOFTWARE`'s."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and str(image.info.get("Software", "")).startswith(
+                PNG_SOFTWARE
+            )
+    except Exception:  # not an image, damaged: not recognised as ours
+        return False
+
+
+def check_replaceable(targets: dict[Path, Callable[[Path], bool]]) -> None:
+    """Before any work: each existing output path must be a file its ``replaces`` recognises
+    as an earlier output of its kind; the first that is not is an error naming it."""
+    for path, replaces in targets.items():
+        path = Path(path)
+        if path.is_symlink() or (path.exists() and not (path.is_file() and replaces(path))):
+            raise not_replaced(path)
+
+
 @contextmanager
 def atomic_path(
     path: str | os.PathLike, suffix: str = "", replaces: Callable[[Path], bool] | None = None
@@ -150,16 +218,20 @@ def atomic_path(
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, replaces: Callable[[Path], bool] | None = None
+) -> Path:
+    """Write ``data`` to ``path`` atomically (``replaces``: as :func:`atomic_path`'s)."""
+    with atomic_path(path, replaces=replaces) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_text(
+    path: str | os.PathLike, text: str, replaces: Callable[[Path], bool] | None = None
+) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (``replaces``: as :func:`atomic_path`'s)."""
+    with atomic_path(path, replaces=replaces) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 

@@ -39,7 +39,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("stevs.report", "build the HTML report"),
     "predict-slide": ("stevs.predict_slide", "predict expression maps for an H&E-only slide"),
     "export": ("stevs.export", "write a slide or prediction as a SpatialData zarr store"),
+    "hest-bench": ("stevs.hest_bench", "run HEST-Benchmark with an encoder preset, STevs beside"),
 }
+
+
+#: the stages in the order the workflow runs them (``snakemake``: the Snakefile), then the
+#: commands run on their own
+STAGES = ["demo", "ingest", "tile", "folds", "embed", "train", "predict", "evaluate", "report"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, ``(default: X)``, unless the option has none
+    (unset, a flag that is off) or its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def options_from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
@@ -52,11 +69,21 @@ def options_from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> 
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stevs",
-        description="STevs: spatial gene expression from H&E whole-slide images.",
+        description="STevs: spatial gene expression from H&E whole-slide images.\n\n"
+        "The Snakemake workflow runs the stages in this order, one command each, for every "
+        "slide, fold,\nencoder, method and seed of a config (results under results/, the "
+        "report at results/report/index.html):\n\n"
+        "  snakemake --cores N --configfile CONFIG.yaml    (make demo: on synthetic slides)\n\n"
+        f"  {' -> '.join(STAGES)}\n\n"
+        "(embed only for a frozen encoder). Each command also runs on its own.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n"
-        + "\n".join(f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items())
-        + "\n\nRun 'stevs COMMAND --help' for a command's options.",
+        epilog="stages, in the workflow's order:\n"
+        + "\n".join(f"  {name:<14} {COMMANDS[name][1]}" for name in STAGES)
+        + "\n\non their own:\n"
+        + "\n".join(
+            f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items() if name not in STAGES
+        )
+        + "\n\nRun 'stevs COMMAND --help' for a command's options and their defaults.",
     )
     parser.add_argument("--version", action="version", version=f"stevs {__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
@@ -67,7 +94,9 @@ def command_parser(command: str) -> tuple[Any, argparse.ArgumentParser]:
     """The module of ``stevs COMMAND`` and its parser (numeric options show their range)."""
     module_name, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"stevs {command}", description=help_)
+    parser = argparse.ArgumentParser(
+        prog=f"stevs {command}", description=help_, formatter_class=HelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(parser)
     show_ranges(parser)

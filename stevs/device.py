@@ -42,3 +42,26 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+#: precisions a frozen encoder may embed in (``--precision``; ``auto``: the preset's on
+#: CUDA, float32 elsewhere)
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_precision(requested: str, device: torch.device, preset_precision: str) -> str:
+    """The precision a frozen encoder embeds in: ``auto`` takes the preset's own
+    (``Preset.embed_precision``) on CUDA and float32 elsewhere (CPU half-precision matmuls
+    are slow on most CPUs); any other value is used as given, on any device."""
+    if requested not in PRECISIONS:
+        raise StevsInputError(None, f"--precision {requested}: use one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        return preset_precision if device.type == "cuda" else "float32"
+    return requested
+
+
+def autocast_to(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` (a resolved one: float32 is no autocast) on ``device``."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from stevs.errors import StevsInputError
 from stevs.io.embedding_cache import (
@@ -34,15 +35,17 @@ from stevs.io.embedding_cache import (
     embedding_path,
     write_embedding_cache,
 )
-from stevs.io.patch_cache import PatchCache, PatchScale
+from stevs.io.patch_cache import HestPatchFile, PatchCache, PatchScale
 from stevs.models.backbones import BackboneSpec, ImageBackbone
 from stevs.models.presets import PRESETS, get_preset
-from stevs.options import positive_int
+from stevs.options import non_negative_int, positive_int
 
 log = logging.getLogger("stevs.embed")
 
 #: an encoder as a function: uint8 (N, 3, H, W) on its device -> (N, D) features
 Encoder = Callable[[Tensor], Tensor]
+#: patches to embed: uint8 (N, H, W, 3) in memory, or a file read by rows
+PatchSource = np.ndarray | PatchCache | HestPatchFile
 
 
 def embedding_key(
@@ -89,32 +92,76 @@ def frozen_backbone(name: str, device: str | torch.device = "cpu") -> ImageBackb
     return ImageBackbone(spec).eval().requires_grad_(False).to(device)
 
 
+class _RowBatches(Dataset):
+    """Consecutive batches of ``rows`` of a patch source, one DataLoader item each (so a
+    patch file is read in the loader's worker processes, ahead of the device)."""
+
+    def __init__(self, patches: PatchSource, rows: np.ndarray, batch_size: int) -> None:
+        self.patches, self.rows, self.batch_size = patches, rows, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, index: int) -> Tensor:
+        chosen = self.rows[index * self.batch_size : (index + 1) * self.batch_size]
+        if isinstance(self.patches, np.ndarray):
+            batch = self.patches[chosen]
+        else:
+            batch = self.patches.read_rows(chosen)
+        return torch.from_numpy(np.ascontiguousarray(batch))
+
+
 def embed_patches(
     encoder: Encoder,
-    patches: np.ndarray | PatchCache,
+    patches: PatchSource,
     rows: Sequence[int] | np.ndarray | None = None,
     *,
     view: str = "none",
     batch_size: int = 128,
     progress: bool = True,
+    workers: int = 0,
+    precision: str = "float32",
+    channels_last: bool = False,
 ) -> np.ndarray:
-    """The one backbone pass: uint8 patches (an (N, H, W, 3) array or a patch cache; only
-    ``rows`` of it when given) -> (N, D) float32, in batches on the encoder's device."""
-    rows = np.arange(len(patches)) if rows is None else np.asarray(rows, dtype=np.int64)
+    """The one backbone pass: uint8 patches (an (N, H, W, 3) array, a patch cache or a HEST
+    patch file; only ``rows`` of it when given) -> (N, D) float32, in batches on the
+    encoder's device.
+
+    ``workers``: processes reading a patch file ahead of the device (pinned memory on CUDA);
+    ``precision``: autocast dtype (a resolved :func:`stevs.device.resolve_precision`; float32:
+    none); ``channels_last``: batches in channels-last memory format (a CNN on CUDA)."""
+    from stevs.device import autocast_to
+
+    source = patches if isinstance(patches, PatchCache | HestPatchFile) else np.asarray(patches)
+    rows = np.arange(len(source)) if rows is None else np.asarray(rows, dtype=np.int64)
     device = _device_of(encoder)
+    loader = DataLoader(
+        _RowBatches(source, rows, batch_size),
+        batch_size=None,
+        num_workers=0 if isinstance(source, np.ndarray) else workers,
+        pin_memory=device.type == "cuda",
+    )
     chunks = []
-    starts = range(0, len(rows), batch_size)
-    for start in _progress(starts, progress):
-        chosen = rows[start : start + batch_size]
-        if isinstance(patches, PatchCache):
-            batch = patches.read_rows(chosen)
-        else:
-            batch = np.asarray(patches)[chosen]
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
-        chunks.append(embed_view(encoder, x, view).cpu().numpy())
+    with autocast_to(device, precision):
+        for batch in _progress(loader, progress):
+            x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            chunks.append(embed_view(encoder, x, view).cpu().numpy())
     if chunks:
         return np.concatenate(chunks).astype(np.float32, copy=False)
     return np.zeros((0, int(getattr(encoder, "feature_dim", 0))), np.float32)
+
+
+def place_encoder(backbone: ImageBackbone, device: torch.device) -> tuple[ImageBackbone, bool]:
+    """A frozen backbone in eval mode on ``device``, and whether it takes channels-last
+    batches: a CNN on CUDA is converted to channels-last memory format (faster
+    convolutions); a ViT is left as it is."""
+    backbone = backbone.eval().requires_grad_(False).to(device)
+    channels_last = device.type == "cuda" and backbone.spec.pooling == "stages"
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone, channels_last
 
 
 def _device_of(encoder: Encoder) -> torch.device:
@@ -124,10 +171,10 @@ def _device_of(encoder: Encoder) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _progress(starts: range, shown: bool) -> Any:
+def _progress(batches: DataLoader, shown: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(starts, desc="embed", unit="batch", mininterval=2, disable=not shown)
+    return tqdm(batches, desc="embed", unit="batch", mininterval=2, disable=not shown)
 
 
 def spot_embeddings(
@@ -168,20 +215,29 @@ def embed_patch_cache(
     weights: str | None = None,
     device: str = "cpu",
     batch_size: int = 128,
+    workers: int = 0,
+    precision: str = "auto",
 ) -> Path:
-    """Embed every patch of a patch cache with ``preset``'s frozen backbone -> ``out``."""
-    from stevs.device import resolve_device
+    """Embed every patch of a patch cache with ``preset``'s frozen backbone -> ``out``
+    (``precision``: :func:`stevs.device.resolve_precision`; ``workers``: reading processes)."""
+    from stevs.device import resolve_device, resolve_precision
 
-    spec = get_preset(preset, weights=weights).backbone
+    chosen = get_preset(preset, weights=weights)
+    spec = chosen.backbone
     if spec.weights == "none":
         raise StevsInputError(
             patches,
             f"preset {preset} has randomly initialised weights: a frozen random encoder "
             "differs per training seed, so its embeddings cannot be shared; give --weights",
         )
-    backbone = ImageBackbone(spec).eval().to(resolve_device(device))
+    where = resolve_device(device)
+    backbone, channels_last = place_encoder(ImageBackbone(spec), where)
+    dtype = resolve_precision(precision, where, chosen.embed_precision)
     with PatchCache(patches) as cache:
-        embeddings = embed_patches(backbone, cache, view=view, batch_size=batch_size)
+        embeddings = embed_patches(
+            backbone, cache, view=view, batch_size=batch_size, workers=workers,
+            precision=dtype, channels_last=channels_last,
+        )  # fmt: skip
         scale = (cache.scale.patch_px, cache.scale.mpp_target)
         barcodes = list(cache.barcodes)
         slide = str(cache.attrs.get("slide", ""))
@@ -197,23 +253,47 @@ def embed_patch_cache(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs embed``."""
     parser.add_argument("--patches", required=True, help="patch cache (results/patches/S.h5)")
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument(
+        "--preset", required=True, choices=sorted(PRESETS), help="encoder preset (stevs encoders)"
+    )
     parser.add_argument(
         "--weights",
         help="backbone weights: 'none', 'timm', 'hf' (the preset's Hugging Face file, from the "
-        "cache) or a local file",
+        "cache) or a local file (default: the preset's own choice)",
     )
-    parser.add_argument("--view", default="none", choices=VIEWS)
+    parser.add_argument(
+        "--view", default="none", choices=VIEWS, help="test-time view of the patches (flips)"
+    )
     parser.add_argument("--out", required=True, help="embedding cache to write (.h5)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=positive_int(), default=128)
-    parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
+    add_embedding_arguments(parser)
+
+
+def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a frozen embedding pass (``stevs embed``, ``stevs hest-bench``)."""
+    from stevs.device import PRECISIONS
+
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument(
+        "--batch-size", type=positive_int(), default=128, help="patches per forward pass"
+    )
+    parser.add_argument(
+        "--workers", type=non_negative_int(), default=0,
+        help="processes reading patches ahead of the device (0: in the main process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--precision", default="auto", choices=PRECISIONS,
+        help="autocast dtype of the encoder; auto: the preset's on CUDA (stevs encoders), "
+        "float32 elsewhere",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=positive_int(), help="torch CPU threads (default: torch's choice)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``stevs embed``."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = ("preset", "view", "weights", "device", "batch_size")
+    options = ("preset", "view", "weights", "device", "batch_size", "workers", "precision")
     embed_patch_cache(args.patches, args.out, **{k: getattr(args, k) for k in options})
     return 0

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from stevs.atomic import atomic_write_text
+from stevs.atomic import atomic_write_text, check_replaceable, is_tsv_with
 from stevs.cli import options_from_args
 from stevs.errors import StevsInputError
 from stevs.fold_plan import (
@@ -44,6 +44,7 @@ from stevs.io.fold_file import (
     Fold,
     SlideEntry,
     check_no_overlap,
+    is_fold_file,
     write_fold,
 )
 from stevs.io.samples import read_fixed_splits
@@ -366,6 +367,8 @@ def write_folds(folds: Sequence[Fold], out_dir: str | PathLike) -> None:
     files of this call already written are removed again.
     """
     out_dir = Path(out_dir)
+    targets = {out_dir / f"{fold.fold}.json": is_fold_file for fold in folds}
+    check_replaceable({**targets, out_dir / "folds.tsv": is_folds_summary})
     written: list[Path] = []
     try:
         for fold in folds:
@@ -377,6 +380,11 @@ def write_folds(folds: Sequence[Fold], out_dir: str | PathLike) -> None:
         for path in written:
             path.unlink(missing_ok=True)
         raise
+
+
+def is_folds_summary(path: Path) -> bool:
+    """True for a ``folds.tsv`` :func:`write_summary` wrote."""
+    return is_tsv_with(path, "fold", "scheme", "test")
 
 
 def write_summary(folds: Sequence[Fold], path: str | PathLike) -> Path:
@@ -405,7 +413,7 @@ def write_summary(folds: Sequence[Fold], path: str | PathLike) -> Path:
         ]
         lines.append("\t".join(row))
     path = Path(path)
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", replaces=is_folds_summary)
     return path
 
 
@@ -422,11 +430,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--patches-dir", default="results/patches", help="where {slide}.h5 patch caches live"
     )
-    parser.add_argument("--scheme", choices=SCHEMES, default="leave_one_patient_out")
+    parser.add_argument(
+        "--scheme", choices=SCHEMES, default="leave_one_patient_out", help="how slides are split"
+    )
     parser.add_argument(
         "--splits",
         help="scheme fixed: a TSV with slide_id and split (train/val/test) columns, e.g. the "
-        "sample sheet, or a HEST-Benchmark splits/ folder (train_i.csv, test_i.csv)",
+        "sample sheet, or a HEST-Benchmark splits/ folder (train_i.csv, test_i.csv); default: "
+        "the sample sheet's split column",
     )
     parser.add_argument(
         "--k",
@@ -434,19 +445,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="folds for group_kfold and within_slice (default 3)",
     )
-    parser.add_argument("--panel", choices=PANEL_METHODS, default="highly_variable")
     parser.add_argument(
-        "--n-genes", type=positive_int(), default=250, help="panel size (default 250)"
+        "--panel",
+        choices=PANEL_METHODS,
+        default="highly_variable",
+        help="how each fold's gene panel is chosen (on its training slides only)",
     )
-    parser.add_argument("--gene-list", help="gene list file (one gene per line) for gene_list")
+    parser.add_argument("--n-genes", type=positive_int(), default=250, help="panel size")
+    parser.add_argument(
+        "--gene-list",
+        help="gene list file (one gene per line) for --panel gene_list (default: none)",
+    )
     parser.add_argument("--n-headline", type=positive_int(), default=50, help="headline genes")
     parser.add_argument(
         "--keep-mito-ribo",
         action="store_true",
         help="let MT-/RPL/RPS genes into ranked panels (excluded by default)",
     )
-    parser.add_argument("--normalisation", choices=NORMALISATIONS, default="log1p_cp10k")
-    parser.add_argument("--seed", type=non_negative_int(), default=0)
+    parser.add_argument(
+        "--normalisation",
+        choices=NORMALISATIONS,
+        default="log1p_cp10k",
+        help="expression targets: log1p of counts per 10,000, or another normalisation",
+    )
+    parser.add_argument(
+        "--seed", type=non_negative_int(), default=0, help="seed of the random split choices"
+    )
     parser.add_argument(
         "--block-um",
         type=positive_float(),
@@ -459,7 +483,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="drop training spots within this many pitches of held-out spots (default 1)",
     )
-    parser.add_argument("--out-dir", default="results/folds")
+    parser.add_argument("--out-dir", default="results/folds", help="folder of {fold}.json files")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ from stevs.errors import StevsInputError
 GRID_KINDS = ("visium", "square")
 VISIUM_PITCH_UM = 100.0
 VISIUM_SPOT_UM = 55.0
+#: plausible microns per level-0 pixel of a slide (sample sheets, slide metadata, options)
+MPP_RANGE = (0.05, 20.0)
 
 
 def check_grid_settings(

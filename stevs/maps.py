@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stevs.atomic import atomic_path
+from stevs.atomic import PNG_SOFTWARE, atomic_path, is_stevs_png
 from stevs.io.visium_uns import resize_max
 from stevs.tissue import TissueDetection
 
@@ -23,10 +23,16 @@ MAP_MAX_SIDE = 1000
 
 
 def write_atomically(path: Path, suffix: str, write: Any) -> Path:
-    """Call ``write(tmp)`` on a temporary sibling of ``path`` and rename it when done."""
-    with atomic_path(path, suffix=suffix) as tmp:
+    """Call ``write(tmp)`` on a temporary sibling of ``path`` and rename it when done; a
+    file already there is replaced only if it is a picture of stevs (:func:`is_stevs_png`)."""
+    with atomic_path(path, suffix=suffix, replaces=is_stevs_png) as tmp:
         write(tmp)
     return path
+
+
+def gene_map_path(out: Path, gene: str) -> Path:
+    """``{out}/maps/{gene}.png``."""
+    return out / "maps" / f"{safe_file_name(gene)}.png"
 
 
 def safe_file_name(gene: str) -> str:
@@ -79,7 +85,10 @@ def draw_gene_map(
         ax.set_axis_off()
         fig.colorbar(disks, ax=ax, fraction=0.046, pad=0.02)
     fig.tight_layout()
-    write_atomically(path, ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    meta = {"Software": PNG_SOFTWARE}
+    write_atomically(
+        path, ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata=meta)
+    )
     return path
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse, stats
 
-from stevs.atomic import atomic_path
+from stevs.atomic import atomic_path, check_replaceable, is_tsv_with
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, read_fold
 from stevs.io.prediction import read_prediction
@@ -377,6 +378,23 @@ def check_hest_bench_fold(fold: Fold) -> None:
         )
 
 
+def hest_pearson(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """HEST-Benchmark's per-gene score, exactly as its ``train_test_reg`` computes it
+    (src/hest/bench/trainer.py:66-72): ``scipy.stats.pearsonr`` of each gene over all test
+    spots of a split pooled; NaN for a constant column (which HEST then averages in)."""
+    obs = np.asarray(observed, dtype=np.float64)
+    pred = np.asarray(predicted, dtype=np.float64)
+    if obs.shape != pred.shape or obs.ndim != 2:
+        raise ValueError(f"observed {obs.shape} and predicted {pred.shape} must be equal 2-D")
+    r = np.full(obs.shape[1], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        for gene in range(obs.shape[1]):
+            if len(obs) >= 2:
+                r[gene] = stats.pearsonr(obs[:, gene], pred[:, gene])[0]
+    return r
+
+
 def hest_bench_summary(pooled_r: np.ndarray) -> dict[str, float]:
     """HEST-Benchmark's per-split numbers from the pooled per-gene r."""
     r = np.asarray(pooled_r, dtype=np.float64)
@@ -505,9 +523,26 @@ def evaluate_fold(
     return per_gene, summary, pooled
 
 
+#: the column every table stevs writes holds: a file at a table's path is replaced only when
+#: its header has it (an earlier table of stevs), anything else is an error naming it
+TABLE_KEY_COLUMN = "method"
+
+
+def is_stevs_table(path: str | os.PathLike) -> bool:
+    """True for a TSV whose header holds :data:`TABLE_KEY_COLUMN` (a table stevs wrote), or
+    a blank file (an empty table's, e.g. a comparison without baselines: nothing to lose)."""
+    if is_tsv_with(path, TABLE_KEY_COLUMN):
+        return True
+    try:
+        return Path(path).stat().st_size <= 2 and not Path(path).read_bytes().strip()
+    except OSError:
+        return False
+
+
 def write_tsv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a TSV through a temporary file in the same folder and rename it into place."""
-    with atomic_path(path) as tmp:
+    """Write a TSV through a temporary file in the same folder and rename it into place;
+    a file already there is replaced only if it is a table of stevs (:func:`is_stevs_table`)."""
+    with atomic_path(path, replaces=is_stevs_table) as tmp:
         table.to_csv(tmp, sep="\t", index=False, float_format="%.10g")
     return Path(path)
 
@@ -524,10 +559,22 @@ def pooled_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name.removesuffix(".tsv") + ".pooled.tsv")
 
 
+def evaluation_paths(out: str | os.PathLike) -> list[Path]:
+    """The files ``stevs evaluate --out OUT`` writes, in the order it writes them."""
+    return [summary_path(out), pooled_path(out), Path(out)]
+
+
+def check_evaluation_outputs(out: str | os.PathLike) -> None:
+    """Before scoring: every file at ``out``'s paths must be an earlier table of stevs."""
+    check_replaceable({path: is_stevs_table for path in evaluation_paths(out)})
+
+
 def write_evaluation(
     per_gene: pd.DataFrame, summary: Mapping[str, Any], pooled: pd.DataFrame, out: str | os.PathLike
 ) -> list[Path]:
-    """Write the per gene x slide TSV, its ``.summary.tsv`` and ``.pooled.tsv`` beside it."""
+    """Write the per gene x slide TSV, its ``.summary.tsv`` and ``.pooled.tsv`` beside it
+    (all three checked first, so a refused one leaves the others as they were)."""
+    check_evaluation_outputs(out)
     columns = ["method", "fold", *SUMMARY_METRICS, "protocol"]
     columns += [k for k in HEST_BENCH_METRICS if k in summary]
     summary_table = pd.DataFrame([{k: summary[k] for k in columns}])
@@ -570,6 +617,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``stevs evaluate``: score one method's predictions on one fold."""
+    check_evaluation_outputs(args.out)
     per_gene, summary, pooled = evaluate_fold(
         args.fold,
         args.predictions,

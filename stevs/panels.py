@@ -42,11 +42,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from stevs.errors import StevsInputError
+from stevs.io.fold_file import NORMALISATIONS, TARGET_SUM
 
 log = logging.getLogger(__name__)
 
-TARGET_SUM = 10_000.0
-NORMALISATIONS = ("log1p_cp10k", "log1p", "raw")
 PANEL_METHODS = ("highly_expressed", "highly_variable", "gene_list")
 MIN_DETECTION = 0.10
 MIN_GENES_FOR_SEURAT_V3 = 50
@@ -74,24 +73,26 @@ def normalise(
     library_size: np.ndarray,
     method: str,
     target_sum: float = TARGET_SUM,
+    dtype: type = np.float32,
 ) -> np.ndarray:
-    """Normalise spot x gene counts to dense float32 targets.
+    """Normalise spot x gene counts to dense targets (``dtype``, computed in float64).
 
     ``log1p_cp10k``: ``log1p(counts / library_size * target_sum)`` (0 for empty spots);
-    ``log1p``: ``log1p(counts)``, no library-size scaling (HEST-Benchmark's normalisation);
+    ``log1p``: ``log1p(counts)``, no library-size scaling (HEST-Benchmark's normalisation,
+    ``sc.pp.log1p`` in its src/hest/bench/st_dataset.py:33, float64 there);
     ``raw``: the counts themselves. ``library_size`` is the spot's total over *all* genes.
     """
     dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     dense = dense.astype(np.float64, copy=False)
     if method == "raw":
-        return dense.astype(np.float32)
+        return dense.astype(dtype)
     if method == "log1p":
-        return np.log1p(dense).astype(np.float32)
+        return np.log1p(dense).astype(dtype)
     if method != "log1p_cp10k":
         raise ValueError(f"unknown normalisation {method!r}; choose from {NORMALISATIONS}")
     lib = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
     scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    return np.log1p(dense * scale).astype(np.float32)
+    return np.log1p(dense * scale).astype(dtype)
 
 
 def _json_genes(path: Path, text: str) -> list[str]:

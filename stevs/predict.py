@@ -32,7 +32,12 @@ from stevs.device import resolve_device
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, read_fold
 from stevs.io.model_dir import ModelDir, check_model_fits_fold
-from stevs.io.prediction import new_prediction, prediction_meta, write_prediction
+from stevs.io.prediction import (
+    new_prediction,
+    prediction_meta,
+    write_manifest,
+    write_prediction,
+)
 from stevs.io.slide_adata import spots_of
 from stevs.methods import get_method
 from stevs.models.factory import load_model
@@ -247,7 +252,9 @@ def predict_fold(
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """``--batch-size`` and ``--samples``, shared with ``stevs predict-slide``."""
-    parser.add_argument("--batch-size", type=positive_int(), default=64)
+    parser.add_argument(
+        "--batch-size", type=positive_int(), default=64, help="spots per forward pass"
+    )
     parser.add_argument(
         "--samples", type=non_negative_int(), default=16, help="posterior samples for the std"
     )
@@ -255,19 +262,33 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs predict``."""
-    parser.add_argument("--model-dir", required=True, help="output folder of 'stevs train'")
+    parser.add_argument(
+        "--model-dir",
+        required=True,
+        help="output folder of 'stevs train' (results/models/{encoder}/{method}/seed{seed}/{fold})",
+    )
     parser.add_argument("--fold", required=True, help="the fold file the model was trained on")
-    parser.add_argument("--out-dir", required=True, help="one {slide}.h5ad per test slide")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--out-dir",
+        required=True,
+        help="folder: one {slide}.h5ad per test slide and predictions.tsv, the list of them "
+        "(written last)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     add_sampling_arguments(parser)
-    parser.add_argument("--workers", type=non_negative_int(), default=0)
-    parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
+    parser.add_argument(
+        "--workers", type=non_negative_int(), default=0, help="DataLoader worker processes"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int(), help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--slides", nargs="+", help="only these test slides (default: all)")
     parser.add_argument(
         "--seed", type=non_negative_int(), default=0, help="seed of the posterior samples"
     )
     parser.add_argument(
-        "--embeddings", help="folder of embedding caches of a frozen encoder (stevs embed)"
+        "--embeddings",
+        help="folder of embedding caches of a frozen encoder, stevs embed (default: none)",
     )
 
 
@@ -289,5 +310,6 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     paths = method.entry("predict")(args.model_dir, args.fold, args.out_dir, **options)
+    write_manifest(paths, args.out_dir)
     log.info("wrote %d prediction files to %s", len(paths), args.out_dir)
     return 0

@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stevs import __version__
-from stevs.atomic import check_writable
+from stevs.atomic import check_replaceable, check_writable, is_stevs_png, stevs_png_info
 from stevs.ensemble import (
     SCALE_TOLERANCE,
     ModelSet,
@@ -59,11 +59,11 @@ from stevs.geometry import GRID_KINDS
 from stevs.ids import check_slide_id
 from stevs.io.model_dir import ModelDir
 from stevs.io.patch_cache import PatchCache, PatchScale, read_patch_scale
-from stevs.io.prediction import new_prediction, write_prediction
+from stevs.io.prediction import is_prediction_file, new_prediction, write_prediction
 from stevs.io.slide import MPP_RANGE
 from stevs.io.slide_adata import SlideSpots
 from stevs.io.visium_uns import spatial_uns
-from stevs.maps import draw_gene_map, draw_tissue_qc, safe_file_name, write_atomically
+from stevs.maps import draw_gene_map, draw_tissue_qc, gene_map_path, write_atomically
 from stevs.options import in_range, positive_float, positive_int
 from stevs.spot_grid import (
     DEFAULT_MIN_TISSUE,
@@ -276,11 +276,13 @@ def _draw_outputs(
                 adata.layers["std"][:, column],
                 gene,
                 unit,
-                out / "maps" / f"{safe_file_name(gene)}.png",
+                gene_map_path(out, gene),
             )  # fmt: skip
         )
     qc = draw_tissue_qc(tissue, xy_thumb, diameter_thumb, slide_id)
-    qc_path = write_atomically(out / "tissue.png", ".png", lambda tmp: qc.save(tmp, format="PNG"))
+    qc_path = write_atomically(
+        out / "tissue.png", ".png", lambda tmp: qc.save(tmp, format="PNG", pnginfo=stevs_png_info())
+    )
     return maps, qc_path
 
 
@@ -329,6 +331,10 @@ def predict_slide(
     scale = resolve_patch_scale(models, patch_px, patch_um)
     map_genes = choose_genes(models, genes)
     out = Path(out_dir)
+    pictures = [out / "tissue.png", *(gene_map_path(out, gene) for gene in map_genes)]
+    check_replaceable(
+        {**dict.fromkeys(pictures, is_stevs_png), out / f"{slide_id}.h5ad": is_prediction_file}
+    )
     clock = Clock()
 
     slide_mpp, mpp_source, dimensions, tissue = _open_and_detect(image, mpp)
@@ -401,18 +407,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stevs.predict import add_sampling_arguments
 
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="H&E slide image (any supported format)")
+    source.add_argument("--image", help="H&E slide image, any supported format (or --sheet)")
     source.add_argument(
-        "--sheet", help="predict sheet (slide_id, image, mpp): take the --slide-id row's image"
+        "--sheet",
+        help="predict sheet (slide_id, image, mpp): take the --slide-id row's image (or --image)",
     )
-    parser.add_argument("--data-root", help="folder the sheet's image paths are relative to")
+    parser.add_argument(
+        "--data-root",
+        help="folder the sheet's image paths are relative to (default: the sheet's folder)",
+    )
     parser.add_argument("--slide-id", required=True, help="name of the slide in the outputs")
-    parser.add_argument("--mpp", type=in_range(*MPP_RANGE), help="µm per level-0 pixel")
+    parser.add_argument(
+        "--mpp",
+        type=in_range(*MPP_RANGE),
+        help="µm per level-0 pixel (default: the sheet's, else the image's metadata)",
+    )
     parser.add_argument(
         "--models",
         nargs="+",
         required=True,
-        help="model folders (results/models/METHOD/FOLD); several are averaged as an ensemble",
+        help="model folders (results/models/{encoder}/{method}/seed{seed}/{fold}); several are "
+        "averaged as an ensemble",
     )
     parser.add_argument("--out-dir", required=True, help="writes ID.h5ad, maps/*.png, tissue.png")
     parser.add_argument("--grid", choices=GRID_KINDS, default="visium", help="spot grid (visium)")
@@ -437,7 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="patch side the models expect (checked; default: theirs)",
     )
     parser.add_argument(
-        "--patch-um", type=positive_float(), help="patch side in µm the models expect (checked)"
+        "--patch-um",
+        type=positive_float(),
+        help="patch side in µm the models expect, checked (default: the models')",
     )
     parser.add_argument(
         "--threads", type=positive_int(), default=1, help="tiling readers and torch threads"

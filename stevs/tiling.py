@@ -64,9 +64,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from stevs.atomic import check_replaceable, is_stevs_png
 from stevs.errors import StevsInputError
 from stevs.io.patch_cache import PatchCacheInfo, PatchCacheWriter, PatchScale
-from stevs.io.slide import MPP_RANGE, SlideReader, open_slide
+from stevs.io.slide import MAX_UPSAMPLING, MPP_RANGE, SlideReader, open_slide
 from stevs.options import in_range, positive_float, positive_int
 from stevs.tiling_checks import (
     PATCH_MPP_RANGE,
@@ -86,8 +87,6 @@ DEFAULT_PATCH_PX = 224
 DEFAULT_PATCH_MPP = 0.5
 #: side of a window's grid cell, in patches
 DEFAULT_WINDOW_PATCHES = 4
-#: refuse targets more than this many times finer than the slide (blurred upsamples)
-MAX_UPSAMPLING = 4.0
 RESAMPLE = Image.Resampling.BICUBIC
 RESAMPLE_NAME = "bicubic (Pillow, antialiased)"
 #: extra source pixels around each patch box so the bicubic filter's support is inside
@@ -373,6 +372,7 @@ def tile_spots(
     progress: bool | None = None,
     tissue: TissueDetection | None = None,
     spots_path: str | os.PathLike | None = None,
+    spot_diameter_um: float = float("nan"),
 ) -> Path:
     """Cut a patch centred on every spot of an open slide into the patch cache ``out_path``.
 
@@ -381,9 +381,12 @@ def tile_spots(
     already (else it is computed). ``progress=None`` shows a progress bar on a terminal only.
     A QC PNG is written to ``qc_path`` when given. ``spots_path``: the file the measured
     spots come from; when given, spots mostly off the slide's tissue are refused naming it
-    (:func:`check_spots_on_tissue`). Returns ``out_path``.
+    (:func:`check_spots_on_tissue`). ``spot_diameter_um``: the spots' size, drawn in the QC
+    picture when known. Returns ``out_path``.
     """
     check_tiling_settings(patch_px, patch_mpp, threads, window_patches, slide.path)
+    if qc_path is not None:  # a picture of the user's there stops it before the work
+        check_replaceable({Path(qc_path): is_stevs_png})
     barcodes = [str(b) for b in barcodes]
     centers_px = np.asarray(centers_px, np.float64)
     check_centers(slide.path, barcodes, centers_px, slide)
@@ -454,7 +457,9 @@ def tile_spots(
                 _store_tissue(writer, tissue, boxes, slide.path, spots_path)
     assert tissue is not None
     if qc_path is not None:
-        picture = draw_qc(tissue.thumbnail, boxes, outside, slide.dimensions, slide_id)
+        diameter_px = spot_diameter_um / mpp_source
+        picture = draw_qc(tissue.thumbnail, boxes, outside, slide.dimensions, slide_id,
+                          spot_diameter_px=diameter_px)  # fmt: skip
         save_qc(picture, qc_path)
     return Path(out_path)
 
@@ -520,6 +525,7 @@ def tile_slide(
             window_patches=window_patches,
             progress=progress,
             spots_path=spots.path,
+            spot_diameter_um=spots.spot_diameter_um,
         )
 
 
@@ -536,7 +542,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mpp-override",
         type=in_range(*MPP_RANGE),
-        help="microns per level-0 pixel of the image, overriding the AnnData and the file",
+        help="microns per level-0 pixel of the image, overriding the AnnData and the file "
+        "(default: the AnnData's, else the image file's)",
     )
     parser.add_argument(
         "--patch-px",
@@ -548,13 +555,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument(
         "--patch-mpp",
         type=in_range(*PATCH_MPP_RANGE),
-        help=f"patch resolution, µm per pixel ({DEFAULT_PATCH_MPP})",
+        help=f"patch resolution, µm per pixel (default: {DEFAULT_PATCH_MPP} unless --patch-um)",
     )
     scale.add_argument(
-        "--patch-um", type=positive_float(), help="patch side in µm (instead of --patch-mpp)"
+        "--patch-um",
+        type=positive_float(),
+        help="patch side in µm, instead of --patch-mpp (default: unset)",
     )
-    parser.add_argument("--threads", type=positive_int(), default=1, help="parallel readers (1)")
-    parser.add_argument("--qc", help="QC picture to write (PNG): thumbnail with the patch boxes")
+    parser.add_argument("--threads", type=positive_int(), default=1, help="parallel readers")
+    parser.add_argument(
+        "--qc",
+        help="QC picture to write (PNG): thumbnail with every spot's circle and the patch box of "
+        "a sample of spots (default: none written)",
+    )
     parser.add_argument(
         "--window-patches",
         type=positive_int(),

@@ -45,6 +45,7 @@ class SlideSpots:
     mpp: float | None
     image_path: str | None
     image_size: tuple[int, int] | None  # recorded (width, height), when present
+    spot_diameter_um: float = float("nan")  # the technology's spot diameter, when known
 
 
 def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
@@ -59,6 +60,7 @@ def read_slide_spots(path: str | os.PathLike) -> SlideSpots:
         mpp=meta.mpp,
         image_path=meta.image_path or None,
         image_size=meta.image_size,
+        spot_diameter_um=meta.spot_diameter_um,
     )
 
 

@@ -17,7 +17,7 @@ from stevs.atomic import check_writable
 from stevs.cli import options_from_args
 from stevs.device import resolve_device
 from stevs.io.embedding_cache import VIEWS
-from stevs.io.model_dir import LOG
+from stevs.io.model_dir import LOG, ModelDir
 from stevs.methods import METHOD_NAMES, get_method
 from stevs.models.context import CONTEXTS
 from stevs.models.poe import ALIGNMENTS
@@ -33,9 +33,16 @@ log = logging.getLogger("stevs.train")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs train``."""
-    parser.add_argument("--fold", required=True, help="fold file (results/folds/FOLD.json)")
-    parser.add_argument("--method", default="stevs", choices=METHOD_NAMES)
-    parser.add_argument("--preset", default="cpu_small", choices=sorted(PRESETS))
+    parser.add_argument("--fold", required=True, help="fold file (results/folds/{fold}.json)")
+    parser.add_argument(
+        "--method", default="stevs", choices=METHOD_NAMES, help="STevs or a baseline"
+    )
+    parser.add_argument(
+        "--preset",
+        default="cpu_small",
+        choices=sorted(PRESETS),
+        help="encoder preset: backbone, patch size and training defaults (stevs encoders)",
+    )
     parser.add_argument(
         "--out", required=True, help="output folder (resumes if it has a checkpoint)"
     )
@@ -47,44 +54,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
         help="backbone weights: 'none', 'timm' (timm's hub), 'hf' (the recipe's Hugging Face "
-        "file, from the cache) or a local file",
-    )
-    parser.add_argument("--epochs", type=positive_int())
-    parser.add_argument("--batch-size", type=positive_int())
-    parser.add_argument("--lr", type=positive_float(), help="learning rate of the heads")
-    parser.add_argument(
-        "--lr-backbone", type=non_negative_float(), help="learning rate of the backbone"
-    )
-    parser.add_argument("--latent-dim", type=positive_int())
-    parser.add_argument("--patience", type=positive_int(), help="early-stopping patience (epochs)")
-    parser.add_argument("--beta", type=non_negative_float(), help="KL weight (after warm-up)")
-    parser.add_argument("--align", choices=ALIGNMENTS, help="alignment divergence (stevs)")
-    parser.add_argument(
-        "--align-weight", type=non_negative_float(), help="lambda of the alignment loss"
+        "file, from the cache) or a local file (default: the preset's own choice)",
     )
     parser.add_argument(
-        "--likelihood", choices=("gaussian", "nb"), help="add a negative binomial count term"
+        "--epochs", type=positive_int(), help="most epochs to train (default: the preset's)"
     )
     parser.add_argument(
-        "--context", choices=CONTEXTS, help="neighbourhood context (frozen backbone only)"
+        "--batch-size", type=positive_int(), help="spots per batch (default: the preset's)"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float(), help="learning rate of the heads (default: the preset's)"
+    )
+    parser.add_argument(
+        "--lr-backbone",
+        type=non_negative_float(),
+        help="learning rate of the backbone (default: the preset's)",
+    )
+    parser.add_argument(
+        "--latent-dim", type=positive_int(), help="latent dimensions (default: the preset's)"
+    )
+    parser.add_argument(
+        "--patience",
+        type=positive_int(),
+        help="early-stopping patience, epochs (default: the preset's)",
+    )
+    parser.add_argument(
+        "--beta",
+        type=non_negative_float(),
+        help="KL weight after warm-up (default: the preset's)",
+    )
+    parser.add_argument(
+        "--align", choices=ALIGNMENTS, help="alignment divergence, stevs (default: the preset's)"
+    )
+    parser.add_argument(
+        "--align-weight",
+        type=non_negative_float(),
+        help="lambda of the alignment loss (default: the preset's)",
+    )
+    parser.add_argument(
+        "--likelihood",
+        choices=("gaussian", "nb"),
+        help="gaussian, or add a negative binomial count term (default: the preset's)",
+    )
+    parser.add_argument(
+        "--context",
+        choices=CONTEXTS,
+        help="neighbourhood context, frozen backbone only (default: the method's)",
     )
     parser.add_argument(
         "--context-radius",
         type=positive_float(),
-        help="neighbours within, in pitches (also ridge_context)",
+        help="neighbours within, in pitches; also ridge_context (default: the method's)",
     )
     parser.add_argument(
-        "--linear-path", choices=LINEAR_PATHS, help="linear map from the image features"
+        "--linear-path",
+        choices=LINEAR_PATHS,
+        help="linear map from the image features (default: the method's)",
     )
     parser.add_argument(
-        "--linear-rank", choices=LINEAR_RANKS, help="ridge path: full, or reduced rank by CV"
+        "--linear-rank",
+        choices=LINEAR_RANKS,
+        help="ridge path: full, or reduced rank by CV (default: the method's)",
     )
-    parser.add_argument("--seed", type=non_negative_int(), default=0)
+    parser.add_argument(
+        "--seed", type=non_negative_int(), default=0, help="training seed (weights, batches)"
+    )
     parser.add_argument(
         "--workers", type=non_negative_int(), default=2, help="DataLoader worker processes"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--freeze-backbone", action="store_true", default=None)
+    parser.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        default=None,
+        help="train the heads on a frozen backbone (default: the preset's choice)",
+    )
     parser.add_argument(
         "--train-stages",
         type=positive_int(),
@@ -92,9 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "frozen, batch-norm statistics included) at --lr-backbone; default: all of it",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--no-augment", action="store_true")
     parser.add_argument(
-        "--max-minutes", type=positive_float(), help="stop (resumably) after this long"
+        "--no-augment", action="store_true", help="no flips or colour jitter while training"
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=positive_float(),
+        help="stop (resumably) after this long (default: no limit)",
     )
     parser.add_argument(
         "--refit",
@@ -107,13 +155,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --refit: keep the selection run's model folder (OUT/selection/)",
     )
     parser.add_argument(
-        "--embeddings", help="frozen backbone: folder of embedding caches (stevs embed)"
+        "--embeddings",
+        help="frozen backbone: folder of embedding caches, stevs embed (default: embed on the fly)",
     )
     parser.add_argument(
         "--embedding-view", default="none", choices=VIEWS,
         help="frozen backbone / ridge_embed: test-time view of the embeddings",
     )  # fmt: skip
-    parser.add_argument("--threads", type=positive_int(), help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=positive_int(), help="torch CPU threads (default: torch's choice)"
+    )
 
 
 def _options(args: argparse.Namespace) -> TrainOptions:
@@ -151,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     resolve_device(args.device)  # also for ridge methods, which run on the CPU anyway
     out = check_writable(args.out)
+    ModelDir(out).check_replaceable()  # a folder of the user's at --out stays as it was
     handler = logging.FileHandler(out / LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("stevs").addHandler(handler)

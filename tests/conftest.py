@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,8 @@ def add_he_images(adata, slide: str, diameter_px: float = 20.0) -> None:
 def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> None:
     """``scanpy.pl.spatial(adata, color=gene)`` with default arguments draws the spots over the
     H&E: one library, hires uint8 at most 2000 px a side, every spot centre (x scale factor)
-    inside both images and on tissue (not white glass) in hires, an AxesImage of hires drawn."""
+    inside both images and on tissue (not white glass) in hires, an AxesImage of hires drawn;
+    and so does ``img_key=k`` for each of ``hires`` / ``lowres`` stored."""
     import warnings
 
     import matplotlib
@@ -191,16 +193,19 @@ def assert_draws_over_he(adata, gene: str, library_id: str | None = None) -> Non
     on_spots = shown[xy[:, 1], xy[:, 0]]
     assert (on_spots.min(axis=1) < 230).mean() > 0.8  # spot centres are on tissue, not glass
     assert entry["scalefactors"]["spot_diameter_fullres"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # scanpy recommends squidpy
-        warnings.simplefilter("ignore", PendingDeprecationWarning)  # scanpy's cmap.set_bad
-        axes = sc.pl.spatial(adata, color=gene, show=False)
-    try:
-        assert len(axes) == 1 and axes[0].get_title() == gene
-        drawn = [c for c in axes[0].get_children() if isinstance(c, AxesImage)]
-        assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == shown.shape[:2]
-    finally:
-        plt.close("all")
+    # the default key, then every key stored (img_key="lowres" as well as "hires")
+    for key, image in [(None, shown)] + [(k, entry["images"][k]) for k in keys]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scanpy recommends squidpy
+            warnings.simplefilter("ignore", PendingDeprecationWarning)  # scanpy's cmap.set_bad
+            chosen = {} if key is None else {"img_key": key}
+            axes = sc.pl.spatial(adata, color=gene, show=False, **chosen)
+        try:
+            assert len(axes) == 1 and axes[0].get_title() == gene
+            drawn = [c for c in axes[0].get_children() if isinstance(c, AxesImage)]
+            assert len(drawn) == 1 and drawn[0].get_array().shape[:2] == image.shape[:2], key
+        finally:
+            plt.close("all")
     assert_opens_in_squidpy_and_spatialdata(adata, gene, shown.shape[:2])
 
 
@@ -271,3 +276,22 @@ def run_snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         env=env,
         timeout=300,
     )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dry run (``snakemake -n -p``) of the workflow: where it ran and what it printed."""
+
+    cwd: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def demo_plan(tmp_path_factory) -> Plan:
+    """The demo's plan (config/demo.yaml, from an empty folder), shared by the tests that read
+    it: one dry run instead of one per test."""
+    cwd = tmp_path_factory.mktemp("demo_plan")
+    demo = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
+    result = run_snakemake("-n", "-p", "--cores", "2", "--configfile", str(demo), cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return Plan(cwd, result.stdout)

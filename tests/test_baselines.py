@@ -153,6 +153,22 @@ def test_reduce_rank_keeps_the_full_probe_when_every_gene_is_its_own_signal() ->
     assert ridge_probe.reduce_rank(full, x, y, groups).meta["rank"] == 0
 
 
+def test_one_gene_panel_fits_reduces_and_predicts_held_out_spots() -> None:
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(90, 6))
+    y = x[:, :1] * 2 + rng.normal(scale=0.1, size=(90, 1))
+    groups = np.repeat(["a", "b", "c"], 30)
+    full = ridge_probe.fit_ridge(x, y, groups, ["g0"])
+    assert full.coef.shape == (full.components.shape[0], 1)
+    x_new = rng.normal(size=(50, 6))
+    predicted = full.predict(x_new)
+    assert predicted.shape == (50, 1)
+    assert np.corrcoef(predicted[:, 0], x_new[:, 0])[0, 1] > 0.99
+    assert ridge_probe.reduce_rank(full, x, y, groups).meta["rank"] == 0
+    oof = ridge_probe.out_of_fold_predictions(x, y, groups, full.alpha)
+    assert oof.shape == (90, 1) and np.corrcoef(oof[:, 0], y[:, 0])[0, 1] > 0.99
+
+
 def test_train_predict_ridge_color_through_metrics(fold_file: Path, tmp_path: Path) -> None:
     model_dir = baselines.train_ridge(fold_file, "ridge_color", tmp_path / "models/ridge_color")
     names = {p.name for p in model_dir.iterdir()}

@@ -3,6 +3,7 @@ runs with one line naming the problem, and the merged config reaches the report.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +12,43 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_snakemake
+from conftest import Plan, run_snakemake
+from snakemake.utils import update_config, validate
 
 from stevs import metrics
 from stevs.cli import main
+from stevs.config_checks import in_schema_order, schema_problem, settings_problem
 from stevs.methods import METHOD_NAMES, REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-BASE = ROOT / "config" / "config.yaml"
+SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
+DEMO = ROOT / "config" / "demo.yaml"
+TEMPLATE = ROOT / "config" / "config.yaml"
 
 
 def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_snakemake(*args, cwd=cwd)
+
+
+def config_of(*files: Path, **top: object) -> dict:
+    """The config Snakemake builds from --configfile files (merged in order) and --config."""
+    config: dict = {}
+    for path in files:
+        update_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    update_config(config, top)
+    return config
+
+
+def problem_of(config: dict) -> str | None:
+    """What common.smk stops on (stevs.config_checks, the schema's defaults filled between),
+    without a Snakemake run."""
+    problem = schema_problem(config, SCHEMA)
+    if problem:
+        return problem
+    validate(config, str(SCHEMA_PATH))
+    return settings_problem(config)
 
 
 def overlay(tmp_path: Path, text: str, name: str = "overlay.yaml") -> Path:
@@ -94,25 +118,72 @@ def test_schema_rejects_unknown_keys_at_every_level():
     assert {k for k, v in objects.items() if v.get("additionalProperties") is not False} == set()
 
 
-def test_shipped_configs_pass_the_checks(tmp_path):
-    """config.yaml alone and with the .test overlay plan without a config error."""
-    for files in ([BASE], [BASE, ROOT / ".test" / "config" / "config.yaml"]):
-        result = snakemake(
-            "-n", "--configfile", *map(str, files), "--config", f"results={tmp_path}/r",
-            cwd=ROOT,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "rule train" in result.stdout
+def test_shipped_configs_pass_the_checks(demo_plan: Plan, tmp_path):
+    """The demo (its plan) and the tiny .test config (alone) plan without a config error."""
+    assert "rule train:" in demo_plan.stdout
+    test_config = ROOT / ".test" / "config" / "config.yaml"
+    result = snakemake(
+        "-n", "--configfile", str(test_config), "--config", f"results={tmp_path}/r", cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rule train:" in result.stdout and "rule predict_slide:" in result.stdout
 
 
 def test_her2st_configs_pass_the_checks(her2st_dir, tmp_path):
-    for extra in ([], [ROOT / "config" / "her2st_effnet.yaml"]):
-        files = [BASE, ROOT / "config" / "her2st.yaml", *extra]
-        result = snakemake(
-            "-n", "--configfile", *map(str, files), "--config", f"data_root={her2st_dir}",
-            cwd=ROOT,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
+    """Each her2st variant passes the config checks and its sheet reads; the effnet variant
+    also plans (one dry run for the three)."""
+    from stevs.io.samples import read_sample_sheet
+
+    her2st = ROOT / "config" / "her2st.yaml"
+    for extra in ([], ["her2st_effnet.yaml"], ["her2st_gpu.yaml"]):
+        files = [her2st, *(ROOT / "config" / name for name in extra)]
+        config = config_of(*files, data_root=str(her2st_dir))
+        assert problem_of(config) is None, extra
+        table = read_sample_sheet(ROOT / config["samples"], data_root=her2st_dir)
+        assert len(table) >= 4 and set(table["format"]) == {"st"}
+    files = [her2st, ROOT / "config" / "her2st_effnet.yaml"]
+    result = snakemake(
+        "-n", "--configfile", *map(str, files), "--config", f"data_root={her2st_dir}",
+        cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _template_lines() -> list[tuple[list[str], str, str]]:
+    """(key path, value text, comment) of every `key: value  # comment` line of the template."""
+    lines, path, list_depth = [], [], None
+    for line in TEMPLATE.read_text().splitlines():
+        body, _, comment = line.partition("#")
+        if not body.strip():
+            continue
+        depth = (len(body) - len(body.lstrip())) // 2
+        if body.lstrip().startswith("-"):  # a list item: its lines are no schema keys
+            list_depth = depth
+            continue
+        if list_depth is not None and depth > list_depth:
+            continue
+        list_depth = None
+        key, _, value = body.strip().partition(":")
+        path = [*path[:depth], key]
+        lines.append((path, value.strip(), comment))
+    return lines
+
+
+def test_template_config_is_valid_and_its_defaults_are_the_schemas():
+    """config/config.yaml (your own slides) passes the checks, names the sheet the README
+    says, runs nothing of the demo, and every value it marks "(default)" is the schema's."""
+    config = config_of(TEMPLATE)
+    assert problem_of(config) is None
+    assert config["samples"] == "config/samples.tsv" and config["demo"]["generate"] is False
+    assert config["results"] != config_of(DEMO)["results"]
+    assert [e["preset"] for e in config["encoders"]] == ["effnet_lite0_in1k"]
+    marked = [(path, value) for path, value, comment in _template_lines() if "(default)" in comment]
+    assert len(marked) > 25
+    for path, value in marked:
+        schema = SCHEMA
+        for key in path:
+            schema = schema["properties"][key]
+        assert yaml.safe_load(value) == schema["default"], ".".join(path)
 
 
 # ------------------------------------------------------------- bad configs stop before any job
@@ -178,34 +249,47 @@ DEMO_PREDICT = "predict_slides:\n  sheet: resources/demo/predict.tsv\n"
         ("folds:\n  gene_list: nope.txt\n", [], "config: folds.gene_list: nope.txt is not a file"),
     ],
 )
-def test_bad_config_stops_before_any_job(tmp_path, text, config_args, message):
+def test_bad_config_is_one_line_naming_the_problem(tmp_path, text, config_args, message):
+    """What the workflow stops on, checked as common.smk checks it (the wiring: below)."""
+    top = dict(arg.split("=", 1) for arg in config_args[1:])  # --config KEY=VALUE
+    problem = problem_of(config_of(DEMO, overlay(tmp_path, text), **top))
+    assert problem is not None and message in problem, problem
+    assert "\n" not in problem
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("trainng:\n  epochs: 2\n", "config: unknown key 'trainng' (did you mean 'training'?)"),
+        (
+            DEMO_PREDICT + "  model: stnet\nmethods: [stevs, ridge_color]\n",
+            "config: predict_slides.model 'stnet' is not one of the methods (stevs, ridge_color)",
+        ),
+    ],
+)
+def test_bad_config_stops_snakemake_before_any_job(tmp_path, text, message):
+    """A schema problem and a settings problem: Snakemake stops while parsing, with the one
+    line, before the DAG is built and before anything is written."""
     result = snakemake(
-        "-n", "--cores", "1", "--configfile", str(BASE), str(overlay(tmp_path, text)),
-        *config_args, cwd=tmp_path,
+        "-n", "--cores", "1", "--configfile", str(DEMO), str(overlay(tmp_path, text)),
+        cwd=tmp_path,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert message in output, output
-    # one line, before the DAG is built and before anything is written
     assert len([line for line in output.splitlines() if line.startswith("config: ")]) == 1
     assert "Building DAG" not in output and "Job stats" not in output
     assert not (tmp_path / "results").exists()
 
 
 def test_he_only_methods_are_accepted_for_predict_slides(tmp_path):
-    """The rejection above is the registry's: every H&E-capable method passes."""
-    from stevs.methods import check_he_only
-
+    """The rejection above is the registry's: every H&E-capable method passes the workflow's
+    checks as the model of H&E-only slides (with the demo's encoders)."""
     able = [name for name, method in REGISTRY.items() if method.he_only]
-    assert "stevs" in able and "ridge_color" not in able
-    assert all(check_he_only(name).name == name for name in able)  # the workflow's check
-    for name in ("stnet",):  # one planned run beside the default (a dry run is ~12 s)
+    assert "stevs" in able and "stnet" in able and "ridge_color" not in able
+    for name in able:
         text = f"{DEMO_PREDICT}  model: {name}\nmethods: [{name}]\n"
-        result = snakemake(
-            "-n", "--configfile", str(BASE), str(overlay(tmp_path, text)), cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert f"results/models/cpu_small/{name}/seed0/fold0/model.safetensors" in result.stdout
+        assert problem_of(config_of(DEMO, overlay(tmp_path, text))) is None, name
 
 
 # ----------------------------------------------------------- the merged config and the report
@@ -239,16 +323,20 @@ def _fake_metrics(root: Path) -> Path:
 
 def test_merged_config_reaches_the_report(tmp_path):
     """Two config files: {results}/config.yaml holds what Snakemake ran with (the second
-    file's values, the first's and the schema's defaults) and the report shows that file."""
+    file's values, the first's and the schema's defaults, nothing of config/config.yaml) and
+    the report shows that file; without --configfile, config/config.yaml is the config."""
     second = overlay(
         tmp_path,
         "results: out/exp2\ntraining:\n  epochs: 7\n  seeds: [11, 12]\n"
         "  extra_args: \"--lr 3e-4 'it''s' $HOME `x`\"\nmethods: [stevs, stnet]\n",
         "second.yaml",
     )
+    # the Snakefile's configfile directive reads config/config.yaml only without --configfile
+    directive = yaml.safe_load(DEMO.read_text())
+    directive["results"], directive["folds"]["n_genes"] = "out/default", 77
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(BASE.read_text())  # the directive's file
-    configs = ("--configfile", str(BASE), str(second))
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(directive))
+    configs = ("--configfile", str(DEMO), str(second))
     plan = snakemake("-n", "-p", *configs, cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
     report_cmd = [line for line in plan.stdout.splitlines() if "stevs report" in line]
@@ -261,7 +349,7 @@ def test_merged_config_reaches_the_report(tmp_path):
     assert merged["training"]["epochs"] == 7 and merged["training"]["seeds"] == [11, 12]
     assert merged["methods"] == ["stevs", "stnet"]
     assert merged["training"]["extra_args"] == "--lr 3e-4 'it''s' $HOME `x`"  # written verbatim
-    assert merged["folds"]["n_genes"] == 60  # the first file (config.yaml)
+    assert merged["folds"]["n_genes"] == 60  # the first file (demo.yaml), not the directive's
     assert merged["demo"]["generate"] is True
     assert [e["preset"] for e in merged["encoders"]] == ["cpu_small", "effnet_lite0_in1k"]
     assert merged["training"]["refit"] is True and merged["embeddings"]["view"] == "none"
@@ -269,15 +357,21 @@ def test_merged_config_reaches_the_report(tmp_path):
     # unchanged config: nothing to do; a changed one rewrites the file (params trigger)
     again = snakemake("-n", *configs, "--", "out/exp2/config.yaml", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout
-    # the same settings merged in another order (config/config.yaml read by the Snakefile's
-    # configfile directive, after the --configfile files) give the same text: nothing to do
-    alone = snakemake("-n", "--configfile", str(second), "--", "out/exp2/config.yaml", cwd=tmp_path)
-    assert "Nothing to be done" in alone.stdout + alone.stderr, alone.stdout
     changed = snakemake(
         "-n", *configs, "--config", "data_root=x", "--", "out/exp2/config.yaml", cwd=tmp_path
     )
     assert "rule write_config" in changed.stdout, changed.stdout
     assert "Params have changed" in changed.stdout
+    # no --configfile: the directive's file
+    default = snakemake("--cores", "1", "--", "out/default/config.yaml", cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    assert yaml.safe_load((tmp_path / "out/default/config.yaml").read_text())["folds"] == {
+        **merged["folds"], "n_genes": 77
+    }  # fmt: skip
+    # the same settings in another key order give the same text (write_config's parameter)
+    shuffled = dict(reversed(list(merged.items())))
+    assert in_schema_order(shuffled, SCHEMA) == in_schema_order(merged, SCHEMA)
+    assert list(in_schema_order(shuffled, SCHEMA)) == list(merged)
 
     out = tmp_path / "report"
     argv = ["report", "--metrics", str(_fake_metrics(tmp_path)), "--config", str(merged_path)]
@@ -287,3 +381,61 @@ def test_merged_config_reaches_the_report(tmp_path):
     assert "n_genes: 60" in page
     assert "training.seeds 11,12" in page and "folds.seed 0" in page
     assert "None" not in page.split("seeds (config)")[1].split("</p>")[0]
+
+
+def _own_slides_commands() -> list[str]:
+    """The command lines of README's "Running on your own slides" first code block."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running on your own slides\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_readme_own_slides_section_works_as_written(tmp_path):
+    """README's own-slides commands, run in a copy of the checkout's config/ (a sheet from
+    the Visium template pointing at stand-in files): the venv to activate, the template to
+    copy and the config that plans."""
+    commands = _own_slides_commands()
+    assert commands == [
+        "make install",
+        "source .venv/bin/activate",
+        "cp config/samples_visium.tsv config/samples.tsv",
+        "snakemake -n --cores 8",
+        "snakemake --cores 8",
+    ], commands
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\ninstall: $(STAMP)" in makefile and "VENV ?= .venv" in makefile  # what it activates
+    for line in (ROOT / "README.md").read_text().splitlines():  # the other template it names
+        assert "config/samples_st.tsv" not in line or (ROOT / "config/samples_st.tsv").is_file()
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    subprocess.run(commands[2].split(), cwd=tmp_path, check=True)
+    # the user's edit: the template's columns, rows pointing at files that exist
+    sheet = tmp_path / "config" / "samples.tsv"
+    header = next(x for x in sheet.read_text().splitlines() if not x.startswith("#"))
+    rows = []
+    for slide, patient in (("S1", "P1"), ("S2", "P1"), ("S3", "P2")):
+        (tmp_path / "data" / slide / "outs").mkdir(parents=True)
+        (tmp_path / "data" / slide / "image.tif").write_bytes(b"x")
+        rows.append(
+            f"{slide}\t{patient}\t../data/{slide}/image.tif\t../data/{slide}/outs\tvisium\t\t"
+        )
+    sheet.write_text("\n".join([header, *rows]) + "\n")
+    result = snakemake(*commands[3].split()[1:], cwd=tmp_path)  # config/config.yaml
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rule embed_slide:" in result.stdout and "rule report:" in result.stdout
+    assert "results/my_slides/models/effnet_lite0_in1k-frozen/stevs/seed2/fold0" in result.stdout
+    assert "results/my_slides/slides/S3.h5ad" in result.stdout
+
+
+def test_sample_sheet_templates_read_as_their_format():
+    from stevs.io.samples import read_sample_sheet
+
+    for name, fmt in (("samples_visium.tsv", "visium"), ("samples_st.tsv", "st")):
+        path = ROOT / "config" / name
+        table = read_sample_sheet(path, check_paths=False, require_patient=True)
+        assert len(table) >= 3 and set(table["format"]) == {fmt}, name
+        assert table["patient"].nunique() >= 2  # leave_one_patient_out, config.yaml's scheme
+        comments = [x for x in path.read_text().splitlines() if x.startswith("#")]
+        for column in ("slide_id", "patient", "image", "expression", "format", "spots", "mpp"):
+            assert any(x.startswith(f"#   {column} ") for x in comments), (name, column)
+        assert all(table["spots"].astype(bool)) == (fmt == "st")

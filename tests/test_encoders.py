@@ -4,7 +4,6 @@ through the embed step, published weight layouts loaded offline, ``stevs encoder
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from stevs.cli import main
 from stevs.embed import embed_patches, embedding_key
 from stevs.errors import StevsInputError
 from stevs.models import BackboneSpec, ImageBackbone, get_preset
-from stevs.models.presets import ENCODERS, PRESETS
+from stevs.models.presets import ENCODERS, PRESETS, scaled_down
 
 torch.set_num_threads(1)
 
@@ -26,21 +25,8 @@ torch.set_num_threads(1)
 
 
 def tiny(spec: BackboneSpec, width: int = 32) -> BackboneSpec:
-    """The same timm class and options at a tiny depth and width, random weights (layer
-    scale starts at 1, not 1e-5, so that a random model's tokens depend on the image)."""
-    if spec.pooling == "stages":
-        return replace(spec, weights="none", img_size=32)
-    patch = int(spec.timm_kwargs.get("patch_size") or re.search(r"patch(\d+)", spec.name)[1])
-    kwargs = {**spec.timm_kwargs, "embed_dim": width, "depth": 2, "num_heads": 2}
-    kwargs["init_values"] = 1.0
-    kwargs["img_size"] = 2 * patch
-    return replace(
-        spec,
-        timm_kwargs=kwargs,
-        img_size=2 * patch,
-        weights="none",
-        pool_dim=16 if spec.pool_dim else 0,
-    )
+    """The same timm class and options at a tiny depth and width, random weights."""
+    return scaled_down(spec, width)
 
 
 def on_meta(spec: BackboneSpec) -> ImageBackbone:

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +51,8 @@ def test_conda_env_names_channels_and_pins():
     torch_pin = next(d for d in conda if "::pytorch " in d).split("=")[1]
     assert pinned["torch"].startswith(torch_pin + ".")  # the version the tests ran with
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert "-e .." in pip, "the checkout's stevs package must be installed into the env"
+    # nothing that depends on where the file lies: Snakemake copies it to .snakemake/conda/
+    assert not [p for p in pip if p.startswith(("-e", ".", "/"))], pip
     covered = set(channels) | {generate.package_name(p) for p in pip}
     for name in generate.requirements(generate.ENV_EXTRAS):
         names = [c.split("::")[1] for c in generate.CONDA.get(name, [f"conda-forge::{name}"])]
@@ -59,3 +64,47 @@ def test_every_rule_uses_the_env():
         text = rules.read_text()
         n_rules = len(re.findall(r"^rule \w+:", text, flags=re.M))
         assert text.count('conda:\n        "../../envs/stevs.yaml"') == n_rules, rules.name
+
+
+def _run_post_deploy(tmp_path: Path, source: str | None) -> subprocess.CompletedProcess:
+    """The post-deploy script as Snakemake runs it: copied to .snakemake/conda/<hash>.post-
+    deploy.sh, run from the working directory with the env's `python` first on PATH (here a
+    stub that records its arguments)."""
+    from snakemake.sourcecache import LocalSourceFile
+
+    found = LocalSourceFile(str(ROOT / "envs" / "stevs.yaml")).replace_suffix(
+        [".yaml", ".yml"], ".post-deploy.sh"
+    )  # where Snakemake looks for it
+    script = Path(found.get_path_or_uri(secret_free=True))
+    assert script.is_file(), script
+    copy = tmp_path / "work" / ".snakemake" / "conda" / "0123abcd.post-deploy.sh"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(script, copy)
+    bin_dir = tmp_path / "env" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/python.args\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "STEVS_SOURCE"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    if source is not None:
+        env["STEVS_SOURCE"] = source
+    return subprocess.run(
+        ["bash", str(copy)], cwd=copy.parents[2], env=env, capture_output=True, text=True
+    )
+
+
+def test_post_deploy_installs_the_checkout_from_a_copy_of_the_script(tmp_path):
+    result = _run_post_deploy(tmp_path, str(ROOT))
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "python.args").read_text().split()
+    assert args == ["-m", "pip", "install", "--no-deps", "--editable", str(ROOT)]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [(None, "STEVS_SOURCE is not set"), ("/nonexistent", "holds no pyproject.toml")],
+)
+def test_post_deploy_without_the_checkout_fails_naming_it(tmp_path, source, message):
+    result = _run_post_deploy(tmp_path, source)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not (tmp_path / "python.args").exists()

@@ -22,7 +22,7 @@ from stevs.io.embedding_cache import EmbeddingCache, EmbeddingKey, write_embeddi
 from stevs.io.fold_file import Fold, write_fold
 from stevs.io.model_dir import ModelDir
 from stevs.report import compare_to_baselines, summarise_methods
-from stevs.report.tables import paired_test
+from stevs.report.tables import leaderboard, paired_test, verdict_line
 
 torch.set_num_threads(1)
 EFFNET = "effnet_lite0_in1k"
@@ -299,3 +299,44 @@ def test_paired_test_below_five_slides_says_too_few():
     row = paired_test(pd.Series(np.arange(5.0), index=list("abcde")),
                       pd.Series(np.arange(5.0) - 1, index=list("abcde")))  # fmt: skip
     assert row["slide_wilcoxon_p"] == pytest.approx(0.0625)  # all 5 ahead: the smallest p
+
+
+def test_leaderboard_leads_each_encoder_and_says_whether_it_beats_the_noise():
+    """The report's first screen: per encoder, the leader against the runner-up, the
+    encoder-free floor ranked beside each encoder's methods; the slide-level test when there
+    are enough held-out slides, "too few slides to test" below 5."""
+    per_gene, folds = _runs(n_folds=6)
+    second = {"stevs": -0.2, "ridge_embed": 0.0}  # on enc2 the probe leads
+    extra_gene = per_gene[per_gene["encoder"] == "enc"].assign(encoder="enc2")
+    extra_gene["pearson_r"] += extra_gene["method"].map(second)
+    extra_fold = folds[folds["encoder"] == "enc"].assign(encoder="enc2")
+    extra_fold["pearson_r_mean_headline"] += extra_fold["method"].map(second)
+    per_gene = pd.concat([per_gene, extra_gene], ignore_index=True)
+    folds = pd.concat([folds, extra_fold], ignore_index=True)
+    board = leaderboard(per_gene, folds)
+    assert set(board["group"]) == {"enc", "enc2"}  # ridge_color (no encoder) joins both
+    enc = board[board["group"] == "enc"].set_index("method")
+    assert enc["rank"].to_dict() == {"stevs": 1, "ridge_embed": 2, "ridge_color": 3}
+    assert enc.loc["stevs", "against"] == "ridge_embed"
+    assert enc.loc["ridge_color", "against"] == "stevs"  # the others against the leader
+    expected = compare_to_baselines(per_gene, folds).set_index("encoder").loc["enc"]
+    assert enc.loc["stevs", "slide_wilcoxon_p"] == pytest.approx(expected["slide_wilcoxon_p"])
+    line = verdict_line("enc", board[board["group"] == "enc"])
+    assert line.startswith("On enc: stevs leads with headline r")
+    assert "over ridge_embed" in line and "of 6 held-out slides, 3 seeds" in line
+    assert "more than the noise (Wilcoxon over 6 slides: p = 0.031)" in line
+    enc2 = board[board["group"] == "enc2"]
+    assert enc2.iloc[0]["method"] == "ridge_embed"
+    assert verdict_line("enc2", enc2).startswith("On enc2: ridge_embed leads")
+    few_gene, few_folds = _runs(n_folds=3)
+    few = leaderboard(few_gene, few_folds)
+    assert "too few slides to test whether this is more than the noise (3 held-out" in (
+        verdict_line("enc", few)
+    )
+
+
+def test_a_single_method_has_a_first_screen_too():
+    per_gene, folds = _runs()
+    alone = leaderboard(per_gene[per_gene["method"] == "stevs"], folds[folds["method"] == "stevs"])
+    assert len(alone) == 1 and alone.iloc[0]["against"] == ""
+    assert verdict_line("enc", alone).startswith("On enc: only stevs ran (headline r 0.5")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import write_patch_cache
+from fault_catalogue import CATALOGUE, CLEAR, OUTCOMES, RIGHT, counts, params, table
 from safetensors.torch import load_file
 from test_predict_slide import untrained_model
 from test_train import TINY_PRESET, TinySpots, normalisation, run_training
@@ -34,46 +36,40 @@ from stevs.models import create_model
 from stevs.training.loop import train_model
 from stevs.training.options import TrainOptions
 
-#: fault classes with their test in the module's own test file
-ELSEWHERE = {
-    "resume of another run's checkpoint": "test_train.py::"
-    "test_checkpoint_of_another_run_is_not_resumed",
-    "killed training resumes to the same weights": "test_train.py::"
-    "test_run_killed_after_an_epoch_resumes_to_the_same_weights",
-    "patch cache at another scale than the model's": "test_predict.py::"
-    "test_patches_at_another_scale_are_refused_naming_both",
-    "weights with NaN values": "test_predict.py::test_corrupt_weights_give_an_error_and_no_file",
-    "unseeded predictive std": "test_predict.py::test_predictions_are_byte_identical_on_rerun",
-    "--epochs 0": "test_train.py::test_zero_epochs_is_an_error",
-    "--batch-size 0 (predict)": "test_predict.py::test_batch_size_zero_is_one_clear_line",
-    "--patch-px 0, a patch resolution out of range (tile)": "test_tiling.py::"
-    "test_cli_reports_bad_input_naming_the_file",
-    "16-bit TIFF with 8-bit values, RGBA, grey": "test_slide.py::"
-    "test_rgba_grey_and_16bit_images_are_converted",
-    "missing model / other panel": "test_predict.py::"
-    "test_predict_refuses_a_missing_model_and_another_panel",
-    "unknown config keys, demo.generate with a custom sheet": "test_config.py::"
-    "test_bad_config_stops_before_any_job",
-    "bad sample sheet in the workflow": "test_workflow.py::"
-    "test_bad_sample_sheet_stops_before_running",
-    "spots off the image, NaN coordinates, another image": "test_tiling.py::"
-    "test_slide_adata_from_another_image_is_refused, test_nan_coordinates_are_refused",
-    "nonsense patch settings": "test_tiling.py::test_nonsense_patch_settings",
-    "unreadable slide level": "test_tiling.py::test_unreadable_level_is_reported_with_the_file",
-    "malformed fold files": "test_folds.py::test_read_fold_rejects_broken_or_leaky_files",
-}
-
 PATCH_PX, PATCH_UM = 64, 128  # cpu_small's 64 px at 2 µm/px, the demo's own resolution
+#: tests here that check the catalogue or the fixture, not a fault
+META_TESTS = {
+    "test_every_case_names_a_test_that_is_there",
+    "test_every_test_here_is_a_catalogued_case",
+    "test_docs_faults_md_shows_the_catalogue",
+    "test_every_subcommand_runs_on_the_fixture",
+}
+DOCS = Path(__file__).parents[1] / "docs" / "faults.md"
 
 
-def test_the_catalogue_points_at_tests_that_exist():
-    """Every fault class tested elsewhere names a test that is there."""
+def test_every_case_names_a_test_that_is_there():
+    """Each case of the catalogue names a test function of the file it names."""
     here = Path(__file__).parent
-    for fault, where in ELSEWHERE.items():
-        module, names = where.split("::")
-        text = (here / module).read_text(encoding="utf-8")
-        for name in names.split(", "):
-            assert f"def {name}(" in text, (fault, module, name)
+    for case in CATALOGUE:
+        module, name = case.test.split("::")
+        assert f"def {name}(" in (here / module).read_text(encoding="utf-8"), case
+        assert case.outcome in OUTCOMES, case
+    nodes = [case.node for case in CATALOGUE]
+    assert len(nodes) == len(set(nodes)), "a case listed twice"
+
+
+def test_every_test_here_is_a_catalogued_case():
+    """No test of this file outside the catalogue: the counts are the tests' own."""
+    tests = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(encoding="utf-8"), re.M))
+    catalogued = {c.test.split("::")[1] for c in CATALOGUE if c.test.startswith("test_faults.py")}
+    assert tests - META_TESTS == catalogued
+
+
+def test_docs_faults_md_shows_the_catalogue():
+    """docs/faults.md holds the counts and the list `python tests/fault_catalogue.py` prints."""
+    total = counts()
+    assert total["tried"] == total[CLEAR] + total[RIGHT] > 100
+    assert table() in DOCS.read_text(encoding="utf-8"), "run: python tests/fault_catalogue.py"
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
@@ -254,11 +250,6 @@ def commands(run: dict[str, Path], out: Path) -> dict[str, list[object]]:
     }
 
 
-SUBCOMMANDS = ["demo", "ingest", "tile", "folds", "train", "predict", "evaluate", "report",
-               "predict-slide"]  # fmt: skip
-DEVICE_SUBCOMMANDS = ["train", "predict", "predict-slide"]
-
-
 def test_every_subcommand_runs_on_the_fixture(run, tmp_path, capsys):
     """The command lines below work, so each fault test fails for its fault only."""
     for name in ("tile", "folds", "evaluate"):
@@ -270,7 +261,7 @@ def test_every_subcommand_runs_on_the_fixture(run, tmp_path, capsys):
 # -- outputs: full disk, read-only folder -------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", SUBCOMMANDS)
+@pytest.mark.parametrize("name", params("test_full_disk_is_one_line_naming_the_output"))
 def test_full_disk_is_one_line_naming_the_output(run, tmp_path, capsys, monkeypatch, name):
     """The disk fills while the first output is finished: one line, nothing left behind."""
 
@@ -284,7 +275,7 @@ def test_full_disk_is_one_line_naming_the_output(run, tmp_path, capsys, monkeypa
     assert files_under(out) == []  # neither outputs nor their temporary files
 
 
-@pytest.mark.parametrize("name", SUBCOMMANDS)
+@pytest.mark.parametrize("name", params("test_read_only_folder_is_one_line_naming_it"))
 def test_read_only_folder_is_one_line_naming_it(run, tmp_path, capsys, monkeypatch, name):
     """No file can be created in the output folder (what chmod 555 does for a non-root user)."""
 
@@ -351,7 +342,7 @@ def test_stale_temporary_files_of_a_killed_run_are_removed(run, tmp_path, capsys
 # -- devices ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", DEVICE_SUBCOMMANDS)
+@pytest.mark.parametrize("name", params("test_cuda_without_a_gpu_is_one_line"))
 def test_cuda_without_a_gpu_is_one_line(run, tmp_path, capsys, monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
@@ -362,7 +353,7 @@ def test_cuda_without_a_gpu_is_one_line(run, tmp_path, capsys, monkeypatch, name
     assert files_under(out) == []
 
 
-@pytest.mark.parametrize("name", DEVICE_SUBCOMMANDS)
+@pytest.mark.parametrize("name", params("test_bogus_device_name_is_one_line"))
 def test_bogus_device_name_is_one_line(run, tmp_path, capsys, name):
     out = tmp_path / "out"
     argv = commands(run, out)[name]
@@ -383,36 +374,10 @@ def demo_rows(run: dict[str, Path]) -> pd.DataFrame:
     return sheet
 
 
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda t: None, "the sample sheet is empty (0 bytes)"),
-        (lambda t: t.iloc[:0], "sample sheet has no rows"),
-        (lambda t: t.drop(columns="format"), "missing column(s) format"),
-        (lambda t: t.assign(slide_id="demo_1"), "row 3 (slide 'demo_1'): duplicate slide_id"),
-        (lambda t: t.assign(format="visum"), "format 'visum' unknown"),
-        (lambda t: t.assign(mpp="two"), "mpp 'two' is not a number"),
-        (lambda t: t.assign(mpp="-1"), "mpp must be positive"),
-        (lambda t: t.assign(mpp="250"), "mpp 250 µm/px is outside 0.05-20 µm/px"),
-        (lambda t: t.assign(image="/nowhere/x.tif"), "image '/nowhere/x.tif' does not exist"),
-        (lambda t: t.assign(slide_id="demo 1"), "slide_id must be"),
-    ],
-    ids=[
-        "zero-bytes",
-        "no-rows",
-        "no-format",
-        "duplicate-id",
-        "bad-format",
-        "mpp-text",
-        "mpp-negative",
-        "mpp-range",
-        "missing-image",
-        "bad-id",
-    ],  # fmt: skip
-)
+@pytest.mark.parametrize(("edit", "message"), params("test_bad_sample_sheet_is_one_line_naming_it"))
 def test_bad_sample_sheet_is_one_line_naming_it(run, tmp_path, capsys, edit, message):
     sheet = tmp_path / "samples.tsv"
-    table = edit(demo_rows(run))
+    table = None if edit is None else edit(demo_rows(run))
     if table is None:
         sheet.write_bytes(b"")
     else:
@@ -687,7 +652,9 @@ def ridge_fold0(run, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["stevs", "ridge_color"])
+@pytest.mark.parametrize(
+    "kind", params("test_a_model_is_not_applied_to_a_fold_normalised_otherwise")
+)
 def test_a_model_is_not_applied_to_a_fold_normalised_otherwise(run, ridge_fold0, tmp_path,
                                                                capsys, kind):  # fmt: skip
     """Was: log1p_cp10k predictions written as `raw` values, exit 0."""
@@ -704,7 +671,7 @@ def test_a_model_is_not_applied_to_a_fold_normalised_otherwise(run, ridge_fold0,
     assert files_under(tmp_path / "out") == []
 
 
-@pytest.mark.parametrize("kind", ["stevs", "ridge_color"])
+@pytest.mark.parametrize("kind", params("test_a_model_is_not_applied_to_its_own_training_slides"))
 def test_a_model_is_not_applied_to_its_own_training_slides(run, ridge_fold0, tmp_path, capsys,
                                                            kind):  # fmt: skip
     """fold0's model on fold1 (same panel), whose test slide demo_2 trained fold0's model.
@@ -759,7 +726,7 @@ def test_export_over_a_users_folder_leaves_it_untouched(run, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_1.zarr", "mydata"]
 
 
-@pytest.mark.parametrize("where", ["at", "under"])
+@pytest.mark.parametrize("where", params("test_export_at_or_under_a_regular_file_is_one_line"))
 def test_export_at_or_under_a_regular_file_is_one_line(run, tmp_path, capsys, where):
     """Was a FileExistsError / NotADirectoryError traceback (under) or a replaced file (at)."""
     pytest.importorskip("spatialdata")
@@ -813,7 +780,7 @@ def test_a_prediction_of_part_of_the_test_spots_is_not_scored(run, tmp_path, cap
     assert summary.loc[0, "n_spots"] == 10
 
 
-@pytest.mark.parametrize("how", ["recorded slide", "barcodes", "normalisation"])
+@pytest.mark.parametrize("how", params("test_a_prediction_of_another_slide_names_the_prediction"))
 def test_a_prediction_of_another_slide_names_the_prediction(run, tmp_path, capsys, how):
     """demo_2's prediction saved as demo_1.h5ad. Was: an error blaming the ground truth
     (the slide AnnData's 'unknown spot barcodes'). Also: raw values scored as log values."""
@@ -930,6 +897,94 @@ def test_file_writers_replace_only_their_own_kind(run, tmp_path, capsys):
         assert code == 0, err
 
 
+def write_users_file(path: Path, kind: str) -> None:
+    """A file of the user's, of ``kind``, at ``path``."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "png":  # a picture of theirs (no stevs marker)
+        Image.new("RGB", (8, 8), "red").save(path)
+        return
+    text = {
+        "tsv": "sample\tcount\nA\t3\n",
+        "json": '{"my": "settings"}\n',
+        "html": "<!DOCTYPE html><html><body>my page</body></html>\n",
+        "csv": "name,value\nA,1\n",
+        "text": "my notes\n",
+    }[kind]
+    path.write_text(text, encoding="utf-8")
+
+
+def writer_argv(run: dict[str, Path], command: str, out: Path) -> list[object]:
+    """The working command line of ``command`` writing under ``out`` (tile: with --qc)."""
+    argv = commands(run, out)[command]
+    return [*argv, "--qc", out / "qc.png"] if command == "tile" else argv
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "kind"), params("test_a_users_file_at_an_output_path_is_left_untouched")
+)
+def test_a_users_file_at_an_output_path_is_left_untouched(run, tmp_path, capsys, command, name,
+                                                          kind):  # fmt: skip
+    """A file of the user's where a writer writes (evaluate's TSVs, a fold JSON, the report's
+    page and tables, a model folder's files, predict-slide's and tile's pictures): refused
+    before any work, naming it, byte-identical, nothing else written. Was: replaced."""
+    out = tmp_path / "out"
+    target = out / name
+    write_users_file(target, kind)
+    before = target.read_bytes()
+    code, err = run_cli(capsys, *writer_argv(run, command, out))
+    assert_one_line_error(code, err, f"{target}: exists and is not an earlier output")
+    assert target.read_bytes() == before
+    assert files_under(out) == ([] if name.endswith(".log") else [name])
+
+
+@pytest.mark.parametrize("command", params("test_a_rerun_replaces_its_own_earlier_outputs"))
+def test_a_rerun_replaces_its_own_earlier_outputs(run, tmp_path, capsys, command):
+    """What a writer wrote, it replaces on a rerun (Snakemake's reruns, a user's)."""
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *writer_argv(run, command, out))
+    assert code == 0, err
+    first = files_under(out)
+    assert first
+    code, err = run_cli(capsys, *writer_argv(run, command, out))
+    assert code == 0, err
+    assert files_under(out) == first
+
+
+@pytest.mark.parametrize(
+    ("factors", "message"), params("test_spaceranger_png_with_broken_scale_factors_is_one_line")
+)
+def test_spaceranger_png_with_broken_scale_factors_is_one_line(run, tmp_path, capsys, factors,
+                                                               message):  # fmt: skip
+    """Space Ranger's hires PNG as the image, its scale factors unreadable or without its
+    scale factor: one line naming scalefactors_json.json, no slide written."""
+    from PIL import Image
+
+    spatial = tmp_path / "spatial"
+    spatial.mkdir()
+    Image.new("RGB", (64, 64), "white").save(spatial / "tissue_hires_image.png")
+    (spatial / "scalefactors_json.json").write_text(factors, encoding="utf-8")
+    table = demo_rows(run).assign(spots="")
+    table.loc[table["slide_id"] == "demo_1", "image"] = str(spatial / "tissue_hires_image.png")
+    sheet = tmp_path / "samples.tsv"
+    table.to_csv(sheet, sep="\t", index=False)
+    out = tmp_path / "out" / "demo_1.h5ad"
+    code, err = run_cli(capsys, "ingest", "--sample-sheet", sheet, "--slide-id", "demo_1",
+                        "--out", out)  # fmt: skip
+    assert_one_line_error(code, err, str(spatial / "scalefactors_json.json"), message)
+    assert not out.exists()
+
+
+def test_a_test_slide_without_a_prediction_is_not_scored(run, tmp_path, capsys):
+    """A predictions folder lacking a test slide's file: the file is named, nothing scored."""
+    empty = tmp_path / "pred"
+    empty.mkdir()
+    code, err = run_cli(capsys, *evaluate_argv(run, empty, tmp_path / "out"))
+    assert_one_line_error(code, err, f"{empty / 'demo_1.h5ad'}: no prediction for test slide")
+    assert files_under(tmp_path / "out") == []
+
+
 # -- numbers nobody checks (issue 25) ----------------------------------------------------------
 
 SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
@@ -988,29 +1043,7 @@ def test_every_numeric_option_refuses_out_of_range_values(capsys):
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["train", "--lr", "nan"], "argument --lr: must be > 0, got nan"),
-        (["train", "--lr=-1"], "argument --lr: must be > 0, got -1"),
-        (["train", "--lr", "0", "--lr-backbone", "0"], "argument --lr: must be > 0, got 0"),
-        (["train", "--patience", "-1"], "argument --patience: must be a whole number >= 1"),
-        (["train", "--latent-dim", "0"], "argument --latent-dim: must be a whole number >= 1"),
-        (["folds", "--n-headline", "-3"], "argument --n-headline: must be a whole number >= 1"),
-        (["folds", "--n-headline", "0"], "argument --n-headline: must be a whole number >= 1"),
-        (["train", "--workers", "-1"], "argument --workers: must be a whole number >= 0"),
-        (["predict", "--workers", "-1"], "argument --workers: must be a whole number >= 0"),
-    ],
-    ids=[
-        "lr-nan",
-        "lr-negative",
-        "lr-zero",
-        "patience",
-        "latent-dim",
-        "headline-negative",
-        "headline-zero",
-        "train-workers",
-        "predict-workers",
-    ],  # fmt: skip
+    ("argv", "message"), params("test_the_issues_numbers_are_refused_before_any_work")
 )
 def test_the_issues_numbers_are_refused_before_any_work(run, tmp_path, capsys, argv, message):
     """The cases of issue 25 on otherwise working command lines: nothing is written."""
@@ -1060,7 +1093,9 @@ def test_every_numeric_config_key_has_a_range_within_its_options():
 # -- inputs that look fine and are not (issue 25) ------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["stripped", "tiled", "tiled-sampled", "max-tag"])
+@pytest.mark.parametrize(
+    "layout", params("test_16_bit_tiff_of_12_bit_data_is_scaled_by_its_bit_depth")
+)
 def test_16_bit_tiff_of_12_bit_data_is_scaled_by_its_bit_depth(tmp_path, monkeypatch, layout):
     """A scanner's 12-bit samples in a 16-bit TIFF (white at 4095): was scaled by 65535,
     near-black patches (at most 16 of 255). Now the same pixels as the 8-bit image."""
@@ -1101,14 +1136,7 @@ def test_16_bit_png_of_12_bit_grey_is_scaled_by_its_bit_depth(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("rename", "message"),
-    [
-        ({"mpp": "mmp"}, "unknown column 'mmp': did you mean 'mpp'?"),
-        ({"patient": "patients"}, "unknown column 'patients': did you mean 'patient'?"),
-        ({"image": "imgae"}, "unknown column 'imgae': did you mean 'image'?"),
-        ({"spots": "Spots"}, "unknown column 'Spots': did you mean 'spots'?"),
-    ],
-    ids=["mmp", "patients", "imgae", "case"],
+    ("rename", "message"), params("test_a_sample_sheet_column_typo_is_refused_with_did_you_mean")
 )
 def test_a_sample_sheet_column_typo_is_refused_with_did_you_mean(
     run, tmp_path, capsys, rename, message
@@ -1176,7 +1204,7 @@ def test_never_detected_genes_do_not_fill_up_a_panel(caplog):
     assert "genes.txt: 6 listed genes are never detected in the training spots" in caplog.text
 
 
-@pytest.mark.parametrize("case", ["half-scale", "another-section"])
+@pytest.mark.parametrize("case", params("test_spots_partly_on_glass_are_refused"))
 def test_spots_partly_on_glass_are_refused(run, tmp_path, capsys, case):
     """Coordinates at half scale, or a section's expression with another section's image:
     a share of the spots on glass, the rest on tissue. Was: exit 0 (the check fired only

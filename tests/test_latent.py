@@ -167,11 +167,13 @@ def test_train_writes_the_analysis_of_its_weights_and_the_report_shows_it(fold_p
     # an analysis of other weights than the folder's is not read as this model's
     folder.weights_path.write_bytes(folder.weights_path.read_bytes() + b" ")
     assert folder.read_latent() is None and latent_section(models) == ""
-    folder.latent_path.write_text("{not json")
-    with pytest.raises(StevsInputError, match="latent.json"):
-        folder.read_latent()
     folder.remove()
     assert not folder.latent_path.exists()
+    other = ModelDir(tmp_path / "other")
+    other.path.mkdir()
+    other.latent_path.write_text("{not json")
+    with pytest.raises(StevsInputError, match="latent.json"):
+        other.read_latent()
 
 
 def test_a_rerun_keeps_the_analysis_of_unchanged_weights(fold_path, tmp_path):

@@ -560,3 +560,15 @@ def test_methods_table_is_the_registry_s_torch_switches():
     assert "ridge_color" not in METHODS
     config = STevsConfig.for_method("stevs_concat", n_genes=3, backbone=TINY_SWIN)
     assert config.combine == "concat" and config.align is None
+
+
+def test_create_model_refuses_latent_dim_zero_instead_of_using_the_presets():
+    from stevs.models import create_model
+
+    preset = get_preset("cpu_small")
+    genes = [f"g{i}" for i in range(4)]
+    assert create_model("stevs", preset, genes, None, latent_dim=3).config.latent_dim == 3
+    assert create_model("stevs", preset, genes, None).config.latent_dim == preset.latent_dim
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="latent_dim must be >= 1"):
+            create_model("stevs", preset, genes, None, latent_dim=bad)

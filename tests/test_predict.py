@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -16,6 +17,7 @@ from stevs.cli import main
 from stevs.data import SpotDataset
 from stevs.errors import StevsInputError
 from stevs.io.fold_file import Fold, SlideEntry, read_fold, write_fold
+from stevs.io.prediction import read_manifest
 from stevs.models import load_model
 from stevs.panels import library_sizes, normalise
 from stevs.predict import predict_fold, predict_patches
@@ -128,7 +130,7 @@ def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model
         + ["--out-dir", str(out), "--device", "cpu", "--samples", "4"]
     )
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["s3.h5ad"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.tsv", "s3.h5ad"]
     prediction = ad.read_h5ad(out / "s3.h5ad")
     source = ad.read_h5ad(read_fold(fold_path).slide_entry("s3").adata)
     assert list(prediction.var_names) == GENES
@@ -149,8 +151,10 @@ def test_predict_cli_writes_one_contract_anndata_per_test_slide(fold_path, model
     # the slide's gene ids and H&E images travel with the prediction: scanpy draws it
     assert list(prediction.var["gene_ids"]) == list(source.var["gene_ids"])
     images = prediction.uns["spatial"]["s3"]["images"]
-    assert list(images) == ["hires"]  # the slide's lowres, under the default key: files stay small
-    np.testing.assert_array_equal(images["hires"], source.uns["spatial"]["s3"]["images"]["lowres"])
+    # the slide's lowres, under both keys (hires: scanpy's default): files stay small
+    assert sorted(images) == ["hires", "lowres"]
+    for key in images:
+        np.testing.assert_array_equal(images[key], source.uns["spatial"]["s3"]["images"]["lowres"])
     assert_draws_over_he(prediction, GENES[0])
 
 
@@ -233,6 +237,22 @@ def test_corrupt_weights_give_an_error_and_no_file(fold_path, model_dir, tmp_pat
     assert _predict(copy, fold_path, tmp_path / "out") == 2
     assert "NaN or infinite values" in capsys.readouterr().err
     assert not (tmp_path / "out" / "s3.h5ad").exists()
+
+
+def test_the_prediction_folder_holds_the_predictions_and_their_list_only(
+    fold_path, model_dir, tmp_path
+):
+    """What the workflow's predict rule declares is predictions.tsv, a file: the folder
+    holds the prediction files and that list, nothing of Snakemake's."""
+    assert _predict(model_dir, fold_path, tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predictions.tsv", "s3.h5ad"]
+    assert read_manifest(tmp_path / "out" / "predictions.tsv") == {
+        "s3": tmp_path / "out" / "s3.h5ad"
+    }
+    rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "model.smk").read_text()
+    output = rules.split("rule predict:", 1)[1].split("output:", 1)[1].split("log:", 1)[0]
+    output = "".join(line.split("#")[0] for line in output.splitlines())
+    assert "directory(" not in output and "/predictions.tsv" in output
 
 
 def test_predictions_are_byte_identical_on_rerun(fold_path, model_dir, tmp_path):

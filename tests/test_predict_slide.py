@@ -443,7 +443,7 @@ def test_workflow_predicts_the_sheet_slides_with_every_fold_model(tmp_path):
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    config = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    config = yaml.safe_load((root / "config" / "demo.yaml").read_text())
     config["predict_slides"] = {
         "sheet": str(Path(config["demo"]["out"]) / "predict.tsv"),
         "model": "stevs",

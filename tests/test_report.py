@@ -291,3 +291,88 @@ def test_a_new_registry_baseline_is_compared_without_touching_the_report(monkeyp
     monkeypatch.setattr(methods, "REGISTRY", {**methods.REGISTRY, **extra})
     available = {("enc", "stevs"), ("enc", "probe"), ("none", "floor"), ("none", "probe")}
     assert tables.baseline_candidates("enc", available) == [("enc", "probe"), ("none", "floor")]
+
+
+def test_first_screen_answers_before_the_reading_guide(built_report: dict[str, Path]) -> None:
+    """The verdict line and the leaderboard open the page; the reading guide comes after
+    every table and figure; the comparison table shows its verdict and test first."""
+    text = (built_report["out"] / "index.html").read_text()
+    verdict = text.index("<section id=verdict>")
+    assert verdict < text.index('id="leaderboard"') < text.index('id="summary"')
+    assert text.index('id="summary"') < text.index("<h2 id=how>How to read this")
+    assert "Without an encoder: good leads with headline r" in text
+    assert "too few slides to test whether this is more than the noise (2 held-out" in text
+    assert re.search(r"<tr class=group><th colspan=\d+>no image encoder</th></tr>", text)
+    assert page.COMPARISON_COLUMNS[3:6] == ["difference", "verdict", "slide_wilcoxon_p"]
+
+
+def _figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Figures the report would encode, kept open for inspection."""
+    kept: list = []
+    monkeypatch.setattr(figures, "_png", lambda fig: kept.append(fig) or "png")
+    return kept
+
+
+def test_bars_and_boxes_are_one_per_encoder_and_method(monkeypatch) -> None:
+    """Two encoders with the same method names: a bar (its own value and error bar) and a
+    box each, never one bar per method name."""
+    kept = _figures(monkeypatch)
+    summary = pd.DataFrame({
+        "encoder": ["a", "a", "b", "b", "none"], "method": ["stevs", "stnet"] * 2 + ["ridge"],
+        **{f"{m}_mean": [0.1, 0.2, 0.3, 0.4, 0.05] for m in report.TABLE_METRICS},
+        **{f"{m}_std": [0.01, 0.02, 0.03, 0.04, 0.0] for m in report.TABLE_METRICS},
+    })  # fmt: skip
+    figures.bar_charts(summary)
+    ax = kept[0].axes[0]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.05])
+    assert [t.get_text() for t in ax.get_xticklabels()][:2] == ["stevs\na", "stnet\na"]
+    bars = next(c for c in ax.containers if hasattr(c, "errorbar"))
+    segments = bars.errorbar.lines[2][0].get_segments()  # each bar its own std
+    assert [s[1, 1] - s[0, 1] for s in segments] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0])
+    per_gene = pd.DataFrame({
+        "encoder": ["a", "b", "a", "b"] * 5, "method": ["stevs"] * 20,
+        "pearson_r": np.r_[[0.1, 0.9] * 5, [0.2, 0.8] * 5],
+    })  # fmt: skip
+    figures.gene_r_distribution(per_gene)
+    box_ax = kept[-1].axes[0]
+    assert [t.get_text() for t in box_ax.get_xticklabels()] == ["stevs\na", "stevs\nb"]
+    quartiles = [(b.get_path().get_extents().y0, b.get_path().get_extents().y1)
+                 for b in box_ax.patches]  # fmt: skip
+    assert quartiles == [pytest.approx((0.1, 0.2)), pytest.approx((0.8, 0.9))]
+
+
+def test_ridge_logs_get_no_training_curve(tmp_path: Path, monkeypatch) -> None:
+    kept = _figures(monkeypatch)
+    ridge = tmp_path / "none" / "ridge_color" / "seed0" / "fold0"
+    ridge.mkdir(parents=True)
+    pd.DataFrame({"alpha": [1.0, 10.0], "cv_r": [0.3, 0.4]}).to_csv(ridge / "metrics.csv")
+    deep = tmp_path / "a" / "stevs" / "seed0" / "fold0"
+    deep.mkdir(parents=True)
+    pd.DataFrame({"epoch": [0, 1], "val_pearson_r_mean_headline": [0.1, 0.2],
+                  "train_loss": [2.0, 1.0]}).to_csv(deep / "metrics.csv")  # fmt: skip
+    curves = figures.training_curves(tmp_path, ["none/ridge_color/seed0", "a/stevs/seed0"])
+    assert list(curves) == ["a/stevs/seed0"]
+    assert all(ax.lines for ax in kept[0].axes)  # no empty panel
+
+
+def test_maps_share_one_scale_per_gene_and_titles_fit(monkeypatch) -> None:
+    kept = _figures(monkeypatch)
+    rng = np.random.default_rng(0)
+    xy = np.indices((10, 10)).reshape(2, -1).T * 100.0
+    row = [("GENE_1: observed", rng.normal(5, 1, 100))]
+    row += [
+        (f"{figures.run_title(r)}\nGENE_1: r = 0.91", rng.normal(4, 0.2, 100))
+        for r in ("effnet_lite0_in1k-frozen/stevs/seed0", "none/ridge_color/seed0")
+    ]
+    figures.map_figure([row, row], xy, None)
+    fig = kept[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    maps = [ax for ax in fig.axes if ax.get_title()]  # the colour bars have none
+    assert len(maps) == 6
+    for ax in maps:
+        assert ax.get_window_extent().width >= 200  # px at the report's dpi: readable
+        assert ax.title.get_window_extent(renderer).width <= ax.get_window_extent().width * 1.1
+    limits = {ax.collections[0].get_clim() for ax in maps[:3]}
+    assert len(limits) == 1  # observed and predicted on one colour scale
+    assert len(fig.axes) == 6 + 2  # one colour bar per gene row

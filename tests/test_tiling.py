@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import tifffile
 from PIL import Image
 
-from stevs import tiling
+from stevs import tiling, tiling_qc
 from stevs.cli import main as stevs_main
 from stevs.errors import StevsInputError
 from stevs.io.slide import open_slide
@@ -623,3 +623,29 @@ def test_spot_centres_are_read_without_anndata_alike(tmp_path: Path) -> None:
     assert barcodes == list(adata.obs_names)
     np.testing.assert_array_equal(centres, adata.obsm["spatial"])
     assert meta == slide_meta(adata, path)
+
+
+def test_qc_draws_every_spot_and_boxes_that_do_not_overlap(tmp_path: Path) -> None:
+    """128 µm patches on a 100 µm pitch overlap; the QC picture draws every spot's circle and
+    the box of a sample of spots set apart, so each box can be judged against its spot."""
+    centres = np.indices((12, 12)).reshape(2, -1).T * 100.0 + 200.0
+    boxes = np.hstack([centres - 64, centres + 64])
+    outside = np.zeros(len(boxes))
+    outside[0] = 0.1
+    sample = tiling_qc.separate_boxes(boxes, outside)
+    assert 10 <= len(sample) < len(boxes) and 0 in sample  # the edge-crossing box first
+    chosen = boxes[sample]
+    for i, (left, top, right, bottom) in enumerate(chosen):
+        others = np.delete(chosen, i, axis=0)
+        apart = (others[:, 2] < left) | (others[:, 0] > right)
+        apart |= (others[:, 3] < top) | (others[:, 1] > bottom)
+        assert apart.all()
+    thumbnail = np.full((1400, 1400, 3), 230, np.uint8)  # at QC_MAX_PX: 1 px = 1 level-0 px
+    picture = draw_qc(thumbnail, boxes, outside, (1400, 1400), "s", spot_diameter_px=55.0)
+    rgb = np.asarray(picture)
+    blue = np.all(rgb == (0, 90, 255), axis=2)
+    assert blue.sum() > len(boxes) * 100  # 144 circles of 55 px: ~170 px of outline each
+    columns = np.flatnonzero(blue[150:250, 150:250].any(axis=0))  # the first spot's circle
+    assert columns.max() - columns.min() == pytest.approx(55, abs=2)
+    green = np.all(rgb == (0, 170, 0), axis=2)
+    assert 0 < green.sum() < len(sample) * 4 * 130 * 2 + 1

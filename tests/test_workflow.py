@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +10,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_snakemake
+from conftest import Plan, run_snakemake
+
+from stevs.metrics import PER_GENE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+DEMO = ROOT / "config" / "demo.yaml"
 
 
 def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     if "--configfile" not in args:
-        args = (*args, "--configfile", str(ROOT / "config" / "config.yaml"))
+        args = (*args, "--configfile", str(DEMO))
     return run_snakemake(*args, cwd=cwd)
 
 
@@ -47,20 +51,19 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dry_run_plans_the_whole_dag(tmp_path):
-    result = snakemake("-n", "--cores", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_dry_run_plans_the_whole_dag(demo_plan: Plan):
     for rule in (
         "make_demo",
         "ingest_slide",
         "tile_slide",
         "make_folds",
+        "embed_slide",
         "train",
         "predict",
         "evaluate",
         "report",
     ):
-        assert f"rule {rule}:" in result.stdout or f"\n{rule} " in result.stdout, rule
+        assert f"rule {rule}:" in demo_plan.stdout, rule
 
 
 def test_slurm_profile_dry_run(tmp_path):
@@ -69,17 +72,97 @@ def test_slurm_profile_dry_run(tmp_path):
     assert "train" in result.stdout
 
 
-def test_one_fold_reruns_alone(tmp_path):
-    target = "results/metrics/cpu_small/stevs/seed0/fold1.tsv"
-    result = snakemake("-n", "--cores", "1", target, cwd=tmp_path)
+def _resources(job: dict[str, str]) -> dict[str, str]:
+    """A dry-run job's `resources:` line as a mapping."""
+    pairs = (item.partition("=") for item in job.get("resources", "").split(", ") if item)
+    return {key: value for key, _, value in pairs}
+
+
+def test_slurm_jobs_ask_what_they_need(tmp_path):
+    """Through profiles/slurm: a GPU for the jobs that run a network and for no other, the
+    threads the config asks for, the rule's memory, and no partition or CPU count of the
+    profile's own (partitions.yaml picks the partition, the threads are the CPUs)."""
+    overlay = tmp_path / "gpu.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "methods": ["stevs", "ridge_color", "ridge_embed"],
+                "encoders": [
+                    {"preset": "cpu_small", "freeze": False, "methods": ["stevs"]},
+                    {"preset": "effnet_lite0_in1k", "freeze": True, "methods": ["ridge_embed"]},
+                ],
+                "resources": {"gpu": 1, "threads": 16, "train_mem_mb": 12345},
+            }
+        )
+    )
+    test_config = str(ROOT / ".test" / "config" / "config.yaml")
+    profile = str(ROOT / "profiles" / "slurm")
+    # a dry run caps threads at --cores (1 when not given); a SLURM run has no such cap
+    # unless a profile sets `cores` (test_default_profile_leaves_the_slurm_profile_alone)
+    result = snakemake(
+        "-n",
+        "--cores",
+        "64",
+        "--profile",
+        profile,
+        "--configfile",
+        test_config,
+        str(overlay),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
-    assert "results/metrics/cpu_small/stevs/seed0/fold0.tsv" not in result.stdout
-    assert "results/models/cpu_small/stnet" not in result.stdout
-    assert "rule embed_slide" not in result.stdout  # cpu_small trains on patches
+    jobs = _jobs(result.stdout)
+    network = {"embed_slide", "predict_slide"}
+    seen = set()
+    for job in jobs:
+        resources, rule = _resources(job), job["rule"]
+        method = job.get("wildcards", "").partition("method=")[2].split(",")[0]
+        if rule in ("train", "predict"):
+            assert resources["gpu"] == ("1" if method == "stevs" else "0"), job
+            assert job["threads"] == "16", job
+            seen.add((rule, method))
+        elif rule in network:
+            assert resources["gpu"] == "1", job
+            seen.add((rule, ""))
+        else:
+            assert resources.get("gpu", "0") == "0", job
+        if rule == "train":
+            assert resources["mem_mb"] == ("12345" if method == "stevs" else "8000"), job
+        assert "slurm_partition" not in resources and "cpus_per_task" not in resources, job
+    assert {
+        (r, m) for r in ("train", "predict") for m in ("stevs", "ridge_color", "ridge_embed")
+    } | {(r, "") for r in network} == seen
+
+
+def test_default_profile_leaves_the_slurm_profile_alone():
+    """profiles/default is merged into every run and wins key by key: it must not set what
+    the SLURM profile sets, nor `cores` (which caps every job's threads at this host's cores)."""
+    default = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
+    slurm = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert not {"cores", "jobs", "default-resources", "set-resources", "set-threads"} & set(default)
+    assert all(slurm[key] == default[key] for key in set(default) & set(slurm))
+
+
+def test_partitions_send_network_jobs_to_the_gpu_partition():
+    """The SLURM plugin's partition choice with profiles/slurm/partitions.yaml: a job with a
+    `gpu` goes to the GPU partition, one without to the CPU partition."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+
+    partitions = read_partition_file(ROOT / "profiles" / "slurm" / "partitions.yaml")
+    logger = SimpleNamespace(info=print, warning=print, debug=print)
+
+    def best(gpu: int) -> str:
+        resources = {"gpu": gpu, "mem_mb": 8000, "runtime": 60}
+        job = SimpleNamespace(name="train", threads=4, resources=resources)
+        return get_best_partition(partitions, job, logger)
+
+    assert (best(1), best(0)) == ("gpu", "cpu")
 
 
 def _config(tmp_path: Path, sheet: Path, **folds) -> Path:
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config = yaml.safe_load(DEMO.read_text())
     config["samples"] = str(sheet)
     config["demo"]["generate"] = False
     config["folds"].update(folds)
@@ -154,22 +237,9 @@ def test_bad_sample_sheet_stops_before_running(tmp_path, rows, drop, folds, mess
     assert not (tmp_path / "results").exists()
 
 
-def test_threads_per_job_come_from_the_config(tmp_path):
-    overlay = tmp_path / "threads.yaml"
-    overlay.write_text("resources:\n  threads: 3\n")
-    base = str(ROOT / "config" / "config.yaml")
-    result = snakemake("-n", "-p", "--cores", "4", "--configfile", base, str(overlay), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    train_commands = [line for line in result.stdout.splitlines() if "stevs train" in line]
-    predict_commands = [line for line in result.stdout.splitlines() if "stevs predict" in line]
-    assert train_commands and predict_commands
-    assert all("--threads 3" in line for line in train_commands + predict_commands)
-    demo = snakemake("-n", "-p", "--cores", "4", cwd=tmp_path)  # config.yaml: 1 per job
-    assert all("--threads 1" in line for line in demo.stdout.splitlines() if "stevs train" in line)
-
-
 def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
-    """The jobs of a `snakemake -n` listing: rule, input, output."""
+    """The jobs of a `snakemake -n` listing: rule, input, output (wildcards, threads and
+    resources where listed)."""
     jobs = []
     for block in dry_run_stdout.split("\n\n"):
         lines = block.strip().splitlines()
@@ -179,23 +249,21 @@ def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
         job = {"rule": head[0].split()[-1].rstrip(":"), "input": "", "output": ""}
         for line in lines:
             key, _, value = line.strip().partition(": ")
-            if key in ("input", "output"):
+            if key in ("input", "output", "wildcards", "threads", "resources"):
                 job[key] = value
         jobs.append(job)
     return jobs
 
 
-def test_fold_jobs_read_only_the_folds_slides(tmp_path):
+def test_fold_jobs_read_only_the_folds_slides(demo_plan: Plan):
     """train reads the fold's train + val slides; predict and evaluate its test slides."""
-    from stevs.folds import plan_folds
+    from stevs.fold_plan import plan_folds
 
     ids = [f"demo_{i}" for i in range(1, 7)]
     plans = {
         p.name: p for p in plan_folds("leave_one_patient_out", ids, ["P1", "P2"] * 3, k=3, seed=0)
     }
-    result = snakemake("-n", "--cores", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    jobs = _jobs(result.stdout)
+    jobs = _jobs(demo_plan.stdout)
     checked = {"train": 0, "predict": 0, "evaluate": 0}
     for job in jobs:
         if job["rule"] not in checked:
@@ -218,6 +286,50 @@ def test_fold_jobs_read_only_the_folds_slides(tmp_path):
     assert checked == {"train": 16, "predict": 16, "evaluate": 16}, checked
 
 
+def test_threads_per_job_come_from_the_config(demo_plan: Plan):
+    """config/demo.yaml: 1 thread per job (an overlay's 3: the seeds test below)."""
+    lines = demo_plan.stdout.splitlines()
+    commands = [line for line in lines if "stevs train" in line or "stevs predict " in line]
+    assert commands and all("--threads 1" in line for line in commands)
+
+
+def test_report_reads_only_this_configs_metrics(demo_plan: Plan, tmp_path):
+    """The report job's command names exactly this config's per-gene tables (`--only`), and
+    the report, given them, reads none of a stale run's tables beside them."""
+    from stevs.report import collect_metrics
+
+    command = next(
+        line.removeprefix("Shell command: ")
+        for line in demo_plan.stdout.splitlines()
+        if "stevs report" in line
+    )
+    metrics = [j for j in _jobs(demo_plan.stdout) if j["rule"] == "report"][0]["input"]
+    wanted = sorted(p for p in metrics.split(", ") if p.startswith("results/metrics/"))
+    assert len(wanted) == 3 * 2 * 8  # table, summary, pooled x folds x runs
+    tables = [p for p in wanted if not p.endswith((".summary.tsv", ".pooled.tsv"))]
+    words = shlex.split(command)
+    only = words[words.index("--only") + 1 : words.index("--predictions")]
+    assert sorted(only) == tables
+    for path in wanted:  # minimal tables of each run, then a stale run beside them
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        kind = "summary" if path.endswith(".summary.tsv") else "gene"
+        (tmp_path / path).write_text(_MINIMAL[kind])
+    stale = tmp_path / "results" / "metrics" / "cpu_small" / "stevs_concat" / "seed0"
+    stale.mkdir(parents=True)
+    (stale / "fold0.summary.tsv").write_text("an earlier config's run")
+    (stale / "fold0.tsv").write_text("an earlier config's run")
+    _, folds, _ = collect_metrics(tmp_path / "results" / "metrics", [tmp_path / t for t in only])
+    assert sorted(folds["run"].unique()) == sorted({t.split("/", 2)[2].rsplit("/", 1)[0]
+                                                    for t in tables})  # fmt: skip
+    assert len(folds) == len(tables)
+
+
+_MINIMAL = {
+    "summary": "method\tfold\tprotocol\tpearson_r_mean_headline\nm\tfold0\tstevs\t0.5\n",
+    "gene": "\t".join(PER_GENE_COLUMNS) + "\nm\tfold0\ts\tg\t0.5\t0.5\t1\t1\t0.9\tTrue\tFalse\t9\n",
+}
+
+
 def test_readme_forcerun_example_retrains_one_fold(tmp_path):
     """The README's retrain command plans that fold's jobs only (the target is not swallowed
     by --forcerun, which takes any number of rules or files)."""
@@ -230,11 +342,15 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
     assert lines, "README has no --forcerun example"
     command = lines[0].split("#")[0].split()
     assert command[:3] == ["snakemake", "--cores", "4"], command
-    result = snakemake("-n", *command[3:], cwd=tmp_path)
+    assert command[-2:] == ["--configfile", "config/demo.yaml"], command  # ends --forcerun
+    args = [str(ROOT / a) if a.startswith("config/") else a for a in command[3:]]
+    result = snakemake("-n", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
     fold_jobs = [j for j in jobs if j["rule"] in ("train", "predict", "evaluate", "report")]
     assert sorted(j["rule"] for j in fold_jobs) == ["evaluate", "predict", "train"], fold_jobs
+    # that fold alone: no other fold, method or encoder (and no embeddings: cpu_small trains
+    # on patches)
     assert all("cpu_small/stevs/seed0/fold0" in j["output"] for j in fold_jobs), fold_jobs
     assert "results/models/cpu_small/stevs/seed0/fold0/model.safetensors" in " ".join(command)
     # (from an empty folder, also the stages before it; never another fold or the report)
@@ -246,11 +362,14 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
 
 def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     """Deep methods run per seed and encoder, ridge once; the frozen pretrained encoder's
-    embeddings are one job per slide, read by its training and prediction jobs."""
+    embeddings are one job per slide, read by its training and prediction jobs; the jobs'
+    threads come from the config."""
     overlay = tmp_path / "seeds.yaml"
-    overlay.write_text("training:\n  seeds: [0, 1, 2]\nembeddings:\n  view: dihedral8\n")
-    base = str(ROOT / "config" / "config.yaml")
-    result = snakemake("-n", "-p", "--cores", "2", "--configfile", base, str(overlay),
+    overlay.write_text(
+        "training:\n  seeds: [0, 1, 2]\nembeddings:\n  view: dihedral8\nresources:\n  threads: 3\n"
+    )
+    base = str(DEMO)  # --cores 4: a job gets at most --cores threads
+    result = snakemake("-n", "-p", "--cores", "4", "--configfile", base, str(overlay),
                        cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
@@ -272,38 +391,15 @@ def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     assert "--backbone effnet_lite0_in1k" in ridge and "--refit" not in ridge
     predict = next(x for x in lines if "stevs predict " in x and "-frozen/stnet/" in x)
     assert "--embeddings results/embeddings/effnet_lite0_in1k/dihedral8" in predict
+    commands = [x for x in lines if "stevs train" in x or "stevs predict " in x]
+    assert all("--threads 3" in x for x in commands)  # resources.threads
 
 
-def test_ingest_reads_only_its_own_row(tmp_path):
-    """A slide's ingest job depends on its row's files and the row's text, not on the whole
-    sheet: editing another row re-ingests (and retiles) nothing else."""
-    for name in ("a.png", "b.png"):
-        (tmp_path / name).write_bytes(b"x")
-    for name in ("outs_a", "outs_b"):
-        (tmp_path / name).mkdir()
-    rows = [
-        {**ROW, "slide_id": "a", "image": "a.png", "expression": "outs_a"},
-        {**ROW, "slide_id": "b", "image": "b.png", "expression": "outs_b", "patient": "P2"},
-    ]
-    sheet = tmp_path / "samples.tsv"
-    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
-    config = _config(tmp_path, sheet)
-    result = snakemake("-n", "--configfile", str(config), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    ingest = {
-        Path(j["output"]).stem: j["input"].split(", ")
-        for j in _jobs(result.stdout)
-        if j["rule"] == "ingest_slide"
-    }
-    assert ingest == {
-        "a": [str(tmp_path / "a.png"), str(tmp_path / "outs_a")],
-        "b": [str(tmp_path / "b.png"), str(tmp_path / "outs_b")],
-    }, ingest
-
-
-def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
-    """Scheme fixed plans one fold from the sheet's split column; export_all plans a
-    SpatialData store per test prediction, slide and nothing else."""
+def test_own_sheet_ingest_fixed_splits_and_the_export_target_dry_run(tmp_path):
+    """A slide's ingest job depends on its own row's files (and the row's text), not on the
+    whole sheet: editing another row re-ingests (and retiles) nothing else. Scheme fixed plans
+    one fold from the sheet's split column; export_all plans a SpatialData store per test
+    prediction, slide and nothing else."""
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.png").write_bytes(b"x")
         (tmp_path / f"outs_{name}").mkdir()
@@ -318,6 +414,9 @@ def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
     result = snakemake(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
+    ingest = {Path(j["output"]).stem: j["input"].split(", ") for j in jobs
+              if j["rule"] == "ingest_slide"}  # fmt: skip
+    assert ingest == {s: [str(tmp_path / f"{s}.png"), str(tmp_path / f"outs_{s}")] for s in "abc"}
     folds = [j for j in jobs if j["rule"] == "make_folds"]
     assert len(folds) == 1 and "--scheme fixed" in result.stdout
     assert f"--splits {sheet}" in result.stdout and str(sheet) in folds[0]["input"]
@@ -328,3 +427,16 @@ def test_fixed_splits_from_the_sheet_and_the_export_target_dry_run(tmp_path):
     assert len(exports) == n_runs + 3  # every run's prediction of test slide c, every slide
     assert "results/export/cpu_small/stevs/seed0/fold0/c.zarr" in exports
     assert "results/export/slides/a.zarr" in exports
+
+
+def test_report_only_refuses_tables_outside_the_metrics_folder_or_missing(tmp_path):
+    from stevs.errors import StevsInputError
+    from stevs.report import collect_metrics
+
+    (tmp_path / "metrics").mkdir()
+    elsewhere = tmp_path / "elsewhere.tsv"
+    elsewhere.write_text(_MINIMAL["gene"])
+    with pytest.raises(StevsInputError, match="outside --metrics"):
+        collect_metrics(tmp_path / "metrics", [elsewhere])
+    with pytest.raises(StevsInputError, match="not found"):
+        collect_metrics(tmp_path / "metrics", [tmp_path / "metrics" / "m" / "fold0.summary.tsv"])

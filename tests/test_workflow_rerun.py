@@ -33,6 +33,7 @@ def targets(seed: int) -> list[str]:
         "results/models/none/ridge_color/seed0/fold0/model.safetensors",
     ]
 
+
 pytestmark = pytest.mark.workflow_rerun
 
 

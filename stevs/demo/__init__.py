@@ -33,6 +33,16 @@ set, sample sheets, README, the ``stevs demo`` command).
 
 from __future__ import annotations
 
-from stevs.demo.study import add_arguments, make_demo, run
+import importlib
+from typing import Any
 
 __all__ = ["add_arguments", "make_demo", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    """``make_demo``, ``add_arguments`` and ``run`` of :mod:`~stevs.demo.study`, imported on
+    first use: the workflow reads :mod:`~stevs.demo.constants` while Snakemake parses its
+    rules, without the generator's image libraries."""
+    if name not in __all__:
+        raise AttributeError(f"module 'stevs.demo' has no attribute {name!r}")
+    return getattr(importlib.import_module("stevs.demo.study"), name)

@@ -31,6 +31,7 @@ from scipy import sparse
 from stevs.errors import StevsInputError
 from stevs.geometry import median_spot_pitch
 from stevs.io.samples import hest_metadata_path
+from stevs.io.visium_uns import SPACERANGER_FILES, read_scalefactors
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +270,9 @@ def read_visium(outs: str | os.PathLike) -> ad.AnnData:
         index=positions.index.astype(str),
     )
     adata = _make_adata(counts, obs, var, spatial)
-    scalefactors = outs / "spatial" / "scalefactors_json.json"
+    scalefactors = outs / "spatial" / SPACERANGER_FILES["scalefactors"]
     if scalefactors.is_file():
-        try:
-            adata.uns["scalefactors"] = json.loads(scalefactors.read_text())
-        except json.JSONDecodeError as err:
-            raise StevsInputError(scalefactors, f"invalid JSON: {err}") from err
+        adata.uns["scalefactors"] = read_scalefactors(scalefactors)
     return adata
 
 
@@ -407,6 +405,34 @@ def read_hest(path: str | os.PathLike) -> ad.AnnData:
     adata.uns.pop("source_mpp", None)
     adata.uns["source_meta"] = read_hest_metadata(hest_metadata_path(path))
     return adata
+
+
+def read_hest_bench_expression(
+    path: str | os.PathLike, barcodes: list[str], genes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A HEST-Benchmark task's ``adata/{sample}.h5ad`` at ``barcodes`` (the patch file's, in
+    its order) and ``genes``: (spots x genes float64 values of X, as stored; each spot's total
+    over all genes). HEST's ``load_adata`` (src/hest/bench/st_dataset.py:37-45) takes
+    ``adata[barcodes][:, genes]`` the same way, as float64 before its log1p."""
+    path = Path(path)
+    _require_file(path, "HEST-Benchmark AnnData")
+    try:
+        source = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise StevsInputError(path, f"not a readable .h5ad file: {err}") from err
+    for what, names in (("spot barcodes", source.obs_names), ("gene names", source.var_names)):
+        _check_unique(pd.Index(names), path, what)
+    rows = source.obs_names.get_indexer(barcodes)
+    columns = source.var_names.get_indexer(genes)
+    for what, index, names in (("spots", rows, barcodes), ("genes", columns, genes)):
+        if (index < 0).any():
+            missing = [n for n, i in zip(names, index, strict=True) if i < 0]
+            raise StevsInputError(
+                path, f"{len(missing)} {what} of the benchmark missing, e.g. {missing[:3]}"
+            )
+    matrix = sparse.csr_matrix(source.X[rows], dtype=np.float64)
+    values = matrix[:, columns].toarray()
+    return values, np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
 
 
 # -- SpatialData -------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from stevs import __version__
-from stevs.atomic import atomic_write_text
+from stevs.atomic import atomic_write_text, is_json_with
 from stevs.errors import StevsInputError
-from stevs.panels import NORMALISATIONS, TARGET_SUM
 
 SCHEMES = (
     "leave_one_slide_out",
@@ -27,6 +26,11 @@ SCHEMES = (
     "fixed",
 )
 SPLITS = ("train", "val", "test")
+#: how a fold's targets are normalised (:func:`stevs.panels.normalise`), and the library size
+#: of ``log1p_cp10k``; here, with the format that records them, so that fold planning (and the
+#: workflow, at parse time) needs neither scipy nor the panels
+NORMALISATIONS = ("log1p_cp10k", "log1p", "raw")
+TARGET_SUM = 10_000.0
 
 
 @dataclass
@@ -112,10 +116,20 @@ class Fold:
         return data
 
 
+#: keys every fold file holds: a file at a fold's path is replaced only when it has them
+FOLD_KEYS = ("fold", "scheme", "genes", "slides", "normalisation")
+
+
+def is_fold_file(path: str | PathLike) -> bool:
+    """True for a JSON object with the keys of a fold file (an earlier one, replaceable)."""
+    return is_json_with(path, *FOLD_KEYS)
+
+
 def write_fold(fold: Fold, path: str | PathLike) -> Path:
-    """Write a fold file atomically."""
+    """Write a fold file atomically; a file already there is replaced only if it is a fold
+    file, anything else is an error naming it."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(fold.to_dict(), indent=1) + "\n")
+    atomic_write_text(path, json.dumps(fold.to_dict(), indent=1) + "\n", replaces=is_fold_file)
     return path
 
 

@@ -35,9 +35,14 @@ from stevs.io.expression import (
     read_visium_hd,
 )
 from stevs.io.samples import read_sample_sheet
-from stevs.io.slide import open_slide
+from stevs.io.slide import MAX_UPSAMPLING, open_slide
 from stevs.io.slide_adata import SlideMeta, slide_meta, write_slide_adata
-from stevs.io.visium_uns import slide_spatial_uns, spaceranger_spatial_uns
+from stevs.io.visium_uns import (
+    SpaceRangerImage,
+    slide_spatial_uns,
+    spaceranger_image,
+    spaceranger_spatial_uns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +146,49 @@ def _drawn_spot_diameter_px(adata: ad.AnnData, diameter_px: float, size: tuple[i
     return max(size) / 100
 
 
-def _image_entry(spatial_dir: Path | None, slide: Any, diameter_px: float, image: Any) -> dict:
+def _image_entry(
+    spatial_dir: Path | None, slide: Any, diameter_px: float, image: Any, level0_scalef: float
+) -> dict:
     """``uns["spatial"][slide_id]``: Space Ranger's images if usable, else the slide's."""
     image_path = str(Path(image).resolve())
     if spatial_dir is not None:
-        entry = spaceranger_spatial_uns(spatial_dir, slide.dimensions, image_path)
+        entry = spaceranger_spatial_uns(spatial_dir, slide.dimensions, image_path, level0_scalef)
         if entry is not None:
             return entry
     return slide_spatial_uns(slide, diameter_px, image_path)
+
+
+def _onto_spaceranger_image(
+    adata: ad.AnnData, png: SpaceRangerImage, source: dict[str, Any], diameter_um: float
+) -> dict[str, Any]:
+    """Spot centres (full-resolution px) scaled onto Space Ranger's hires / lowres PNG given
+    as the image; ``source``'s mpp set to the PNG's (the full-resolution mpp, else the spot
+    diameter over ``spot_diameter_fullres``, divided by the scale factor). Returns the scale
+    factors with the PNG as level 0."""
+    adata.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=float) * png.scalef
+    scalef_key = f"tissue_{png.key}_scalef"
+    if source.get("mpp") is not None:
+        source["mpp"] = float(source["mpp"]) / png.scalef
+        source["mpp_source"] = f"{source.get('mpp_source')} / {scalef_key}"
+    elif (fullres := png.fullres_mpp(diameter_um)) is not None:
+        source["mpp"] = fullres / png.scalef
+        how = "microns_per_pixel" if "microns_per_pixel" in png.factors else "spot_diameter_fullres"
+        source["mpp_source"] = f"scalefactors:{how} / {scalef_key}"
+    source.setdefault("spatial_dir", str(png.path.parent))
+    return png.image_frame()
+
+
+def _warn_spaceranger_resolution(png: SpaceRangerImage, mpp: float, diameter_um: float) -> None:
+    """One line: the PNG's resolution and what it means for patches."""
+    spot = f"a {diameter_um:g} µm spot spans {diameter_um / mpp:.0f} px" if diameter_um > 0 else ""
+    log.warning(
+        "%s: Space Ranger's %s image (%.4g of the full-resolution scan) as the slide image: "
+        "%.3g µm/px, %s; patches finer than %.3g µm/px are upsampled from it and stevs tile "
+        "refuses those finer than %.3g µm/px (e.g. 224 px at 0.5 µm/px would be %.1fx "
+        "upsampled); give the full-resolution image where you have it",
+        png.path, png.key, png.scalef, mpp, spot or "spot size unknown", mpp,
+        mpp / MAX_UPSAMPLING, mpp / 0.5,
+    )  # fmt: skip
 
 
 def build_slide_adata(
@@ -168,6 +208,9 @@ def build_slide_adata(
     pitch_um = float(source.get("spot_pitch_um", pitch_um))
     diameter_um = float(source.get("spot_diameter_um", diameter_um))
     scalefactors = adata.uns.pop("scalefactors", None)
+    png = spaceranger_image(image)
+    if png is not None:
+        scalefactors = _onto_spaceranger_image(adata, png, source, diameter_um)
     source_mpp = None if mpp is not None else source.get("mpp")  # the sheet's mpp wins
     with open_slide(image, mpp=mpp if source_mpp is None else source_mpp) as slide:
         size = slide.dimensions
@@ -178,13 +221,14 @@ def build_slide_adata(
         if scalefactors and "spot_diameter_fullres" in scalefactors and "mpp" not in source:
             diameter_um = float(scalefactors["spot_diameter_fullres"]) * slide_mpp
         drawn_px = _drawn_spot_diameter_px(adata, diameter_um / slide_mpp, size)
-        spatial_dir = source.get("spatial_dir") or (
-            Path(expression) / "spatial" if fmt == "visium" else None
-        )
-        entry = _image_entry(
-            None if spatial_dir is None else Path(spatial_dir), slide, drawn_px, image
-        )
+        spatial_dir = (Path(expression) / "spatial") if fmt == "visium" else None
+        if source.get("spatial_dir"):
+            spatial_dir = Path(source["spatial_dir"])
+        level0_scalef = 1.0 if png is None else png.scalef
+        entry = _image_entry(spatial_dir, slide, drawn_px, image, level0_scalef)
         adata.uns["spatial"] = {slide_id: entry}
+    if png is not None:
+        _warn_spaceranger_resolution(png, slide_mpp, diameter_um)
     patient = patient or source.get("patient") or None
     meta = SlideMeta(
         slide=slide_id,
@@ -239,8 +283,16 @@ def ingest_from_sheet(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-sheet", required=True, help="samples.tsv")
     parser.add_argument("--slide-id", required=True, help="the row to ingest")
-    parser.add_argument("--data-root", default=None, help="base for relative paths in the sheet")
-    parser.add_argument("--out", required=True, help="results/slides/{slide}.h5ad")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="base for relative paths in the sheet (default: the sheet's own folder)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="slide AnnData to write (the workflow: results/slides/{slide}.h5ad)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -25,13 +25,15 @@ import csv
 import io
 import json
 import os
+import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stevs.atomic import atomic_write_bytes, atomic_write_text
+from stevs.atomic import atomic_write_bytes, atomic_write_text, check_replaceable, is_json_with
 from stevs.errors import StevsInputError
 from stevs.hashing import file_sha256
 
@@ -64,6 +66,60 @@ def _canonical(data: bytes) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
+#: how a line of ``train.log`` starts (``stevs.train``'s log format)
+LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ stevs")
+
+
+def is_model_config(path: Path) -> bool:
+    """A model's ``config.json``: a JSON object with its method and gene panel."""
+    return is_json_with(path, "method", "genes")
+
+
+def is_model_weights(path: Path) -> bool:
+    """A ``model.safetensors`` stevs wrote: its header's metadata names the method."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size)) if 0 < size < 100_000_000 else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and "method" in (header.get("__metadata__") or {})
+
+
+def is_latent_analysis(path: Path) -> bool:
+    """A ``latent.json``: a JSON object with its analysed sets and the weights' hash."""
+    return is_json_with(path, "splits", "weights_sha256")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A ``checkpoint.pt``: torch's zip format (whose run it is, resuming checks)."""
+    return zipfile.is_zipfile(path)
+
+
+#: the first column of ``metrics.csv``: a torch model's per epoch, a ridge's per alpha
+METRICS_FIRST_COLUMNS = (b"epoch", b"alpha")
+
+
+def is_metrics_table(path: Path) -> bool:
+    """A ``metrics.csv``: one row per epoch (torch) or per alpha tried (ridge), or empty."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline().strip()
+    except OSError:
+        return False
+    return not first or first.split(b",")[0] in METRICS_FIRST_COLUMNS
+
+
+def is_train_log(path: Path) -> bool:
+    """A ``train.log``: empty, or starting with a line of stevs's log format."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline()
+    except OSError:
+        return False
+    return not first or bool(LOG_LINE.match(first))
 
 
 class ModelDir:
@@ -99,6 +155,22 @@ class ModelDir:
     def latent_path(self) -> Path:
         return self.path / LATENT
 
+    def own_files(self) -> dict[Path, Any]:
+        """The folder's files, each with the test that recognises an earlier one of stevs."""
+        return {
+            self.config_path: is_model_config,
+            self.weights_path: is_model_weights,
+            self.checkpoint_path: is_checkpoint,
+            self.metrics_path: is_metrics_table,
+            self.log_path: is_train_log,
+            self.latent_path: is_latent_analysis,
+        }
+
+    def check_replaceable(self) -> None:
+        """Before training: a file at one of the folder's names that is not an earlier one
+        of its kind (a user's ``config.json``) is an error naming it."""
+        check_replaceable(self.own_files())
+
     # -- config.json ---------------------------------------------------------------------------
 
     def read_config(self) -> dict[str, Any]:
@@ -122,7 +194,9 @@ class ModelDir:
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
-        return atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
+        return atomic_write_text(
+            self.config_path, json.dumps(config, indent=2) + "\n", replaces=is_model_config
+        )
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -132,7 +206,7 @@ class ModelDir:
 
         self.path.mkdir(parents=True, exist_ok=True)
         data = save(dict(tensors), metadata=_metadata(metadata))
-        return atomic_write_bytes(self.weights_path, _canonical(data))
+        return atomic_write_bytes(self.weights_path, _canonical(data), replaces=is_model_weights)
 
     def write_arrays(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> Path:
         """numpy arrays -> ``model.safetensors`` (atomic)."""
@@ -141,7 +215,7 @@ class ModelDir:
         self.path.mkdir(parents=True, exist_ok=True)
         plain = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         data = save(plain, metadata=_metadata(metadata))
-        return atomic_write_bytes(self.weights_path, _canonical(data))
+        return atomic_write_bytes(self.weights_path, _canonical(data), replaces=is_model_weights)
 
     def read_tensors(self) -> dict[str, Any]:
         """``model.safetensors`` as torch tensors (CPU)."""
@@ -187,7 +261,9 @@ class ModelDir:
 
     def remove(self) -> None:
         """Remove a model folder's own files (those named here), then the folder if that
-        left it empty; anything else in it stays."""
+        left it empty; anything else in it stays (and one of them not of stevs is an error
+        naming it, nothing removed)."""
+        self.check_replaceable()
         for path in (self.config_path, self.weights_path, self.checkpoint_path,
                      self.metrics_path, self.log_path, self.latent_path):  # fmt: skip
             path.unlink(missing_ok=True)
@@ -199,14 +275,15 @@ class ModelDir:
 
         buffer = io.BytesIO()
         torch.save(dict(state), buffer)
-        return atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+        return atomic_write_bytes(self.checkpoint_path, buffer.getvalue(), replaces=is_checkpoint)
 
     # -- latent.json ---------------------------------------------------------------------------
 
     def write_latent(self, analysis: Mapping[str, Any]) -> Path:
         """The latent analysis of this folder's weights (their SHA-256 recorded in it)."""
         record = {**analysis, "weights_sha256": self.weights_sha256()}
-        return atomic_write_text(self.latent_path, json.dumps(record, indent=1) + "\n")
+        text = json.dumps(record, indent=1) + "\n"
+        return atomic_write_text(self.latent_path, text, replaces=is_latent_analysis)
 
     def read_latent(self) -> dict[str, Any] | None:
         """``latent.json``, or None when the folder has none or it describes other weights
@@ -235,7 +312,7 @@ class ModelDir:
         writer = csv.DictWriter(text, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(history)
-        return atomic_write_text(self.metrics_path, text.getvalue())
+        return atomic_write_text(self.metrics_path, text.getvalue(), replaces=is_metrics_table)
 
     def read_metrics(self) -> Any:
         """``metrics.csv`` as a DataFrame, or None when the folder has none."""

@@ -296,6 +296,73 @@ class PatchCache:
         return {**self.__dict__, "_pid": None, "_file": None}
 
 
+class HestPatchFile:
+    """Read side of a HEST patch file (HEST-Benchmark's ``patches/{sample}.h5``, HEST-1k's
+    ``patches/``): ``img`` uint8 (N, H, W, 3), ``barcode`` (N, 1) and ``coords`` (N, 2), the
+    three keys ``hestcore.datasets.H5HESTDataset`` reads (and a stevs patch cache carries
+    beside its own). Rows in file order; patches read lazily, one handle per process."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StevsInputError(self.path, "HEST patch file not found")
+        try:
+            with h5py.File(self.path, "r") as handle:
+                missing = [k for k in (HEST_IMG, HEST_BARCODE, HEST_COORDS) if k not in handle]
+                if missing:
+                    raise StevsInputError(
+                        self.path, f"not a HEST patch file: no {', '.join(missing)} dataset"
+                    )
+                img = handle[HEST_IMG]
+                if img.dtype != np.uint8 or img.ndim != 4 or img.shape[3] != 3:
+                    raise StevsInputError(
+                        self.path, f"img must be uint8 (N, H, W, 3), not {img.dtype} {img.shape}"
+                    )
+                self.patch_shape = tuple(int(v) for v in img.shape[1:])
+                n = int(img.shape[0])
+                raw = np.asarray(handle[HEST_BARCODE][()]).reshape(-1)
+                self.coords = np.asarray(handle[HEST_COORDS][()], dtype=np.float64)
+        except OSError as err:
+            raise StevsInputError(self.path, f"not a readable HDF5 file: {err}") from err
+        self.barcodes = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in raw]
+        if len(self.barcodes) != n or self.coords.shape != (n, 2):
+            raise StevsInputError(
+                self.path,
+                f"barcode {raw.shape} and coords {self.coords.shape} must have one row per "
+                f"patch ({n})",
+            )
+        self._pid: int | None = None
+        self._file: h5py.File | None = None
+
+    def __len__(self) -> int:
+        return len(self.barcodes)
+
+    def read_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Patches of ``rows`` (any order, repeats allowed): (n, H, W, 3) uint8."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size == 0:
+            return np.empty((0, *self.patch_shape), np.uint8)
+        if self._pid != os.getpid() or self._file is None:
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self._file[HEST_IMG][unique][inverse]
+
+    def close(self) -> None:
+        """Close this process's handle (a later read reopens it)."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._pid, self._file = None, None
+
+    def __enter__(self) -> HestPatchFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pid": None, "_file": None}
+
+
 def read_patch_scale(path: str | os.PathLike) -> PatchScale:
     """The patch scale of a cache, from its attributes (StevsInputError if unreadable)."""
     path = Path(path)

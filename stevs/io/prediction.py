@@ -79,13 +79,45 @@ def prediction_meta(config: Mapping[str, Any], fold: Any, slide: str, sha: str) 
     }
 
 
+def is_prediction_file(path: str | os.PathLike) -> bool:
+    """True for a prediction file :func:`write_prediction` wrote (what it may replace)."""
+    return is_hdf5_with(path, "uns/stevs/model_sha256")
+
+
 def write_prediction(adata: Any, path: str | os.PathLike) -> Path:
     """Write a prediction AnnData atomically (gzip); an existing file is replaced only if it
     is a prediction file (``uns["stevs"]`` with ``model_sha256``)."""
-    replaces = lambda p: is_hdf5_with(p, "uns/stevs/model_sha256")  # noqa: E731
-    with atomic_path(path, suffix=".h5ad", replaces=replaces) as tmp:
+    with atomic_path(path, suffix=".h5ad", replaces=is_prediction_file) as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
+
+
+#: the file that lists a fold's prediction files (``stevs predict``), the workflow's output
+#: of the predict rule: a file, so that Snakemake keeps no timestamp file in the folder
+MANIFEST = "predictions.tsv"
+
+
+def write_manifest(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Write ``{out_dir}/predictions.tsv``: one row per prediction file written (``slide``,
+    ``file`` relative to ``out_dir``), atomically and last, once every file is in place."""
+    rows = pd.DataFrame(
+        {"slide": [Path(p).stem for p in paths], "file": [Path(p).name for p in paths]}
+    )
+    with atomic_path(Path(out_dir) / MANIFEST) as tmp:
+        rows.to_csv(tmp, sep="\t", index=False)
+    return Path(out_dir) / MANIFEST
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Path]:
+    """Slide -> prediction file of a :func:`write_manifest` file."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise StevsInputError(path, f"unreadable prediction list: {err}") from None
+    if list(table.columns) != ["slide", "file"]:
+        raise StevsInputError(path, "a prediction list has the columns slide, file")
+    return {row.slide: path.parent / row.file for row in table.itertuples()}
 
 
 @dataclass

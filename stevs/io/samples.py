@@ -2,7 +2,7 @@
 
 Columns: ``slide_id``, ``patient``, ``image``, ``expression``, ``format``, ``spots``
 (legacy ST spot file; empty otherwise), ``mpp`` (microns per level-0 pixel, within
-:data:`stevs.io.slide.MPP_RANGE`; empty, row by row, to take it from the input's metadata,
+:data:`stevs.geometry.MPP_RANGE`; empty, row by row, to take it from the input's metadata,
 the image or the spot grid; comes back as a float or None per row). Formats and their
 ``expression``: ``visium`` (Space Ranger ``outs/``), ``visium_hd`` (a
 ``binned_outputs/square_008um``-like bin folder, or the ``outs/`` above it), ``st``
@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from stevs.errors import StevsInputError
+from stevs.geometry import MPP_RANGE
 from stevs.ids import SLIDE_ID_RULE, is_slide_id
-from stevs.io.slide import MPP_RANGE
 
 REQUIRED_COLUMNS = ("slide_id", "image", "expression", "format")
 OPTIONAL_COLUMNS = ("patient", "spots", "mpp", "split")
@@ -250,14 +250,43 @@ def _hest_split_files(folder: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _split_ids(path: Path, column: str) -> list[str]:
+def _split_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise StevsInputError(path, f"cannot read split file: {err}") from err
-    if column not in table.columns:
-        raise StevsInputError(path, f"no '{column}' column")
+    for column in columns:
+        if column not in table.columns:
+            raise StevsInputError(path, f"no '{column}' column")
+    return table
+
+
+def _split_ids(path: Path, column: str) -> list[str]:
+    table = _split_table(path, (column,))
     return [str(v).strip() for v in table[column] if str(v).strip()]
+
+
+#: columns of HEST-Benchmark's split files (``bench_data/{task}/splits/train_{i}.csv``)
+HEST_SPLIT_COLUMNS = ("sample_id", "patches_path", "expr_path")
+
+
+def read_hest_bench_splits(
+    folder: str | os.PathLike,
+) -> list[tuple[list[dict[str, str]], list[dict[str, str]]]]:
+    """HEST-Benchmark's splits of one task: per split i, the rows of ``train_{i}.csv`` and
+    ``test_{i}.csv`` (``sample_id``, ``patches_path``, ``expr_path``, paths relative to the
+    task folder), in file order, as HEST's ``predict_single_split`` reads them."""
+    splits = []
+    for train, test in _hest_split_files(Path(folder)):
+        pair = []
+        for path in (train, test):
+            table = _split_table(path, HEST_SPLIT_COLUMNS)
+            rows = [{c: str(r[c]).strip() for c in HEST_SPLIT_COLUMNS} for _, r in table.iterrows()]
+            if not rows:
+                raise StevsInputError(path, "the split names no sample")
+            pair.append(rows)
+        splits.append((pair[0], pair[1]))
+    return splits
 
 
 def read_fixed_splits(path: str | os.PathLike, slide_ids: list[str]) -> list[dict[str, str]]:

@@ -38,14 +38,15 @@ import numpy as np
 from PIL import Image
 
 from stevs.errors import StevsInputError
+from stevs.geometry import MPP_RANGE  # metadata outside this range is ignored
 from stevs.io.jpeg_bands import MAX_DRAFT_LEVEL, JpegBands, parse_jpeg_bands
 
 log = logging.getLogger(__name__)
 
 PLAIN_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff"}
-#: plausible microns per pixel for a slide; metadata outside this range is ignored
-MPP_RANGE = (0.05, 20.0)
+#: the most a patch may be upsampled from an image's level 0 (more is a blurred guess)
+MAX_UPSAMPLING = 4.0
 #: Pillow refuses images above this many pixels unless told otherwise; WSIs are larger
 MAX_IMAGE_PIXELS = 50_000 * 50_000
 #: decoded pyramid tiles (tifffile) and JPEG bands kept per open slide, in bytes: enough for

@@ -17,6 +17,11 @@ thumbnails of the slide image (legacy ST, ``.h5ad`` input, Visium without images
 slides). :func:`check_spatial_uns` validates an entry read back from a file. Prediction
 files copy their slide AnnData's entry (``stevs.io.slide_adata.spots_of``), never re-reading
 the image.
+
+Space Ranger's ``spatial/`` folder is read here only: :func:`read_scalefactors` (the one
+reader of ``scalefactors_json.json``) and :func:`spaceranger_image`, which recognises
+``tissue_hires_image.png`` / ``tissue_lowres_image.png`` given as the slide image (data sets
+shipped without the full-resolution scan) and gives its scale factor.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +152,70 @@ def slide_spatial_uns(
     return spatial_uns(hires, scalef, spot_diameter_fullres, metadata=metadata)
 
 
+def read_scalefactors(path: str | os.PathLike) -> dict[str, Any]:
+    """Space Ranger's ``scalefactors_json.json`` as a dict; not a JSON object is an error
+    naming the file (keys are checked by the reader that needs them)."""
+    try:
+        factors = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StevsInputError(path, f"invalid JSON: {err}") from err
+    if not isinstance(factors, dict):
+        raise StevsInputError(path, "scale factors must be a JSON object")
+    return factors
+
+
+@dataclass(frozen=True)
+class SpaceRangerImage:
+    """Space Ranger's hires or lowres PNG given as the slide image."""
+
+    path: Path
+    key: str  # "hires" or "lowres"
+    scalef: float  # px of this image per full-resolution px
+    factors: dict[str, Any]  # the folder's scale factors (full-resolution frame)
+
+    def fullres_mpp(self, spot_diameter_um: float) -> float | None:
+        """µm per full-resolution px: ``microns_per_pixel`` (Visium HD), else the spot
+        diameter over ``spot_diameter_fullres``; None when neither is known."""
+        try:
+            return _positive(self.factors.get("microns_per_pixel"), "microns_per_pixel")
+        except ValueError:
+            pass
+        try:
+            diameter_px = _positive(self.factors.get("spot_diameter_fullres"), "diameter")
+            return _positive(spot_diameter_um / diameter_px, "microns per pixel")
+        except ValueError:
+            return None
+
+    def image_frame(self) -> dict[str, Any]:
+        """The scale factors with this image as level 0 (image scale factors divided by,
+        diameters in px multiplied by, :attr:`scalef`)."""
+        out = dict(self.factors)
+        for key in ("tissue_hires_scalef", "tissue_lowres_scalef", "microns_per_pixel"):
+            if isinstance(out.get(key), int | float):
+                out[key] = out[key] / self.scalef
+        for key in ("spot_diameter_fullres", "fiducial_diameter_fullres"):
+            if isinstance(out.get(key), int | float):
+                out[key] = out[key] * self.scalef
+        return out
+
+
+def spaceranger_image(image: str | os.PathLike) -> SpaceRangerImage | None:
+    """``image`` as Space Ranger's ``tissue_hires_image.png`` / ``tissue_lowres_image.png``
+    in a folder with ``scalefactors_json.json``; None for any other image."""
+    image = Path(image)
+    names = {name: key for key, name in SPACERANGER_FILES.items() if key != "scalefactors"}
+    factors_path = image.parent / SPACERANGER_FILES["scalefactors"]
+    if image.name not in names or not factors_path.is_file():
+        return None
+    key = names[image.name]
+    factors = read_scalefactors(factors_path)
+    try:
+        scalef = _positive(factors.get(f"tissue_{key}_scalef"), f"tissue_{key}_scalef")
+    except ValueError as err:
+        raise StevsInputError(factors_path, f"invalid scale factors: {err}") from err
+    return SpaceRangerImage(image, key, scalef, factors)
+
+
 def _read_png(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
@@ -167,12 +237,15 @@ def spaceranger_spatial_uns(
     spatial_dir: str | os.PathLike,
     dimensions: tuple[int, int],
     image_path: str | os.PathLike,
+    level0_scalef: float = 1.0,
 ) -> dict[str, Any] | None:
     """The entry from Space Ranger's ``outs/spatial/`` PNGs and scale factors.
 
     ``None`` (logged) when a file is missing or the images do not fit the slide image of
     ``dimensions`` (level-0 width, height) at their scale factors: the caller then makes
-    thumbnails of the slide instead.
+    thumbnails of the slide instead. ``level0_scalef``: px of the slide image per
+    full-resolution px (Space Ranger's own hires or lowres PNG as the slide image: its
+    scale factor); the entry's scale factors map the slide image's px.
     """
     spatial_dir = Path(spatial_dir)
     paths = {key: spatial_dir / name for key, name in SPACERANGER_FILES.items()}
@@ -180,14 +253,19 @@ def spaceranger_spatial_uns(
     if missing:
         log.info("%s: no %s; images made from the slide", spatial_dir, ", ".join(missing))
         return None
+    factors = read_scalefactors(paths["scalefactors"])
     try:
-        factors = json.loads(paths["scalefactors"].read_text())
         hires_scalef = _positive(factors["tissue_hires_scalef"], "tissue_hires_scalef")
         lowres_scalef = _positive(factors["tissue_lowres_scalef"], "tissue_lowres_scalef")
         diameter = _positive(factors["spot_diameter_fullres"], "spot_diameter_fullres")
+        level0_scalef = _positive(level0_scalef, "level0_scalef")
         fiducial = factors.get("fiducial_diameter_fullres")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        if fiducial is not None:
+            fiducial = _positive(fiducial, "fiducial_diameter_fullres") * level0_scalef
+    except (KeyError, TypeError, ValueError) as err:
         raise StevsInputError(paths["scalefactors"], f"invalid scale factors: {err}") from err
+    hires_scalef, lowres_scalef = hires_scalef / level0_scalef, lowres_scalef / level0_scalef
+    diameter *= level0_scalef
     hires, lowres = _read_png(paths["hires"]), _read_png(paths["lowres"])
     if not (
         _size_matches(hires, hires_scalef, dimensions)
@@ -235,21 +313,21 @@ def check_spatial_uns(uns_spatial: Any, path: str | os.PathLike | None = None) -
 
 def lowres_only(uns_spatial: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``uns["spatial"]`` whose libraries carry only the ``lowres`` image, stored
-    under the key ``hires`` with ``tissue_hires_scalef`` set to its scale.
+    under both keys, ``lowres`` and ``hires``, with ``tissue_hires_scalef`` set to its scale.
 
-    Prediction files (one per run, fold and slide) carry this: a file stays about 1 MB
-    instead of the ~9 MB a 2000 px ``hires`` image costs (the slide AnnData keeps both), and
-    scanpy's ``sc.pl.spatial`` and squidpy's ``spatial_scatter``, which both draw ``hires``
-    by default, draw over it with default arguments (squidpy 1.8 refuses a file with
-    ``lowres`` only unless given ``img_res_key="lowres"``). The scale factors stay true: each
-    maps ``obsm["spatial"]`` onto the image stored under its key.
+    Prediction files (one per run, fold and slide) carry this: a file stays about 1.6 MB
+    (0.9 MB with one key) instead of the ~8 MB a 2000 px ``hires`` image costs (the slide
+    AnnData keeps both), and ``sc.pl.spatial`` draws it with ``img_key="lowres"`` and with
+    ``"hires"``, the default of scanpy and of squidpy's ``spatial_scatter`` (squidpy 1.8
+    refuses a file with ``lowres`` only unless given ``img_res_key="lowres"``). The scale
+    factors stay true: each maps ``obsm["spatial"]`` onto the image stored under its key.
     """
     out: dict[str, Any] = {}
     for library, entry in uns_spatial.items():
         images = dict(entry.get("images", {}))
         factors = dict(entry.get("scalefactors", {}))
         if "lowres" in images and "tissue_lowres_scalef" in factors:
-            images = {"hires": images["lowres"]}
+            images = {"hires": images["lowres"], "lowres": images["lowres"]}
             factors["tissue_hires_scalef"] = factors["tissue_lowres_scalef"]
         out[library] = {**entry, "images": images, "scalefactors": factors}
     return out

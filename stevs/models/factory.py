@@ -25,6 +25,7 @@ from stevs.errors import StevsInputError
 from stevs.hashing import tensors_sha256
 from stevs.io.model_dir import ModelDir
 from stevs.methods import get_method
+from stevs.models.backbones import ImageBackbone
 from stevs.models.presets import Preset
 from stevs.models.stevs import STevs, STevsConfig
 
@@ -40,23 +41,30 @@ def create_model(
     *,
     latent_dim: int | None = None,
     frozen: bool = False,
+    backbone: ImageBackbone | None = None,
     **config_overrides: Any,
 ) -> STevs:
     """A fresh model of ``method`` with ``preset``'s backbone, standardising with the fold's
     training mean/std (``normalisation``). With a ``frozen`` backbone the preset's context and
     linear path apply (:meth:`Preset.model_defaults`); the method's switches win over the
-    preset, ``config_overrides`` (command-line options) over both."""
+    preset, ``config_overrides`` (command-line options) over both. ``backbone``: an already
+    built backbone of the preset's spec to use instead of building another (a frozen
+    encoder whose embeddings were computed with it)."""
+    if latent_dim is not None and latent_dim < 1:
+        raise ValueError(f"latent_dim must be >= 1 (None: the preset's), got {latent_dim}")
     defaults = {"beta": preset.beta, **preset.model_defaults(frozen)}
     config = STevsConfig.for_method(
         method,
         n_genes=len(genes),
         backbone=preset.backbone,
-        latent_dim=latent_dim or preset.latent_dim,
+        latent_dim=preset.latent_dim if latent_dim is None else latent_dim,
         hidden_dim=preset.hidden_dim,
         **defaults,
     )
     config = replace(config, **config_overrides)
-    model = STevs(config)
+    if backbone is not None and backbone.spec != config.backbone:
+        raise ValueError("the given backbone is not the preset's")
+    model = STevs(config, backbone)
     if normalisation and normalisation.get("mean") is not None:
         if len(normalisation["mean"]) != len(genes) or len(normalisation["std"]) != len(genes):
             raise StevsInputError(None, "normalisation mean/std do not match the gene panel")

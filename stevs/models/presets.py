@@ -8,11 +8,12 @@ they depend on the backbone's size and on whether it is pretrained.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from stevs.errors import StevsInputError
-from stevs.models.backbones import BackboneSpec
+from stevs.models.backbone_spec import BackboneSpec
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Preset:
     embedding_dim: int = 0
     #: licence and access of the weights, as the model card states them
     licence: str = ""
+    #: precision of a frozen embedding pass on CUDA (stevs.device.resolve_precision):
+    #: the published encoders take HEST-Benchmark's (its inference_models.py ``precision``),
+    #: bfloat16 where HEST has no recipe
+    embed_precision: str = "bfloat16"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -168,6 +173,7 @@ def _encoder(
     patch_px: int = 224,
     mpp: float = 0.5,
     norm: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
+    precision: str = "bfloat16",
 ) -> Preset:
     """A published pathology encoder used frozen: training defaults as for the frozen
     ``effnet_lite0_in1k`` (neighbourhood context, reduced-rank ridge linear path)."""
@@ -188,6 +194,7 @@ def _encoder(
         linear_rank="cv",
         embedding_dim=embedding_dim,
         licence=licence,
+        embed_precision=precision,
     )
 
 
@@ -224,6 +231,7 @@ ENCODERS: dict[str, Preset] = {
             _hf_vit("vit_large_patch16_224", "MahmoodLab/UNI",
                     timm_kwargs={"patch_size": 16, "init_values": 1e-5, **_DYNAMIC}),
             1024, _MAHMOOD, "UNI (Mahmood lab), ViT-L/16 DINOv2 on 100k WSIs; class token",
+            precision="float16",
         ),
         # load.py UNIv2InferenceEncoder: vit_giant_patch14_224 re-shaped, SwiGLU, 8 registers
         _encoder(
@@ -256,6 +264,7 @@ ENCODERS: dict[str, Preset] = {
                     timm_kwargs={**_VIRCHOW, **_DYNAMIC}),
             2560, "Apache-2.0, gated (agree to Paige's terms on Hugging Face)",
             "Virchow (Paige), ViT-H/14 on 1.5M WSIs; class token + mean patch token",
+            precision="float32",
         ),
         # Virchow2: Virchow's recipe with 4 registers (patch tokens from the 6th)
         _encoder(
@@ -265,6 +274,7 @@ ENCODERS: dict[str, Preset] = {
             2560, "CC-BY-NC-ND-4.0, gated (agree to Paige's terms on Hugging Face)",
             "Virchow2 (Paige), ViT-H/14 with registers, 3.1M WSIs; class token + mean "
             "patch token",
+            precision="float16",
         ),
         _encoder(
             "hoptimus0",
@@ -272,7 +282,7 @@ ENCODERS: dict[str, Preset] = {
                     timm_kwargs={**_HOPTIMUS, **_DYNAMIC}),
             1536, "Apache-2.0, open",
             "H-Optimus-0 (Bioptimus), ViT-g/14 with registers, 500k WSIs; class token",
-            norm=HOPTIMUS,
+            norm=HOPTIMUS, precision="float16",
         ),
         _encoder(
             "hoptimus1",
@@ -293,6 +303,7 @@ ENCODERS: dict[str, Preset] = {
             1536, f"Apache-2.0, {_GATED}",
             "Prov-GigaPath tile encoder (Microsoft/Providence), ViT-g/16 on 171k WSIs; "
             "class token (its loaders resize to 256 px and crop 224)",
+            precision="float32",
         ),
         # load.py Phikonv2InferenceEncoder (HEST the same): Hugging Face Dinov2Model
         # ViT-L/16, class token of last_hidden_state; model.safetensors in its names
@@ -303,6 +314,7 @@ ENCODERS: dict[str, Preset] = {
                     hub_file="model.safetensors", layout="hf_dinov2"),
             1024, "Owkin non-commercial licence, open",
             "Phikon-v2 (Owkin), ViT-L/16 DINOv2 on PANCAN-XL; class token",
+            precision="float32",
         ),
         # load.py HibouLInferenceEncoder (pooler_output = class token), HEST
         # HibouLargeInferenceEncoder (patch tokens from the 6th: 4 registers)
@@ -313,7 +325,7 @@ ENCODERS: dict[str, Preset] = {
                     hub_file="model.safetensors", layout="hf_dinov2"),
             1024, f"Apache-2.0, {_GATED}",
             "Hibou-L (HistAI), ViT-L/14 with registers on 1.1M WSIs; class token",
-            norm=HIBOU,
+            norm=HIBOU, precision="float32",
         ),
         # HEST ResNet50InferenceEncoder / load.py: resnet50.tv_in1k, features_only,
         # out_indices [3] (truncated after the third stage), average-pooled
@@ -322,10 +334,29 @@ ENCODERS: dict[str, Preset] = {
             BackboneSpec("resnet50.tv_in1k", {"out_indices": (3,)}, weights="timm"),
             1024, "BSD-3-Clause (torchvision ImageNet weights via timm), open",
             "ResNet50 ImageNet, truncated after the third stage (HEST-Benchmark's baseline)",
+            precision="float32",
         ),
     )
 }  # fmt: skip
 PRESETS.update(ENCODERS)
+
+
+def scaled_down(spec: BackboneSpec, width: int = 32) -> BackboneSpec:
+    """A recipe at a tiny depth and width with random weights, for tests and CPU benchmarks:
+    the same timm class and options (a ViT: 2 blocks of ``width``, 2 x 2 patches, layer
+    scale 1 instead of 1e-5 so that a random model's tokens depend on the image; a CNN: the
+    same network at 32 px)."""
+    if spec.pooling == "stages":
+        return replace(spec, weights="none", weights_path=None, img_size=32)
+    found = re.search(r"patch(\d+)", spec.name)
+    patch = int(spec.timm_kwargs.get("patch_size") or (found[1] if found else 16))
+    kwargs = {**spec.timm_kwargs, "embed_dim": width, "depth": 2, "num_heads": 2}
+    kwargs["init_values"] = 1.0
+    kwargs["img_size"] = 2 * patch
+    return replace(
+        spec, timm_kwargs=kwargs, img_size=2 * patch, weights="none", weights_path=None,
+        pool_dim=16 if spec.pool_dim else 0,
+    )  # fmt: skip
 
 
 def get_preset(name: str, *, backbone: str | None = None, weights: str | None = None) -> Preset:

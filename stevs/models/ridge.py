@@ -89,6 +89,17 @@ def _scaler_pca(n_spots: int, n_features: int, max_components: int) -> Pipeline:
     return make_pipeline(StandardScaler(), PCA(n_components=k, svd_solver=solver))
 
 
+def _coef(ridge: Ridge, n_genes: int) -> np.ndarray:
+    """A fitted ridge's coefficients as (components, genes), also for a one-gene panel
+    (scikit-learn >= 1.9 flattens a one-column target's coefficients)."""
+    return np.asarray(ridge.coef_).reshape(n_genes, -1).T
+
+
+def _predict(estimator: Ridge | Pipeline, features: np.ndarray, n_genes: int) -> np.ndarray:
+    """Predictions as (spots, genes), also for a one-gene panel."""
+    return np.asarray(estimator.predict(features)).reshape(len(features), n_genes)
+
+
 def fit_pipeline(
     features: np.ndarray, targets: np.ndarray, alpha: float, max_components: int
 ) -> Pipeline:
@@ -117,7 +128,7 @@ def _inner_cv_residuals(
         held_scores = pre.transform(features[held_idx])
         for a, alpha in enumerate(alphas):
             ridge = Ridge(alpha=alpha).fit(scores, targets[train_idx])
-            residual = ridge.predict(held_scores) - targets[held_idx]
+            residual = _predict(ridge, held_scores, targets.shape[1]) - targets[held_idx]
             residual_sum[a] += residual.sum(axis=0)
             residual_sq[a] += (residual**2).sum(axis=0)
     return residual_sum, residual_sq
@@ -177,9 +188,9 @@ def fit_ridge(
     pipeline = fit_pipeline(features, targets, alphas[best], max_components)
     scaler, pca, ridge = (pipeline[i] for i in range(3))
     comps = pca.components_
-    coef = ridge.coef_.T  # (K, G)
+    coef = _coef(ridge, targets.shape[1])  # (K, G)
     # PCA centres the (already standardised) features again: fold its mean into the intercept
-    intercept = ridge.intercept_ - (pca.mean_ @ comps.T) @ coef
+    intercept = np.reshape(ridge.intercept_, -1) - (pca.mean_ @ comps.T) @ coef
     cv_mse = sq_error / targets.size
     return RidgeModel(
         feature_mean=scaler.mean_,
@@ -256,9 +267,10 @@ def reduce_rank(
         pre, ridge = Pipeline(pipeline.steps[:2]), pipeline[2]
         scores, held = pre.transform(features[train_idx]), pre.transform(features[held_idx])
         for i, rank in enumerate(ranks):
-            projector = _rank_projector(scores, ridge.coef_.T, rank)
-            predicted = ridge.predict(scores).mean(axis=0) + (
-                held - scores.mean(axis=0)) @ ridge.coef_.T @ projector  # fmt: skip
+            coef = _coef(ridge, genes)
+            projector = _rank_projector(scores, coef, rank)
+            predicted = _predict(ridge, scores, genes).mean(axis=0) + (
+                held - scores.mean(axis=0)) @ coef @ projector  # fmt: skip
             out_of_fold[i, held_idx] = predicted
     genes_, headline = list(model.genes), list(headline_genes or model.genes)
     score = [headline_pearson(targets, oof, groups, genes_, headline) for oof in out_of_fold]
@@ -349,7 +361,7 @@ def out_of_fold_predictions(
     predicted = np.zeros_like(targets)
     for train_idx, held_idx in inner_splits(np.asarray(groups), n_splits, seed):
         pipeline = fit_pipeline(features[train_idx], targets[train_idx], alpha, max_components)
-        predicted[held_idx] = pipeline.predict(features[held_idx])
+        predicted[held_idx] = _predict(pipeline, features[held_idx], targets.shape[1])
     return predicted
 
 

@@ -47,18 +47,41 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``stevs report``."""
-    parser.add_argument("--metrics", required=True, help="folder of {method}/{fold}.tsv tables")
-    parser.add_argument("--predictions", help="folder of {method}/{fold}/{slide}.h5ad (maps)")
-    parser.add_argument("--folds", help="folder of {fold}.json fold files (protocol, maps)")
-    parser.add_argument("--models", help="folder of {method}/{fold}/metrics.csv (curves)")
+    parser.add_argument(
+        "--metrics",
+        required=True,
+        help="folder of {encoder}/{method}/seed{seed}/{fold}.tsv tables (stevs evaluate)",
+    )
+    parser.add_argument(
+        "--predictions",
+        help="folder of {encoder}/{method}/seed{seed}/{fold}/{slide}.h5ad, for the maps "
+        "(default: no maps)",
+    )
+    parser.add_argument(
+        "--folds",
+        help="folder of {fold}.json fold files, for the protocol and the maps (default: none)",
+    )
+    parser.add_argument(
+        "--models",
+        help="folder of {encoder}/{method}/seed{seed}/{fold}/metrics.csv, for the training "
+        "curves (default: no curves)",
+    )
     parser.add_argument(
         "--config",
         help="the config the run used (the workflow passes {results}/config.yaml, the merged "
-        "config), copied into the report",
+        "config), copied into the report (default: none)",
     )
     parser.add_argument("--out", required=True, help="report folder (index.html + TSVs)")
     parser.add_argument(
-        "--max-map-slides", type=non_negative_int(), default=4, help="test slides with maps"
+        "--max-map-slides", type=non_negative_int(), default=4, help="most test slides with maps"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="TSV",
+        help="read only these per-gene tables ({fold}.tsv under --metrics; their .summary.tsv "
+        "and .pooled.tsv beside them), e.g. the runs of one config (default: every table "
+        "under --metrics)",
     )
     parser.add_argument(
         "--allow-partial",
@@ -79,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         config_path=args.config,
         max_map_slides=args.max_map_slides,
         allow_partial=args.allow_partial,
+        only=args.only,
     )
     log.info("report written to %s", index)
     return 0

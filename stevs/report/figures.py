@@ -43,34 +43,52 @@ def _pyplot() -> Any:
     return plt
 
 
+def run_label(encoder: str, method: str) -> str:
+    """A figure's name for an (encoder, method) row: the method over its encoder."""
+    return f"{method}\n{encoder}" if encoder not in ("", "none") else f"{method}\n(no encoder)"
+
+
 def bar_charts(summary: pd.DataFrame) -> dict[str, str]:
-    """One bar chart per table metric (mean across folds, std as error bar) -> base64 PNGs."""
+    """One bar chart per table metric, one bar per (encoder, method) row of ``summary``
+    (mean across folds, std as error bar), coloured by encoder -> base64 PNGs."""
     plt = _pyplot()
     figures = {}
+    rows = summary.assign(encoder=summary["encoder"].fillna("").astype(str))
+    rows = rows.sort_values(["encoder", "method"]).reset_index(drop=True)
+    labels = [run_label(e, m) for e, m in zip(rows["encoder"], rows["method"], strict=True)]
+    encoders = list(dict.fromkeys(rows["encoder"]))
+    colours = [f"C{encoders.index(e) % 10}" for e in rows["encoder"]]
     for metric in TABLE_METRICS:
-        means = summary[f"{metric}_mean"].to_numpy(dtype=float)
+        means = rows[f"{metric}_mean"].to_numpy(dtype=float)
         if not np.isfinite(means).any():
             continue
-        stds = np.nan_to_num(summary[f"{metric}_std"].to_numpy(dtype=float))
-        fig, ax = plt.subplots(figsize=(max(3.0, 0.8 * len(summary) + 1.5), 2.8))
-        ax.bar(summary["method"], np.nan_to_num(means), yerr=stds, capsize=3, color="#4c72b0")
+        stds = np.nan_to_num(rows[f"{metric}_std"].to_numpy(dtype=float))
+        fig, ax = plt.subplots(figsize=(max(3.0, 0.9 * len(rows) + 1.5), 3.0))
+        ax.bar(range(len(rows)), np.nan_to_num(means), yerr=stds, capsize=3, color=colours)
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
         figures[metric] = _png(fig)
     return figures
 
 
 def gene_r_distribution(per_gene: pd.DataFrame) -> str | None:
-    """Box + strip plot of per gene x test-slide Pearson r per method (constant genes out)."""
+    """Box + strip plot of per gene x test-slide Pearson r, one box per (encoder, method),
+    coloured by encoder as the bars are (seeds pooled; constant genes out)."""
     plt = _pyplot()
-    methods = sorted(per_gene["method"].unique())
-    data = [per_gene.loc[per_gene["method"] == m, "pearson_r"].dropna().to_numpy() for m in methods]
+    per_gene = per_gene.assign(encoder=per_gene.get("encoder", "")).fillna({"encoder": ""})
+    keys = sorted(per_gene.groupby(["encoder", "method"]).groups)
+    grouped = per_gene.groupby(["encoder", "method"])["pearson_r"]
+    data = [grouped.get_group(k).dropna().to_numpy() for k in keys]
     if not any(len(d) for d in data):
         return None
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 2), 3.2))
-    ax.boxplot(data, showfliers=False)
-    ax.set_xticks(range(1, len(methods) + 1), methods, rotation=30, fontsize=8)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(keys) + 2), 3.6))
+    boxes = ax.boxplot(data, showfliers=False, patch_artist=True)
+    encoders = list(dict.fromkeys(str(e) for e, _ in keys))
+    for box, (encoder, _) in zip(boxes["boxes"], keys, strict=True):
+        box.set(facecolor=f"C{encoders.index(str(encoder)) % 10}", alpha=0.6)
+    labels = [run_label(str(e), str(m)) for e, m in keys]
+    ax.set_xticks(range(1, len(keys) + 1), labels, rotation=60, ha="right", fontsize=7)
     rng = np.random.default_rng(0)
     for i, values in enumerate(data, start=1):
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=4, alpha=0.4, color="k")
@@ -79,35 +97,52 @@ def gene_r_distribution(per_gene: pd.DataFrame) -> str | None:
     return _png(fig)
 
 
+def epoch_logs(models_dir: Path, run: str) -> list[tuple[str, pd.DataFrame]]:
+    """(fold, per-epoch log) of each ``{run}/{fold}/metrics.csv`` that has epochs and
+    something to draw (a ridge's log, one row per penalty, has none); a refit's rows are
+    left out: the selection run's curve is the one shown."""
+    logs = []
+    for path in sorted((models_dir / run).glob("*/metrics.csv")):
+        try:
+            table = ModelDir(path.parent).read_metrics()
+        except StevsInputError as err:
+            log.warning("%s, skipped", err)
+            continue
+        if table is None or "epoch" not in table:
+            continue
+        if "stage" in table:
+            table = table[table["stage"] != "refit"]
+        drawn = [c for c in table.columns if c == VAL_METRIC or "loss" in c]
+        if len(table) and table[drawn].notna().any().any():
+            logs.append((path.parent.name, table))
+    return logs
+
+
 def training_curves(models_dir: Path, methods: Sequence[str]) -> dict[str, str]:
-    """Validation r and loss curves per method from ``{method}/{fold}/metrics.csv``."""
+    """Validation r and loss curves per run from ``{run}/{fold}/metrics.csv``; runs without
+    epochs (the ridges) get no figure rather than empty panels."""
     plt = _pyplot()
     figures = {}
     for method in methods:
-        logs = sorted((models_dir / method).glob("*/metrics.csv"))
+        logs = epoch_logs(models_dir, method)
         if not logs:
             continue
-        fig, (ax_r, ax_loss) = plt.subplots(1, 2, figsize=(8, 2.8))
-        for index, path in enumerate(logs):
-            try:
-                table = ModelDir(path.parent).read_metrics()
-            except StevsInputError as err:
-                log.warning("%s, skipped", err)
-                continue
-            if table is None or "epoch" not in table:
-                continue
-            if "stage" in table:  # a refit's rows: the selection run's curve is the one shown
-                table = table[table["stage"] != "refit"]
+        has_r = any(VAL_METRIC in table for _, table in logs)
+        fig, axes = plt.subplots(1, 2 if has_r else 1, figsize=(9 if has_r else 4.5, 3.0),
+                                 squeeze=False)  # fmt: skip
+        ax_loss = axes[0, -1]
+        for index, (fold, table) in enumerate(logs):
             colour = f"C{index % 10}"
-            if VAL_METRIC in table:
-                ax_r.plot(table["epoch"], table[VAL_METRIC], color=colour, label=path.parent.name)
+            if has_r and VAL_METRIC in table:
+                axes[0, 0].plot(table["epoch"], table[VAL_METRIC], color=colour, label=fold)
             loss_columns = [c for c in table.columns if "loss" in c]
             for style, column in zip(["-", "--", ":", "-."] * 4, loss_columns, strict=False):
                 ax_loss.plot(table["epoch"], table[column], style, color=colour,
-                             label=f"{path.parent.name}: {column}")  # fmt: skip
-        ax_r.set(xlabel="epoch", ylabel="validation headline r", title=method)
+                             label=f"{fold}: {column}")  # fmt: skip
+        if has_r:
+            axes[0, 0].set(xlabel="epoch", ylabel="validation headline r", title=method)
         ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{method}: losses")
-        for ax in (ax_r, ax_loss):
+        for ax in axes[0]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
         figures[method] = _png(fig)
@@ -123,11 +158,10 @@ def spatial_maps(
     lead_method: str,
     max_slides: int = 4,
     n_genes: int = 3,
-    max_methods: int = 4,
+    max_methods: int = 3,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Observed vs predicted maps of the ``n_genes`` genes ``lead_method`` predicts best on
     each test slide -> ([(caption, base64 PNG)], [notes on what was skipped])."""
-    plt = _pyplot()
     figures, notes = [], []
     lead = per_gene[per_gene["method"] == lead_method]
     shown_methods = [lead_method] + [m for m in methods if m != lead_method][: max_methods - 1]
@@ -154,41 +188,85 @@ def spatial_maps(
         except (StevsInputError, OSError, KeyError) as err:
             notes.append(f"{fold_name}/{slide}: {err}")
             continue
-        xy = preds[lead_method].spatial
-        xy = np.zeros((len(barcodes), 2)) if xy is None else np.asarray(xy)
-        columns = ["observed", *preds]
-        dot = float(np.clip(3000.0 / max(len(xy), 1), 1.0, 20.0))
-        fig, axes = plt.subplots(
-            len(genes), len(columns), figsize=(2.4 * len(columns), 2.3 * len(genes)), squeeze=False
-        )
         r_lookup = per_gene[(per_gene["fold"] == fold_name) & (per_gene["slide"] == slide)]
         r_lookup = r_lookup.set_index(["method", "gene"])["pearson_r"]
+        panels = map_panels(observed, fold.genes, genes, preds, barcodes, r_lookup)
+        xy = preds[lead_method].spatial
+        xy = np.zeros((len(barcodes), 2)) if xy is None else np.asarray(xy)
         background = read_background(preds[lead_method].path)
-        for row, gene in enumerate(genes):
-            for col, name in enumerate(columns):
-                ax = axes[row, col]
-                if name == "observed":
-                    values = observed[:, fold.genes.index(gene)]
-                    title = f"{gene}: observed"
-                else:
-                    rows = preds[name].barcodes.get_indexer(barcodes)
-                    if (rows < 0).any():
-                        ax.axis("off")
-                        continue
-                    values = preds[name].mean[rows, fold.genes.index(gene)]
-                    r = r_lookup.get((name, gene), float("nan"))
-                    title = f"{name} (r={r:.2f})"
-                draw_spot_map(ax, xy, values, background, dot=dot)
-                ax.set_title(title, fontsize=8)
-        figures.append((f"{fold_name} / test slide {slide}", _png(fig)))
+        figures.append((f"{fold_name} / test slide {slide}", map_figure(panels, xy, background)))
     return figures, notes
 
 
+def run_title(run: str) -> str:
+    """A map column's title: ``method (seedN)`` over the encoder, for a workflow run."""
+    parts = run.split("/")
+    if len(parts) != 3:
+        return run
+    return f"{parts[1]} ({parts[2]})\n{parts[0] if parts[0] != 'none' else 'no encoder'}"
+
+
+def map_panels(
+    observed: np.ndarray,
+    panel: Sequence[str],
+    genes: Sequence[str],
+    preds: dict[str, Prediction],
+    barcodes: pd.Index,
+    r_lookup: pd.Series,
+) -> list[list[tuple[str, np.ndarray]]]:
+    """Per gene (a row): (title, values per spot) of the observed map, then of each run's
+    prediction of it on the same spots (a run missing some of the spots is left out)."""
+    rows = []
+    for gene in genes:
+        column = panel.index(gene)
+        row = [(f"{gene}: observed", observed[:, column])]
+        for name, pred in preds.items():
+            index = pred.barcodes.get_indexer(barcodes)
+            if (index >= 0).all():
+                r = r_lookup.get((name, gene), float("nan"))
+                row.append((f"{run_title(name)}\n{gene}: r = {r:.2f}", pred.mean[index, column]))
+        rows.append(row)
+    return rows
+
+
+def map_figure(
+    panels: list[list[tuple[str, np.ndarray]]], xy: np.ndarray, background: Background | None
+) -> str:
+    """One row per gene of :func:`map_panels`, observed beside predicted, each row on one
+    colour scale (1st-99th percentile of all its maps) with one colour bar -> base64 PNG."""
+    plt = _pyplot()
+    n_cols = max(len(row) for row in panels)
+    dot = float(np.clip(9000.0 / max(len(xy), 1), 2.0, 60.0))
+    fig, axes = plt.subplots(len(panels), n_cols, figsize=(3.6 * n_cols, 3.5 * len(panels)),
+                             squeeze=False, layout="constrained")  # fmt: skip
+    for r, row in enumerate(panels):
+        every = np.concatenate([values for _, values in row])
+        limits = tuple(np.percentile(every, [1, 99])) if len(every) else (0.0, 1.0)
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            title, values = row[c]
+            points = draw_spot_map(ax, xy, values, background, dot=dot, limits=limits)
+            ax.set_title(title, fontsize=9)
+        colorbar = fig.colorbar(points, ax=list(axes[r]), fraction=0.02, pad=0.01)
+        colorbar.ax.tick_params(labelsize=7)
+    return _png(fig)
+
+
 def draw_spot_map(
-    ax: Any, xy: np.ndarray, values: np.ndarray, background: Background | None, *, dot: float
-) -> None:
-    """Spots coloured by ``values`` (1st-99th percentile, with a colour bar) over the slide's
-    H&E when the prediction file carries one, cropped to the spots."""
+    ax: Any,
+    xy: np.ndarray,
+    values: np.ndarray,
+    background: Background | None,
+    *,
+    dot: float,
+    limits: tuple[float, float] | None = None,
+) -> Any:
+    """Spots coloured by ``values`` over the slide's H&E when the prediction file carries
+    one, cropped to the spots; the colour scale runs over ``limits`` (default: the 1st-99th
+    percentile of ``values``, with a colour bar of its own). Returns the scatter."""
     if background is not None and len(xy):
         height, width = background.image.shape[:2]
         extent = (0, width / background.scalef, height / background.scalef, 0)
@@ -198,12 +276,15 @@ def draw_spot_map(
         ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
     else:
         ax.invert_yaxis()
-    low, high = np.percentile(values, [1, 99]) if len(values) else (0, 1)
-    points = ax.scatter(
-        xy[:, 0], xy[:, 1], c=values, s=dot, cmap="viridis", vmin=low, vmax=high, linewidths=0
-    )
-    colorbar = ax.figure.colorbar(points, ax=ax, fraction=0.046, pad=0.02)
-    colorbar.ax.tick_params(labelsize=6)
+    own = limits is None
+    if limits is None:
+        limits = tuple(np.percentile(values, [1, 99])) if len(values) else (0.0, 1.0)
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=dot, cmap="viridis", vmin=limits[0],
+                        vmax=limits[1], linewidths=0)  # fmt: skip
+    if own:
+        colorbar = ax.figure.colorbar(points, ax=ax, fraction=0.046, pad=0.02)
+        colorbar.ax.tick_params(labelsize=6)
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
+    return points

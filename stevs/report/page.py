@@ -7,16 +7,17 @@ import datetime as dt
 import html
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stevs.atomic import atomic_write_text
+from stevs.atomic import atomic_write_text, check_replaceable
 from stevs.io.fold_file import read_fold
 from stevs.methods import baselines
-from stevs.metrics import HEST_BENCH_METRICS, SUMMARY_METRICS, write_tsv_atomic
+from stevs.metrics import HEST_BENCH_METRICS, SUMMARY_METRICS, is_stevs_table, write_tsv_atomic
 from stevs.report.figures import bar_charts, gene_r_distribution, spatial_maps, training_curves
 from stevs.report.latent import latent_section
 from stevs.report.provenance import provenance_html
@@ -28,7 +29,9 @@ from stevs.report.tables import (
     check_complete,
     collect_metrics,
     compare_to_baselines,
+    leaderboard,
     summarise_methods,
+    verdict_line,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,22 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 img { max-width: 100%; }
 .figs img { max-width: 380px; margin: 4px; border: 1px solid #eee; }
 dt { font-weight: bold; } dd { margin-bottom: .4em; }
+#verdict { background: #eef3fb; border-left: 4px solid #4c72b0; padding: .3em 1em; }
+#verdict p { margin: .4em 0; }
+tr.group th { text-align: left; background: #dde6f3; }
+#leaderboard td { text-align: left; }
+#leaderboard td.num { text-align: right; }
+#leaderboard th { text-align: left; }
+td.verdict { white-space: nowrap; }
+.maps img { max-width: 100%; }
 """
+
+
+def _group_name(encoder: str) -> str:
+    """An encoder group's heading."""
+    if encoder in ("", "none"):
+        return "no image encoder"
+    return f"encoder <code>{html.escape(encoder)}</code>"
 
 
 def _fmt(value: float, std: float | None = None) -> str:
@@ -90,7 +108,13 @@ def summary_table_html(summary: pd.DataFrame) -> str:
         for m in TABLE_METRICS
     )
     rows = []
-    for _, row in summary.iterrows():
+    width, previous = len(TABLE_METRICS) + 5, None
+    summary = summary.assign(_group=summary["encoder"].fillna("").astype(str))
+    for index, (_, row) in enumerate(summary.sort_values(["_group", "method"]).iterrows()):
+        group = row["_group"]
+        if index == 0 or group != previous:
+            rows.append(f"<tr class=group><th colspan={width}>{_group_name(group)}</th></tr>")
+        previous = group
         cells = []
         for metric in TABLE_METRICS:
             mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
@@ -154,6 +178,15 @@ COMPARISON_WORDS = (
 )
 
 
+#: the comparison table's columns, verdict and test first so that they stay on screen
+COMPARISON_COLUMNS = [
+    "encoder", "method", "baseline", "difference", "verdict", "slide_wilcoxon_p", "slide_test",
+    "slides_ahead",
+    "n_slides", "headline_r", "baseline_headline_r", "seed_sd", "folds_ahead", "n_folds",
+    "baseline_encoder",
+]  # fmt: skip
+
+
 def _frame_html(table: pd.DataFrame, table_id: str) -> str:
     return table.to_html(index=False, float_format=lambda v: f"{v:.3f}", table_id=table_id,
                          border=0, na_rep="–")  # fmt: skip
@@ -209,6 +242,27 @@ def partial_section(notes: list[str]) -> list[str]:
     ]
 
 
+#: the tables of a report folder (beside ``index.html``)
+REPORT_TABLES = ("summary.tsv", "folds.tsv", "per_gene.tsv", "comparison.tsv", "pooled.tsv")
+#: how ``index.html`` of a report starts (how a rerun recognises the page it may replace)
+PAGE_TITLE = "<title>STevs report</title>"
+
+
+def is_report_page(path: Path) -> bool:
+    """True for an ``index.html`` this module wrote."""
+    try:
+        with open(path, "rb") as handle:
+            return PAGE_TITLE.encode() in handle.read(4096)
+    except OSError:
+        return False
+
+
+def check_report_outputs(out_dir: Path) -> None:
+    """Before any work: files in ``out_dir`` at the report's names must be a report's."""
+    targets = {out_dir / name: is_stevs_table for name in REPORT_TABLES}
+    check_replaceable({**targets, out_dir / "index.html": is_report_page})
+
+
 def build_report(
     metrics_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -219,12 +273,15 @@ def build_report(
     config_path: str | os.PathLike | None = None,
     max_map_slides: int = 4,
     allow_partial: bool = False,
+    only: Sequence[str | os.PathLike] | None = None,
 ) -> Path:
     """Write the TSV tables and ``index.html`` into ``out_dir``; returns the HTML path.
     Runs scored on other folds or on part of the test spots are an error unless
-    ``allow_partial`` (then the page lists them at the top)."""
+    ``allow_partial`` (then the page lists them at the top). ``only``: read just these
+    per-gene tables under ``metrics_dir`` (see :func:`collect_metrics`)."""
     out_dir = Path(out_dir)
-    per_gene, folds, pooled = collect_metrics(metrics_dir)
+    check_report_outputs(out_dir)
+    per_gene, folds, pooled = collect_metrics(metrics_dir, only)
     partial = check_complete(folds, metrics_dir, allow_partial)
     summary = summarise_methods(folds)
     comparison = compare_to_baselines(per_gene, folds)
@@ -233,9 +290,10 @@ def build_report(
     fold_columns = ["encoder", "method", "seed", "fold",
                     *[m for m in SUMMARY_METRICS if m in folds.columns]]  # fmt: skip
 
+    board = leaderboard(per_gene, folds)
     sections = [
+        first_screen(board),
         *partial_section(partial),
-        f"<h2>How to read this</h2>{how_to_read(fold_data)}{PROTOCOL_HTML}",
         *table_sections(summary, comparison, folds),
         *figure_sections(summary, per_gene),
         "<h2>Per fold</h2><p>Also in <code>folds.tsv</code>.</p>"
@@ -251,6 +309,7 @@ def build_report(
     if models_dir is not None:
         sections.append(curves_section(training_curves(Path(models_dir), runs)))
         sections.append(latent_section(models_dir))
+    sections.append(f"<h2 id=how>How to read this</h2>{how_to_read(fold_data)}{PROTOCOL_HTML}")
     sections.append(provenance_html(fold_data, config_path))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +319,57 @@ def build_report(
     write_tsv_atomic(comparison, out_dir / "comparison.tsv")
     if not pooled.empty:
         write_tsv_atomic(pooled, out_dir / "pooled.tsv")
-    return atomic_write_text(out_dir / "index.html", page_html(summary, folds, sections))
+    page = page_html(summary, folds, sections)
+    return atomic_write_text(out_dir / "index.html", page, replaces=is_report_page)
+
+
+def first_screen(board: pd.DataFrame) -> str:
+    """What the page opens with: one verdict line per encoder (:func:`verdict_line`) and the
+    leaderboard grouped by encoder, each method against its group's leader."""
+    lines = "".join(
+        f"<p class=verdict>{html.escape(verdict_line(group, rows))}</p>"
+        for group, rows in board.groupby("group", sort=True)
+    )
+    rows = []
+    for group, table in board.groupby("group", sort=True):
+        rows.append(f"<tr class=group><th colspan=8>{_group_name(group)}</th></tr>")
+        rows += [_board_row(row, str(group)) for row in table.itertuples()]
+    return (
+        f"<section id=verdict>{lines}</section>"
+        '<table id="leaderboard"><thead><tr><th>method</th><th>headline r (folds)</th>'
+        "<th>seeds</th><th>compared with</th><th>difference</th><th>slides ahead</th>"
+        "<th>p (slides)</th><th>verdict</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        "<p>Headline r: per-slide Pearson r on the held-out slides, averaged over the "
+        "headline genes, mean &plusmn; sd across folds. p: two-sided Wilcoxon signed-rank "
+        f"test over the held-out slides (needs at least {MIN_TEST_SLIDES}); verdict: a "
+        "difference not larger than the seed sd is a tie. How every number is made: "
+        "<a href='#how'>How to read this</a>.</p>"
+    )
+
+
+def _board_row(row: Any, group: str) -> str:
+    """One method's row of the first screen's table (a :func:`leaderboard` row)."""
+    free = " (no encoder)" if row.encoder in ("", "none") and group not in ("", "none") else ""
+    cells = (
+        f'<tr data-method="{html.escape(row.method)}" data-encoder="{html.escape(row.encoder)}">'
+        f"<td>{row.rank}. {html.escape(row.method)}{free}</td>"
+        f"<td class=num>{_fmt(row.headline_r, row.headline_r_std)}</td>"
+        f"<td class=num>{row.n_seeds}</td>"
+    )
+    if not row.against:
+        return f"{cells}<td colspan=5>only method</td></tr>"
+    if row.n_slides < MIN_TEST_SLIDES:
+        p_text = TOO_FEW_SLIDES
+    else:  # NaN: every slide tied
+        p_text = f"{row.slide_wilcoxon_p:.2g}" if np.isfinite(row.slide_wilcoxon_p) else "–"
+    versus = "runner-up" if row.rank == 1 else "leader"
+    return (
+        f"{cells}<td>{versus} {html.escape(row.against)}</td>"
+        f"<td class=num>{row.difference:+.3f}</td>"
+        f"<td class=num>{row.slides_ahead} / {row.n_slides}</td>"
+        f"<td>{p_text}</td><td class=verdict>{html.escape(row.verdict)}</td></tr>"
+    )
 
 
 def shown_runs(folds: pd.DataFrame, summary: pd.DataFrame) -> tuple[list[str], str]:
@@ -303,7 +412,7 @@ def table_sections(
     if not comparison.empty:
         sections.append(
             "<h2>STevs against the best baseline on the same encoder</h2><p>"
-            f"{COMPARISON_WORDS}</p>" + _frame_html(comparison, "comparison")
+            f"{COMPARISON_WORDS}</p>" + _frame_html(comparison[COMPARISON_COLUMNS], "comparison")
         )
     hest = hest_bench_html(folds)
     if hest:
@@ -312,10 +421,11 @@ def table_sections(
 
 
 def figure_sections(summary: pd.DataFrame, per_gene: pd.DataFrame) -> list[str]:
-    """The bar charts of every table metric and the per-gene r distribution."""
+    """The bar charts of every table metric and the per-gene r distribution, one bar and
+    one box per (encoder, method)."""
     bars = bar_charts(summary)
     sections = [
-        "<h2>Metrics per method</h2><div class=figs>"
+        "<h2>Metrics per encoder and method</h2><div class=figs>"
         + "".join(f'<img alt="{m}" src="data:image/png;base64,{b}">' for m, b in bars.items())
         + "</div>"
     ]
@@ -331,7 +441,7 @@ def figure_sections(summary: pd.DataFrame, per_gene: pd.DataFrame) -> list[str]:
 def maps_section(maps: list[tuple[str, str]], notes: list[str], lead_run: str) -> str:
     """The spatial maps of :func:`stevs.report.figures.spatial_maps`, with its notes."""
     body = "".join(
-        f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "
+        f"<h3>{html.escape(caption)}</h3><img class=map alt='{html.escape(caption)}' "
         f"src='data:image/png;base64,{png}'>"
         for caption, png in maps
     )
@@ -339,7 +449,8 @@ def maps_section(maps: list[tuple[str, str]], notes: list[str], lead_run: str) -
     return (
         "<h2>Spatial maps</h2><p>Observed and predicted expression of the genes that "
         f"<b>{html.escape(lead_run)}</b> (best headline r) predicts best on each test "
-        "slide; colour scales run from the 1st to the 99th percentile of each map.</p>"
+        "slide, observed beside predicted; each gene (row) has one colour scale, from the 1st to "
+        "the 99th percentile of all its maps, so that colours compare across the row.</p>"
         + (body or "<p>No maps could be drawn.</p>")
         + (f"<ul class=note>{note_html}</ul>" if note_html else "")
     )
@@ -361,7 +472,7 @@ def page_html(summary: pd.DataFrame, folds: pd.DataFrame, sections: list[str]) -
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>STevs report</title><style>{CSS}</style></head><body>"
+        f"{PAGE_TITLE}<style>{CSS}</style></head><body>"
         f"<h1>STevs: spatial expression from H&amp;E, held-out results</h1>"
         f"<p>{len(summary)} method x encoder rows, {folds['fold'].nunique()} folds, "
         f"{folds['seed'].nunique()} training seed(s); generated {generated}.</p>"

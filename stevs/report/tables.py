@@ -11,7 +11,7 @@ which of them run without an encoder, is the method registry's answer
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pandas as pd
 
 from stevs import methods
 from stevs.errors import StevsInputError
-from stevs.metrics import PER_GENE_COLUMNS, pooled_path
+from stevs.metrics import PER_GENE_COLUMNS, pooled_path, summary_path
 
 #: metrics of the method-by-metric table, headline first
 TABLE_METRICS = [
@@ -53,12 +53,17 @@ def run_of(relative: Path, source: Path) -> dict[str, Any]:
 
 
 def collect_metrics(
-    metrics_dir: str | os.PathLike,
+    metrics_dir: str | os.PathLike, only: Sequence[str | os.PathLike] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """All evaluations under ``metrics_dir`` -> (per_gene, fold summaries, pooled) tables,
-    each with the run columns ``encoder``, ``seed`` and ``run`` (see :func:`run_of`)."""
+    """All evaluations under ``metrics_dir`` (or just the per-gene tables ``only``, each
+    under it) -> (per_gene, fold summaries, pooled) tables, each with the run columns
+    ``encoder``, ``seed`` and ``run`` (see :func:`run_of`)."""
     metrics_dir = Path(metrics_dir)
-    summaries = sorted(metrics_dir.rglob("*.summary.tsv"))
+    summaries = (
+        sorted(metrics_dir.rglob("*.summary.tsv"))
+        if only is None
+        else sorted({summary_path(_under(Path(path), metrics_dir)) for path in only})
+    )
     if not summaries:
         raise StevsInputError(metrics_dir, "no {run}/{fold}.summary.tsv files found")
     per_gene, folds, pooled = [], [], []
@@ -87,6 +92,19 @@ def collect_metrics(
     per_gene_df["slide"] = per_gene_df["slide"].astype(str)
     pooled_df = pd.concat(pooled, ignore_index=True) if pooled else pd.DataFrame()
     return per_gene_df, folds_df.reset_index(drop=True), pooled_df
+
+
+def _under(path: Path, folder: Path) -> Path:
+    """``path`` (a per-gene table, or its summary / pooled table) checked to lie under
+    ``folder`` and to exist, as the per-gene table's path under ``folder``."""
+    for suffix in (".summary.tsv", ".pooled.tsv"):
+        if path.name.endswith(suffix):
+            path = path.with_name(path.name.removesuffix(suffix) + ".tsv")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise StevsInputError(path, f"a metrics table outside --metrics {folder}")
+    if not path.is_file():
+        raise StevsInputError(path, "metrics table not found")
+    return folder / path.resolve().relative_to(folder.resolve())
 
 
 def partial_runs(folds: pd.DataFrame) -> list[str]:
@@ -212,30 +230,112 @@ def compare_to_baselines(
     """
     folds, per_gene = _with_runs(folds), _with_runs(per_gene)
     summary = summarise_methods(folds).set_index(["encoder", "method"])
-    r = slide_headline_r(per_gene)
-    fold_r = folds.groupby(["encoder", "method", "fold"])["pearson_r_mean_headline"].mean()
-    mean = summary["pearson_r_mean_headline_mean"]
+    pair = _pairing(per_gene, folds, summary)
     rows = []
     for encoder in sorted({e for e, m in summary.index if m == method}):
         candidates = baseline_candidates(encoder, summary.index)
         if not candidates:
             continue
-        key = (encoder, method)
+        mean = summary["pearson_r_mean_headline_mean"]
         best = max(candidates, key=lambda candidate: mean[candidate])
-        diff = float(mean[key] - mean[best])
-        per_fold = pd.concat([fold_r[key], fold_r[best]], axis=1, join="inner")
-        sds = summary.loc[[key, best], "pearson_r_mean_headline_seed_sd"]
-        noise = float(sds.max()) if sds.notna().any() else float("nan")
-        rows.append({
-            "encoder": encoder, "method": method, "baseline": best[1],
-            "baseline_encoder": best[0], "headline_r": float(mean[key]),
-            "baseline_headline_r": float(mean[best]), "difference": diff,
-            "seed_sd": float(noise), "folds_ahead": int((per_fold.iloc[:, 0]
-                                                         > per_fold.iloc[:, 1]).sum()),
-            "n_folds": len(per_fold), **paired_test(r[key], r[best]),
-            "verdict": _verdict(diff, float(noise)),
-        })  # fmt: skip
+        row = pair((encoder, method), best)
+        rows.append({"encoder": encoder, "method": method, "baseline": best[1],
+                     "baseline_encoder": best[0], **row})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _pairing(per_gene: pd.DataFrame, folds: pd.DataFrame, summary: pd.DataFrame) -> Any:
+    """A function (encoder, method) x (encoder, method) -> the numbers of one pair: both
+    mean headline r, ``difference``, ``seed_sd`` (the larger of the two), ``folds_ahead`` /
+    ``n_folds``, :func:`paired_test` over the held-out slides and the ``verdict``."""
+    r = slide_headline_r(per_gene)
+    fold_r = folds.groupby(["encoder", "method", "fold"])["pearson_r_mean_headline"].mean()
+    mean = summary["pearson_r_mean_headline_mean"]
+
+    def pair(key: tuple[str, str], other: tuple[str, str]) -> dict[str, Any]:
+        diff = float(mean[key] - mean[other])
+        per_fold = pd.concat([fold_r[key], fold_r[other]], axis=1, join="inner")
+        sds = summary.loc[[key, other], "pearson_r_mean_headline_seed_sd"]
+        noise = float(sds.max()) if sds.notna().any() else float("nan")
+        return {
+            "headline_r": float(mean[key]), "baseline_headline_r": float(mean[other]),
+            "difference": diff, "seed_sd": noise,
+            "folds_ahead": int((per_fold.iloc[:, 0] > per_fold.iloc[:, 1]).sum()),
+            "n_folds": len(per_fold), **paired_test(r[key], r[other]),
+            "verdict": _verdict(diff, noise),
+        }  # fmt: skip
+
+    return pair
+
+
+def encoder_groups(summary: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
+    """Encoder -> the (encoder, method) rows compared on it, best mean headline r first:
+    its own methods and every encoder-free one (encoder ``none`` or none given), which needs
+    no encoder and so runs beside each. Without any encoder-using method: one group per
+    encoder id present."""
+    keys = list(zip(summary["encoder"], summary["method"], strict=True))
+    free = [k for k in keys if k[0] in (NO_ENCODER, "")]
+    encoders = sorted({e for e, _ in keys if e not in (NO_ENCODER, "")})
+    mean = dict(zip(keys, summary["pearson_r_mean_headline_mean"].astype(float), strict=True))
+    groups = {e: [k for k in keys if k[0] == e] + free for e in encoders}
+    if not groups:
+        groups = {e: [k for k in keys if k[0] == e] for e in sorted({e for e, _ in free})}
+    order = {k: -mean[k] if np.isfinite(mean[k]) else np.inf for k in keys}
+    return {e: sorted(rows, key=lambda k: (order[k], k[1])) for e, rows in groups.items()}
+
+
+def leaderboard(per_gene: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
+    """Per encoder group (:func:`encoder_groups`), best first: each (encoder, method) with its
+    mean headline r and, against the group's leader (the leader: against the runner-up),
+    the :func:`_pairing` numbers, paired test and verdict included; ``rank`` 1 leads."""
+    folds, per_gene = _with_runs(folds), _with_runs(per_gene)
+    summary = summarise_methods(folds)
+    indexed = summary.set_index(["encoder", "method"])
+    pair = _pairing(per_gene, folds, indexed)
+    rows = []
+    for group, keys in encoder_groups(summary).items():
+        for rank, key in enumerate(keys, start=1):
+            other = (keys[1] if rank == 1 else keys[0]) if len(keys) > 1 else key
+            numbers = pair(key, other) if other != key else {}
+            if numbers:
+                numbers["against_headline_r"] = numbers.pop("baseline_headline_r")
+            rows.append({
+                "group": group, "rank": rank, "encoder": key[0], "method": key[1],
+                "headline_r": float(indexed.loc[key, "pearson_r_mean_headline_mean"]),
+                "headline_r_std": float(indexed.loc[key, "pearson_r_mean_headline_std"]),
+                "n_seeds": int(indexed.loc[key, "n_seeds"]),
+                "against": f"{other[1]}" if len(keys) > 1 else "", **numbers,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def verdict_line(group: str, rows: pd.DataFrame) -> str:
+    """One sentence on an encoder group of :func:`leaderboard`: which method leads, by how
+    much over the runner-up, over how many held-out slides and seeds, and whether that is
+    more than the noise (the slide-level test and the seed sd)."""
+    where = f"On {group}" if group not in (NO_ENCODER, "") else "Without an encoder"
+    lead = rows.iloc[0]
+    if len(rows) < 2:
+        return f"{where}: only {lead['method']} ran (headline r {lead['headline_r']:.3f})."
+    seeds = int(rows["n_seeds"].max())
+    p = lead["slide_wilcoxon_p"]
+    if lead["n_slides"] < MIN_TEST_SLIDES:
+        noise = (
+            f"{TOO_FEW_SLIDES} whether this is more than the noise ({lead['n_slides']} "
+            f"held-out, the test needs {MIN_TEST_SLIDES})"
+        )
+    elif not np.isfinite(p):
+        noise = f"not more than the noise ({lead['slide_test']})"
+    elif p < 0.05 and not str(lead["verdict"]).startswith("tie"):
+        noise = f"more than the noise ({lead['slide_test']})"
+    else:
+        noise = f"not more than the noise ({lead['slide_test']}; {lead['verdict']})"
+    return (
+        f"{where}: {lead['method']} leads with headline r {lead['headline_r']:.3f}, "
+        f"{lead['difference']:+.3f} over {lead['against']} ({lead['against_headline_r']:.3f}), "
+        f"ahead on {lead['slides_ahead']} of {lead['n_slides']} held-out slides, "
+        f"{seeds} seed{'s' if seeds != 1 else ''}: {noise}."
+    )
 
 
 #: fewest held-out slides :func:`paired_test` tests on (with 5, the smallest two-sided

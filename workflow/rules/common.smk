@@ -1,78 +1,80 @@
-"""Helpers shared by the rules: config and sample-sheet validation, slide and fold lists."""
+"""Helpers shared by the rules: config and sample-sheet validation, slide and fold lists.
 
-import difflib
+Snakemake parses the rules with the project's source tree on sys.path and needs only the
+standard library, pandas, PyYAML and jsonschema (what Snakemake itself brings): the
+`stevs` modules imported here are the light ones (tests/test_workflow_bare.py blocks
+torch, scipy and the rest while planning). Every job runs the `stevs` command of its rule's
+environment: the conda env (envs/stevs.yaml, `--sdm conda`), else the one of the Python
+running Snakemake (its bin folder goes first on the jobs' PATH).
+"""
+
+import os
 import re
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import yaml
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
+# the checkout's package, whatever is installed where Snakemake runs
+sys.path.insert(0, workflow.basedir)
+# envs/stevs.post-deploy.sh installs this checkout into the conda env (Snakemake copies the
+# env files to .snakemake/conda/, so the script cannot find the checkout from where it lies)
+os.environ.update(STEVS_SOURCE=workflow.basedir)
+
+from stevs.config_checks import (
+    encoder_runs,
+    in_schema_order,
+    schema_problem,
+    settings_problem,
+)
 from stevs.errors import StevsInputError
-from stevs.folds import plan_folds
-from stevs.io.embedding_cache import VIEWS
+from stevs.fold_plan import plan_folds
 from stevs.io.samples import hest_metadata_path, read_fixed_splits, read_sample_sheet
-from stevs.methods import REGISTRY, check_he_only, names
+from stevs.methods import REGISTRY, names
+
+
+def _jobs_run_this_pythons_stevs():
+    """Without conda or a container, the jobs run the `stevs` beside the Python that runs
+    Snakemake (`.venv/bin/snakemake` works without activating the venv): its bin folder goes
+    first on the jobs' PATH (after bash's strict mode, Snakemake's default prefix)."""
+    isolated = {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}
+    if isolated & set(workflow.deployment_settings.deployment_method):
+        return
+    bin_dir = str(Path(sys.executable).parent)
+    if not shutil.which(
+        "stevs", path=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    ):
+        logger.warning(
+            f"stevs is not installed beside {sys.executable} nor on PATH: jobs will fail;"
+            " run `make install` (then .venv/bin/snakemake) or use --sdm conda"
+        )
+    quoted = shlex.quote(bin_dir).replace("{", "{{").replace("}", "}}")
+    shell.prefix(f'set -euo pipefail; export PATH={quoted}:"$PATH"; ')
+
+
+_jobs_run_this_pythons_stevs()
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
 
 
-def _key_path(parts):
-    """('training', 'epochs') -> 'training.epochs'; list indices as [i]."""
-    text = ""
-    for part in parts:
-        text += (
-            f"[{part}]"
-            if isinstance(part, int)
-            else (f".{part}" if text else str(part))
-        )
-    return text
-
-
-def config_problem(data, schema):
-    """The config's first problem against the schema as one line, or None when it is valid."""
-    error = best_match(Draft202012Validator(schema).iter_errors(data))
-    if error is None:
-        return None
-    where = _key_path(error.absolute_path)
-    if error.validator == "additionalProperties":
-        allowed = list(error.schema.get("properties", {}))
-        unknown = [key for key in error.instance if key not in allowed]
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), allowed, n=1)
-        hint = (
-            f" (did you mean '{_key_path([*error.absolute_path, close[0]])}'?)"
-            if close
-            else ""
-        )
-        return (
-            f"config: unknown key '{_key_path([*error.absolute_path, key])}'{hint};"
-            f" allowed {'under ' + where if where else 'at the top level'}:"
-            f" {', '.join(allowed)}"
-        )
-    return f"config: {where or 'top level'}: {error.message}"
-
-
 with open(workflow.source_path(CONFIG_SCHEMA)) as _schema_file:
     _schema = yaml.safe_load(_schema_file)
-_problem = config_problem(config, _schema)
+# embedding views: the schema's enum (tests/test_config.py: the embedding cache's VIEWS)
+VIEWS = _schema["properties"]["embeddings"]["properties"]["view"]["enum"]
+# one line naming the problem, before any job (stevs.config_checks; defaults filled between)
+_problem = schema_problem(config, _schema)
 if _problem:
     raise WorkflowError(_problem)
 validate(config, schema=CONFIG_SCHEMA)  # fills in the schema's defaults
-
-
-def in_schema_order(data, schema):
-    """A copy of the config with keys in the schema's order (not the order of the files)."""
-    if not isinstance(data, dict):
-        return data
-    properties = schema.get("properties", {})
-    keys = [k for k in properties if k in data] + [
-        k for k in data if k not in properties
-    ]
-    return {k: in_schema_order(data[k], properties.get(k, {})) for k in keys}
+_problem = settings_problem(config)
+if _problem:
+    raise WorkflowError(_problem)
 
 
 # What this run really uses: every --configfile merged, --config overrides, the defaults.
@@ -81,14 +83,6 @@ def in_schema_order(data, schema):
 CONFIG_YAML = yaml.safe_dump(
     in_schema_order(config, _schema), sort_keys=False, default_flow_style=False
 )
-
-_gene_list = config["folds"]["gene_list"]
-if config["folds"]["panel"] == "gene_list" and not _gene_list:
-    raise WorkflowError(
-        "config: folds.panel is gene_list, so folds.gene_list must name a file"
-    )
-if _gene_list and not Path(_gene_list).is_file():
-    raise WorkflowError(f"config: folds.gene_list: {_gene_list} is not a file")
 
 DEMO = config["demo"]["generate"]
 DEMO_SHEET = str(Path(config["demo"]["out"]) / "samples.tsv")
@@ -105,11 +99,6 @@ def _load_samples():
     """
     sheet = config["samples"]
     needs_patient = SCHEME in ("leave_one_patient_out", "group_kfold")
-    if DEMO and Path(sheet).resolve() != Path(DEMO_SHEET).resolve():
-        raise WorkflowError(
-            f"config: demo.generate is true, so 'samples' must be the demo's sheet {DEMO_SHEET},"
-            f" not {sheet}; set demo.generate: false to run on your own sample sheet"
-        )
     if DEMO:
         ids = [f"demo_{i}" for i in range(1, config["demo"]["n_slides"] + 1)]
         patients = ["P1" if i % 2 else "P2" for i in range(1, len(ids) + 1)]
@@ -189,43 +178,8 @@ def ingest_row(wildcards):
     return "\t".join(f"{k}={v}" for k, v in SAMPLE_ROWS[wildcards.slide].items())
 
 
-def _encoder_runs():
-    """The encoders (id -> entry) and the runs: (encoder id, method, seed) triples.
-
-    An encoder's id is its preset, with `-frozen` when its backbone is frozen (paths carry
-    it); its `methods` narrow the configured `methods` ([] = all). The method registry
-    says how a method runs: seeded methods (torch) once per training seed, the others once
-    (seed 0); probes of a frozen encoder (ridge_embed) on each frozen encoder; methods that
-    need no encoder (ridge_color) once, under the id `none`.
-    """
-    encoders, runs = {}, []
-    for index, entry in enumerate(config["encoders"]):
-        name = entry["preset"] + ("-frozen" if entry["freeze"] else "")
-        if name in encoders or name == "none":
-            raise WorkflowError(
-                f"config: encoders[{index}]: {name} is listed twice (or is the reserved"
-                " id 'none')"
-            )
-        probes = [m for m in entry["methods"] if REGISTRY[m].encoder == "frozen"]
-        if probes and not entry["freeze"]:
-            raise WorkflowError(
-                f"config: encoders[{index}]: {probes[0]} probes a frozen encoder; set"
-                f" freeze: true or leave {probes[0]} out of its methods"
-            )
-        encoders[name] = entry
-        # an encoder's methods narrow `methods` (one not in `methods` does not run)
-        for method in [m for m in METHODS if m in (entry["methods"] or METHODS)]:
-            kind = REGISTRY[method]
-            if kind.encoder == "any":
-                seeds = config["training"]["seeds"] if kind.seeded else [0]
-                runs += [(name, method, seed) for seed in seeds]
-            elif kind.encoder == "frozen" and entry["freeze"]:
-                runs.append((name, method, 0))
-    runs += [("none", m, 0) for m in METHODS if REGISTRY[m].encoder == "none"]
-    return encoders, runs
-
-
-ENCODERS, RUNS = _encoder_runs()
+# encoder id -> entry, and the (encoder, method, seed) runs (stevs.config_checks)
+ENCODERS, RUNS = encoder_runs(config)
 VIEW = config["embeddings"]["view"]
 
 
@@ -252,7 +206,12 @@ def run_paths(pattern, runs=None):
 
 
 def all_metrics():
-    return run_paths(f"{RESULTS}/metrics/{{run}}/{{fold}}.tsv")
+    """Every evaluation file of this config's runs and folds (`evaluate`'s outputs)."""
+    return [
+        path
+        for suffix in (".tsv", ".summary.tsv", ".pooled.tsv")
+        for path in run_paths(f"{RESULTS}/metrics/{{run}}/{{fold}}{suffix}")
+    ]
 
 
 def uses_embeddings(wildcards):
@@ -267,12 +226,6 @@ def uses_embeddings(wildcards):
         return False
     pretrained = PRESETS[entry["preset"]].backbone.weights != "none"
     return REGISTRY[wildcards.method].reads_embeddings(entry["freeze"], pretrained)
-
-
-def gpus(wildcards):
-    """The `gpu` resource of a run: the configured count where the method uses one (the
-    registry's `needs_gpu`), 0 for the ridge probes."""
-    return config["resources"]["gpu"] if REGISTRY[wildcards.method].needs_gpu else 0
 
 
 def embedding_dir(encoder):
@@ -376,3 +329,56 @@ def all_exports():
     stores += expand(f"{RESULTS}/export/slides/{{slide}}.zarr", slide=SLIDES)
     stores += expand(f"{RESULTS}/export/predict_slides/{{pslide}}.zarr", pslide=PSLIDES)
     return stores
+
+
+# --- Job resources: what each job asks of the machine, or of SLURM -----------------------
+# The rules say what their jobs need; profiles/slurm only names the site's partitions and
+# account. GPUs (config resources.gpu) only for the jobs that run a network: training and
+# prediction of the methods the registry marks `needs_gpu` (torch), embed_slide and
+# predict_slide (they run the encoder); the ridge probes go to a CPU partition. CPUs: the
+# job's `threads` (the SLURM plugin asks --cpus-per-task=threads). Minutes and MB per rule:
+# the benchmark runs with headroom (docs/benchmarks.md, "Job resources"); each retry of a
+# job (profiles/slurm: retries) asks for twice the memory and time of the attempt before.
+
+#: (minutes, MB) per rule, train and predict per method kind; torch training takes the
+#: config's resources.train_runtime and resources.train_mem_mb
+JOB_SIZES = {
+    "make_demo": (10, 2000),
+    "ingest_slide": (30, 8000),
+    "tile_slide": (60, 4000),
+    "make_folds": (30, 8000),
+    "embed_slide": (60, 8000),
+    "train_ridge": (60, 8000),
+    "predict_torch": (60, 8000),
+    "predict_ridge": (30, 4000),
+    "evaluate": (20, 4000),
+    "report": (30, 4000),
+    "predict_slide": (120, 4000),
+    "export": (20, 4000),
+}
+
+
+def job_size(name, wildcards):
+    """(minutes, MB) of one job of rule `name`; train and predict by the method's kind."""
+    if name not in ("train", "predict"):
+        return JOB_SIZES[name]
+    kind = REGISTRY[wildcards.method].kind
+    if (name, kind) == ("train", "torch"):
+        return config["resources"]["train_runtime"], config["resources"]["train_mem_mb"]
+    return JOB_SIZES[f"{name}_{kind}"]
+
+
+def job_runtime(name):
+    """The `runtime` resource (minutes) of rule `name`'s jobs, doubled on each retry."""
+    return lambda wildcards, attempt: job_size(name, wildcards)[0] * 2 ** (attempt - 1)
+
+
+def job_mem_mb(name):
+    """The `mem_mb` resource of rule `name`'s jobs, doubled on each retry."""
+    return lambda wildcards, attempt: job_size(name, wildcards)[1] * 2 ** (attempt - 1)
+
+
+def gpus(wildcards):
+    """The `gpu` resource of a train or predict job: the configured count where the method
+    runs a network (the registry's `needs_gpu`), 0 for the ridge probes."""
+    return config["resources"]["gpu"] if REGISTRY[wildcards.method].needs_gpu else 0

@@ -9,8 +9,8 @@ rule make_demo:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=job_mem_mb("make_demo"),
+        runtime=job_runtime("make_demo"),
     params:
         out=lambda wildcards, output: str(Path(output.sheet).parent),
         seed=config["demo"]["seed"],
@@ -35,8 +35,8 @@ rule ingest_slide:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("ingest_slide"),
+        runtime=job_runtime("ingest_slide"),
     params:
         sheet=DEMO_SHEET if DEMO else config["samples"],
         row=ingest_row,
@@ -65,8 +65,8 @@ rule tile_slide:
         "../../envs/stevs.yaml"
     threads: config["tiling"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=job_mem_mb("tile_slide"),
+        runtime=job_runtime("tile_slide"),
     params:
         patch_px=config["tiling"]["patch_px"],
         patch_um=config["tiling"]["patch_um"],
@@ -93,8 +93,8 @@ rule make_folds:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=job_mem_mb("make_folds"),
+        runtime=job_runtime("make_folds"),
     params:
         args=folds_args(),
         results=lambda wildcards, output: str(Path(output.summary).parent.parent),

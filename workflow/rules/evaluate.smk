@@ -18,9 +18,12 @@ rule evaluate:
     input:
         # the fold file and its test slides' observed expression
         unpack(fold_inputs("test", patches=False)),
-        predictions=f"{RESULTS}/predictions/{RUN}/{{fold}}",
+        predictions=f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
     output:
-        f"{RESULTS}/metrics/{RUN}/{{fold}}.tsv",
+        # the per-gene table (written last), its fold summary and pooled table beside it
+        table=f"{RESULTS}/metrics/{RUN}/{{fold}}.tsv",
+        summary=f"{RESULTS}/metrics/{RUN}/{{fold}}.summary.tsv",
+        pooled=f"{RESULTS}/metrics/{RUN}/{{fold}}.pooled.tsv",
     log:
         f"{RESULTS}/logs/evaluate/{RUN}/{{fold}}.log",
     benchmark:
@@ -29,17 +32,21 @@ rule evaluate:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("evaluate"),
+        runtime=job_runtime("evaluate"),
     params:
         protocol=config["evaluation"]["protocol"],
+        predictions=lambda wildcards, input: str(Path(input.predictions).parent),
     shell:
-        "stevs evaluate --fold {input.fold} --predictions {input.predictions}"
-        " --method {wildcards.method} --protocol {params.protocol} --out {output} > {log} 2>&1"
+        "stevs evaluate --fold {input.fold} --predictions {params.predictions}"
+        " --method {wildcards.method} --protocol {params.protocol} --out {output.table}"
+        " > {log} 2>&1"
 
 
 rule report:
     input:
+        # this config's runs only (`--only`): stale metrics of an earlier config in the same
+        # folder are not read
         metrics=all_metrics(),
         models=run_paths(f"{RESULTS}/models/{{run}}/{{fold}}/model.safetensors"),
         config=f"{RESULTS}/config.yaml",
@@ -62,13 +69,17 @@ rule report:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("report"),
+        runtime=job_runtime("report"),
     params:
         max_map_slides=config["report"]["max_map_slides"],
         results=lambda wildcards, output: str(Path(output.html).parent.parent),
+        # the per-gene tables (their summary and pooled tables lie beside them)
+        tables=lambda wildcards, input: [
+            p for p in input.metrics if not p.endswith((".summary.tsv", ".pooled.tsv"))
+        ],
     shell:
-        "stevs report --metrics {params.results}/metrics"
+        "stevs report --metrics {params.results}/metrics --only {params.tables:q}"
         " --predictions {params.results}/predictions --folds {params.results}/folds"
         " --models {params.results}/models --config {input.config}"
         " --max-map-slides {params.max_map_slides} --out {params.results}/report > {log} 2>&1"

@@ -4,7 +4,7 @@
 
 rule export_prediction:
     input:
-        f"{RESULTS}/predictions/{RUN}/{{fold}}",
+        f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
     output:
         directory(f"{RESULTS}/export/{RUN}/{{fold}}/{{slide}}.zarr"),
     log:
@@ -13,10 +13,12 @@ rule export_prediction:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("export"),
+        runtime=job_runtime("export"),
+    params:
+        folder=lambda wildcards, input: str(Path(input[0]).parent),
     shell:
-        "stevs export --input {input}/{wildcards.slide}.h5ad --out {output} > {log} 2>&1"
+        "stevs export --input {params.folder}/{wildcards.slide}.h5ad --out {output} > {log} 2>&1"
 
 
 rule export_slide:
@@ -30,8 +32,8 @@ rule export_slide:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("export"),
+        runtime=job_runtime("export"),
     shell:
         "stevs export --input {input} --out {output} > {log} 2>&1"
 
@@ -49,7 +51,7 @@ rule export_predict_slide:
         "../../envs/stevs.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_mem_mb("export"),
+        runtime=job_runtime("export"),
     shell:
         "stevs export --input {input} --out {output} > {log} 2>&1"

@@ -15,8 +15,8 @@ rule embed_slide:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=job_mem_mb("embed_slide"),
+        runtime=job_runtime("embed_slide"),
         gpu=config["resources"]["gpu"],
     params:
         device=config["training"]["device"],
@@ -40,8 +40,8 @@ rule train:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=config["resources"]["train_mem_mb"],
-        runtime=config["resources"]["train_runtime"],
+        mem_mb=job_mem_mb("train"),
+        runtime=job_runtime("train"),
         gpu=gpus,
     params:
         out=lambda wildcards, output: str(Path(output.model).parent),
@@ -57,7 +57,9 @@ rule predict:
         unpack(fold_inputs("test")),
         model=f"{RESULTS}/models/{RUN}/{{fold}}/model.safetensors",
     output:
-        directory(f"{RESULTS}/predictions/{RUN}/{{fold}}"),
+        # the list of the fold's prediction files, written last beside them (a file, not a
+        # directory() output: Snakemake would keep a timestamp file in the user's folder)
+        f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
     log:
         f"{RESULTS}/logs/predict/{RUN}/{{fold}}.log",
     benchmark:
@@ -66,11 +68,12 @@ rule predict:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=job_mem_mb("predict"),
+        runtime=job_runtime("predict"),
         gpu=gpus,
     params:
         model_dir=lambda wildcards, input: str(Path(input.model).parent),
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         device=config["training"]["device"],
         embeddings=lambda wildcards: (
             f"--embeddings {embedding_dir(wildcards.encoder)}"
@@ -80,4 +83,4 @@ rule predict:
     shell:
         "stevs predict --model-dir {params.model_dir} --fold {input.fold}"
         " {params.embeddings} --device {params.device} --threads {threads}"
-        " --out-dir {output} > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"

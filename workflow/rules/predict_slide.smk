@@ -10,24 +10,9 @@ from stevs.io.samples import read_predict_sheet
 
 PREDICT = config["predict_slides"]
 DEMO_PREDICT_SHEET = str(Path(config["demo"]["out"]) / "predict.tsv")
-# the model must be trained here and able to predict from H&E alone (stevs.methods)
-if PREDICT["sheet"]:
-    try:
-        check_he_only(PREDICT["model"])
-    except StevsInputError as err:
-        raise WorkflowError(f"config: predict_slides.model: {err}") from None
-    if PREDICT["model"] not in METHODS:
-        raise WorkflowError(
-            f"config: predict_slides.model '{PREDICT['model']}' is not one of the methods"
-            f" ({', '.join(METHODS)}): add it to methods so its models are trained"
-        )
 # the first run (encoder, seed) of that method predicts, with its models of every fold
+# (checked before: stevs.config_checks, an H&E-capable method among the methods, with a run)
 PREDICT_RUNS = [r for r in RUNS if r[1] == PREDICT["model"]][:1]
-if PREDICT["sheet"] and not PREDICT_RUNS:
-    raise WorkflowError(
-        f"config: predict_slides.model '{PREDICT['model']}' runs on no encoder"
-        " (see encoders[].methods)"
-    )
 PREDICT_IS_DEMO = DEMO and str(Path(PREDICT["sheet"])) == str(Path(DEMO_PREDICT_SHEET))
 
 # slide id -> image; the demo's H&E-only slide is known before the demo exists
@@ -86,8 +71,8 @@ rule predict_slide:
         "../../envs/stevs.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=job_mem_mb("predict_slide"),
+        runtime=job_runtime("predict_slide"),
         gpu=config["resources"]["gpu"],
     params:
         sheet=PREDICT["sheet"],
