@@ -256,7 +256,8 @@ def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
 
 
 def test_fold_jobs_read_only_the_folds_slides(demo_plan: Plan):
-    """train reads the fold's train + val slides; predict and evaluate its test slides."""
+    """train reads the fold's train + val slides (a torch run also the test slides' images,
+    for the latent analysis); predict and evaluate its test slides."""
     from stevs.fold_plan import plan_folds
 
     ids = [f"demo_{i}" for i in range(1, 7)]
@@ -271,6 +272,8 @@ def test_fold_jobs_read_only_the_folds_slides(demo_plan: Plan):
         fold = next(f for f in plans if f"/{f}" in job["output"])
         plan = plans[fold]
         wanted = set(plan.train + plan.val) if job["rule"] == "train" else set(plan.test)
+        if job["rule"] == "train" and any(f"/{m}/" in job["output"] for m in ("stevs", "stnet")):
+            wanted |= set(plan.test)
         inputs = job["input"].split(", ")
         adatas = {Path(i).stem for i in inputs if i.startswith("results/slides/")}
         patches = {Path(i).stem for i in inputs if i.startswith("results/patches/")}

@@ -233,9 +233,14 @@ def embedding_dir(encoder):
 
 
 def fold_slides(fold, split):
-    """Slides of a fold that a stage reads: `fit` (train + val, for training) or `test`."""
+    """Slides of a fold that a stage reads: `fit` (train + val, for training), `test`, or
+    `all` (the three)."""
     plan = FOLD_PLANS[fold]
-    slides = [*plan.train, *plan.val] if split == "fit" else list(plan.test)
+    slides = {
+        "fit": [*plan.train, *plan.val],
+        "test": list(plan.test),
+        "all": [*plan.train, *plan.val, *plan.test],
+    }[split]
     return list(dict.fromkeys(slides))
 
 
@@ -257,6 +262,14 @@ def fold_inputs(split, patches=True):
         return files
 
     return inputs
+
+
+def train_inputs(wildcards):
+    """Input function of `train`: the slides the fold trains and validates on; a torch run
+    also the test slides' images (and embedding caches), which the latent analysis at the end
+    of `stevs train` reads (image and coordinates only: latent.json)."""
+    split = "all" if wildcards.method in TORCH_METHODS else "fit"
+    return fold_inputs(split)(wildcards)
 
 
 def embedding_args(wildcards):

@@ -27,9 +27,10 @@ rule embed_slide:
 
 rule train:
     input:
-        # the fold file and only the slides the fold trains and validates on (and, for a
-        # frozen encoder, those slides' embedding caches)
-        unpack(fold_inputs("fit")),
+        # the fold file and the slides the fold trains and validates on (and, for a frozen
+        # encoder, those slides' embedding caches); torch runs also the test slides', for the
+        # latent analysis of their images (train_inputs)
+        unpack(train_inputs),
     output:
         model=f"{RESULTS}/models/{RUN}/{{fold}}/model.safetensors",
     log:
