@@ -93,9 +93,9 @@ def test_schema_slide_id_pattern_is_the_one_rule():
 
 
 def test_schema_view_enum_is_the_embedding_cache_views():
-    from stevs.io.embedding_cache import VIEWS
+    from stevs.io.embedding_cache import TEST_VIEWS
 
-    assert SCHEMA["properties"]["embeddings"]["properties"]["view"]["enum"] == list(VIEWS)
+    assert SCHEMA["properties"]["embeddings"]["properties"]["view"]["enum"] == list(TEST_VIEWS)
 
 
 def test_schema_preset_enum_is_the_presets():
