@@ -255,7 +255,7 @@ class STevs(nn.Module):
         """The trainable copy of the frozen backbone's last stage and the layout of the
         ``tail`` view it reads: [pooled earlier stages, the last stage's input maps]."""
         self.tail = copy.deepcopy(backbone.last_stage())
-        backbone.requires_grad_(False)
+        backbone.requires_grad_(False).eval()  # its batch-norm statistics stay as loaded
         self.tail.requires_grad_(True)
         self.tail_shape = backbone.tail_input_shape()
         self.frozen_dim = backbone.feature_dim - backbone.stage_channels[-1]
@@ -283,6 +283,7 @@ class STevs(nn.Module):
         view passed through the frozen backbone's own last stage."""
         if self.tail is None:
             return embedding
+        self.backbone.eval()
         with torch.no_grad():
             return self._through_last_stage(embedding.float(), self.backbone.last_stage())
 
