@@ -124,6 +124,18 @@ def test_train_embed_predict_from_the_tail_cache(fold_path, tmp_path):  # noqa: 
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
+def test_stevs_tail_without_a_frozen_backbone_is_one_clear_line(fold_path, tmp_path, capsys):  # noqa: F811
+    code = main(
+        ["train", "--fold", str(fold_path), "--method", "stevs_tail", "--preset", "cpu_small"]
+        + ["--out", str(tmp_path / "m"), "--epochs", "1", "--workers", "0", "--device", "cpu"]
+    )
+    assert code == 2
+    assert (
+        "stevs_tail" in capsys.readouterr().err
+        and not (tmp_path / "m" / "model.safetensors").exists()
+    )
+
+
 def test_stevs_tail_is_a_frozen_encoder_torch_method_reading_the_tail_view():
     method = REGISTRY["stevs_tail"]
     assert method.kind == "torch" and method.encoder == "frozen"

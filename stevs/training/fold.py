@@ -192,12 +192,19 @@ def fit_model(
     return train_model(model, train_data, val_data, out_dir, options, config, **loop_options)
 
 
-def _tail_view(options: TrainOptions, method: str, overrides: Mapping[str, Any]) -> TrainOptions:
+def _tail_view(
+    options: TrainOptions, method: str, preset: Preset, overrides: Mapping[str, Any]
+) -> TrainOptions:
     """``options`` for a method that trains its encoder's last stage over frozen earlier
     stages (``train_tail_stages``): it reads the frozen encoder's ``tail`` embedding view."""
     switches = get_method(method).switches
     if not overrides.get("train_tail_stages", switches.get("train_tail_stages", 0)):
         return options
+    if preset.backbone.pooling != "stages":
+        raise StevsInputError(
+            None, f"{method} trains the last stage of a stage backbone (a CNN, Swin); "
+            f"{preset.name}'s {preset.backbone.name} pools {preset.backbone.pooling} tokens",
+        )  # fmt: skip
     if not options.freeze_backbone or options.train_stages is not None:
         raise StevsInputError(
             None,
@@ -270,7 +277,8 @@ def train_fold(
     if get_method(method).kind != "torch":
         raise StevsInputError(None, f"{method} is not a torch method; see stevs.methods")
     preset_obj = get_preset(preset, backbone=backbone, weights=weights)
-    options = _tail_view((options or TrainOptions()).resolved(preset_obj), method, config_overrides)
+    options = (options or TrainOptions()).resolved(preset_obj)
+    options = _tail_view(options, method, preset_obj, config_overrides)
     build = {
         "latent_dim": options.latent_dim,
         "frozen": bool(options.freeze_backbone),
