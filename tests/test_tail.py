@@ -134,6 +134,12 @@ def test_stevs_tail_without_a_frozen_backbone_is_one_clear_line(fold_path, tmp_p
         "stevs_tail" in capsys.readouterr().err
         and not (tmp_path / "m" / "model.safetensors").exists()
     )
+    code = main(
+        ["train", "--fold", str(fold_path), "--method", "stevs", "--preset", "cpu_small"]
+        + ["--out", str(tmp_path / "m"), "--epochs", "1", "--workers", "0", "--device", "cpu"]
+        + ["--freeze-backbone", "--embedding-view", "tail"]
+    )
+    assert code == 2 and "--embedding-view tail" in capsys.readouterr().err
 
 
 def test_stevs_tail_is_a_frozen_encoder_torch_method_reading_the_tail_view():

@@ -199,6 +199,10 @@ def _tail_view(
     stages (``train_tail_stages``): it reads the frozen encoder's ``tail`` embedding view."""
     switches = get_method(method).switches
     if not overrides.get("train_tail_stages", switches.get("train_tail_stages", 0)):
+        if options.embedding_view == "tail":
+            raise StevsInputError(
+                None, f"--embedding-view tail is what stevs_tail reads, not {method}"
+            )
         return options
     if preset.backbone.pooling != "stages":
         raise StevsInputError(
