@@ -271,7 +271,7 @@ class STevs(nn.Module):
             )
         frozen, maps = embedding[:, : self.frozen_dim], embedding[:, self.frozen_dim :]
         maps = maps.reshape(-1, *self.tail_shape)
-        chunk = len(maps) if torch.is_grad_enabled() else 512  # bounded memory when predicting
+        chunk = max(1, len(maps)) if torch.is_grad_enabled() else 512  # bounded when predicting
         pooled = [
             self.backbone.pool([stage(maps[i : i + chunk])]) for i in range(0, len(maps), chunk)
         ]
