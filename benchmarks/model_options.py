@@ -41,7 +41,6 @@ from stevs.metrics import headline_pearson, load_observed
 from stevs.models import create_model
 from stevs.models.presets import get_preset
 from stevs.models.ridge import fit_ridge
-from stevs.models.stevs import STevs
 from stevs.training.batches import EmbeddingDataset
 from stevs.training.fold import fit_model, with_context
 from stevs.training.options import TrainOptions
@@ -121,8 +120,10 @@ def embed_slide(
 
 
 def tail_inputs(fold: Fold, slide: str, preset: str, cache: Path) -> SlideEmbeddings:
-    """Per spot of ``slide``: [the pooled features of EfficientNet-Lite0's frozen stages 0-3,
-    the input maps of its last block (blocks.6)], for :class:`TailSTevs` (cached)."""
+    """Per spot of ``slide``: the ``tail`` embedding view of the preset's frozen backbone
+    (:meth:`stevs.models.backbones.ImageBackbone.tail_inputs`; EfficientNet-Lite0: the pooled
+    features of stages 0-3, the input maps of its last block, blocks.6), which ``stevs_tail``
+    reads (cached)."""
     from stevs.models.backbones import ImageBackbone
 
     path = cache / f"{slide}.{preset}.tail.npz"
@@ -133,43 +134,14 @@ def tail_inputs(fold: Fold, slide: str, preset: str, cache: Path) -> SlideEmbedd
     patches, barcodes = read_patches(fold, slide)
     assert barcodes == plain.barcodes
     backbone = ImageBackbone(get_preset(preset).backbone).eval()
-    body, out = backbone.body, []
+    out = []
     with torch.inference_mode():
         for start in range(0, len(patches), 64):
             x = torch.from_numpy(np.ascontiguousarray(patches[start : start + 64]))
-            x = body.bn1(body.conv_stem(backbone.prepare(x.permute(0, 3, 1, 2))))
-            pooled = []
-            for i, block in enumerate(body.blocks[:6]):
-                x = block(x)
-                if i in (0, 1, 2, 4):
-                    pooled.append(x.mean((2, 3)))
-            full = torch.cat([*pooled, body.blocks[6](x).mean((2, 3))], dim=1).numpy()
-            np.testing.assert_allclose(full, plain.embedding[start : start + 64], atol=1e-3)
-            out.append(torch.cat([*pooled, x.flatten(1)], dim=1).numpy())
+            out.append(backbone.tail_inputs(x.permute(0, 3, 1, 2)).numpy())
     inputs = np.concatenate(out).astype(np.float32)
     np.savez(path, inputs=inputs)
     return SlideEmbeddings(plain.barcodes, inputs, plain.centers_px, plain.pitch_px)
-
-
-class TailSTevs(STevs):
-    """STevs whose image features' last stage trains under the STevs objective (partial
-    fine-tuning): the items hold [frozen pooled stages 0-3, the last block's input maps];
-    the last block (a copy of EfficientNet-Lite0's blocks.6) is the model's "backbone"."""
-
-    def attach_tail(self, tail: torch.nn.Module, frozen_dim: int, channels: int) -> None:
-        self.tail, self.frozen_dim, self.channels = tail, frozen_dim, channels
-        self.backbone.requires_grad_(False)
-
-    def image_features(self, embedding: torch.Tensor, context: Any = None) -> torch.Tensor:
-        if embedding.shape[1] > self.frozen_dim + 512:  # tail inputs -> the 512 features
-            frozen, maps = embedding[:, : self.frozen_dim], embedding[:, self.frozen_dim :]
-            side = int(round((maps.shape[1] / self.channels) ** 0.5))
-            maps = maps.reshape(-1, self.channels, side, side)
-            embedding = torch.cat([frozen, self.tail(maps).mean((2, 3))], dim=1)
-        return super().image_features(embedding, context)
-
-    def backbone_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.tail.parameters())
 
 
 def slide_normalised(embedding: np.ndarray, how: str) -> np.ndarray:
@@ -290,19 +262,15 @@ def stevs_score(
     tail = options.pop("tail", False)
     train_opts = {k: options.pop(k) for k in list(options) if k in TrainOptions.__annotations__}
     preset_obj = get_preset(preset)
-    train_opts = {"freeze_backbone": not tail, **train_opts}
+    train_opts = {"freeze_backbone": True, **train_opts}
     opts = TrainOptions(seed=seed, workers=0, device="cpu", **train_opts).resolved(preset_obj)
     torch.manual_seed(seed)
-    # frozen=False: a variant starts from the plain model and sets its options explicitly
-    model = create_model(method, preset_obj, fold.genes, fold.normalisation, **options)
-    if tail:  # the last block trains (at lr_backbone), from the tail inputs
-        import copy
-
-        model.__class__ = TailSTevs
-        model.attach_tail(copy.deepcopy(model.backbone.body.blocks[6]), 192, 192)
-        model.eval()  # the linear path's fit sees the loaded batch-norm statistics
+    if tail:  # stevs_tail's model: the last stage trains (at lr_backbone) on the tail view
+        options["train_tail_stages"] = 1
         splits = {k: {**v, "x": v["tail"]} for k, v in splits.items() if "tail" in v}
         train = splits["train"]
+    # frozen=False: a variant starts from the plain model and sets its options explicitly
+    model = create_model(method, preset_obj, fold.genes, fold.normalisation, **options)
     config = {"method": method, "genes": fold.genes, "headline_genes": fold.headline_genes}
     with tempfile.TemporaryDirectory() as tmp:
         data = (as_dataset(train), as_dataset(splits["val"]))
@@ -346,7 +314,7 @@ def prepare_fold(fold: Fold, args: argparse.Namespace, cache: Path, columns: Any
         for hed in range(args.hed_views + 1)
     ]
     splits = {p: split_data(fold, p, views[0], *options) for p in ("train", "val", "test")}
-    if args.tail:  # TailSTevs's inputs, beside the plain embeddings (context, probes)
+    if args.tail:  # stevs_tail's inputs, beside the plain embeddings (context, probes)
         tails = {s: tail_inputs(fold, s, args.preset, cache) for s in wanted}
         for part in ("train", "val", "test"):
             splits[part]["tail"] = split_data(fold, part, tails, "own", args.radius)["x"]
@@ -391,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide-norm", default="none", choices=("none", "center", "zscore"))
     parser.add_argument("--stages", default="all", help="'all', 'last' or stage indices 0,1,..")
     parser.add_argument("--hed-views", type=int, default=0, help="stain-jittered copies")
-    parser.add_argument("--tail", action="store_true", help="cache inputs of TailSTevs")
+    parser.add_argument("--tail", action="store_true", help="cache the tail view (stevs_tail)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

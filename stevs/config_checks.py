@@ -78,11 +78,9 @@ def encoder_runs(config: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]
         encoders[name] = entry
         for method in [m for m in methods if m in (entry["methods"] or methods)]:
             kind = REGISTRY[method]
-            if kind.encoder == "any":
+            if kind.encoder == "any" or (kind.encoder == "frozen" and entry["freeze"]):
                 seeds = config["training"]["seeds"] if kind.seeded else [0]
                 runs += [(name, method, seed) for seed in seeds]
-            elif kind.encoder == "frozen" and entry["freeze"]:
-                runs.append((name, method, 0))
     runs += [("none", m, 0) for m in methods if REGISTRY[m].encoder == "none"]
     return encoders, runs
 

@@ -10,7 +10,10 @@ when no cache folder is given. The encoder is a ``stevs.models`` image backbone
 pooled tokens; ``stevs encoders`` lists the presets).
 
 ``--view dihedral8`` is test-time augmentation: the mean embedding over the 8 symmetries of
-the square (4 quarter turns, each with and without a flip) of each patch.
+the square (4 quarter turns, each with and without a flip) of each patch. ``--view tail`` is
+what a model that fine-tunes the encoder's last stage reads (``stevs_tail``): the pooled
+features of every stage but the last, then the last stage's input maps, flattened
+(EfficientNet-Lite0 at 224 px: 192 + 192 x 7 x 7 = 9,600 values per spot).
 """
 
 from __future__ import annotations
@@ -76,10 +79,19 @@ def dihedral_views(patch: Tensor) -> list[Tensor]:
 
 
 @torch.inference_mode()
-def embed_view(embed: Encoder, patch: Tensor, view: str) -> Tensor:
-    """``embed(patch)``, or its mean over :func:`dihedral_views` for ``view='dihedral8'``."""
+def embed_view(
+    embed: Encoder, patch: Tensor, view: str, backbone: ImageBackbone | None = None
+) -> Tensor:
+    """``embed(patch)``, or its mean over :func:`dihedral_views` for ``view='dihedral8'``,
+    or for ``view='tail'`` the stage backbone's (``backbone``, else ``embed`` itself)
+    :meth:`~stevs.models.backbones.ImageBackbone.tail_inputs`."""
     if view == "none":
         return embed(patch).float()
+    if view == "tail":
+        source = backbone if backbone is not None else embed
+        if not isinstance(source, ImageBackbone):
+            raise ValueError("the 'tail' view needs a stage image backbone")
+        return source.tail_inputs(patch).float()
     if view != "dihedral8":
         raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
     return torch.stack([embed(v).float() for v in dihedral_views(patch)]).mean(dim=0)

@@ -38,8 +38,11 @@ class Method:
     tissue, no measured expression): true for every method that reads the image.
     ``baseline``: a method STevs is compared against (the report's "best baseline").
     ``encoder``: which image encoder a run needs: ``"any"`` (a torch method, trained or
-    frozen), ``"frozen"`` (a probe of a frozen encoder's embeddings), ``"none"`` (no
-    encoder: one run, under the encoder id ``none``).
+    frozen), ``"frozen"`` (a probe of a frozen encoder's embeddings, or a torch method that
+    reads them: ``stevs_tail``), ``"none"`` (no encoder: one run, under the encoder id
+    ``none``). ``embedding_view``: the embedding-cache view the method reads whatever the
+    config's ``embeddings.view`` (``tail``: a frozen encoder's stages but the last, pooled,
+    and the last stage's input maps); None: the config's view.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Method:
     baseline: bool = False
     encoder: Literal["any", "frozen", "none"] = "any"
     reduced_rank: bool = False
+    embedding_view: str | None = None
 
     @property
     def seeded(self) -> bool:
@@ -142,6 +146,16 @@ _METHODS = (
         "STevs ablation: concatenated features instead of a Product of Experts",
         uses_spatial=True,
         switches={"combine": "concat", "align": None},
+    ),
+    Method(
+        "stevs_tail",
+        "torch",
+        "STevs with a trainable copy of the frozen encoder's last stage (partial fine-tuning; "
+        "context and probe on the frozen features)",
+        uses_spatial=True,
+        switches={"train_tail_stages": 1},
+        encoder="frozen",
+        embedding_view="tail",
     ),
     Method(
         "stnet",

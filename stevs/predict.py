@@ -121,7 +121,7 @@ def predict_patches(
             raise ValueError("this model has a spatial expert: give coords")
         embedding = batch.get("embedding")
         if embedding is None and view != "none" and model.config.use_image:
-            embedding = embed_view(model.embed, batch["patch"].to(device), view)
+            embedding = embed_view(model.embed, batch["patch"].to(device), view, model.backbone)
         with autocast:
             mean, std = model.predict(
                 None if embedding is not None else batch["patch"].to(device, non_blocking=True),
@@ -165,7 +165,7 @@ def _predict_with_context(
             raise ValueError("this model uses the neighbourhood context: give coords")
         if embedding is None:
             with autocast:
-                embedding = embed_view(model.embed, batch["patch"].to(device), view)
+                embedding = embed_view(model.embed, batch["patch"].to(device), view, model.backbone)
         embeddings.append(embedding.float().cpu())
         coords.append(batch_coords.float())
         slides.append(batch.get("slide", torch.zeros(n, dtype=torch.int64)))
@@ -173,7 +173,8 @@ def _predict_with_context(
     if not embeddings:
         return np.zeros((0, n_genes), np.float32), np.zeros((0, n_genes), np.float32)
     embedding, xy, slide = torch.cat(embeddings), torch.cat(coords), torch.cat(slides)
-    context = neighbour_mean(embedding, xy, slide, model.config.context_radius)
+    frozen = model.frozen_embedding(embedding.to(device)).cpu()
+    context = neighbour_mean(frozen, xy, slide, model.config.context_radius)
     means, stds = [], []
     for first in range(0, len(embedding), loader.batch_size or 64):
         part = slice(first, first + (loader.batch_size or 64))

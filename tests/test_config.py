@@ -93,9 +93,9 @@ def test_schema_slide_id_pattern_is_the_one_rule():
 
 
 def test_schema_view_enum_is_the_embedding_cache_views():
-    from stevs.io.embedding_cache import VIEWS
+    from stevs.io.embedding_cache import TEST_VIEWS
 
-    assert SCHEMA["properties"]["embeddings"]["properties"]["view"]["enum"] == list(VIEWS)
+    assert SCHEMA["properties"]["embeddings"]["properties"]["view"]["enum"] == list(TEST_VIEWS)
 
 
 def test_schema_preset_enum_is_the_presets():
@@ -287,8 +287,11 @@ def test_he_only_methods_are_accepted_for_predict_slides(tmp_path):
     checks as the model of H&E-only slides (with the demo's encoders)."""
     able = [name for name, method in REGISTRY.items() if method.he_only]
     assert "stevs" in able and "stnet" in able and "ridge_color" not in able
+    frozen = "encoders: [{preset: effnet_lite0_in1k, freeze: true, methods: []}]\n"
     for name in able:
         text = f"{DEMO_PREDICT}  model: {name}\nmethods: [{name}]\n"
+        if REGISTRY[name].encoder == "frozen":  # the demo's frozen encoder lists its methods
+            text += frozen
         assert problem_of(config_of(DEMO, overlay(tmp_path, text))) is None, name
 
 

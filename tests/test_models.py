@@ -156,8 +156,12 @@ def test_every_method_trains_and_predicts_through_one_class(method):
     if method == "stnet":
         assert set(output.terms) == {"mse"}
     else:
-        assert ("align" in output.terms) == (method == "stevs")
-        assert ("elbo_spatial" in output.terms) == (method in ("stevs", "stevs_no_align"))
+        full = ("stevs", "stevs_tail")
+        assert ("align" in output.terms) == (method in full)
+        assert ("elbo_spatial" in output.terms) == (method in (*full, "stevs_no_align"))
+    if c.train_tail_stages:  # the tail trains, the backbone under it is frozen
+        assert all(p.grad is None for p in model.backbone.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.tail.parameters())
         assert (model.spatial_encoder is None) == (method == "stevs_image_only")
 
 
@@ -555,6 +559,7 @@ def test_methods_table_is_the_registry_s_torch_switches():
         },
         "stevs_no_align": {"align": None},
         "stevs_concat": {"combine": "concat", "align": None},
+        "stevs_tail": {"train_tail_stages": 1},
         "stnet": {"head": "regression", "use_spatial": False, "align": None, "context": "none"},
     }  # fmt: skip
     assert "ridge_color" not in METHODS

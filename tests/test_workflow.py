@@ -398,6 +398,30 @@ def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     assert all("--threads 3" in x for x in commands)  # resources.threads
 
 
+def test_stevs_tail_reads_the_tail_view_per_seed_and_the_probes_the_config_view(tmp_path):
+    """stevs_tail: one run per seed on the frozen encoder, training and predicting from the
+    `tail` embedding caches (one embed job per slide), beside the probes' config view."""
+    overlay = tmp_path / "tail.yaml"
+    overlay.write_text(
+        "methods: [stevs_tail, ridge_embed]\ntraining:\n  seeds: [0, 1]\nencoders:\n"
+        "  - {preset: effnet_lite0_in1k, freeze: true, methods: []}\n"
+    )
+    result = snakemake("-n", "-p", "--cores", "1", "--configfile", str(DEMO), str(overlay),
+                       cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = _jobs(result.stdout)
+    embed = {j["output"].split("/")[3] for j in jobs if j["rule"] == "embed_slide"}
+    assert embed == {"none", "tail"}
+    trained = [j["output"] for j in jobs if j["rule"] == "train" and "/stevs_tail/" in j["output"]]
+    assert {o.split("/")[4] for o in trained} == {"seed0", "seed1"}
+    lines = result.stdout.splitlines()
+    for command in ("stevs train", "stevs predict "):
+        tail = next(x for x in lines if command in x and "/stevs_tail/" in x)
+        assert "--embeddings results/embeddings/effnet_lite0_in1k/tail" in tail
+    ridge = next(x for x in lines if "stevs train" in x and "ridge_embed" in x)
+    assert "--embeddings results/embeddings/effnet_lite0_in1k/none" in ridge
+
+
 def test_own_sheet_ingest_fixed_splits_and_the_export_target_dry_run(tmp_path):
     """A slide's ingest job depends on its own row's files (and the row's text), not on the
     whole sheet: editing another row re-ingests (and retiles) nothing else. Scheme fixed plans

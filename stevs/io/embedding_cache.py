@@ -8,7 +8,8 @@ embed``) and read by every method that probes or trains on that frozen encoder
 Layout: datasets ``embeddings`` float32 (N, D) and ``barcodes`` (N,) utf-8 in the order of
 the slide's patch cache; attributes ``slide``, ``preset`` (the ``stevs.models`` preset),
 ``backbone`` (timm name), ``weights`` (the backbone's weight source), ``view`` (``none``, or
-``dihedral8``: the mean embedding over the 8 flips and quarter turns of each patch),
+``dihedral8``: the mean embedding over the 8 flips and quarter turns of each patch;
+``tail``: the pooled stages but the last, then the last stage's input maps, flattened),
 ``patch_px``, ``mpp_target`` (the patch cache's scale), ``source_patches`` and
 ``stevs_version``. Written atomically (a temporary sibling renamed when complete).
 """
@@ -31,8 +32,10 @@ from stevs.io.patch_cache import PatchScale, hdf5_attr_value
 
 EMBEDDINGS = "embeddings"
 BARCODES = "barcodes"
-#: test-time views of a patch an embedding can average over
-VIEWS = ("none", "dihedral8")
+#: test-time views of a patch an embedding can average over (the config's embeddings.view)
+TEST_VIEWS = ("none", "dihedral8")
+#: every layout of a cache: the test-time views, and ``tail`` (what stevs_tail reads)
+VIEWS = (*TEST_VIEWS, "tail")
 
 
 @dataclass(frozen=True)

@@ -389,6 +389,53 @@ class ImageBackbone(nn.Module):
             return patches.mean(dim=1)
         return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=1)
 
+    def last_stage(self) -> nn.Module:
+        """The module of the last feature stage (EfficientNet: ``blocks.6``; Swin: the last
+        layer): what a model that fine-tunes its tail copies (:meth:`tail_inputs`)."""
+        if self.spec.pooling != "stages":
+            raise ValueError(f"{self.spec.name}: only a stage backbone has a last stage to train")
+        name = self.body.feature_info.module_name()[-1]
+        for candidate in (name, name.replace(".", "_")):
+            try:
+                return self.body.get_submodule(candidate)
+            except AttributeError:
+                continue
+        raise ValueError(f"{self.spec.name}: no module {name!r} for the last stage")
+
+    def tail_inputs(self, patches: Tensor, *, normalised: bool = False) -> Tensor:
+        """(N, 3, H, W) patches -> (N, D): the pooled features of every stage but the last,
+        then the last stage's input maps, flattened (the ``tail`` embedding view: what a
+        model that trains the last stage over frozen earlier stages reads)."""
+        x = patches if normalised else self.prepare(patches)
+        captured: list[Tensor] = []
+        stage = self.last_stage()
+        handle = stage.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            features = self.body(x)
+        finally:
+            handle.remove()
+        return torch.cat([self.pool(features[:-1]), captured[0].flatten(1)], dim=1)
+
+    def tail_input_shape(self) -> tuple[int, ...]:
+        """The shape of one patch's input maps of the last stage, (C, H, W) (or (H, W, C)
+        for a channels-last body), from one pass over a blank patch in eval mode."""
+        if getattr(self, "_tail_shape", None) is None:
+            captured: list[Tensor] = []
+            handle = self.last_stage().register_forward_pre_hook(
+                lambda _m, args: captured.append(args[0])
+            )
+            was_training = self.training
+            size = self.spec.img_size
+            try:
+                self.eval()
+                with torch.no_grad():
+                    self.body(torch.zeros(1, 3, size, size, device=self.pixel_mean.device))
+            finally:
+                handle.remove()
+                self.train(was_training)
+            self._tail_shape = tuple(int(n) for n in captured[0].shape[1:])
+        return self._tail_shape
+
     def forward(self, patches: Tensor, *, normalised: bool = False) -> Tensor:
         x = patches if normalised else self.prepare(patches)
         if self.spec.pooling == "stages":

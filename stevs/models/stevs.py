@@ -14,6 +14,8 @@ outputs back, so callers only ever see the targets' units.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -82,6 +84,11 @@ class STevsConfig:
     # (stevs.models.ridge.reduce_rank: the genes share r programmes, r by the probe's inner CV,
     # full rank kept unless lower is better), as the VAE's decoder shares its latent
     linear_rank: str = "full"
+    # partial fine-tuning over a frozen encoder: 1 = a trainable copy of the backbone's last
+    # stage (``STevs.tail``) reads that stage's input maps (the ``tail`` embedding view) and
+    # replaces the frozen last stage's pooled features; the context and the linear path's
+    # fit stay on the frozen features; 0 = off
+    train_tail_stages: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,6 +108,12 @@ class STevsConfig:
             raise ValueError(f"linear_rank must be one of {LINEAR_RANKS}, not {self.linear_rank!r}")
         if not self.use_image and (self.context != "none" or self.linear_path != "none"):
             raise ValueError("context and linear_path need the image (use_image)")
+        if self.train_tail_stages not in (0, 1):
+            raise ValueError(
+                f"train_tail_stages must be 0 or 1 (the last stage), not {self.train_tail_stages!r}"
+            )
+        if self.train_tail_stages and not self.use_image:
+            raise ValueError("train_tail_stages needs the image (use_image)")
         if not (self.use_image or self.use_spatial):
             raise ValueError("at least one of use_image / use_spatial must be on")
         if self.head == "regression" and not self.use_image:
@@ -165,6 +178,9 @@ class STevs(nn.Module):
         if c.use_image:
             self.backbone = backbone if backbone is not None else ImageBackbone(c.backbone)
         feature_dim = self.backbone.feature_dim if self.backbone is not None else 0
+        self.tail: nn.Module | None = None
+        if c.train_tail_stages and self.backbone is not None:
+            self._build_tail(self.backbone)
         feature_dim *= 2 if c.uses_context else 1  # [own, neighbour mean]
         self.feature_dim = feature_dim
         genes = c.n_genes
@@ -235,9 +251,55 @@ class STevs(nn.Module):
             torch.as_tensor(std, dtype=torch.float32).reshape(-1).clamp_min(1e-6)
         )
 
+    def _build_tail(self, backbone: ImageBackbone) -> None:
+        """The trainable copy of the frozen backbone's last stage and the layout of the
+        ``tail`` view it reads: [pooled earlier stages, the last stage's input maps]."""
+        self.tail = copy.deepcopy(backbone.last_stage())
+        backbone.requires_grad_(False).eval()  # its batch-norm statistics stay as loaded
+        self.tail.requires_grad_(True)
+        self.tail_shape = backbone.tail_input_shape()
+        self.frozen_dim = backbone.feature_dim - backbone.stage_channels[-1]
+        self.tail_input_dim = self.frozen_dim + math.prod(self.tail_shape)
+
+    def _through_last_stage(self, embedding: Tensor, stage: nn.Module) -> Tensor:
+        """A ``tail`` view embedding (N, tail_input_dim) -> (N, feature_dim) features with
+        ``stage`` (the trainable tail, or the frozen backbone's own) as the last stage."""
+        if embedding.shape[1] != self.tail_input_dim:
+            raise ValueError(
+                f"this model fine-tunes its encoder's last stage: it reads the 'tail' embedding "
+                f"view ({self.tail_input_dim} values per spot), not {embedding.shape[1]}"
+            )
+        frozen, maps = embedding[:, : self.frozen_dim], embedding[:, self.frozen_dim :]
+        maps = maps.reshape(-1, *self.tail_shape)
+        chunk = max(1, len(maps)) if torch.is_grad_enabled() else 512  # bounded when predicting
+        pooled = [
+            self.backbone.pool([stage(maps[i : i + chunk])]) for i in range(0, len(maps), chunk)
+        ]
+        return torch.cat([frozen, torch.cat(pooled) if pooled else frozen[:, :0]], dim=1)
+
+    def frozen_embedding(self, embedding: Tensor) -> Tensor:
+        """The frozen encoder's embedding of the spots (what the neighbourhood context and
+        the probe see): ``embedding`` itself, or for a model with a trained tail its ``tail``
+        view passed through the frozen backbone's own last stage."""
+        if self.tail is None:
+            return embedding
+        self.backbone.eval()
+        with torch.no_grad():
+            return self._through_last_stage(embedding.float(), self.backbone.last_stage())
+
+    def train(self, mode: bool = True) -> STevs:
+        """``nn.Module.train``; a frozen backbone under a trained tail stays in eval mode."""
+        super().train(mode)
+        if self.tail is not None:
+            self.backbone.eval()
+        return self
+
     def image_features(self, embedding: Tensor, context: Tensor | None = None) -> Tensor:
-        """Backbone embedding (+ neighbourhood context) -> the image expert's input."""
+        """Backbone embedding (+ neighbourhood context) -> the image expert's input; a model
+        with a trained tail takes the ``tail`` view and runs its tail over the maps."""
         features = embedding.float()
+        if self.tail is not None:
+            features = self._through_last_stage(features, self.tail)
         if self.config.uses_context:
             if context is None:
                 raise ValueError("this model uses the neighbourhood context: give context")
@@ -245,16 +307,24 @@ class STevs(nn.Module):
         return features
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.backbone.parameters()) if self.backbone is not None else []
+        """The encoder's parameters (trained at the backbone's learning rate), the tail's
+        included."""
+        if self.backbone is None:
+            return []
+        tail = list(self.tail.parameters()) if self.tail is not None else []
+        return list(self.backbone.parameters()) + tail
 
     def head_parameters(self) -> list[nn.Parameter]:
         backbone_ids = {id(p) for p in self.backbone_parameters()}
         return [p for p in self.parameters() if id(p) not in backbone_ids]
 
     def embed(self, patch: Tensor) -> Tensor:
-        """Backbone features (N, feature_dim) of uint8 patches (N, 3, H, W)."""
+        """Backbone features (N, feature_dim) of uint8 patches (N, 3, H, W); with a trained
+        tail, the ``tail`` view that :meth:`image_features` reads."""
         if self.backbone is None:
             raise RuntimeError("this model has no image expert")
+        if self.tail is not None:
+            return self.backbone.tail_inputs(patch)
         return self.backbone(patch)
 
     # ----------------------------------------------------------------- scvi-style split

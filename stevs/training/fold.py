@@ -92,7 +92,10 @@ def with_context(model: STevs, data: EmbeddingDataset) -> EmbeddingDataset:
     from stevs.models.context import neighbour_mean
 
     context = neighbour_mean(
-        data.embeddings, data.items["coords"], data.items["slide"], model.config.context_radius
+        model.frozen_embedding(data.embeddings),
+        data.items["coords"],
+        data.items["slide"],
+        model.config.context_radius,
     )
     return EmbeddingDataset(data.embeddings, {**data.items, "context": context})
 
@@ -152,8 +155,14 @@ def _fit_linear_path(
     model: STevs, train_data: EmbeddingDataset, config: Mapping[str, Any]
 ) -> EmbeddingDataset:
     """Set the model's linear path from the training spots (the ridge probe, or the learned
-    path's feature scaling); with stacking, the items carry the probe's out-of-fold fit."""
-    features = model.image_features(train_data.embeddings, train_data.items.get("context"))
+    path's feature scaling); with stacking, the items carry the probe's out-of-fold fit.
+    The features are the model's at its start, in eval mode (a trained tail: the frozen
+    last stage's copy with its loaded batch-norm statistics)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        features = model.image_features(train_data.embeddings, train_data.items.get("context"))
+    model.train(was_training)
     genes = list(config.get("genes") or [f"gene{i}" for i in range(model.config.n_genes)])
     headline = list(config.get("headline_genes") or genes)
     slides = train_data.items["slide"].numpy()
@@ -181,6 +190,37 @@ def fit_model(
         return done
     train_data, val_data = prepare_features(model, *data, options, config)
     return train_model(model, train_data, val_data, out_dir, options, config, **loop_options)
+
+
+def _tail_view(
+    options: TrainOptions, method: str, preset: Preset, overrides: Mapping[str, Any]
+) -> TrainOptions:
+    """``options`` for a method that trains its encoder's last stage over frozen earlier
+    stages (``train_tail_stages``): it reads the frozen encoder's ``tail`` embedding view."""
+    switches = get_method(method).switches
+    if not overrides.get("train_tail_stages", switches.get("train_tail_stages", 0)):
+        if options.embedding_view == "tail":
+            raise StevsInputError(
+                None, f"--embedding-view tail is what stevs_tail reads, not {method}"
+            )
+        return options
+    if preset.backbone.pooling != "stages":
+        raise StevsInputError(
+            None, f"{method} trains the last stage of a stage backbone (a CNN, Swin); "
+            f"{preset.name}'s {preset.backbone.name} pools {preset.backbone.pooling} tokens",
+        )  # fmt: skip
+    if not options.freeze_backbone or options.train_stages is not None:
+        raise StevsInputError(
+            None,
+            f"{method} trains a copy of the frozen encoder's last stage: train with "
+            "--freeze-backbone and without --train-stages",
+        )
+    if options.embedding_view not in ("none", "tail"):
+        raise StevsInputError(
+            None, f"{method} reads the 'tail' embedding view, not --embedding-view "
+            f"{options.embedding_view}",
+        )  # fmt: skip
+    return replace(options, embedding_view="tail")
 
 
 def _training_data(fold: Fold, preset: Preset) -> tuple[Dataset, Dataset]:
@@ -242,6 +282,7 @@ def train_fold(
         raise StevsInputError(None, f"{method} is not a torch method; see stevs.methods")
     preset_obj = get_preset(preset, backbone=backbone, weights=weights)
     options = (options or TrainOptions()).resolved(preset_obj)
+    options = _tail_view(options, method, preset_obj, config_overrides)
     build = {
         "latent_dim": options.latent_dim,
         "frozen": bool(options.freeze_backbone),

@@ -239,7 +239,7 @@ def _place(options: TrainOptions) -> tuple[torch.device, TrainOptions, bool, int
 def _make_optimizer(model: STevs, options: TrainOptions, frozen: bool) -> torch.optim.Optimizer:
     groups = []
     trained = [p for p in model.backbone_parameters() if p.requires_grad]
-    if not frozen and trained:
+    if trained:  # a trainable backbone, its last stages, or the tail over a frozen one
         groups.append({"params": trained, "lr": options.lr_backbone})
     groups.append({"params": model.head_parameters(), "lr": options.lr_heads})
     return torch.optim.AdamW(groups, weight_decay=options.weight_decay)

@@ -65,8 +65,11 @@ CONFIG_SCHEMA = "../schemas/config.schema.yaml"
 
 with open(workflow.source_path(CONFIG_SCHEMA)) as _schema_file:
     _schema = yaml.safe_load(_schema_file)
-# embedding views: the schema's enum (tests/test_config.py: the embedding cache's VIEWS)
-VIEWS = _schema["properties"]["embeddings"]["properties"]["view"]["enum"]
+# embedding views: the schema's enum (tests/test_config.py: the embedding cache's
+# TEST_VIEWS) and the views methods read whatever the config's (the registry's)
+VIEWS = _schema["properties"]["embeddings"]["properties"]["view"]["enum"] + sorted(
+    {m.embedding_view for m in REGISTRY.values() if m.embedding_view}
+)
 # one line naming the problem, before any job (stevs.config_checks; defaults filled between)
 _problem = schema_problem(config, _schema)
 if _problem:
@@ -228,8 +231,14 @@ def uses_embeddings(wildcards):
     return REGISTRY[wildcards.method].reads_embeddings(entry["freeze"], pretrained)
 
 
-def embedding_dir(encoder):
-    return f"{RESULTS}/embeddings/{ENCODERS[encoder]['preset']}/{VIEW}"
+def run_view(method):
+    """The embedding view a method's runs read: the registry's (`stevs_tail`: tail), else
+    the config's `embeddings.view`."""
+    return REGISTRY[method].embedding_view or VIEW
+
+
+def embedding_dir(encoder, method):
+    return f"{RESULTS}/embeddings/{ENCODERS[encoder]['preset']}/{run_view(method)}"
 
 
 def fold_slides(fold, split):
@@ -257,7 +266,7 @@ def fold_inputs(split, patches=True):
         if patches:
             files["patches"] = expand(f"{RESULTS}/patches/{{slide}}.h5", slide=slides)
         if patches and "encoder" in wildcards.keys() and uses_embeddings(wildcards):
-            folder = embedding_dir(wildcards.encoder)
+            folder = embedding_dir(wildcards.encoder, wildcards.method)
             files["embeddings"] = expand(f"{folder}/{{slide}}.h5", slide=slides)
         return files
 
@@ -276,7 +285,8 @@ def embedding_args(wildcards):
     """`--embeddings DIR --embedding-view V` of a run that reads the embedding cache."""
     if not uses_embeddings(wildcards):
         return ""
-    return f"--embeddings {embedding_dir(wildcards.encoder)} --embedding-view {VIEW}"
+    folder = embedding_dir(wildcards.encoder, wildcards.method)
+    return f"--embeddings {folder} --embedding-view {run_view(wildcards.method)}"
 
 
 def training_args(wildcards):

@@ -77,7 +77,7 @@ rule predict:
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         device=config["training"]["device"],
         embeddings=lambda wildcards: (
-            f"--embeddings {embedding_dir(wildcards.encoder)}"
+            f"--embeddings {embedding_dir(wildcards.encoder, wildcards.method)}"
             if uses_embeddings(wildcards)
             else ""
         ),
