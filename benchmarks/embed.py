@@ -13,6 +13,7 @@ difference between them relative to the float32 features' largest value, peak GP
     python benchmarks/embed.py --scale tiny --patches 256            # CPU, about 1 minute
     python benchmarks/embed.py --scale full --device cuda --patches 2048 --workers 8
     python benchmarks/embed.py --presets uni virchow2 --scale full --device cuda
+    python benchmarks/embed.py --scale full --device cuda --batch-size auto   # sized to memory
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from stevs.device import resolve_device, resolve_precision
-from stevs.embed import embed_patches, place_encoder
+from stevs.embed import MIN_BATCH, auto_batch_size, batch_size_option, embed_patches, place_encoder
 from stevs.io.patch_cache import HestPatchFile
 from stevs.models.backbones import ImageBackbone
 from stevs.models.presets import ENCODERS, scaled_down
@@ -90,12 +91,17 @@ def measure(name: str, options: argparse.Namespace, folder: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with HestPatchFile(path) as patches:
+        if options.batch_size is None:  # --batch-size auto: sized once, to the fast pass
+            probe = patches.read_rows(np.arange(min(len(patches), MIN_BATCH)))
+            size = auto_batch_size(backbone, probe, "none", precision, channels_last)
+            options = argparse.Namespace(**{**vars(options), "batch_size": size})
         full, fp32_rate = timed(backbone, patches, options, "float32", channels_last)
         fast, rate = timed(backbone, patches, options, precision, channels_last)
     scale = float(np.abs(full).max()) or 1.0
     row = {
         "preset": name, "scale": options.scale, "device": str(device), "px": px,
         "dim": int(full.shape[1]), "patches": len(full), "precision": precision,
+        "batch_size": options.batch_size,
         "patches_per_s": round(rate, 1), "patches_per_s_float32": round(fp32_rate, 1),
         "max_rel_diff": float(np.abs(fast - full).max()) / scale,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--patches", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=batch_size_option, default=64, help="or auto")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads")

@@ -4,7 +4,9 @@
 #   1. swin_t training throughput (spots/s, bf16 autocast, channels-last) from the HDF5
 #      patch cache against in-memory tensors (benchmarks/train.py), peak GPU memory;
 #   2. the same with torch.compile;
-#   3. a short her2st-gpu fold (config/her2st.yaml + config/her2st_gpu.yaml: Swin-T at
+#   3. embedding throughput of four presets at full size with --batch-size auto (the batch
+#      sized to the free GPU memory; benchmarks/embed.py), patches/s and peak memory;
+#   4. a short her2st-gpu fold (config/her2st.yaml + config/her2st_gpu.yaml: Swin-T at
 #      224 px; one method, one fold, a few epochs) to its metrics file.
 #
 # Every step has its own time limit and writes its numbers (JSON/TSV + a log) to OUT;
@@ -52,21 +54,27 @@ if [[ "$mode" == tiny ]]; then
     preset=cpu_small device=cpu
     spots="${SPOTS:-64}" steps="${STEPS:-1}" batch="${BATCH:-16}" workers="${WORKERS:-0}"
     epochs="${EPOCHS:-1}" train_limit=300 fold_limit=120
+    embed=(--scale tiny --device cpu --patches 16 --presets uni) embed_limit=120
 else
     preset=swin_t device=cuda
     spots="${SPOTS:-4096}" steps="${STEPS:-60}" batch="${BATCH:-64}" workers="${WORKERS:-6}"
     epochs="${EPOCHS:-2}" train_limit=150 fold_limit=270
+    embed=(--scale full --device cuda --patches 2048 --workers "$workers"
+        --presets effnet_lite0_in1k uni virchow2 hoptimus0) embed_limit=120
 fi
 
 train=("$PYTHON" "$repo/benchmarks/train.py" --preset "$preset" --device "$device"
     --spots "$spots" --steps "$steps" --warmup 3 --batch-size "$batch" --workers "$workers"
     --channels-last)
 fold_results="$out/her2st_gpu"
+# the short fold's own settings as a config file (Snakemake's --config reads nested values
+# as text: training={epochs: 2} fails the schema with '2' is not an integer)
+overlay="$out/her2st_fold0.yaml"
+printf 'training:\n  epochs: %s\nmethods: [stevs]\n' "$epochs" >"$overlay"
 fold=("$PYTHON" -m snakemake --cores all --directory "$repo"
-    --configfile "$repo/config/her2st.yaml" "$repo/config/her2st_gpu.yaml"
-    --config "data_root=$her2st" "results=$fold_results" "training={epochs: $epochs}"
-    "methods=[stevs]" --
-    "$fold_results/metrics/stevs/fold0.tsv")
+    --configfile "$repo/config/her2st.yaml" "$repo/config/her2st_gpu.yaml" "$overlay"
+    --config "data_root=$her2st" "results=$fold_results" --
+    "$fold_results/metrics/swin_t/stevs/seed0/fold0.tsv")
 [[ "$mode" == tiny ]] && fold=("${fold[@]:0:3}" -n "${fold[@]:3}")
 
 printf 'step\texit\tseconds\tcommand\n' >"$out/summary.tsv"
@@ -103,5 +111,7 @@ if [[ "$mode" == tiny ]]; then
 else
     run train_compile "$train_limit" "${train[@]}" --compile --json "$out/train_compile.json"
 fi
+run embed_auto_batch "$embed_limit" "$PYTHON" "$repo/benchmarks/embed.py" "${embed[@]}" \
+    --batch-size auto --json "$out/embed_auto_batch.json"
 run her2st_fold0 "$fold_limit" "${fold[@]}"
-echo "numbers in $out (summary.tsv, train_*.json, her2st_gpu/metrics/)"
+echo "numbers in $out (summary.tsv, train_*.json, embed_auto_batch.json, her2st_gpu/metrics/)"

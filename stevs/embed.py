@@ -49,6 +49,12 @@ log = logging.getLogger("stevs.embed")
 Encoder = Callable[[Tensor], Tensor]
 #: patches to embed: uint8 (N, H, W, 3) in memory, or a file read by rows
 PatchSource = np.ndarray | PatchCache | HestPatchFile
+#: patches per forward pass where memory does not decide (CPU, MPS; ``--batch-size auto``)
+DEFAULT_BATCH = 128
+#: the range ``--batch-size auto`` chooses from on CUDA (powers of two)
+MIN_BATCH, MAX_BATCH = 8, 1024
+#: the share of the free CUDA memory a batch's activations may take
+BATCH_MEMORY_FRACTION = 0.6
 
 
 def embedding_key(
@@ -123,13 +129,52 @@ class _RowBatches(Dataset):
         return torch.from_numpy(np.ascontiguousarray(batch))
 
 
+def batch_size_for_memory(
+    free_bytes: float, bytes_per_patch: float, fraction: float = BATCH_MEMORY_FRACTION
+) -> int:
+    """The largest power of two of patches whose activations (``bytes_per_patch`` each) fit
+    ``fraction`` of ``free_bytes``, within :data:`MIN_BATCH`..:data:`MAX_BATCH`."""
+    fit = free_bytes * fraction / bytes_per_patch if bytes_per_patch > 0 else MAX_BATCH
+    size = MIN_BATCH
+    while size * 2 <= min(fit, MAX_BATCH):
+        size *= 2
+    return size
+
+
+def auto_batch_size(
+    encoder: Encoder, probe: np.ndarray, view: str, precision: str, channels_last: bool
+) -> int:
+    """``--batch-size auto``: :data:`DEFAULT_BATCH` off CUDA; on CUDA, one forward pass of
+    the ``probe`` patches (uint8 (n, H, W, 3)) measures the peak memory a patch takes and
+    :func:`batch_size_for_memory` sizes the batch to the free memory."""
+    from stevs.device import autocast_to
+
+    device = _device_of(encoder)
+    if device.type != "cuda" or len(probe) == 0:
+        return DEFAULT_BATCH
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    x = torch.from_numpy(np.ascontiguousarray(probe)).to(device).permute(0, 3, 1, 2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_to(device, precision):
+        embed_view(encoder, x, view)
+    torch.cuda.synchronize(device)
+    per_patch = (torch.cuda.max_memory_allocated(device) - before) / len(probe)
+    free, _ = torch.cuda.mem_get_info(device)
+    size = batch_size_for_memory(free, per_patch)
+    log.info("batch size %d: %.1f MB per patch, %.1f GB free", size, per_patch / 1e6, free / 1e9)
+    return size
+
+
 def embed_patches(
     encoder: Encoder,
     patches: PatchSource,
     rows: Sequence[int] | np.ndarray | None = None,
     *,
     view: str = "none",
-    batch_size: int = 128,
+    batch_size: int | None = DEFAULT_BATCH,
     progress: bool = True,
     workers: int = 0,
     precision: str = "float32",
@@ -139,6 +184,7 @@ def embed_patches(
     patch file; only ``rows`` of it when given) -> (N, D) float32, in batches on the
     encoder's device.
 
+    ``batch_size``: patches per forward pass, None for :func:`auto_batch_size`;
     ``workers``: processes reading a patch file ahead of the device (pinned memory on CUDA);
     ``precision``: autocast dtype (a resolved :func:`stevs.device.resolve_precision`; float32:
     none); ``channels_last``: batches in channels-last memory format (a CNN on CUDA)."""
@@ -147,6 +193,9 @@ def embed_patches(
     source = patches if isinstance(patches, PatchCache | HestPatchFile) else np.asarray(patches)
     rows = np.arange(len(source)) if rows is None else np.asarray(rows, dtype=np.int64)
     device = _device_of(encoder)
+    if batch_size is None:
+        probe = _RowBatches(source, rows[:MIN_BATCH], MIN_BATCH)[0].numpy() if len(rows) else []
+        batch_size = auto_batch_size(encoder, np.asarray(probe), view, precision, channels_last)
     loader = DataLoader(
         _RowBatches(source, rows, batch_size),
         batch_size=None,
@@ -226,7 +275,7 @@ def embed_patch_cache(
     view: str = "none",
     weights: str | None = None,
     device: str = "cpu",
-    batch_size: int = 128,
+    batch_size: int | None = None,
     workers: int = 0,
     precision: str = "auto",
 ) -> Path:
@@ -286,8 +335,10 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument(
-        "--batch-size", type=positive_int(), default=128, help="patches per forward pass"
-    )
+        "--batch-size", type=batch_size_option, default=None,
+        help=f"patches per forward pass; auto (default): {DEFAULT_BATCH} on a CPU, on CUDA "
+        f"sized to the free memory by one probe pass ({MIN_BATCH}-{MAX_BATCH})",
+    )  # fmt: skip
     parser.add_argument(
         "--workers", type=non_negative_int(), default=0,
         help="processes reading patches ahead of the device (0: in the main process)",
@@ -300,6 +351,11 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=positive_int(), help="torch CPU threads (default: torch's choice)"
     )
+
+
+def batch_size_option(text: str) -> int | None:
+    """``--batch-size``: ``auto`` (None) or a whole number >= 1."""
+    return None if text == "auto" else positive_int()(text)
 
 
 def run(args: argparse.Namespace) -> int:

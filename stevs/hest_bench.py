@@ -105,7 +105,7 @@ class BenchOptions:
     stevs: bool = True
     stevs_epochs: int = 10
     device: str = "auto"
-    batch_size: int = 128
+    batch_size: int | None = None  # None: stevs.embed.auto_batch_size
     workers: int = 0
     precision: str = "auto"
 

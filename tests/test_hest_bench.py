@@ -5,6 +5,7 @@ encoder scale (precision, workers, channels-last)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import runpy
@@ -27,7 +28,15 @@ from sklearn.preprocessing import StandardScaler
 
 from stevs.cli import main
 from stevs.device import resolve_precision
-from stevs.embed import embed_patches
+from stevs.embed import (
+    DEFAULT_BATCH,
+    MAX_BATCH,
+    MIN_BATCH,
+    auto_batch_size,
+    batch_size_for_memory,
+    batch_size_option,
+    embed_patches,
+)
 from stevs.io.patch_cache import HestPatchFile
 from stevs.models import ImageBackbone, get_preset
 from stevs.models.presets import ENCODERS, IMAGENET, PRESETS, scaled_down
@@ -239,6 +248,24 @@ def test_embedding_precision_workers_and_hest_patch_files(bench, weights):
     assert resolve_precision("bfloat16", cpu, "float32") == "bfloat16"
     assert get_preset("resnet50_trunc").embed_precision == "float32"  # HEST's ResNet50
     assert get_preset("uni").embed_precision == "float16"  # HEST's UNI
+
+
+def test_batch_size_auto_is_the_default_off_cuda_and_sized_to_memory_on_it(bench, weights):
+    preset, path = weights
+    backbone = ImageBackbone(get_preset(preset.name, weights=str(path)).backbone).eval()
+    with HestPatchFile(bench / "IDC" / "patches" / "S0.h5") as patches:
+        auto = embed_patches(backbone, patches, batch_size=None, progress=False)
+        fixed = embed_patches(backbone, patches, batch_size=7, progress=False)
+        probe = patches.read_rows(np.arange(4))
+    np.testing.assert_allclose(auto, fixed, rtol=1e-5, atol=1e-6)  # batching changes nothing
+    assert auto_batch_size(backbone, probe, "none", "float32", False) == DEFAULT_BATCH  # CPU
+    gib = 2**30
+    assert batch_size_for_memory(80 * gib, 10 * 2**20) == MAX_BATCH  # a big GPU: the cap
+    assert batch_size_for_memory(8 * gib, 10 * 2**20) == 256  # 0.6 x 8 GiB / 10 MiB = 491
+    assert batch_size_for_memory(50 * 2**20, 10 * 2**20) == MIN_BATCH  # nearly full: the floor
+    assert batch_size_option("auto") is None and batch_size_option("64") == 64
+    with pytest.raises(argparse.ArgumentTypeError):
+        batch_size_option("0")
 
 
 def test_embed_benchmark_measures_each_preset_and_its_precision(tmp_path):
