@@ -145,6 +145,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop (resumably) after this long (default: no limit)",
     )
     parser.add_argument(
+        "--checkpoint-minutes",
+        type=non_negative_float(),
+        default=1.0,
+        help="resume checkpoint after the first epoch, then at most every this many minutes "
+        "(0: after every epoch)",
+    )
+    parser.add_argument(
         "--refit",
         action="store_true",
         help="after early stopping picks epoch E on val, retrain on train + val for E epochs",

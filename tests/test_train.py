@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+import stevs.training.loop as loop_module
 from stevs.embed import embed_patches
 from stevs.errors import StevsInputError
 from stevs.metrics import VAL_METRIC
@@ -95,10 +97,12 @@ def normalisation() -> dict:
     }
 
 
-def run_training(out, method="stevs", on_epoch_end=None, preset=TINY_PRESET, n_train=40, **options):
+def run_training(out, method="stevs", on_epoch_end=None, preset=TINY_PRESET, n_train=40,
+                 keep_checkpoint=False, **options):  # fmt: skip
     torch.manual_seed(0)
     genes = [f"g{i}" for i in range(N_GENES)]
     model = create_model(method, preset, genes, normalisation())
+    options.setdefault("checkpoint_minutes", 0)  # a checkpoint per epoch, to read or kill at
     opts = TrainOptions(workers=0, device="cpu", **options).resolved(preset)
     config = {"method": method, "model": model.config.to_dict(), "genes": genes, "fold": "f0"}
     return train_model(
@@ -109,6 +113,7 @@ def run_training(out, method="stevs", on_epoch_end=None, preset=TINY_PRESET, n_t
         opts,
         config,
         on_epoch_end=on_epoch_end,
+        keep_checkpoint=keep_checkpoint,
     )
 
 
@@ -122,10 +127,15 @@ def test_training_writes_weights_config_checkpoint_and_metrics(tmp_path):
     assert result.finished and result.epochs_done == 3 and sorted(seen) == [1, 2, 3]
     for name in ("model.safetensors", "config.json", "metrics.csv"):
         assert (tmp_path / name).is_file()
-    # a finished run keeps no resume state (optimiser state is most of a model folder)
+    # a finished run keeps no resume state (optimiser state is most of a model folder), so
+    # its last epoch writes none: the weights are written instead
+    assert [seen[e]["epoch"] for e in (1, 2, 3)] == [1, 2, 2]
     assert not (tmp_path / "checkpoint.pt").exists()
     assert not list(tmp_path.glob(".*tmp*"))
-    checkpoint = seen[3]
+    # a kept checkpoint (a refit's selection run) holds the finished state
+    kept = tmp_path / "kept"
+    run_training(kept, keep_checkpoint=True)
+    checkpoint = torch.load(kept / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 3 and checkpoint["finished"]
     assert {"model", "optimizer", "scheduler", "rng"} <= set(checkpoint)
     with open(tmp_path / "metrics.csv") as handle:
@@ -154,6 +164,33 @@ def test_training_writes_weights_config_checkpoint_and_metrics(tmp_path):
     model, config = load_model(tmp_path)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     assert config["genes"] == [f"g{i}" for i in range(N_GENES)]
+
+
+def test_checkpoints_come_after_the_first_epoch_then_by_the_clock(tmp_path, monkeypatch):
+    """Every minute at most (the default): with 40-second epochs the checkpoint is written
+    after epochs 1 and 3 (60 s after 1), none for the finished last one; a --max-minutes
+    stop writes the epoch it stops at, so that the rerun resumes from there."""
+    now = [0.0]
+    monkeypatch.setattr(loop_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    real = loop_module._train_epoch
+
+    def forty_seconds(run, epoch):
+        now[0] += 40
+        return real(run, epoch)
+
+    monkeypatch.setattr(loop_module, "_train_epoch", forty_seconds)
+    seen = {}
+
+    def read_checkpoint(epoch: int) -> None:
+        seen[epoch] = torch.load(tmp_path / "clock" / "checkpoint.pt", weights_only=True)["epoch"]
+
+    run_training(tmp_path / "clock", on_epoch_end=read_checkpoint, checkpoint_minutes=1.0,
+                 epochs=5, patience=10)  # fmt: skip
+    assert seen == {1: 1, 2: 1, 3: 3, 4: 3, 5: 3}
+    limited = run_training(tmp_path / "limited", checkpoint_minutes=60.0, max_minutes=1.5,
+                           epochs=5, patience=10)  # fmt: skip
+    assert not limited.finished and limited.epochs_done == 3  # 120 s > 90 s after epoch 3
+    assert torch.load(tmp_path / "limited" / "checkpoint.pt", weights_only=True)["epoch"] == 3
 
 
 def test_training_learns_the_image_signal(tmp_path):

@@ -30,6 +30,9 @@ class TrainOptions:
     compile: bool = False
     augment: bool = True
     max_minutes: float | None = None
+    #: the resume checkpoint: after the first epoch, then at most every this many minutes
+    #: (0: after every epoch), and at the epoch --max-minutes stops at
+    checkpoint_minutes: float = 1.0
     latent_dim: int | None = None
     #: frozen backbone: test-time view of the embeddings (stevs.embed: none | dihedral8)
     embedding_view: str = "none"
