@@ -30,6 +30,18 @@ elif PREDICT["sheet"]:
         raise WorkflowError(f"predict sheet: {err}") from None
     PREDICT_IMAGES = dict(zip(_predict_table["slide_id"], _predict_table["image"]))
 PSLIDES = list(PREDICT_IMAGES)
+
+
+def predict_scale_args():
+    """`--patch-px N --patch-um U` of the predicting run's encoder where its geometry is not
+    the tiling's ('' otherwise, and without a predicting run)."""
+    encoder = PREDICT_RUNS[0][0] if PREDICT_RUNS else "none"
+    if not geometry_part(encoder):
+        return ""
+    px, um = GEOMETRIES[encoder]
+    return f"--patch-px {px} --patch-um {format_um(um)}"
+
+
 PREDICTED_SLIDES = expand(
     f"{RESULTS}/predict_slides/{{pslide}}/{{pslide}}.h5ad", pslide=PSLIDES
 )
@@ -77,9 +89,12 @@ rule predict_slide:
     params:
         sheet=PREDICT["sheet"],
         data_root=f"--data-root {config['data_root']}" if config["data_root"] else "",
+        # the model folders, and the patch geometry of their encoder where it is not the
+        # tiling's (the models record the scale they were trained on, the same; said here for
+        # the command, with the models: a new placeholder would rerun every finished job)
         models=lambda wildcards, input: " ".join(
-            str(Path(m).parent) for m in input.models
-        ),
+            [*(str(Path(m).parent) for m in input.models), predict_scale_args()]
+        ).strip(),
         out_dir=lambda wildcards, output: str(Path(output.adata).parent),
         genes=(
             "--genes " + " ".join(shlex.quote(g) for g in PREDICT["genes"])
