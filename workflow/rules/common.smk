@@ -251,30 +251,44 @@ def run_view(method):
     return REGISTRY[method].embedding_view or VIEW
 
 
-def geometry_part(encoder):
-    """'' where an encoder (or `none`) reads the tiling geometry, else '/{px}px_{um}um': the
-    path part of its patch and embedding caches (`stevs.config_checks.geometry_id`)."""
+def own_geometry(encoder):
+    """'' where an encoder (or `none`) reads the tiling geometry, else its id ('224px_112um',
+    `stevs.config_checks.geometry_id`): the folder of its patch and embedding caches."""
     geometry = GEOMETRIES.get(encoder, TILING)
-    return "" if geometry == TILING else f"/{geometry_id(geometry)}"
+    return "" if geometry == TILING else geometry_id(geometry)
 
 
 def patches_dir(encoder):
     """The folder of the patch caches an encoder's runs read ({slide}.h5 each)."""
-    return f"{RESULTS}/patches{geometry_part(encoder)}"
+    return os.path.join(RESULTS, *filter(None, ("patches", own_geometry(encoder))))
 
 
 def patches_args(wildcards):
     """`--patches-dir DIR` of a run whose encoder reads another geometry than the tiling's
     (the fold file names the tiling's caches); '' otherwise."""
-    if not geometry_part(wildcards.encoder):
+    if not own_geometry(wildcards.encoder):
         return ""
     return f"--patches-dir {patches_dir(wildcards.encoder)}"
 
 
+def geometry_args(encoder):
+    """`--patch-px N --patch-um U` of an encoder with its own geometry ('' otherwise):
+    `stevs predict-slide`'s tiling of an H&E-only slide."""
+    if not own_geometry(encoder):
+        return ""
+    px, um = GEOMETRIES[encoder]
+    return f"--patch-px {px} --patch-um {format_um(um)}"
+
+
 def embedding_dir(encoder, method):
     """The embedding caches of a frozen encoder: per preset, patch geometry and view."""
-    preset = ENCODERS[encoder]["preset"]
-    return f"{RESULTS}/embeddings/{preset}{geometry_part(encoder)}/{run_view(method)}"
+    parts = (
+        "embeddings",
+        ENCODERS[encoder]["preset"],
+        own_geometry(encoder),
+        run_view(method),
+    )
+    return os.path.join(RESULTS, *filter(None, parts))
 
 
 def fold_slides(fold, split):
@@ -331,7 +345,9 @@ def predict_args(wildcards):
     whose encoder reads another geometry than the tiling's (`stevs predict`)."""
     args = [patches_args(wildcards)]
     if uses_embeddings(wildcards):
-        args.insert(0, f"--embeddings {embedding_dir(wildcards.encoder, wildcards.method)}")
+        args.insert(
+            0, f"--embeddings {embedding_dir(wildcards.encoder, wildcards.method)}"
+        )
     return " ".join(a for a in args if a)
 
 
