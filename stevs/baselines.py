@@ -189,7 +189,7 @@ def _embedder_for(
 
 
 def train_ridge(
-    fold_path: str | os.PathLike,
+    fold_path: Fold | str | os.PathLike,
     method: str,
     out_dir: str | os.PathLike,
     *,
@@ -217,7 +217,7 @@ def train_ridge(
     registered = get_method(method)
     if registered.kind != "ridge":
         raise ValueError(f"{method!r} is not a ridge method; expected one of {RIDGE_METHODS}")
-    fold = read_fold(fold_path)
+    fold = fold_path if isinstance(fold_path, Fold) else read_fold(fold_path)
     embed, feature_source = _embedder_for(method, embed, backbone, embeddings, view)
     if _uses_context(method) and context_radius is None:
         context_radius = context_radius_of(backbone)
@@ -267,7 +267,7 @@ def train_ridge(
 
 def predict_ridge(
     model_dir: str | os.PathLike,
-    fold_path: str | os.PathLike,
+    fold_path: Fold | str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     embed: Embedder | None = None,
@@ -281,7 +281,7 @@ def predict_ridge(
     of the model's encoder and view, read instead of embedding the test patches.
     """
     model = load_ridge(model_dir)
-    fold = read_fold(fold_path)
+    fold = fold_path if isinstance(fold_path, Fold) else read_fold(fold_path)
     test = list(slides) if slides is not None else list(fold.test)
     check_model_fits_fold(model.meta, fold, model_dir, test)
     method = str(model.meta["method"])

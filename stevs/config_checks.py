@@ -21,6 +21,8 @@ from stevs.methods import REGISTRY, check_he_only
 
 #: a run of the workflow: (encoder id, method, seed)
 Run = tuple[str, str, int]
+#: a patch geometry: (pixels per side, µm per side)
+Geometry = tuple[int, float]
 
 
 def key_path(parts: Sequence[Any]) -> str:
@@ -38,6 +40,8 @@ def schema_problem(data: Mapping[str, Any], schema: Mapping[str, Any]) -> str | 
     if error is None:
         return None
     where = key_path(error.absolute_path)
+    if "errorMessage" in error.schema:  # the schema's own wording of what the key takes
+        return f"config: {where} is {error.instance!r}; it takes {error.schema['errorMessage']}"
     if error.validator == "additionalProperties":
         allowed = list(error.schema.get("properties", {}))
         key = next(key for key in error.instance if key not in allowed)
@@ -64,6 +68,34 @@ def encoder_id(entry: Mapping[str, Any]) -> str:
     return entry["preset"] + ("-frozen" if entry["freeze"] else "")
 
 
+def format_um(value: float) -> str:
+    """128.0 -> '128', 112.5 -> '112.5' (µm in paths: no trailing zeros, 6 decimals at most)."""
+    return f"{float(value):.6f}".rstrip("0").rstrip(".")
+
+
+def geometry_id(geometry: Geometry) -> str:
+    """(64, 128.0) -> '64px_128um': the folder of a geometry's patch caches and embeddings."""
+    return f"{geometry[0]}px_{format_um(geometry[1])}um"
+
+
+def tiling_geometry(config: Mapping[str, Any]) -> Geometry:
+    """The `tiling:` section's geometry (its caches: ``{results}/patches/{slide}.h5``)."""
+    tiling = config["tiling"]
+    return int(tiling["patch_px"]), float(format_um(tiling["patch_um"]))
+
+
+def encoder_geometry(entry: Mapping[str, Any], config: Mapping[str, Any]) -> Geometry:
+    """The patch an encoder entry reads: its `patch_px` and `patch_um`, each a number,
+    ``preset`` (the preset's own) or absent (the `tiling:` section's)."""
+    from stevs.models.presets import PRESETS  # plain data, no torch
+
+    preset = PRESETS[entry["preset"]]
+    px, um = tiling_geometry(config)
+    px = preset.patch_px if entry.get("patch_px") == "preset" else entry.get("patch_px", px)
+    um = preset.patch_um if entry.get("patch_um") == "preset" else entry.get("patch_um", um)
+    return int(px), float(format_um(um))
+
+
 def encoder_runs(config: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]], list[Run]]:
     """The encoders (id -> entry) and the runs of a checked config.
 
@@ -86,14 +118,20 @@ def encoder_runs(config: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]
 
 
 def _encoders_problem(config: Mapping[str, Any]) -> str | None:
-    seen = set()
+    seen: dict[str, Geometry] = {}
     for index, entry in enumerate(config["encoders"]):
-        name = encoder_id(entry)
+        name, geometry = encoder_id(entry), encoder_geometry(entry, config)
+        if name in seen and seen[name] != geometry:
+            return (
+                f"config: encoders[{index}]: {name} is listed twice, with patches"
+                f" {geometry_id(seen[name])} and {geometry_id(geometry)}: both would write"
+                f" {name}'s paths; keep one entry per preset and freeze"
+            )
         if name in seen or name == "none":
             return (
                 f"config: encoders[{index}]: {name} is listed twice (or is the reserved id 'none')"
             )
-        seen.add(name)
+        seen[name] = geometry
         probes = [m for m in entry["methods"] if REGISTRY[m].encoder == "frozen"]
         if probes and not entry["freeze"]:
             return (

@@ -45,6 +45,7 @@ from stevs.io.fold_file import (
     SlideEntry,
     check_no_overlap,
     is_fold_file,
+    patches_path,
     write_fold,
 )
 from stevs.io.samples import read_fixed_splits
@@ -130,7 +131,7 @@ def read_slide(path: str | PathLike, patches_dir: str | PathLike) -> SlideData:
         slide=slide,
         patient=str(patient),
         adata_path=os.fspath(path),
-        patches_path=os.fspath(Path(patches_dir) / f"{slide}.h5"),
+        patches_path=patches_path(patches_dir, slide),
         barcodes=np.asarray(adata.obs_names, dtype=str),
         genes=[str(g) for g in adata.var_names],
         counts=counts,

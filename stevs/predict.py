@@ -30,7 +30,7 @@ from stevs.atomic import check_writable
 from stevs.device import autocast as autocast_on
 from stevs.device import resolve_device
 from stevs.errors import StevsInputError
-from stevs.io.fold_file import Fold, read_fold
+from stevs.io.fold_file import Fold, add_patches_dir_argument, fold_argument, read_fold
 from stevs.io.model_dir import ModelDir, check_model_fits_fold
 from stevs.io.prediction import (
     new_prediction,
@@ -291,6 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--embeddings",
         help="folder of embedding caches of a frozen encoder, stevs embed (default: none)",
     )
+    add_patches_dir_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
             n_samples=args.samples,
             seed=args.seed,
         )
-    paths = method.entry("predict")(args.model_dir, args.fold, args.out_dir, **options)
+    fold = fold_argument(args.fold, args.patches_dir)
+    paths = method.entry("predict")(args.model_dir, fold, args.out_dir, **options)
     write_manifest(paths, args.out_dir)
     log.info("wrote %d prediction files to %s", len(paths), args.out_dir)
     return 0

@@ -17,6 +17,7 @@ from stevs.atomic import check_writable
 from stevs.cli import options_from_args
 from stevs.device import resolve_device
 from stevs.io.embedding_cache import VIEWS
+from stevs.io.fold_file import add_patches_dir_argument, fold_argument
 from stevs.io.model_dir import LOG, ModelDir
 from stevs.methods import METHOD_NAMES, get_method
 from stevs.models.context import CONTEXTS
@@ -172,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=positive_int(), help="torch CPU threads (default: torch's choice)"
     )
+    add_patches_dir_argument(parser)
 
 
 def _options(args: argparse.Namespace) -> TrainOptions:
@@ -213,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     handler = logging.FileHandler(out / LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("stevs").addHandler(handler)
+    fold = fold_argument(args.fold, args.patches_dir)
     try:
         if method.kind == "ridge":
             backbone = {"backbone": args.backbone} if args.backbone else {}  # else its default
@@ -220,11 +223,11 @@ def run(args: argparse.Namespace) -> int:
                 backbone.update(embeddings=args.embeddings, view=args.embedding_view)
             if method.features == "embedding+context" and args.context_radius is not None:
                 backbone["context_radius"] = args.context_radius
-            method.entry("train")(args.fold, args.method, out, seed=args.seed, **backbone)
+            method.entry("train")(fold, args.method, out, seed=args.seed, **backbone)
             log.info("done: %s -> %s", args.method, out)
             return 0
         result = train_fold(
-            args.fold,
+            fold,
             args.method,
             out,
             _options(args),
@@ -234,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
             **_overrides(args),
         )
         if result.finished:  # the latent analysis beside the model (stevs.models.analysis)
-            write_latent_analysis(args.fold, out, device=str(resolve_device(args.device)))
+            write_latent_analysis(fold, out, device=str(resolve_device(args.device)))
     finally:
         logging.getLogger("stevs").removeHandler(handler)
         handler.close()

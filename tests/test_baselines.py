@@ -451,3 +451,35 @@ def test_stevs_train_and_predict_cli_run_ridge_methods_with_defaults(
     argv = ["predict", "--model-dir", str(out), "--fold", str(fold_file), "--out-dir", str(pred)]
     assert main(argv) == 0
     assert ad.read_h5ad(pred / "D.h5ad").uns["stevs"]["method"] == method
+
+
+def test_patches_dir_reads_another_geometrys_caches(
+    fold_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--patches-dir` (the workflow's encoders with their own patch geometry): train and
+    predict read that folder's caches, not the fold file's; the model records their scale,
+    and predicting on the fold file's (another scale) is refused."""
+    from stevs.cli import main
+    from stevs.io.fold_file import read_fold
+    from stevs.io.patch_cache import PatchCache
+
+    other = tmp_path / "32px_64um"
+    other.mkdir()
+    for entry in read_fold(fold_file).slides:  # the same spots, 32 px at 2 µm/px
+        with PatchCache(entry.patches, entry.slide) as cache:
+            patches = np.stack([cache[row] for row in range(len(cache))])
+            patches = np.repeat(np.repeat(patches, 2, axis=1), 2, axis=2)
+            barcodes, centres = list(cache.barcodes), cache.centers_px
+        write_patch_cache(other / f"{entry.slide}.h5", patches, barcodes, centres,
+                          mpp_target=2.0, slide=entry.slide)  # fmt: skip
+    out, pred = tmp_path / "m", tmp_path / "p"
+    geometry = ["--patches-dir", str(other)]
+    argv = ["train", "--fold", str(fold_file), "--method", "ridge_color", "--out", str(out)]
+    assert main([*argv, *geometry]) == 0
+    recorded = json.loads((out / "config.json").read_text())["patches"]
+    assert (recorded["patch_px"], recorded["patch_um"]) == (32, 64.0)
+    argv = ["predict", "--model-dir", str(out), "--fold", str(fold_file), "--out-dir", str(pred)]
+    assert main([*argv, *geometry]) == 0
+    assert (pred / "D.h5ad").is_file()
+    assert main(argv) != 0
+    assert "the model was trained on 32 px at 2 µm/px" in capsys.readouterr().err

@@ -221,6 +221,34 @@ DEMO_PREDICT = "predict_slides:\n  sheet: resources/demo/predict.tsv\n"
         ),
         ("training:\n  seeds: []\n", [], "config: training.seeds: [] should be non-empty"),
         (
+            "encoders:\n  - {preset: uni, patch_px: presets}\n",
+            [],
+            "config: encoders[0].patch_px is 'presets'; it takes a whole number of pixels"
+            " 8-4096, or 'preset'",
+        ),
+        (
+            "encoders:\n  - {preset: uni, patch_px: 4}\n",
+            [],
+            "config: encoders[0].patch_px is 4; it takes a whole number of pixels 8-4096",
+        ),
+        (
+            "encoders:\n  - {preset: uni, patch_px: 224.5}\n",
+            [],
+            "config: encoders[0].patch_px is 224.5; it takes a whole number",
+        ),
+        (
+            "encoders:\n  - {preset: uni, patch_um: 0}\n",
+            [],
+            "config: encoders[0].patch_um is 0; it takes a number of µm above 0, or 'preset'",
+        ),
+        (
+            "encoders:\n  - {preset: uni, freeze: true}\n"
+            "  - {preset: uni, freeze: true, patch_px: preset, patch_um: preset}\n",
+            [],
+            "config: encoders[1]: uni-frozen is listed twice, with patches 64px_128um and"
+            " 224px_112um: both would write uni-frozen's paths",
+        ),
+        (
             "samples: config/my_samples.tsv\n",
             [],
             "config: demo.generate is true, so 'samples' must be the demo's sheet "
@@ -262,6 +290,10 @@ def test_bad_config_is_one_line_naming_the_problem(tmp_path, text, config_args, 
     [
         ("trainng:\n  epochs: 2\n", "config: unknown key 'trainng' (did you mean 'training'?)"),
         (
+            "encoders:\n  - {preset: uni, patch_um: big}\n",
+            "config: encoders[0].patch_um is 'big'; it takes a number of µm above 0",
+        ),
+        (
             DEMO_PREDICT + "  model: stnet\nmethods: [stevs, ridge_color]\n",
             "config: predict_slides.model 'stnet' is not one of the methods (stevs, ridge_color)",
         ),
@@ -280,6 +312,31 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path, text, message):
     assert len([line for line in output.splitlines() if line.startswith("config: ")]) == 1
     assert "Building DAG" not in output and "Job stats" not in output
     assert not (tmp_path / "results").exists()
+
+
+def test_encoder_geometry_is_its_own_the_presets_or_the_tilings():
+    """patch_px / patch_um: a number, 'preset' (the preset's), absent (tiling:'s); the id
+    names the folder of its patch caches, µm without a trailing .0."""
+    from stevs.config_checks import encoder_geometry, geometry_id, tiling_geometry
+
+    config = config_of(DEMO)  # tiling: 64 px, 128 µm
+    assert tiling_geometry(config) == (64, 128.0)
+    cases = [
+        ({}, "64px_128um"),
+        ({"patch_px": "preset", "patch_um": "preset"}, "224px_112um"),
+        ({"patch_px": "preset"}, "224px_128um"),
+        ({"patch_px": 448, "patch_um": 112.5}, "448px_112.5um"),
+        ({"patch_px": 224.0, "patch_um": 224.0}, "224px_224um"),
+    ]
+    for entry, expected in cases:
+        geometry = encoder_geometry({"preset": "uni", **entry}, config)
+        assert geometry_id(geometry) == expected, entry
+    config["encoders"] = [
+        {"preset": "uni", "freeze": True, "patch_px": "preset", "patch_um": "preset"},
+        {"preset": "swin_t", "patch_px": 224, "patch_um": 112},
+        {"preset": "cpu_small"},
+    ]
+    assert problem_of(config) is None
 
 
 def test_he_only_methods_are_accepted_for_predict_slides(tmp_path):

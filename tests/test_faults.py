@@ -997,6 +997,8 @@ CONFIG_OPTIONS = {
     "tiling.patch_px": ("tile", "--patch-px"),
     "tiling.patch_um": ("tile", "--patch-um"),
     "tiling.threads": ("tile", "--threads"),
+    "encoders[].patch_px": ("tile", "--patch-px"),
+    "encoders[].patch_um": ("tile", "--patch-um"),
     "folds.k": ("folds", "--k"),
     "folds.seed": ("folds", "--seed"),
     "folds.n_genes": ("folds", "--n-genes"),

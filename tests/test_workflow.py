@@ -422,6 +422,88 @@ def test_stevs_tail_reads_the_tail_view_per_seed_and_the_probes_the_config_view(
     assert "--embeddings results/embeddings/effnet_lite0_in1k/none" in ridge
 
 
+GEOMETRY_OVERLAY = """
+encoders:
+  - {preset: cpu_small, freeze: false, methods: []}
+  - {preset: effnet_lite0_in1k, freeze: true, patch_px: preset, patch_um: preset,
+     methods: [stevs, ridge_embed]}
+  - {preset: swin_t, freeze: false, patch_px: 224, patch_um: 112.0, methods: [stevs]}
+predict_slides:
+  sheet: resources/demo/predict.tsv
+  model: stevs
+"""
+
+
+def test_each_encoder_reads_its_own_patch_geometry_tiled_once(tmp_path):
+    """cpu_small on the tiling: geometry (64 px, 128 µm), the frozen EfficientNet (its preset's
+    224 px at 0.5 µm/px) and swin_t (224 px, 112 µm, stated): the 224 px geometry is tiled
+    once per slide, into its own folder, for both; each encoder's embed, train and predict
+    jobs read its geometry's caches (ridge_color, encoder none, the tiling's)."""
+    overlay = tmp_path / "geometry.yaml"
+    overlay.write_text(GEOMETRY_OVERLAY)
+    result = snakemake("-n", "-p", "--cores", "1", "--configfile", str(DEMO), str(overlay),
+                       cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs, lines = _jobs(result.stdout), result.stdout.splitlines()
+    slides = [f"demo_{i}" for i in range(1, 7)]
+    tiles = sorted(j["output"].split(", ")[0] for j in jobs if j["rule"].startswith("tile_"))
+    assert tiles == sorted([f"results/patches/{s}.h5" for s in slides]
+                           + [f"results/patches/224px_112um/{s}.h5" for s in slides])  # fmt: skip
+    tile_commands = [x for x in lines if "stevs tile " in x]
+    assert sum("--patch-px 224 --patch-um 112 " in x and "/224px_112um/" in x
+               for x in tile_commands) == 6  # fmt: skip
+    assert sum("--patch-px 64 --patch-um 128 " in x and "/224px_112um/" not in x
+               for x in tile_commands) == 6  # fmt: skip
+    embed = [j for j in jobs if j["rule"].startswith("embed_")]
+    assert sorted(j["input"] for j in embed) == [f"results/patches/224px_112um/{s}.h5"
+                                                 for s in slides]  # fmt: skip
+    assert {j["output"].rsplit("/", 1)[0] for j in embed} == {
+        "results/embeddings/effnet_lite0_in1k/224px_112um/none"
+    }
+    for job in (j for j in jobs if j["rule"] in ("train", "predict")):
+        encoder = job["output"].split("/")[2]
+        folder = "results/patches" + ("" if encoder in ("cpu_small", "none") else "/224px_112um")
+        patches = {i.rsplit("/", 1)[0] for i in job["input"].split(", ") if "/patches/" in i}
+        assert patches == {folder}, job
+    for command in ("stevs train", "stevs predict "):
+        runs = [x for x in lines if command in x]
+        assert all(("--patches-dir results/patches/224px_112um" in x)
+                   == ("swin_t/" in x or "-frozen/" in x) for x in runs)  # fmt: skip
+        frozen = next(x for x in runs if "effnet_lite0_in1k-frozen/stevs/" in x)
+        assert "--embeddings results/embeddings/effnet_lite0_in1k/224px_112um/none" in frozen
+    # the H&E-only maps: the first stevs run's encoder (cpu_small), the tiling geometry
+    predict_slide = next(x for x in lines if "stevs predict-slide" in x)
+    assert "--patch-px" not in predict_slide
+
+
+def test_the_he_only_maps_tile_at_the_models_encoder_geometry(tmp_path):
+    """predict_slides.model on an encoder with its own geometry: predict-slide is told it."""
+    overlay = tmp_path / "geometry.yaml"
+    overlay.write_text(
+        GEOMETRY_OVERLAY.replace("{preset: cpu_small, freeze: false, methods: []}",
+                                 "{preset: cpu_small, freeze: false, methods: [ridge_color]}")
+    )  # fmt: skip
+    result = snakemake("-n", "-p", "--cores", "1", "--configfile", str(DEMO), str(overlay),
+                       cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    predict_slide = next(x for x in result.stdout.splitlines() if "stevs predict-slide" in x)
+    assert "results/models/effnet_lite0_in1k-frozen/stevs/seed0/fold1" in predict_slide
+    assert "--patch-px 224 --patch-um 112 " in predict_slide
+
+
+def test_the_default_geometry_keeps_its_paths(demo_plan: Plan):
+    """Encoders without patch_px / patch_um read the tiling: section's caches, where they
+    always were: no second tiling, no geometry folder, no --patches-dir."""
+    jobs = _jobs(demo_plan.stdout)
+    rules = {j["rule"] for j in jobs}
+    assert "tile_slide_geometry" not in rules and "embed_slide_geometry" not in rules
+    tiles = sorted(j["output"].split(", ")[0] for j in jobs if j["rule"] == "tile_slide")
+    assert tiles == [f"results/patches/demo_{i}.h5" for i in range(1, 7)]
+    runs = [x for x in demo_plan.stdout.splitlines() if "stevs train" in x or "stevs pred" in x]
+    assert runs and not [x for x in runs if "--patches-dir" in x or "--patch-px" in x]
+    assert "px_" not in demo_plan.stdout
+
+
 def test_own_sheet_ingest_fixed_splits_and_the_export_target_dry_run(tmp_path):
     """A slide's ingest job depends on its own row's files (and the row's text), not on the
     whole sheet: editing another row re-ingests (and retiles) nothing else. Scheme fixed plans

@@ -8,8 +8,10 @@ docs/architecture.md ("Fold file").
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,35 @@ class Fold:
         if data["spots"] is None:
             data.pop("spots")
         return data
+
+
+def patches_path(folder: str | PathLike, slide: str) -> str:
+    """A slide's patch cache in a folder of them (``stevs tile``'s ``{folder}/{slide}.h5``)."""
+    return os.fspath(Path(folder) / f"{slide}.h5")
+
+
+def with_patches_dir(fold: Fold, folder: str | PathLike) -> Fold:
+    """``fold`` reading every slide's patch cache from ``folder`` instead of the fold file's
+    (another patch geometry's caches: the workflow's ``{results}/patches/{px}px_{um}um/``)."""
+    slides = [replace(entry, patches=patches_path(folder, entry.slide)) for entry in fold.slides]
+    return replace(fold, slides=slides)
+
+
+def fold_argument(fold: str | PathLike, patches_dir: str | PathLike | None) -> Fold | str:
+    """What a stage takes for ``--fold`` and ``--patches-dir``: the fold file, or with a
+    patches folder the fold read from it with its caches there."""
+    if patches_dir is None:
+        return os.fspath(fold)
+    return with_patches_dir(read_fold(fold), patches_dir)
+
+
+def add_patches_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """``--patches-dir`` of ``stevs train`` and ``stevs predict``."""
+    parser.add_argument(
+        "--patches-dir",
+        help="folder of the slides' {slide}.h5 patch caches, read instead of the fold file's "
+        "(e.g. another patch geometry's; default: the fold file's)",
+    )
 
 
 #: keys every fold file holds: a file at a fold's path is replaced only when it has them

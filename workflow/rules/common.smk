@@ -28,10 +28,14 @@ sys.path.insert(0, workflow.basedir)
 os.environ.update(STEVS_SOURCE=workflow.basedir)
 
 from stevs.config_checks import (
+    encoder_geometry,
     encoder_runs,
+    format_um,
+    geometry_id,
     in_schema_order,
     schema_problem,
     settings_problem,
+    tiling_geometry,
 )
 from stevs.errors import StevsInputError
 from stevs.fold_plan import plan_folds
@@ -184,6 +188,14 @@ def ingest_row(wildcards):
 # encoder id -> entry, and the (encoder, method, seed) runs (stevs.config_checks)
 ENCODERS, RUNS = encoder_runs(config)
 VIEW = config["embeddings"]["view"]
+# Patch geometries (px, µm): the tiling: section's (caches {RESULTS}/patches/{slide}.h5) and
+# each encoder's (its patch_px / patch_um; `none`, ridge_color, reads the tiling's); every
+# other geometry is tiled once, into {RESULTS}/patches/{px}px_{um}um/ (rule
+# tile_slide_geometry), shared by the encoders that read it
+TILING = tiling_geometry(config)
+GEOMETRIES = {name: encoder_geometry(entry, config) for name, entry in ENCODERS.items()}
+#: geometry id -> geometry, of the encoders' geometries other than the tiling's
+OTHER_GEOMETRIES = {geometry_id(g): g for g in GEOMETRIES.values() if g != TILING}
 
 
 wildcard_constraints:
@@ -193,6 +205,8 @@ wildcard_constraints:
     encoder="|".join(map(re.escape, [*ENCODERS, "none"])),
     seed="[0-9]+",
     view="|".join(map(re.escape, VIEWS)),
+    # no other geometry: a pattern that matches nothing
+    geometry="|".join(map(re.escape, OTHER_GEOMETRIES)) or "(?!)",
 
 
 #: run path components: {encoder}/{method}/seed{seed}
@@ -237,8 +251,44 @@ def run_view(method):
     return REGISTRY[method].embedding_view or VIEW
 
 
+def own_geometry(encoder):
+    """'' where an encoder (or `none`) reads the tiling geometry, else its id ('224px_112um',
+    `stevs.config_checks.geometry_id`): the folder of its patch and embedding caches."""
+    geometry = GEOMETRIES.get(encoder, TILING)
+    return "" if geometry == TILING else geometry_id(geometry)
+
+
+def patches_dir(encoder):
+    """The folder of the patch caches an encoder's runs read ({slide}.h5 each)."""
+    return os.path.join(RESULTS, *filter(None, ("patches", own_geometry(encoder))))
+
+
+def patches_args(wildcards):
+    """`--patches-dir DIR` of a run whose encoder reads another geometry than the tiling's
+    (the fold file names the tiling's caches); '' otherwise."""
+    if not own_geometry(wildcards.encoder):
+        return ""
+    return f"--patches-dir {patches_dir(wildcards.encoder)}"
+
+
+def geometry_args(encoder):
+    """`--patch-px N --patch-um U` of an encoder with its own geometry ('' otherwise):
+    `stevs predict-slide`'s tiling of an H&E-only slide."""
+    if not own_geometry(encoder):
+        return ""
+    px, um = GEOMETRIES[encoder]
+    return f"--patch-px {px} --patch-um {format_um(um)}"
+
+
 def embedding_dir(encoder, method):
-    return f"{RESULTS}/embeddings/{ENCODERS[encoder]['preset']}/{run_view(method)}"
+    """The embedding caches of a frozen encoder: per preset, patch geometry and view."""
+    parts = (
+        "embeddings",
+        ENCODERS[encoder]["preset"],
+        own_geometry(encoder),
+        run_view(method),
+    )
+    return os.path.join(RESULTS, *filter(None, parts))
 
 
 def fold_slides(fold, split):
@@ -263,8 +313,9 @@ def fold_inputs(split, patches=True):
             "fold": f"{RESULTS}/folds/{wildcards.fold}.json",
             "adatas": expand(f"{RESULTS}/slides/{{slide}}.h5ad", slide=slides),
         }
-        if patches:
-            files["patches"] = expand(f"{RESULTS}/patches/{{slide}}.h5", slide=slides)
+        if patches:  # the encoder's geometry (no encoder: the tiling's)
+            folder = patches_dir(wildcards.get("encoder", "none"))
+            files["patches"] = expand(f"{folder}/{{slide}}.h5", slide=slides)
         if patches and "encoder" in wildcards.keys() and uses_embeddings(wildcards):
             folder = embedding_dir(wildcards.encoder, wildcards.method)
             files["embeddings"] = expand(f"{folder}/{{slide}}.h5", slide=slides)
@@ -289,6 +340,17 @@ def embedding_args(wildcards):
     return f"--embeddings {folder} --embedding-view {run_view(wildcards.method)}"
 
 
+def predict_args(wildcards):
+    """`--embeddings DIR` of a run that reads the embedding cache, `--patches-dir DIR` of one
+    whose encoder reads another geometry than the tiling's (`stevs predict`)."""
+    args = [patches_args(wildcards)]
+    if uses_embeddings(wildcards):
+        args.insert(
+            0, f"--embeddings {embedding_dir(wildcards.encoder, wildcards.method)}"
+        )
+    return " ".join(a for a in args if a)
+
+
 def training_args(wildcards):
     """Command-line options of `stevs train` for one run, from the config.
 
@@ -302,6 +364,7 @@ def training_args(wildcards):
         f"--seed {wildcards.seed}",
         f"--device {shlex.quote(training['device'])}",
         embedding_args(wildcards),
+        patches_args(wildcards),
     ]
     if method in RIDGE_METHODS:
         if REGISTRY[method].encoder == "frozen":

@@ -76,6 +76,22 @@ rule tile_slide:
         " > {log} 2>&1"
 
 
+# an encoder's own patch geometry (encoders[].patch_px / patch_um, common.smk): tiled once
+# per slide and geometry, for every encoder that reads it; its QC beside the cache, not in
+# the report (the report's tiling QC is the tiling: section's)
+use rule tile_slide as tile_slide_geometry with:
+    output:
+        cache=f"{RESULTS}/patches/{{geometry}}/{{slide}}.h5",
+        qc=f"{RESULTS}/patches/{{geometry}}/{{slide}}.qc.png",
+    log:
+        f"{RESULTS}/logs/tile_slide/{{geometry}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tile_slide/{{geometry}}/{{slide}}.tsv"
+    params:
+        patch_px=lambda wildcards: OTHER_GEOMETRIES[wildcards.geometry][0],
+        patch_um=lambda wildcards: format_um(OTHER_GEOMETRIES[wildcards.geometry][1]),
+
+
 rule make_folds:
     input:
         slides=expand(f"{RESULTS}/slides/{{slide}}.h5ad", slide=SLIDES),

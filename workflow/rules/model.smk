@@ -25,6 +25,18 @@ rule embed_slide:
         " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 
 
+# the embeddings of an encoder with its own patch geometry (common.smk: embedding_dir)
+use rule embed_slide as embed_slide_geometry with:
+    input:
+        f"{RESULTS}/patches/{{geometry}}/{{slide}}.h5",
+    output:
+        f"{RESULTS}/embeddings/{{preset}}/{{geometry}}/{{view}}/{{slide}}.h5",
+    log:
+        f"{RESULTS}/logs/embed/{{preset}}/{{geometry}}/{{view}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{preset}}/{{geometry}}/{{view}}/{{slide}}.tsv"
+
+
 rule train:
     input:
         # the fold file and the slides the fold trains and validates on (and, for a frozen
@@ -76,11 +88,10 @@ rule predict:
         model_dir=lambda wildcards, input: str(Path(input.model).parent),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         device=config["training"]["device"],
-        embeddings=lambda wildcards: (
-            f"--embeddings {embedding_dir(wildcards.encoder, wildcards.method)}"
-            if uses_embeddings(wildcards)
-            else ""
-        ),
+        # the embedding caches and the patch geometry's caches it reads, where not the fold
+        # file's (one placeholder: a new one in the command would rerun every finished job,
+        # Snakemake's code trigger compares the command's text)
+        embeddings=predict_args,
     shell:
         "stevs predict --model-dir {params.model_dir} --fold {input.fold}"
         " {params.embeddings} --device {params.device} --threads {threads}"

@@ -13,6 +13,7 @@ DEMO_PREDICT_SHEET = str(Path(config["demo"]["out"]) / "predict.tsv")
 # the first run (encoder, seed) of that method predicts, with its models of every fold
 # (checked before: stevs.config_checks, an H&E-capable method among the methods, with a run)
 PREDICT_RUNS = [r for r in RUNS if r[1] == PREDICT["model"]][:1]
+PREDICT_ENCODER = PREDICT_RUNS[0][0] if PREDICT_RUNS else "none"
 PREDICT_IS_DEMO = DEMO and str(Path(PREDICT["sheet"])) == str(Path(DEMO_PREDICT_SHEET))
 
 # slide id -> image; the demo's H&E-only slide is known before the demo exists
@@ -30,6 +31,7 @@ elif PREDICT["sheet"]:
         raise WorkflowError(f"predict sheet: {err}") from None
     PREDICT_IMAGES = dict(zip(_predict_table["slide_id"], _predict_table["image"]))
 PSLIDES = list(PREDICT_IMAGES)
+
 PREDICTED_SLIDES = expand(
     f"{RESULTS}/predict_slides/{{pslide}}/{{pslide}}.h5ad", pslide=PSLIDES
 )
@@ -77,9 +79,15 @@ rule predict_slide:
     params:
         sheet=PREDICT["sheet"],
         data_root=f"--data-root {config['data_root']}" if config["data_root"] else "",
+        # the model folders, and the patch geometry of their encoder where it is not the
+        # tiling's (the models record the scale they were trained on, the same; said here for
+        # the command, with the models: a new placeholder would rerun every finished job)
         models=lambda wildcards, input: " ".join(
-            str(Path(m).parent) for m in input.models
-        ),
+            [
+                *(str(Path(m).parent) for m in input.models),
+                geometry_args(PREDICT_ENCODER),
+            ]
+        ).strip(),
         out_dir=lambda wildcards, output: str(Path(output.adata).parent),
         genes=(
             "--genes " + " ".join(shlex.quote(g) for g in PREDICT["genes"])
