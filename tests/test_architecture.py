@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,16 @@ def test_files_and_functions_stay_small():
                     too_big.append(f"{path.name}:{node.name} {_statements(node)} statements")
     assert not too_long, too_long
     assert not too_big, too_big
+
+
+def test_the_train_and_predict_commands_import_timm_only_to_build_a_backbone():
+    """timm pulls torchvision and torch._dynamo (~3 s a process); a ridge job never builds a
+    backbone, so loading the commands must not import it (issue 24: job cost)."""
+    code = (
+        "import sys; import stevs.train, stevs.predict, stevs.embed, stevs.models; "
+        "print(sorted({'timm', 'torchvision'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout

@@ -36,7 +36,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -137,6 +136,8 @@ def effnet_lite0_package_state_dict() -> dict[str, Tensor]:
 
 def _strip_classifier(state_dict: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
     """Drop the classification head's keys (named by timm's pretrained_cfg)."""
+    import timm  # here, not at import: a ridge job never builds a backbone (3 s)
+
     cfg = timm.get_pretrained_cfg(model_name)
     classifiers = getattr(cfg, "classifier", None) or "head"
     if isinstance(classifiers, str):
@@ -147,6 +148,8 @@ def _strip_classifier(state_dict: dict[str, Tensor], model_name: str) -> dict[st
 
 def timm_arguments(spec: BackboneSpec) -> dict[str, Any]:
     """``spec.timm_kwargs`` with layer classes named by string resolved to timm's classes."""
+    import timm
+
     kwargs = dict(spec.timm_kwargs)
     layer = kwargs.get("mlp_layer")
     if isinstance(layer, str):
@@ -159,6 +162,8 @@ def timm_arguments(spec: BackboneSpec) -> dict[str, Any]:
 
 
 def _check_spec(spec: BackboneSpec) -> None:
+    import timm
+
     if spec.weights not in WEIGHT_SOURCES:
         raise StevsInputError(
             spec.weights_path, f"unknown weight source {spec.weights!r} ({WEIGHT_SOURCES})"
@@ -171,6 +176,8 @@ def _check_spec(spec: BackboneSpec) -> None:
 
 def _timm_pretrained(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
     """``timm.create_model(pretrained=True)``: timm's hub weights, or a clear offline error."""
+    import timm
+
     try:
         return timm.create_model(spec.name, pretrained=True, **kwargs)
     except Exception as err:  # offline, no cache, unknown tag
@@ -202,6 +209,8 @@ def source_state_dict(spec: BackboneSpec) -> dict[str, Tensor]:
 
 def create_feature_model(spec: BackboneSpec) -> nn.Module:
     """The timm ``features_only`` model of ``spec`` with its weights loaded."""
+    import timm
+
     _check_spec(spec)
     kwargs = timm_arguments(spec)
     if spec.weights == "none":
@@ -233,6 +242,8 @@ def create_token_model(spec: BackboneSpec) -> tuple[nn.Module, nn.Module | None]
     """The plain timm model of ``spec`` (its ``forward_features`` gives tokens) and its
     pooling head (``conch_attn`` only), with their weights loaded (read before the model is
     built, so that missing weights fail fast)."""
+    import timm
+
     _check_spec(spec)
     kwargs = {"num_classes": 0, **timm_arguments(spec)}
     state_dict = None if spec.weights in ("none", "timm") else source_state_dict(spec)
