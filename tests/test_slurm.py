@@ -103,21 +103,24 @@ def sacct(env: dict[str, str]) -> list[dict[str, str]]:
     return [dict(zip(fields, line.split("|", split), strict=True)) for line in out.splitlines()]
 
 
-def targets(job: dict[str, str]) -> frozenset[tuple[str, str]]:
-    """(rule, wildcards) of the jobs a group job ran: its sbatch line's `--target-jobs`
-    (`'train:encoder=...,fold=fold0' 'predict:...'`; the comment names only the rules)."""
-    found = re.findall(r"\b(\w+):((?:\w+=[\w.-]+,?)+)", job["SubmitLine"])
+def targets(command: str | dict[str, str]) -> frozenset[tuple[str, str]]:
+    """(rule, wildcards) of the jobs a group job ran: the `--target-jobs` of its command (a
+    sacct row's SubmitLine, the sbatch line; the comment names only the rules), as in
+    `--target-jobs 'train:encoder=...,fold=fold0' 'predict:...'`."""
+    if isinstance(command, dict):
+        command = command["SubmitLine"]
+    found = re.findall(r"\b(\w+):((?:\w+=[\w.-]+,?)+)", command)
     return frozenset((rule, wildcards.rstrip(",")) for rule, wildcards in found if rule in RULES)
 
 
-def run_of(job: dict[str, str]) -> str:
+def run_of(command: str | dict[str, str]) -> str:
     """The wildcards of the run a group job ran, asserting it ran that run's train, predict
     and evaluate and nothing else."""
-    ran = targets(job)
+    ran = targets(command)
     runs = {wildcards for _, wildcards in ran}
-    assert len(runs) == 1, job
+    assert len(runs) == 1, command
     (run,) = runs
-    assert ran == {(rule, run) for rule in RUN_RULES}, job
+    assert ran == {(rule, run) for rule in RUN_RULES}, command
     return run
 
 
@@ -140,9 +143,14 @@ def cancel_a_training_job(workdir: Path, env: dict[str, str], process: subproces
             job_id, comment = line.split("|", 1)
             if comment != GROUP_COMMENT or job_id in checked:
                 continue
+            # the job's batch script (sbatch --wrap's command): sacct may not list it yet;
+            # none once the job has ended
+            argv = ["scontrol", "write", "batch_script", job_id, "-"]
+            script = subprocess.run(argv, capture_output=True, text=True, env=env).stdout
             checked.add(job_id)
-            (job,) = (j for j in sacct(env) if j["JobID"] == job_id)
-            run = run_of(job)
+            if not script:
+                continue
+            run = run_of(script)
             if run.startswith("encoder=cpu_small,method=stevs,seed=0,"):
                 fold = run.rsplit("=", 1)[-1]
                 log = workdir / f".test/results/logs/train/cpu_small/stevs/seed0/{fold}.log"
