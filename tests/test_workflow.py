@@ -300,10 +300,10 @@ def test_bad_sample_sheet_stops_before_running(tmp_path, rows, drop, folds, mess
 
 def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
     """The jobs of a `snakemake -n` listing: rule, input, output (wildcards, threads and
-    resources where listed)."""
+    resources where listed; a group job's members are indented)."""
     jobs = []
     for block in dry_run_stdout.split("\n\n"):
-        lines = block.strip().splitlines()
+        lines = [line.strip() for line in block.strip().splitlines()]
         head = [line for line in lines if line.startswith(("rule ", "localrule "))]
         if not head:
             continue
