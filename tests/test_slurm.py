@@ -56,13 +56,14 @@ pytestmark = pytest.mark.slurm
 def cluster(tmp_path_factory) -> dict[str, str]:
     """The environment of a running single-node cluster (SLURM_CONF); stopped afterwards."""
     state = tmp_path_factory.mktemp("slurm")
-    subprocess.run([str(SCRIPT), "start", str(state)], check=True, timeout=180)
     env = {
         **os.environ,
         "SLURM_CONF": str(state / "slurm.conf"),
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     try:
+        # inside the try: a start that fails half-way stops the daemons it did start
+        subprocess.run([str(SCRIPT), "start", str(state)], check=True, timeout=180)
         yield env
     finally:
         subprocess.run([str(SCRIPT), "stop", str(state)], timeout=120)
