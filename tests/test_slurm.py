@@ -2,11 +2,13 @@
 
 A single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd; .ci/slurm_cluster.sh)
 runs on this machine; the tiny `.test/` workflow goes through `--profile profiles/slurm`
-with the overlay `.test/slurm` and the cluster's own partitions. While it runs, one STevs
-training job is cancelled (`scancel`); Snakemake must resubmit it (profiles/slurm:
-retries) and finish. Then `sacct` must list every planned job as a Slurm job that
-completed, with the memory its rule asks for, and forcing one fold's model to retrain must
-submit that fold's train, predict and evaluate jobs and nothing else.
+with the overlay `.test/slurm` and the cluster's own partitions. profiles/slurm groups each
+run's train, predict and evaluate into one Slurm job (`groups:`), so `sacct` must list one
+completed job per planned job of the other rules and one per run, each run's group job
+having run exactly that run's three jobs (its sbatch line's `--target-jobs`). While it
+runs, the group job of one STevs training is cancelled (`scancel`); Snakemake must resubmit
+it with twice the memory and minutes (profiles/slurm: retries) and finish. Forcing one
+fold's model to retrain must submit that run's group job and nothing else.
 
 Minutes, not seconds, and it needs root to install Slurm (apt-get), so it is not part of
 the default suite: ``make test-slurm`` runs it.
@@ -15,6 +17,7 @@ the default suite: ``make test-slurm`` runs it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +42,10 @@ RULES = (
     "report",
     "predict_slide",
 )
+#: rules profiles/slurm groups into one Slurm job per run (its group `run`)
+RUN_RULES = ("evaluate", "predict", "train")
+GROUP_COMMENT = "rule_run_" + "_".join(RUN_RULES)
+FOLD0_RUN = "encoder=cpu_small,method=stevs,seed=0,fold=fold0"
 FOLD0_MODEL = ".test/results/models/cpu_small/stevs/seed0/fold0/model.safetensors"
 FOLD0_METRICS = ".test/results/metrics/cpu_small/stevs/seed0/fold0.tsv"
 
@@ -49,13 +56,14 @@ pytestmark = pytest.mark.slurm
 def cluster(tmp_path_factory) -> dict[str, str]:
     """The environment of a running single-node cluster (SLURM_CONF); stopped afterwards."""
     state = tmp_path_factory.mktemp("slurm")
-    subprocess.run([str(SCRIPT), "start", str(state)], check=True, timeout=180)
     env = {
         **os.environ,
         "SLURM_CONF": str(state / "slurm.conf"),
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     try:
+        # inside the try: a start that fails half-way stops the daemons it did start
+        subprocess.run([str(SCRIPT), "start", str(state)], check=True, timeout=180)
         yield env
     finally:
         subprocess.run([str(SCRIPT), "stop", str(state)], timeout=120)
@@ -88,10 +96,33 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
 
 def sacct(env: dict[str, str]) -> list[dict[str, str]]:
     """Every job the cluster's accounting holds (allocations only, not steps)."""
-    fields = ("JobID", "State", "Comment", "ReqMem", "AllocCPUS", "Partition")
+    fields = ("JobID", "State", "Comment", "ReqMem", "AllocCPUS", "Timelimit", "Partition")
+    fields += ("SubmitLine",)  # last: the sbatch line may hold a "|"
     argv = ["sacct", "-a", "-X", "-n", "-P", "-S", "2000-01-01", "-o", ",".join(fields)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-    return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines()]
+    split = len(fields) - 1
+    return [dict(zip(fields, line.split("|", split), strict=True)) for line in out.splitlines()]
+
+
+def targets(command: str | dict[str, str]) -> frozenset[tuple[str, str]]:
+    """(rule, wildcards) of the jobs a group job ran: the `--target-jobs` of its command (a
+    sacct row's SubmitLine, the sbatch line; the comment names only the rules), as in
+    `--target-jobs 'train:encoder=...,fold=fold0' 'predict:...'`."""
+    if isinstance(command, dict):
+        command = command["SubmitLine"]
+    found = re.findall(r"\b(\w+):((?:\w+=[\w.-]+,?)+)", command)
+    return frozenset((rule, wildcards.rstrip(",")) for rule, wildcards in found if rule in RULES)
+
+
+def run_of(command: str | dict[str, str]) -> str:
+    """The wildcards of the run a group job ran, asserting it ran that run's train, predict
+    and evaluate and nothing else."""
+    ran = targets(command)
+    runs = {wildcards for _, wildcards in ran}
+    assert len(runs) == 1, command
+    (run,) = runs
+    assert ran == {(rule, run) for rule in RUN_RULES}, command
+    return run
 
 
 def rule_of(comment: str) -> str:
@@ -102,16 +133,27 @@ def rule_of(comment: str) -> str:
 
 
 def cancel_a_training_job(workdir: Path, env: dict[str, str], process: subprocess.Popen) -> str:
-    """scancel the first STevs training job seen running, once `stevs train` has started in
-    it (its log has lines); its Slurm job id."""
+    """scancel the first group job of a STevs run seen running, once `stevs train` has
+    started in it (its log has lines); its Slurm job id."""
     deadline = time.monotonic() + 1200
+    checked = set()
     while time.monotonic() < deadline and process.poll() is None:
         argv = ["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"]
         out = subprocess.run(argv, capture_output=True, text=True, env=env).stdout
         for line in out.splitlines():
             job_id, comment = line.split("|", 1)
-            if comment.startswith("rule_train_wildcards_cpu_small_stevs_0_"):
-                fold = comment.rsplit("_", 1)[-1]
+            if comment != GROUP_COMMENT or job_id in checked:
+                continue
+            # the job's batch script (sbatch --wrap's command): sacct may not list it yet;
+            # none once the job has ended
+            argv = ["scontrol", "write", "batch_script", job_id, "-"]
+            script = subprocess.run(argv, capture_output=True, text=True, env=env).stdout
+            checked.add(job_id)
+            if not script:
+                continue
+            run = run_of(script)
+            if run.startswith("encoder=cpu_small,method=stevs,seed=0,"):
+                fold = run.rsplit("=", 1)[-1]
                 log = workdir / f".test/results/logs/train/cpu_small/stevs/seed0/{fold}.log"
                 while process.poll() is None and not (log.exists() and log.stat().st_size):
                     time.sleep(0.2)
@@ -170,17 +212,35 @@ def test_every_job_ran_on_slurm_and_a_cancelled_one_was_retried(finished_run, cl
     assert (workdir / ".test" / "results" / "report" / "index.html").is_file()
     jobs = sacct(cluster)
     completed = [j for j in jobs if j["State"] == "COMPLETED"]
-    assert Counter(rule_of(j["Comment"]) for j in completed) == planned_jobs(workdir, cluster)
+    planned = planned_jobs(workdir, cluster)
+    runs = planned["train"]
+    assert runs > 0 and planned["predict"] == planned["evaluate"] == runs
+    # one Slurm job per planned job outside the runs, one per run: fewer than one per job
+    groups = [j for j in completed if j["Comment"] == GROUP_COMMENT]
+    single = Counter(rule_of(j["Comment"]) for j in completed if j not in groups)
+    assert single == Counter({r: n for r, n in planned.items() if r not in RUN_RULES})
+    assert len(completed) == sum(single.values()) + runs < sum(planned.values())
+    # every planned train, predict and evaluate ran, each run's three in one group job
+    assert len({run_of(j) for j in groups}) == len(groups) == runs
+    assert Counter(rule for j in groups for rule, _ in targets(j)) == Counter(
+        {r: planned[r] for r in RUN_RULES}
+    )
     assert {j["Partition"] for j in jobs} == {"local"}
-    # the cancelled STevs training was resubmitted (attempt 2: twice the memory) and finished
+    # the cancelled STevs run was resubmitted (attempt 2: twice the memory and minutes of
+    # its group: the largest memory of its jobs, their minutes summed) and finished
     first = next(j for j in jobs if j["JobID"] == cancelled)
-    assert first["State"].startswith("CANCELLED")
-    retried = [j for j in completed if j["Comment"] == first["Comment"]]
+    assert first["State"].startswith("CANCELLED") and first["Comment"] == GROUP_COMMENT
+    retried = [j for j in groups if targets(j) == targets(first)]
     assert len(retried) == 1 and int(retried[0]["JobID"]) > int(cancelled)
-    assert (first["ReqMem"], retried[0]["ReqMem"]) == ("4000M", "8000M")
-    # what the rules ask for reaches Slurm: the ridge floor's training its 8000 MB, 1 CPU
-    ridge = [j for j in completed if j["Comment"].startswith("rule_train_wildcards_none")]
-    assert [(j["ReqMem"], j["AllocCPUS"]) for j in ridge] == [("8000M", "1")] * 2
+    # train 4000 MB (.test config) / 30 min, predict (torch) 8000 MB / 60, evaluate 4000 / 20
+    assert (first["ReqMem"], retried[0]["ReqMem"]) == ("8000M", "16000M")
+    assert (first["Timelimit"], retried[0]["Timelimit"]) == ("01:50:00", "03:40:00")
+    # what the rules ask for reaches Slurm: a ridge floor's run the 8000 MB of its training,
+    # 1 CPU, 60 + 30 + 20 minutes
+    ridge = [j for j in groups if "method=ridge_color" in run_of(j)]
+    assert [(j["ReqMem"], j["AllocCPUS"], j["Timelimit"]) for j in ridge] == [
+        ("8000M", "1", "01:50:00")
+    ] * 2
 
 
 def test_rerunning_one_fold_submits_only_its_jobs(finished_run, cluster):
@@ -192,8 +252,5 @@ def test_rerunning_one_fold_submits_only_its_jobs(finished_run, cluster):
     finally:
         stop(process)
     new = [j for j in sacct(cluster) if int(j["JobID"]) > before]
-    assert sorted(j["Comment"] for j in new) == [
-        f"rule_{rule}_wildcards_cpu_small_stevs_0_fold0"
-        for rule in ("evaluate", "predict", "train")
-    ]
-    assert {j["State"] for j in new} == {"COMPLETED"}
+    assert [(j["Comment"], j["State"]) for j in new] == [(GROUP_COMMENT, "COMPLETED")]
+    assert run_of(new[0]) == FOLD0_RUN

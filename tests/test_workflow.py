@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -134,6 +136,65 @@ def test_slurm_jobs_ask_what_they_need(tmp_path):
     } | {(r, "") for r in network} == seen
 
 
+def test_slurm_submits_one_job_per_run(tmp_path):
+    """profiles/slurm groups a run's train, predict and evaluate into one Slurm job asking for
+    the largest memory, CPUs and GPUs of the three and the sum of their minutes (a torch run
+    the GPU of its training, a ridge run none), doubled on the retry. A fake `sbatch` records
+    each call and refuses the job; every other output is in place, so forcing two models
+    submits only their runs' group jobs."""
+    overlay = tmp_path / "gpu.yaml"
+    resources = {"gpu": 1, "threads": 16, "train_mem_mb": 12345, "train_runtime": 45}
+    overlay.write_text(yaml.safe_dump({"resources": resources}))
+    configs = ("--configfile", str(ROOT / ".test" / "config" / "config.yaml"), str(overlay))
+    plan = snakemake("-n", *configs, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    for job in _jobs(plan.stdout):
+        for output in filter(None, job["output"].split(", ")):
+            (tmp_path / output).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / output).touch()
+    calls = tmp_path / "sbatch.log"
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.parent.mkdir()
+    sbatch.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexit 1\n')
+    sbatch.chmod(0o755)
+    runs = {"stevs": "cpu_small/stevs/seed0/fold0", "ridge_color": "none/ridge_color/seed0/fold0"}
+    env = {
+        **os.environ,
+        "PATH": f"{sbatch.parent}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    argv = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
+    argv += [f".test/results/metrics/{run}.tsv" for run in runs.values()]
+    argv += ["--forcerun"] + [
+        f".test/results/models/{run}/model.safetensors" for run in runs.values()
+    ]
+    # the test cluster's overlay: no account, the first status check after 3 s, not 40
+    profiles = (ROOT / "profiles" / "slurm", ROOT / ".test" / "slurm")
+    argv += [arg for profile in profiles for arg in ("--profile", str(profile))]
+    partitions = ROOT / "profiles" / "slurm" / "partitions.yaml"
+    # --keep-going: both runs' retries are submitted, not only the first to fail twice
+    argv += ["--slurm-partition-config", str(partitions), "--keep-going", *configs]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0 and calls.is_file(), result.stdout + result.stderr
+    asked = {}
+    for call in calls.read_text().splitlines():
+        options, _, command = call.partition("--wrap=")
+        assert "--comment rule_run_evaluate_predict_train " in options, call
+        # the group job's own Snakemake runs its run's three jobs: --target-jobs 'rule:...'
+        ran = re.findall(r"'(\w+):encoder=\w+,method=(\w+),", command)
+        (method,) = {m for _, m in ran}
+        assert sorted(rule for rule, _ in ran) == ["evaluate", "predict", "train"], call
+        attempt = int(re.search(r"--attempt (\d+)", command)[1])
+        request = r"-p \w+|-t \d+|--mem \d+|--cpus-per-task=\d+|--gpus=\S+"
+        asked[method, attempt] = " ".join(re.findall(request, options))
+    # train 45 min / 12345 MB; predict (torch) 60 / 8000, (ridge) 30 / 4000; evaluate 20 / 4000
+    assert asked == {
+        ("stevs", 1): "-p gpu -t 125 --mem 12345 --cpus-per-task=16 --gpus=1",
+        ("stevs", 2): "-p gpu -t 250 --mem 24690 --cpus-per-task=16 --gpus=1",
+        ("ridge_color", 1): "-p cpu -t 110 --mem 8000 --cpus-per-task=16",
+        ("ridge_color", 2): "-p cpu -t 220 --mem 16000 --cpus-per-task=16",
+    }
+
+
 def test_default_profile_leaves_the_slurm_profile_alone():
     """profiles/default is merged into every run and wins key by key: it must not set what
     the SLURM profile sets, nor `cores` (which caps every job's threads at this host's cores)."""
@@ -239,10 +300,10 @@ def test_bad_sample_sheet_stops_before_running(tmp_path, rows, drop, folds, mess
 
 def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
     """The jobs of a `snakemake -n` listing: rule, input, output (wildcards, threads and
-    resources where listed)."""
+    resources where listed; a group job's members are indented)."""
     jobs = []
     for block in dry_run_stdout.split("\n\n"):
-        lines = block.strip().splitlines()
+        lines = [line.strip() for line in block.strip().splitlines()]
         head = [line for line in lines if line.startswith(("rule ", "localrule "))]
         if not head:
             continue
