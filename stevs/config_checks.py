@@ -101,7 +101,8 @@ def encoder_runs(config: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]
 
     An encoder's `methods` narrow the configured `methods` ([] = all). The registry says how
     a method runs: seeded methods once per training seed, the others once (seed 0); probes of
-    a frozen encoder on each frozen encoder; methods that need no encoder once, under `none`.
+    a frozen encoder on each frozen encoder (:func:`runs_on`); methods that need no encoder
+    once, under `none`.
     """
     methods = list(config["methods"])
     encoders, runs = {}, []
@@ -110,11 +111,35 @@ def encoder_runs(config: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]
         encoders[name] = entry
         for method in [m for m in methods if m in (entry["methods"] or methods)]:
             kind = REGISTRY[method]
-            if kind.encoder == "any" or (kind.encoder == "frozen" and entry["freeze"]):
+            if runs_on(method, entry):
                 seeds = config["training"]["seeds"] if kind.seeded else [0]
                 runs += [(name, method, seed) for seed in seeds]
     runs += [("none", m, 0) for m in methods if REGISTRY[m].encoder == "none"]
     return encoders, runs
+
+
+def runs_on(method: str, entry: Mapping[str, Any]) -> bool:
+    """Whether a registry method runs on an encoder entry: probes and frozen-feature models
+    only on a frozen encoder, a model that trains the encoder's last stage (embedding view
+    ``tail``: ``stevs_tail``) only on a stage (CNN) backbone, nothing encoder-free."""
+    return _not_run_because(method, entry) is None
+
+
+def _not_run_because(method: str, entry: Mapping[str, Any]) -> str | None:
+    from stevs.models.presets import PRESETS  # plain data, no torch
+
+    kind = REGISTRY[method]
+    if kind.encoder == "none":
+        return "needs no encoder"
+    if kind.encoder == "frozen" and not entry["freeze"]:
+        return f"probes a frozen encoder; set freeze: true or leave {method} out of its methods"
+    pooling = PRESETS[entry["preset"]].backbone.pooling
+    if kind.embedding_view == "tail" and pooling != "stages":
+        return (
+            f"trains the last stage of a CNN encoder, and {entry['preset']} is a"
+            f" transformer (pooling {pooling}); leave {method} out of its methods"
+        )
+    return None
 
 
 def _encoders_problem(config: Mapping[str, Any]) -> str | None:
@@ -132,12 +157,10 @@ def _encoders_problem(config: Mapping[str, Any]) -> str | None:
                 f"config: encoders[{index}]: {name} is listed twice (or is the reserved id 'none')"
             )
         seen[name] = geometry
-        probes = [m for m in entry["methods"] if REGISTRY[m].encoder == "frozen"]
-        if probes and not entry["freeze"]:
-            return (
-                f"config: encoders[{index}]: {probes[0]} probes a frozen encoder; set"
-                f" freeze: true or leave {probes[0]} out of its methods"
-            )
+        for method in entry["methods"]:  # listed by name: each must run on this encoder
+            why = _not_run_because(method, entry)
+            if why and REGISTRY[method].encoder != "none":
+                return f"config: encoders[{index}]: {method} {why}"
     return None
 
 

@@ -219,6 +219,12 @@ DEMO_PREDICT = "predict_slides:\n  sheet: resources/demo/predict.tsv\n"
             [],
             "config: encoders[0]: ridge_embed probes a frozen encoder; set freeze: true",
         ),
+        (
+            "encoders:\n  - preset: uni\n    freeze: true\n    methods: [stevs_tail]\n",
+            [],
+            "config: encoders[0]: stevs_tail trains the last stage of a CNN encoder, and uni is"
+            " a transformer (pooling cls); leave stevs_tail out of its methods",
+        ),
         ("training:\n  seeds: []\n", [], "config: training.seeds: [] should be non-empty"),
         (
             "encoders:\n  - {preset: uni, patch_px: presets}\n",
@@ -499,3 +505,25 @@ def test_sample_sheet_templates_read_as_their_format():
         for column in ("slide_id", "patient", "image", "expression", "format", "spots", "mpp"):
             assert any(x.startswith(f"#   {column} ") for x in comments), (name, column)
         assert all(table["spots"].astype(bool)) == (fmt == "st")
+
+
+def test_stevs_tail_runs_only_on_a_frozen_cnn_encoder():
+    """Listed for every encoder (methods: []), stevs_tail runs on the frozen CNN and is
+    left out for a ViT and for a trainable encoder, as the probes are; listed by name on a
+    ViT it is a one-line error (above)."""
+    from stevs.config_checks import encoder_runs
+
+    config = config_of(DEMO)
+    config["methods"] = ["stevs", "stevs_tail", "ridge_embed"]
+    config["encoders"] = [
+        {"preset": "effnet_lite0_in1k", "freeze": True, "methods": []},
+        {"preset": "uni", "freeze": True, "methods": []},
+        {"preset": "cpu_small", "freeze": False, "methods": []},
+    ]
+    _, runs = encoder_runs(config)
+    tail = sorted({e for e, m, _ in runs if m == "stevs_tail"})
+    assert tail == ["effnet_lite0_in1k-frozen"]
+    assert {e for e, m, _ in runs if m == "stevs"} == {
+        "effnet_lite0_in1k-frozen", "uni-frozen", "cpu_small"
+    }  # fmt: skip
+    assert problem_of(config) is None
