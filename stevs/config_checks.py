@@ -121,7 +121,7 @@ def encoder_runs(config: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]
 def runs_on(method: str, entry: Mapping[str, Any]) -> bool:
     """Whether a registry method runs on an encoder entry: probes and frozen-feature models
     only on a frozen encoder, a model that trains the encoder's last stage (embedding view
-    ``tail``: ``stevs_tail``) only on a stage (CNN) backbone, nothing encoder-free."""
+    ``tail``: ``stevs_tail``) only on a staged backbone (CNN, Swin), nothing encoder-free."""
     return _not_run_because(method, entry) is None
 
 
@@ -136,8 +136,8 @@ def _not_run_because(method: str, entry: Mapping[str, Any]) -> str | None:
     pooling = PRESETS[entry["preset"]].backbone.pooling
     if kind.embedding_view == "tail" and pooling != "stages":
         return (
-            f"trains the last stage of a CNN encoder, and {entry['preset']} is a"
-            f" transformer (pooling {pooling}); leave {method} out of its methods"
+            f"trains the last stage of a staged encoder (CNN, Swin), and {entry['preset']} is"
+            f" a ViT (pooling {pooling}); leave {method} out of its methods"
         )
     return None
 

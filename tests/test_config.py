@@ -222,8 +222,8 @@ DEMO_PREDICT = "predict_slides:\n  sheet: resources/demo/predict.tsv\n"
         (
             "encoders:\n  - preset: uni\n    freeze: true\n    methods: [stevs_tail]\n",
             [],
-            "config: encoders[0]: stevs_tail trains the last stage of a CNN encoder, and uni is"
-            " a transformer (pooling cls); leave stevs_tail out of its methods",
+            "config: encoders[0]: stevs_tail trains the last stage of a staged encoder (CNN,"
+            " Swin), and uni is a ViT (pooling cls); leave stevs_tail out of its methods",
         ),
         ("training:\n  seeds: []\n", [], "config: training.seeds: [] should be non-empty"),
         (
