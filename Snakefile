@@ -1,7 +1,7 @@
 """stevs: spatial gene expression from H&E whole-slide images, proven on held-out sections.
 
-The DAG: (make_demo ->) ingest_slide -> tile_slide -> make_folds -> train -> predict ->
-evaluate -> report, plus write_config ({results}/config.yaml, the merged config the report
+The DAG: (make_demo ->) ingest_slide -> tile_slide -> make_folds (-> embed_slide) -> run_fold
+(train, predict, evaluate: one job per encoder x method x seed x fold) -> report, plus write_config ({results}/config.yaml, the merged config the report
 shows) and predict_slide (H&E-only slides). Every rule but write_config calls a `stevs`
 command; all logic lives in the `stevs` package. workflow/rules/common.smk checks the config
 and the sample sheet before any job runs. The tiny end-to-end test: .test/config/config.yaml.

@@ -195,24 +195,6 @@ def split_data(
     }
 
 
-_PROBES: dict[str, Any] = {}
-
-
-def _cached_fit_ridge(features: np.ndarray, targets: np.ndarray, groups: Any, genes: Any,
-                      **kwargs: Any) -> Any:  # fmt: skip
-    """``fit_ridge`` memoised on its inputs: the linear path's probe is the same for every
-    seed of a fold, so it is fitted once (the fit is deterministic)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for array in (features, targets, np.asarray(groups)):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    key = digest.hexdigest() + json.dumps(kwargs, sort_keys=True)
-    if key not in _PROBES:
-        _PROBES[key] = fit_ridge(features, targets, groups, genes, **kwargs)
-    return _PROBES[key]
-
-
 def score(fold: Fold, data: Mapping[str, Any], prediction: np.ndarray) -> float:
     return headline_pearson(data["y"], prediction, data["slide"], fold.genes, fold.headline_genes)
 
@@ -364,9 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import stevs.models.ridge
-
-    stevs.models.ridge.fit_ridge = _cached_fit_ridge  # type: ignore[assignment]
     cache = Path(args.cache).resolve()
     os.chdir(args.root)
     variants = {**VARIANTS, **json.loads(args.extra)}

@@ -1,10 +1,11 @@
 """Markdown tables of a finished run, as docs/benchmarks.md prints them.
 
 Reads ``{results}/report/folds.tsv`` (one row per encoder x method x seed x fold, written
-by ``stevs report``), ``comparison.tsv`` and the training benchmarks, and prints, per encoder
+by ``stevs report``), ``comparison.tsv`` and the `run_fold` benchmarks, and prints, per encoder
 and method: headline mean Pearson r per fold (mean over seeds, ± sd over seeds when there
 are several), mean ± sd over folds, the sd over seeds of that mean, all-panel r, MSE, the
-optimistic top-50 figure and the training wall time summed over folds and seeds; then the
+optimistic top-50 figure and the run wall time (train, predict, evaluate) summed over folds
+and seeds; then the
 report's paired comparison of STevs with the best baseline on the same encoder. Fold values
 are the report's, averaged over seeds here; the comparison is copied.
 
@@ -36,11 +37,11 @@ ORDER = (
 )
 
 
-def training_seconds(results: Path, run: str) -> float:
-    """Wall seconds of a run's training jobs (Snakemake benchmark files), summed over
-    folds (and seeds: ``run`` is ``{encoder}/{method}`` or a bare method)."""
+def run_seconds(results: Path, run: str) -> float:
+    """Wall seconds of a run's `run_fold` jobs (train, predict, evaluate; Snakemake benchmark
+    files), summed over folds (and seeds: ``run`` is ``{encoder}/{method}`` or a bare method)."""
     total = 0.0
-    for path in sorted((results / "benchmarks" / "train" / run).rglob("*.tsv")):
+    for path in sorted((results / "benchmarks" / "run_fold" / run).rglob("*.tsv")):
         total += float(pd.read_csv(path, sep="\t")["s"].iloc[-1])
     return total
 
@@ -78,7 +79,7 @@ def _row(results: Path, encoder: str, method: str, group: pd.DataFrame, fold_nam
         + f" | {per_fold['pearson_r_mean_all'].mean():.3f}"
         + f" | {per_fold['mse_mean'].mean():.3f}"
         + f" | {per_fold['pearson_r_top50_optimistic'].mean():.3f}"
-        + f" | {training_seconds(results, run):.0f} |"
+        + f" | {run_seconds(results, run):.0f} |"
     )
 
 
@@ -95,7 +96,7 @@ def results_table(results: Path) -> str:
         "| encoder | method | seeds | "
         + " | ".join(fold_names)
         + " | headline r mean ± sd (folds) | seed sd | all-panel r | MSE"
-        + " | top-50 r (optimistic) | train s |"
+        + " | top-50 r (optimistic) | run s |"
     )
     lines = [header, "|" + "---|" * (len(fold_names) + 9)]
     for encoder, method in keys:

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stevs.train", "train STevs or a baseline on one fold"),
     "predict": ("stevs.predict", "predict the test slides of one fold"),
     "evaluate": ("stevs.metrics", "score predictions per gene and slide"),
+    "run": ("stevs.run", "train, predict and evaluate one fold in one process (the workflow's)"),
     "report": ("stevs.report", "build the HTML report"),
     "predict-slide": ("stevs.predict_slide", "predict expression maps for an H&E-only slide"),
     "export": ("stevs.export", "write a slide or prediction as a SpatialData zarr store"),
@@ -75,7 +76,8 @@ def _top_parser() -> argparse.ArgumentParser:
         "report at results/report/index.html):\n\n"
         "  snakemake --cores N --configfile CONFIG.yaml    (make demo: on synthetic slides)\n\n"
         f"  {' -> '.join(STAGES)}\n\n"
-        "(embed only for a frozen encoder). Each command also runs on its own.",
+        "(embed only for a frozen encoder; train, predict and evaluate of one run and fold in "
+        "one process,\n'stevs run'). Each command also runs on its own.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="stages, in the workflow's order:\n"
         + "\n".join(f"  {name:<14} {COMMANDS[name][1]}" for name in STAGES)

@@ -120,13 +120,13 @@ def test_schema_rejects_unknown_keys_at_every_level():
 
 def test_shipped_configs_pass_the_checks(demo_plan: Plan, tmp_path):
     """The demo (its plan) and the tiny .test config (alone) plan without a config error."""
-    assert "rule train:" in demo_plan.stdout
+    assert "rule run_fold:" in demo_plan.stdout
     test_config = ROOT / ".test" / "config" / "config.yaml"
     result = snakemake(
         "-n", "--configfile", str(test_config), "--config", f"results={tmp_path}/r", cwd=ROOT
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "rule train:" in result.stdout and "rule predict_slide:" in result.stdout
+    assert "rule run_fold:" in result.stdout and "rule predict_slide:" in result.stdout
 
 
 def test_her2st_configs_pass_the_checks(her2st_dir, tmp_path):

@@ -73,4 +73,4 @@ def test_the_her2st_fold_step_plans_in_snakemake(tmp_path: Path, her2st_dir: Pat
         [*fold[:at], "-n", *fold[at:]], capture_output=True, text=True, timeout=120, check=False
     )
     assert planned.returncode == 0, planned.stderr[-2000:]
-    assert "rule train:" in planned.stdout and "swin_t/stevs/seed0/fold0" in planned.stdout
+    assert "rule run_fold:" in planned.stdout and "swin_t/stevs/seed0/fold0" in planned.stdout

@@ -2,13 +2,13 @@
 
 A single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd; .ci/slurm_cluster.sh)
 runs on this machine; the tiny `.test/` workflow goes through `--profile profiles/slurm`
-with the overlay `.test/slurm` and the cluster's own partitions. profiles/slurm groups each
-run's train, predict and evaluate into one Slurm job (`groups:`), so `sacct` must list one
-completed job per planned job of the other rules and one per run, each run's group job
-having run exactly that run's three jobs (its sbatch line's `--target-jobs`). While it
-runs, the group job of one STevs training is cancelled (`scancel`); Snakemake must resubmit
-it with twice the memory and minutes (profiles/slurm: retries) and finish. Forcing one
-fold's model to retrain must submit that run's group job and nothing else.
+with the overlay `.test/slurm` and the cluster's own partitions. A method's train, predict
+and evaluate on a fold are one job (`run_fold`, `stevs run`; every seed of a seeded method
+in it), so `sacct` must list one completed Slurm job per planned job, each run_fold job
+having run its own method and fold (its sbatch line's `--target-jobs`). While it runs,
+the job of one STevs run is cancelled (`scancel`) once its training has started; Snakemake
+must resubmit it with twice the memory and minutes (profiles/slurm: retries) and finish.
+Forcing one fold's model to retrain must submit that run's job and nothing else.
 
 Minutes, not seconds, and it needs root to install Slurm (apt-get), so it is not part of
 the default suite: ``make test-slurm`` runs it.
@@ -36,16 +36,16 @@ RULES = (
     "ingest_slide",
     "tile_slide",
     "make_folds",
-    "train",
-    "predict",
-    "evaluate",
+    "run_fold",
+    "run_fold_unseeded",
     "report",
     "predict_slide",
 )
-#: rules profiles/slurm groups into one Slurm job per run (its group `run`)
-RUN_RULES = ("evaluate", "predict", "train")
-GROUP_COMMENT = "rule_run_" + "_".join(RUN_RULES)
-FOLD0_RUN = "encoder=cpu_small,method=stevs,seed=0,fold=fold0"
+#: the rules of a method's runs on a fold (every seed of a seeded method in one job) and the
+#: start of their jobs' comments (the plugin's rule_NAME_wildcards_{values joined by _})
+RUN_RULES = ("run_fold", "run_fold_unseeded")
+RUN_COMMENT = "rule_run_fold"
+FOLD0_RUN = "encoder=cpu_small,method=stevs,fold=fold0"
 FOLD0_MODEL = ".test/results/models/cpu_small/stevs/seed0/fold0/model.safetensors"
 FOLD0_METRICS = ".test/results/metrics/cpu_small/stevs/seed0/fold0.tsv"
 
@@ -105,9 +105,9 @@ def sacct(env: dict[str, str]) -> list[dict[str, str]]:
 
 
 def targets(command: str | dict[str, str]) -> frozenset[tuple[str, str]]:
-    """(rule, wildcards) of the jobs a group job ran: the `--target-jobs` of its command (a
-    sacct row's SubmitLine, the sbatch line; the comment names only the rules), as in
-    `--target-jobs 'train:encoder=...,fold=fold0' 'predict:...'`."""
+    """(rule, wildcards) of the jobs a Slurm job ran: the `--target-jobs` of its command (a
+    sacct row's SubmitLine, the sbatch line), as in
+    `--target-jobs 'run_fold:encoder=cpu_small,method=stevs,fold=fold0'`."""
     if isinstance(command, dict):
         command = command["SubmitLine"]
     found = re.findall(r"\b(\w+):((?:\w+=[\w.-]+,?)+)", command)
@@ -115,13 +115,11 @@ def targets(command: str | dict[str, str]) -> frozenset[tuple[str, str]]:
 
 
 def run_of(command: str | dict[str, str]) -> str:
-    """The wildcards of the run a group job ran, asserting it ran that run's train, predict
-    and evaluate and nothing else."""
+    """The wildcards of the run a run_fold job ran, asserting it ran that one job only."""
     ran = targets(command)
-    runs = {wildcards for _, wildcards in ran}
-    assert len(runs) == 1, command
-    (run,) = runs
-    assert ran == {(rule, run) for rule in RUN_RULES}, command
+    assert len(ran) == 1, command
+    ((rule, run),) = ran
+    assert rule in RUN_RULES, command
     return run
 
 
@@ -133,8 +131,8 @@ def rule_of(comment: str) -> str:
 
 
 def cancel_a_training_job(workdir: Path, env: dict[str, str], process: subprocess.Popen) -> str:
-    """scancel the first group job of a STevs run seen running, once `stevs train` has
-    started in it (its log has lines); its Slurm job id."""
+    """scancel the first job of a STevs run seen running, once its training has started (the
+    model folder's train.log has lines); its Slurm job id."""
     deadline = time.monotonic() + 1200
     checked = set()
     while time.monotonic() < deadline and process.poll() is None:
@@ -142,7 +140,7 @@ def cancel_a_training_job(workdir: Path, env: dict[str, str], process: subproces
         out = subprocess.run(argv, capture_output=True, text=True, env=env).stdout
         for line in out.splitlines():
             job_id, comment = line.split("|", 1)
-            if comment != GROUP_COMMENT or job_id in checked:
+            if not comment.startswith(RUN_COMMENT) or job_id in checked:
                 continue
             # the job's batch script (sbatch --wrap's command): sacct may not list it yet;
             # none once the job has ended
@@ -152,9 +150,9 @@ def cancel_a_training_job(workdir: Path, env: dict[str, str], process: subproces
             if not script:
                 continue
             run = run_of(script)
-            if run.startswith("encoder=cpu_small,method=stevs,seed=0,"):
+            if run.startswith("encoder=cpu_small,method=stevs,"):
                 fold = run.rsplit("=", 1)[-1]
-                log = workdir / f".test/results/logs/train/cpu_small/stevs/seed0/{fold}.log"
+                log = workdir / f".test/results/models/cpu_small/stevs/seed0/{fold}/train.log"
                 while process.poll() is None and not (log.exists() and log.stat().st_size):
                     time.sleep(0.2)
                 subprocess.run(["scancel", job_id], check=True, env=env)
@@ -213,31 +211,23 @@ def test_every_job_ran_on_slurm_and_a_cancelled_one_was_retried(finished_run, cl
     jobs = sacct(cluster)
     completed = [j for j in jobs if j["State"] == "COMPLETED"]
     planned = planned_jobs(workdir, cluster)
-    runs = planned["train"]
-    assert runs > 0 and planned["predict"] == planned["evaluate"] == runs
-    # one Slurm job per planned job outside the runs, one per run: fewer than one per job
-    groups = [j for j in completed if j["Comment"] == GROUP_COMMENT]
-    single = Counter(rule_of(j["Comment"]) for j in completed if j not in groups)
-    assert single == Counter({r: n for r, n in planned.items() if r not in RUN_RULES})
-    assert len(completed) == sum(single.values()) + runs < sum(planned.values())
-    # every planned train, predict and evaluate ran, each run's three in one group job
-    assert len({run_of(j) for j in groups}) == len(groups) == runs
-    assert Counter(rule for j in groups for rule, _ in targets(j)) == Counter(
-        {r: planned[r] for r in RUN_RULES}
-    )
+    # one completed Slurm job per planned job, a run's train, predict and evaluate one job
+    assert Counter(rule_of(j["Comment"]) for j in completed) == planned
+    runs = [j for j in completed if j["Comment"].startswith(RUN_COMMENT)]
+    assert len({run_of(j) for j in runs}) == len(runs) == sum(planned[r] for r in RUN_RULES) > 0
     assert {j["Partition"] for j in jobs} == {"local"}
-    # the cancelled STevs run was resubmitted (attempt 2: twice the memory and minutes of
-    # its group: the largest memory of its jobs, their minutes summed) and finished
+    # the cancelled STevs run was resubmitted (attempt 2: twice the memory and minutes: the
+    # largest memory of its three stages, their minutes summed) and finished
     first = next(j for j in jobs if j["JobID"] == cancelled)
-    assert first["State"].startswith("CANCELLED") and first["Comment"] == GROUP_COMMENT
-    retried = [j for j in groups if targets(j) == targets(first)]
+    assert first["State"].startswith("CANCELLED") and first["Comment"].startswith(RUN_COMMENT)
+    retried = [j for j in runs if targets(j) == targets(first)]
     assert len(retried) == 1 and int(retried[0]["JobID"]) > int(cancelled)
     # train 4000 MB (.test config) / 30 min, predict (torch) 8000 MB / 60, evaluate 4000 / 20
     assert (first["ReqMem"], retried[0]["ReqMem"]) == ("8000M", "16000M")
     assert (first["Timelimit"], retried[0]["Timelimit"]) == ("01:50:00", "03:40:00")
     # what the rules ask for reaches Slurm: a ridge floor's run the 8000 MB of its training,
     # 1 CPU, 60 + 30 + 20 minutes
-    ridge = [j for j in groups if "method=ridge_color" in run_of(j)]
+    ridge = [j for j in runs if "method=ridge_color" in run_of(j)]
     assert [(j["ReqMem"], j["AllocCPUS"], j["Timelimit"]) for j in ridge] == [
         ("8000M", "1", "01:50:00")
     ] * 2
@@ -252,5 +242,5 @@ def test_rerunning_one_fold_submits_only_its_jobs(finished_run, cluster):
     finally:
         stop(process)
     new = [j for j in sacct(cluster) if int(j["JobID"]) > before]
-    assert [(j["Comment"], j["State"]) for j in new] == [(GROUP_COMMENT, "COMPLETED")]
+    assert [j["State"] for j in new] == ["COMPLETED"]
     assert run_of(new[0]) == FOLD0_RUN

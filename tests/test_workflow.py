@@ -19,6 +19,9 @@ from stevs.metrics import PER_GENE_COLUMNS
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEMO = ROOT / "config" / "demo.yaml"
+#: the rules of a method's runs on a fold (train, predict, evaluate; seeded methods every
+#: seed in one job, the others seed 0)
+RUN_RULES = ("run_fold", "run_fold_unseeded")
 
 
 def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -60,9 +63,8 @@ def test_dry_run_plans_the_whole_dag(demo_plan: Plan):
         "tile_slide",
         "make_folds",
         "embed_slide",
-        "train",
-        "predict",
-        "evaluate",
+        "run_fold",
+        "run_fold_unseeded",
         "report",
     ):
         assert f"rule {rule}:" in demo_plan.stdout, rule
@@ -71,7 +73,7 @@ def test_dry_run_plans_the_whole_dag(demo_plan: Plan):
 def test_slurm_profile_dry_run(tmp_path):
     result = snakemake("-n", "--profile", str(ROOT / "profiles" / "slurm"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "train" in result.stdout
+    assert "run_fold" in result.stdout
 
 
 def _resources(job: dict[str, str]) -> dict[str, str]:
@@ -119,29 +121,29 @@ def test_slurm_jobs_ask_what_they_need(tmp_path):
     for job in jobs:
         resources, rule = _resources(job), job["rule"]
         method = job.get("wildcards", "").partition("method=")[2].split(",")[0]
-        if rule in ("train", "predict"):
+        if rule in RUN_RULES:
             assert resources["gpu"] == ("1" if method == "stevs" else "0"), job
             assert job["threads"] == "16", job
-            seen.add((rule, method))
+            seen.add(("run_fold", method))
         elif rule in network:
             assert resources["gpu"] == "1", job
             seen.add((rule, ""))
         else:
             assert resources.get("gpu", "0") == "0", job
-        if rule == "train":
+        if rule in RUN_RULES:  # the largest of train's, predict's and evaluate's memory
             assert resources["mem_mb"] == ("12345" if method == "stevs" else "8000"), job
         assert "slurm_partition" not in resources and "cpus_per_task" not in resources, job
-    assert {
-        (r, m) for r in ("train", "predict") for m in ("stevs", "ridge_color", "ridge_embed")
-    } | {(r, "") for r in network} == seen
+    assert {("run_fold", m) for m in ("stevs", "ridge_color", "ridge_embed")} | {
+        (r, "") for r in network
+    } == seen
 
 
 def test_slurm_submits_one_job_per_run(tmp_path):
-    """profiles/slurm groups a run's train, predict and evaluate into one Slurm job asking for
-    the largest memory, CPUs and GPUs of the three and the sum of their minutes (a torch run
-    the GPU of its training, a ridge run none), doubled on the retry. A fake `sbatch` records
-    each call and refuses the job; every other output is in place, so forcing two models
-    submits only their runs' group jobs."""
+    """One Slurm job per run and fold (`run_fold`: train, predict and evaluate in one
+    process), asking for the largest memory of the three stages and the sum of their minutes
+    (a torch run a GPU, a ridge run none), doubled on the retry. A fake `sbatch` records each
+    call and refuses the job; every other output is in place, so forcing two models submits
+    only their runs' jobs."""
     overlay = tmp_path / "gpu.yaml"
     resources = {"gpu": 1, "threads": 16, "train_mem_mb": 12345, "train_runtime": 45}
     overlay.write_text(yaml.safe_dump({"resources": resources}))
@@ -157,6 +159,11 @@ def test_slurm_submits_one_job_per_run(tmp_path):
     sbatch.parent.mkdir()
     sbatch.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexit 1\n')
     sbatch.chmod(0o755)
+    # no account in the profile: the plugin guesses one with sacct (here: none found), which
+    # a machine without Slurm lacks
+    sacct = sbatch.parent / "sacct"
+    sacct.write_text("#!/bin/sh\nexit 0\n")
+    sacct.chmod(0o755)
     runs = {"stevs": "cpu_small/stevs/seed0/fold0", "ridge_color": "none/ridge_color/seed0/fold0"}
     env = {
         **os.environ,
@@ -178,11 +185,10 @@ def test_slurm_submits_one_job_per_run(tmp_path):
     asked = {}
     for call in calls.read_text().splitlines():
         options, _, command = call.partition("--wrap=")
-        assert "--comment rule_run_evaluate_predict_train " in options, call
-        # the group job's own Snakemake runs its run's three jobs: --target-jobs 'rule:...'
+        # the job's own Snakemake runs the one run_fold job: --target-jobs 'rule:...'
         ran = re.findall(r"'(\w+):encoder=\w+,method=(\w+),", command)
-        (method,) = {m for _, m in ran}
-        assert sorted(rule for rule, _ in ran) == ["evaluate", "predict", "train"], call
+        ((rule, method),) = ran
+        assert rule in RUN_RULES and f"--comment rule_{rule}_wildcards_" in options, call
         attempt = int(re.search(r"--attempt (\d+)", command)[1])
         request = r"-p \w+|-t \d+|--mem \d+|--cpus-per-task=\d+|--gpus=\S+"
         asked[method, attempt] = " ".join(re.findall(request, options))
@@ -216,7 +222,7 @@ def test_partitions_send_network_jobs_to_the_gpu_partition():
 
     def best(gpu: int) -> str:
         resources = {"gpu": gpu, "mem_mb": 8000, "runtime": 60}
-        job = SimpleNamespace(name="train", threads=4, resources=resources)
+        job = SimpleNamespace(name="run_fold", threads=4, resources=resources)
         return get_best_partition(partitions, job, logger)
 
     assert (best(1), best(0)) == ("gpu", "cpu")
@@ -317,43 +323,38 @@ def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
 
 
 def test_fold_jobs_read_only_the_folds_slides(demo_plan: Plan):
-    """train reads the fold's train + val slides (a torch run also the test slides' images,
-    for the latent analysis); predict and evaluate its test slides."""
+    """A run_fold job reads its fold's slides (train and val to train on, test to predict and
+    score), their patch caches, and for a frozen encoder their embedding caches: no others."""
     from stevs.fold_plan import plan_folds
 
     ids = [f"demo_{i}" for i in range(1, 7)]
     plans = {
         p.name: p for p in plan_folds("leave_one_patient_out", ids, ["P1", "P2"] * 3, k=3, seed=0)
     }
-    jobs = _jobs(demo_plan.stdout)
-    checked = {"train": 0, "predict": 0, "evaluate": 0}
-    for job in jobs:
-        if job["rule"] not in checked:
-            continue
+    checked = 0
+    for job in (j for j in _jobs(demo_plan.stdout) if j["rule"] in RUN_RULES):
         fold = next(f for f in plans if f"/{f}" in job["output"])
-        plan = plans[fold]
-        wanted = set(plan.train + plan.val) if job["rule"] == "train" else set(plan.test)
-        if job["rule"] == "train" and any(f"/{m}/" in job["output"] for m in ("stevs", "stnet")):
-            wanted |= set(plan.test)
+        wanted = {*plans[fold].train, *plans[fold].val, *plans[fold].test}
         inputs = job["input"].split(", ")
         adatas = {Path(i).stem for i in inputs if i.startswith("results/slides/")}
         patches = {Path(i).stem for i in inputs if i.startswith("results/patches/")}
         embeddings = {Path(i).stem for i in inputs if i.startswith("results/embeddings/")}
-        frozen = "effnet_lite0_in1k-frozen/" in job["output"] and job["rule"] != "evaluate"
-        assert adatas == wanted, job
-        assert patches == (set() if job["rule"] == "evaluate" else wanted), job
+        frozen = "effnet_lite0_in1k-frozen/" in job["output"]
+        assert adatas == patches == wanted, job
         assert embeddings == (wanted if frozen else set()), job
         assert f"results/folds/{fold}.json" in inputs
-        checked[job["rule"]] += 1
+        outputs = job["output"].split(", ")
+        assert sum(o.endswith(("model.safetensors", "predictions.tsv")) for o in outputs) == 2
+        checked += 1
     # 2 folds x (stevs, stnet on cpu_small + stevs, stnet, ridge_embed, ridge_context,
     # ridge_rrr on the frozen EfficientNet + ridge_color), one seed
-    assert checked == {"train": 16, "predict": 16, "evaluate": 16}, checked
+    assert checked == 16
 
 
 def test_threads_per_job_come_from_the_config(demo_plan: Plan):
     """config/demo.yaml: 1 thread per job (an overlay's 3: the seeds test below)."""
     lines = demo_plan.stdout.splitlines()
-    commands = [line for line in lines if "stevs train" in line or "stevs predict " in line]
+    commands = [line for line in lines if "stevs run " in line]
     assert commands and all("--threads 1" in line for line in commands)
 
 
@@ -411,16 +412,15 @@ def test_readme_forcerun_example_retrains_one_fold(tmp_path):
     result = snakemake("-n", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = _jobs(result.stdout)
-    fold_jobs = [j for j in jobs if j["rule"] in ("train", "predict", "evaluate", "report")]
-    assert sorted(j["rule"] for j in fold_jobs) == ["evaluate", "predict", "train"], fold_jobs
+    fold_jobs = [j for j in jobs if j["rule"] in (*RUN_RULES, "report")]
+    assert [j["rule"] for j in fold_jobs] == ["run_fold"], fold_jobs
     # that fold alone: no other fold, method or encoder (and no embeddings: cpu_small trains
     # on patches)
     assert all("cpu_small/stevs/seed0/fold0" in j["output"] for j in fold_jobs), fold_jobs
     assert "results/models/cpu_small/stevs/seed0/fold0/model.safetensors" in " ".join(command)
     # (from an empty folder, also the stages before it; never another fold or the report)
     assert {j["rule"] for j in jobs} <= {
-        "make_demo", "write_config", "ingest_slide", "tile_slide", "make_folds",
-        "train", "predict", "evaluate",
+        "make_demo", "write_config", "ingest_slide", "tile_slide", "make_folds", "run_fold",
     }  # fmt: skip
 
 
@@ -440,22 +440,25 @@ def test_seeds_encoders_embeddings_and_refit_in_the_plan(tmp_path):
     embed = sorted(j["output"] for j in jobs if j["rule"] == "embed_slide")
     assert embed == [f"results/embeddings/effnet_lite0_in1k/dihedral8/demo_{i}.h5"
                      for i in range(1, 7)]  # fmt: skip
-    trained = [j["output"] for j in jobs if j["rule"] == "train"]
+    runs = [j for j in jobs if j["rule"] in RUN_RULES]
+    assert len(runs) == 2 * (2 + 2 + 4)  # folds x (torch runs, every seed in one job + ridges)
+    trained = [o for j in runs for o in j["output"].split(", ") if o.endswith(".safetensors")]
     assert len(trained) == 2 * (3 * (2 + 2) + 4)  # folds x (seeds x torch runs + ridges)
     assert {o.split("/")[4] for o in trained if "/stevs/" in o} == {"seed0", "seed1", "seed2"}
     assert not [o for o in trained if "ridge" in o and "/seed0/" not in o]
     lines = result.stdout.splitlines()
-    frozen = next(x for x in lines if "stevs train" in x and "effnet_lite0_in1k-frozen/stevs/" in x)
+    frozen = next(x for x in lines if "stevs run " in x and "effnet_lite0_in1k-frozen/stevs/" in x)
     assert "--preset effnet_lite0_in1k --freeze-backbone --refit" in frozen
     assert "--embeddings results/embeddings/effnet_lite0_in1k/dihedral8" in frozen
-    assert "--embedding-view dihedral8" in frozen and "--seed " in frozen
-    scratch = next(x for x in lines if "stevs train" in x and "cpu_small/stevs/seed1/" in x)
-    assert "--seed 1" in scratch and "--refit" in scratch and "--embeddings" not in scratch
-    ridge = next(x for x in lines if "stevs train" in x and "ridge_embed" in x)
+    assert "--embedding-view dihedral8" in frozen and "--seeds 0 1 2 " in frozen
+    scratch = next(x for x in lines if "stevs run " in x and "cpu_small/stevs/seed{seed}/" in x)
+    assert "--seeds 0 1 2 " in scratch and "--refit" in scratch and "--embeddings" not in scratch
+    ridge = next(x for x in lines if "stevs run " in x and "ridge_embed" in x)
     assert "--backbone effnet_lite0_in1k" in ridge and "--refit" not in ridge
-    predict = next(x for x in lines if "stevs predict " in x and "-frozen/stnet/" in x)
+    assert "--seeds 0 " in ridge  # no seed of its own: one run
+    predict = next(x for x in lines if "stevs run " in x and "-frozen/stnet/" in x)
     assert "--embeddings results/embeddings/effnet_lite0_in1k/dihedral8" in predict
-    commands = [x for x in lines if "stevs train" in x or "stevs predict " in x]
+    commands = [x for x in lines if "stevs run " in x]
     assert all("--threads 3" in x for x in commands)  # resources.threads
 
 
@@ -473,13 +476,13 @@ def test_stevs_tail_reads_the_tail_view_per_seed_and_the_probes_the_config_view(
     jobs = _jobs(result.stdout)
     embed = {j["output"].split("/")[3] for j in jobs if j["rule"] == "embed_slide"}
     assert embed == {"none", "tail"}
-    trained = [j["output"] for j in jobs if j["rule"] == "train" and "/stevs_tail/" in j["output"]]
+    runs = [o for j in jobs if j["rule"] in RUN_RULES for o in j["output"].split(", ")]
+    trained = [o for o in runs if "/stevs_tail/" in o and o.endswith(".safetensors")]
     assert {o.split("/")[4] for o in trained} == {"seed0", "seed1"}
     lines = result.stdout.splitlines()
-    for command in ("stevs train", "stevs predict "):
-        tail = next(x for x in lines if command in x and "/stevs_tail/" in x)
-        assert "--embeddings results/embeddings/effnet_lite0_in1k/tail" in tail
-    ridge = next(x for x in lines if "stevs train" in x and "ridge_embed" in x)
+    tail = next(x for x in lines if "stevs run " in x and "/stevs_tail/" in x)
+    assert "--embeddings results/embeddings/effnet_lite0_in1k/tail" in tail
+    ridge = next(x for x in lines if "stevs run " in x and "ridge_embed" in x)
     assert "--embeddings results/embeddings/effnet_lite0_in1k/none" in ridge
 
 
@@ -521,17 +524,16 @@ def test_each_encoder_reads_its_own_patch_geometry_tiled_once(tmp_path):
     assert {j["output"].rsplit("/", 1)[0] for j in embed} == {
         "results/embeddings/effnet_lite0_in1k/224px_112um/none"
     }
-    for job in (j for j in jobs if j["rule"] in ("train", "predict")):
+    for job in (j for j in jobs if j["rule"] in RUN_RULES):
         encoder = job["output"].split("/")[2]
         folder = "results/patches" + ("" if encoder in ("cpu_small", "none") else "/224px_112um")
         patches = {i.rsplit("/", 1)[0] for i in job["input"].split(", ") if "/patches/" in i}
         assert patches == {folder}, job
-    for command in ("stevs train", "stevs predict "):
-        runs = [x for x in lines if command in x]
-        assert all(("--patches-dir results/patches/224px_112um" in x)
-                   == ("swin_t/" in x or "-frozen/" in x) for x in runs)  # fmt: skip
-        frozen = next(x for x in runs if "effnet_lite0_in1k-frozen/stevs/" in x)
-        assert "--embeddings results/embeddings/effnet_lite0_in1k/224px_112um/none" in frozen
+    runs = [x for x in lines if "stevs run " in x]
+    assert all(("--patches-dir results/patches/224px_112um" in x)
+               == ("swin_t/" in x or "-frozen/" in x) for x in runs)  # fmt: skip
+    frozen = next(x for x in runs if "effnet_lite0_in1k-frozen/stevs/" in x)
+    assert "--embeddings results/embeddings/effnet_lite0_in1k/224px_112um/none" in frozen
     # the H&E-only maps: the first stevs run's encoder (cpu_small), the tiling geometry
     predict_slide = next(x for x in lines if "stevs predict-slide" in x)
     assert "--patch-px" not in predict_slide
@@ -560,7 +562,7 @@ def test_the_default_geometry_keeps_its_paths(demo_plan: Plan):
     assert "tile_slide_geometry" not in rules and "embed_slide_geometry" not in rules
     tiles = sorted(j["output"].split(", ")[0] for j in jobs if j["rule"] == "tile_slide")
     assert tiles == [f"results/patches/demo_{i}.h5" for i in range(1, 7)]
-    runs = [x for x in demo_plan.stdout.splitlines() if "stevs train" in x or "stevs pred" in x]
+    runs = [x for x in demo_plan.stdout.splitlines() if "stevs run " in x]
     assert runs and not [x for x in runs if "--patches-dir" in x or "--patch-px" in x]
     assert "px_" not in demo_plan.stdout
 
@@ -590,10 +592,10 @@ def test_own_sheet_ingest_fixed_splits_and_the_export_target_dry_run(tmp_path):
     folds = [j for j in jobs if j["rule"] == "make_folds"]
     assert len(folds) == 1 and "--scheme fixed" in result.stdout
     assert f"--splits {sheet}" in result.stdout and str(sheet) in folds[0]["input"]
-    trains = {Path(j["output"]).parts[-4] for j in jobs if j["rule"] == "train"}
+    trains = {Path(j["output"].split(", ")[0]).parts[-4] for j in jobs if j["rule"] in RUN_RULES}
     assert trains == {"stevs", "stnet", "ridge_embed", "ridge_context", "ridge_rrr", "ridge_color"}
     exports = sorted(j["output"] for j in jobs if j["rule"].startswith("export_") and j["output"])
-    n_runs = sum(j["rule"] == "train" for j in jobs)  # (encoder, method, seed) runs of fold0
+    n_runs = sum(j["rule"] in RUN_RULES for j in jobs)  # (encoder, method, seed) runs of fold0
     assert len(exports) == n_runs + 3  # every run's prediction of test slide c, every slide
     assert "results/export/cpu_small/stevs/seed0/fold0/c.zarr" in exports
     assert "results/export/slides/a.zarr" in exports

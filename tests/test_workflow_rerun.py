@@ -98,7 +98,7 @@ def test_config_changes_retrain_like_a_fresh_run(demo, tmp_path):
 
     # folds.panel: make_folds reruns (params), so does train (its fold file changed)
     panel, log = run(tmp_path / "run", demo, "highly_expressed", 0)
-    assert "make_folds" in log and "train" in log
+    assert "make_folds" in log and "run_fold" in log
     for method in METHODS:
         assert panel[method] != first[method], method
         assert sorted(tensors(panel[method])) == sorted(tensors(first[method]))  # same model
@@ -108,7 +108,7 @@ def test_config_changes_retrain_like_a_fresh_run(demo, tmp_path):
     # training.seeds: only train runs (a seed1 model folder); STevs' weights change, the
     # ridge floor has no seed
     seeded, log = run(tmp_path / "run", demo, "highly_expressed", 1)
-    assert "train" in log and "make_folds" not in log
+    assert "run_fold" in log and "make_folds" not in log
     assert seeded["stevs"] != panel["stevs"]
     new_seed = fresh(tmp_path / "fresh_seed", tmp_path / "run", demo, "highly_expressed", 1)
     assert_same(seeded, new_seed)

@@ -549,12 +549,11 @@ def fit_linear_path(
     if model.config.linear_path == "learned":
         model.set_feature_normalisation(x.mean(0), x.std(0))
         return {"linear_path": "learned"}, None
-    from stevs.models.ridge import fit_ridge, linear_map, out_of_fold_predictions, reduce_rank
+    from stevs.models.ridge import fit_probe, linear_map, out_of_fold_predictions
 
     y = model.standardise(target.detach().float().to(model.target_mean.device)).cpu().numpy()
-    probe = fit_ridge(x, y, groups, genes)
-    if model.config.linear_rank == "cv":
-        probe = reduce_rank(probe, x, y, groups, headline_genes=headline_genes)
+    reduced = model.config.linear_rank == "cv"
+    probe = fit_probe(x, y, groups, genes, reduced=reduced, headline_genes=headline_genes)
     model.set_feature_normalisation(probe.feature_mean, probe.feature_scale)
     weight, bias = linear_map(probe)  # (F, G) on standardised features
     model.linear.weight.copy_(torch.as_tensor(weight.T, dtype=torch.float32))

@@ -96,7 +96,6 @@ DEMO_SHEET = str(Path(config["demo"]["out"]) / "samples.tsv")
 SCHEME = config["folds"]["scheme"]
 RESULTS = config["results"].rstrip("/")
 METHODS = list(config["methods"])
-TORCH_METHODS = [m for m in METHODS if m in names("torch")]
 RIDGE_METHODS = [m for m in METHODS if m in names("ridge")]
 
 
@@ -211,6 +210,42 @@ wildcard_constraints:
 
 #: run path components: {encoder}/{method}/seed{seed}
 RUN = "{encoder}/{method}/seed{seed}"
+SEEDS = list(config["training"]["seeds"])
+
+
+def run_seeds(method):
+    """The training seeds of a method's runs: the config's for a seeded method, else 0."""
+    return SEEDS if REGISTRY[method].seeded else [0]
+
+
+def methods_pattern(seeded):
+    """Wildcard pattern of the configured methods that are (or are not) seeded."""
+    names = [m for m in METHODS if REGISTRY[m].seeded == seeded]
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def run_folder(wildcards):
+    """{encoder}/{method}/seed{seed} of a run_fold job, '{seed}' left for `stevs run`."""
+    return f"{wildcards.encoder}/{wildcards.method}/seed{{seed}}"
+
+
+def run_outputs(seeds):
+    """Outputs of a run_fold job: per seed, the model, the prediction list and the three
+    evaluation tables (the per-gene table written last)."""
+    patterns = {
+        "models": "{results}/models/{run}/{{fold}}/model.safetensors",
+        "predictions": "{results}/predictions/{run}/{{fold}}/predictions.tsv",
+        "summaries": "{results}/metrics/{run}/{{fold}}.summary.tsv",
+        "pooled": "{results}/metrics/{run}/{{fold}}.pooled.tsv",
+        "tables": "{results}/metrics/{run}/{{fold}}.tsv",
+    }
+    return {
+        name: [
+            pattern.format(results=RESULTS, run=f"{{encoder}}/{{method}}/seed{seed}")
+            for seed in seeds
+        ]
+        for name, pattern in patterns.items()
+    }
 
 
 def run_paths(pattern, runs=None):
@@ -324,14 +359,6 @@ def fold_inputs(split, patches=True):
     return inputs
 
 
-def train_inputs(wildcards):
-    """Input function of `train`: the slides the fold trains and validates on; a torch run
-    also the test slides' images (and embedding caches), which the latent analysis at the end
-    of `stevs train` reads (image and coordinates only: latent.json)."""
-    split = "all" if wildcards.method in TORCH_METHODS else "fit"
-    return fold_inputs(split)(wildcards)
-
-
 def embedding_args(wildcards):
     """`--embeddings DIR --embedding-view V` of a run that reads the embedding cache."""
     if not uses_embeddings(wildcards):
@@ -340,28 +367,17 @@ def embedding_args(wildcards):
     return f"--embeddings {folder} --embedding-view {run_view(wildcards.method)}"
 
 
-def predict_args(wildcards):
-    """`--embeddings DIR` of a run that reads the embedding cache, `--patches-dir DIR` of one
-    whose encoder reads another geometry than the tiling's (`stevs predict`)."""
-    args = [patches_args(wildcards)]
-    if uses_embeddings(wildcards):
-        args.insert(
-            0, f"--embeddings {embedding_dir(wildcards.encoder, wildcards.method)}"
-        )
-    return " ".join(a for a in args if a)
-
-
 def training_args(wildcards):
-    """Command-line options of `stevs train` for one run, from the config.
+    """Command-line options of `stevs train` for a method's runs (not the seed), from the
+    config.
 
     Torch methods get every training option, the encoder's preset and its freeze flag;
-    ridge methods only those they use (seed, device, and for a probe of a frozen encoder
+    ridge methods only those they use (device, and for a probe of a frozen encoder
     the encoder), so a new `training.epochs` does not refit the ridge baselines.
     """
     training = config["training"]
     method = wildcards.method
     args = [
-        f"--seed {wildcards.seed}",
         f"--device {shlex.quote(training['device'])}",
         embedding_args(wildcards),
         patches_args(wildcards),
@@ -445,7 +461,15 @@ JOB_SIZES = {
 
 
 def job_size(name, wildcards):
-    """(minutes, MB) of one job of rule `name`; train and predict by the method's kind."""
+    """(minutes, MB) of one job of rule `name`; train and predict by the method's kind;
+    `run_fold` (train, predict, evaluate one after the other, for each seed) their minutes'
+    sum times the seeds and the largest memory of the three."""
+    if name == "run_fold":  # per seed, one after the other
+        sizes = [
+            job_size(stage, wildcards) for stage in ("train", "predict", "evaluate")
+        ]
+        seeds = len(run_seeds(wildcards.method))
+        return seeds * sum(minutes for minutes, _ in sizes), max(mb for _, mb in sizes)
     if name not in ("train", "predict"):
         return JOB_SIZES[name]
     kind = REGISTRY[wildcards.method].kind
@@ -465,6 +489,6 @@ def job_mem_mb(name):
 
 
 def gpus(wildcards):
-    """The `gpu` resource of a train or predict job: the configured count where the method
+    """The `gpu` resource of a run_fold job: the configured count where the method
     runs a network (the registry's `needs_gpu`), 0 for the ridge probes."""
     return config["resources"]["gpu"] if REGISTRY[wildcards.method].needs_gpu else 0

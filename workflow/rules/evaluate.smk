@@ -14,35 +14,6 @@ rule write_config:
         "printf '%s' {params.text:q} > {output} 2> {log}"
 
 
-rule evaluate:
-    input:
-        # the fold file and its test slides' observed expression
-        unpack(fold_inputs("test", patches=False)),
-        predictions=f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
-    output:
-        # the per-gene table (written last), its fold summary and pooled table beside it
-        table=f"{RESULTS}/metrics/{RUN}/{{fold}}.tsv",
-        summary=f"{RESULTS}/metrics/{RUN}/{{fold}}.summary.tsv",
-        pooled=f"{RESULTS}/metrics/{RUN}/{{fold}}.pooled.tsv",
-    log:
-        f"{RESULTS}/logs/evaluate/{RUN}/{{fold}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{RUN}/{{fold}}.tsv"
-    conda:
-        "../../envs/stevs.yaml"
-    threads: 1
-    resources:
-        mem_mb=job_mem_mb("evaluate"),
-        runtime=job_runtime("evaluate"),
-    params:
-        protocol=config["evaluation"]["protocol"],
-        predictions=lambda wildcards, input: str(Path(input.predictions).parent),
-    shell:
-        "stevs evaluate --fold {input.fold} --predictions {params.predictions}"
-        " --method {wildcards.method} --protocol {params.protocol} --out {output.table}"
-        " > {log} 2>&1"
-
-
 rule report:
     input:
         # this config's runs only (`--only`): stale metrics of an earlier config in the same

@@ -37,62 +37,52 @@ use rule embed_slide as embed_slide_geometry with:
         f"{RESULTS}/benchmarks/embed/{{preset}}/{{geometry}}/{{view}}/{{slide}}.tsv"
 
 
-rule train:
+rule run_fold:
+    # a method's runs on one fold in one process, `stevs run`: for each training seed (the
+    # seeded methods every seed of the config: run_outputs), train, then predict the fold's
+    # test slides, then score them (docs/benchmarks.md, "Job cost")
     input:
-        # the fold file and the slides the fold trains and validates on (and, for a frozen
-        # encoder, those slides' embedding caches); torch runs also the test slides', for the
-        # latent analysis of their images (train_inputs)
-        unpack(train_inputs),
+        # the fold file and its slides (train and validation to train on, test to predict and
+        # score; torch runs' latent analysis reads the test slides' images too), their patch
+        # caches and, for a run on a frozen encoder, their embedding caches
+        unpack(fold_inputs("all")),
     output:
-        model=f"{RESULTS}/models/{RUN}/{{fold}}/model.safetensors",
+        **run_outputs(SEEDS),
     log:
-        f"{RESULTS}/logs/train/{RUN}/{{fold}}.log",
+        f"{RESULTS}/logs/run_fold/{{encoder}}/{{method}}/{{fold}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{RUN}/{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/run_fold/{{encoder}}/{{method}}/{{fold}}.tsv"
+    wildcard_constraints:
+        method=methods_pattern(seeded=True),
     conda:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=job_mem_mb("train"),
-        runtime=job_runtime("train"),
+        mem_mb=job_mem_mb("run_fold"),
+        runtime=job_runtime("run_fold"),
         gpu=gpus,
     params:
-        out=lambda wildcards, output: str(Path(output.model).parent),
+        seeds=lambda wildcards: " ".join(map(str, run_seeds(wildcards.method))),
+        # the outputs' paths with {seed} for stevs run to fill in
+        out=lambda wildcards: f"{RESULTS}/models/{run_folder(wildcards)}/{wildcards.fold}",
+        predictions=lambda wildcards: (
+            f"{RESULTS}/predictions/{run_folder(wildcards)}/{wildcards.fold}"
+        ),
+        metrics=lambda wildcards: (
+            f"{RESULTS}/metrics/{run_folder(wildcards)}/{wildcards.fold}.tsv"
+        ),
         args=training_args,
+        protocol=config["evaluation"]["protocol"],
     shell:
-        "stevs train --fold {input.fold} --method {wildcards.method} {params.args}"
-        " --threads {threads} --out {params.out} > {log} 2>&1"
+        "stevs run --fold {input.fold} --method {wildcards.method} {params.args}"
+        " --threads {threads} --seeds {params.seeds} --out {params.out:q}"
+        " --predictions {params.predictions:q} --metrics {params.metrics:q}"
+        " --protocol {params.protocol} > {log} 2>&1"
 
 
-rule predict:
-    input:
-        # the fold file and only its test slides
-        unpack(fold_inputs("test")),
-        model=f"{RESULTS}/models/{RUN}/{{fold}}/model.safetensors",
+# the methods that train no seed (the ridge probes): one run, seed 0
+use rule run_fold as run_fold_unseeded with:
     output:
-        # the list of the fold's prediction files, written last beside them (a file, not a
-        # directory() output: Snakemake would keep a timestamp file in the user's folder)
-        f"{RESULTS}/predictions/{RUN}/{{fold}}/predictions.tsv",
-    log:
-        f"{RESULTS}/logs/predict/{RUN}/{{fold}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/predict/{RUN}/{{fold}}.tsv"
-    conda:
-        "../../envs/stevs.yaml"
-    threads: config["resources"]["threads"]
-    resources:
-        mem_mb=job_mem_mb("predict"),
-        runtime=job_runtime("predict"),
-        gpu=gpus,
-    params:
-        model_dir=lambda wildcards, input: str(Path(input.model).parent),
-        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
-        device=config["training"]["device"],
-        # the embedding caches and the patch geometry's caches it reads, where not the fold
-        # file's (one placeholder: a new one in the command would rerun every finished job,
-        # Snakemake's code trigger compares the command's text)
-        embeddings=predict_args,
-    shell:
-        "stevs predict --model-dir {params.model_dir} --fold {input.fold}"
-        " {params.embeddings} --device {params.device} --threads {threads}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        **run_outputs([0]),
+    wildcard_constraints:
+        method=methods_pattern(seeded=False),
