@@ -242,17 +242,22 @@ def test_corrupt_weights_give_an_error_and_no_file(fold_path, model_dir, tmp_pat
 def test_the_prediction_folder_holds_the_predictions_and_their_list_only(
     fold_path, model_dir, tmp_path
 ):
-    """What the workflow's predict rule declares is predictions.tsv, a file: the folder
+    """What the workflow's run_fold rule declares is predictions.tsv, a file: the folder
     holds the prediction files and that list, nothing of Snakemake's."""
     assert _predict(model_dir, fold_path, tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predictions.tsv", "s3.h5ad"]
     assert read_manifest(tmp_path / "out" / "predictions.tsv") == {
         "s3": tmp_path / "out" / "s3.h5ad"
     }
-    rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "model.smk").read_text()
-    output = rules.split("rule predict:", 1)[1].split("output:", 1)[1].split("log:", 1)[0]
+    folder = Path(__file__).resolve().parents[1] / "workflow" / "rules"
+    rules = (folder / "model.smk").read_text()
+    output = rules.split("rule run_fold:", 1)[1].split("output:", 1)[1].split("log:", 1)[0]
     output = "".join(line.split("#")[0] for line in output.splitlines())
-    assert "directory(" not in output and "/predictions.tsv" in output
+    assert "directory(" not in output and "run_outputs(" in output
+    common = (folder / "common.smk").read_text()
+    outputs = common.split("def run_outputs(", 1)[1].split("\ndef ", 1)[0]
+    listed = '"{results}/predictions/{run}/{{fold}}/predictions.tsv"'
+    assert "directory(" not in outputs and listed in outputs
 
 
 def test_predictions_are_byte_identical_on_rerun(fold_path, model_dir, tmp_path):
