@@ -348,22 +348,22 @@ def headline_pearson(
 
     Exactly what ``stevs evaluate`` reports as ``pearson_r_mean_headline``: per slide and gene
     :func:`pearson_per_gene`, averaged per gene over slides, then over the headline genes
-    (all genes when none are given). Training selects its best epoch with this function.
+    (all genes when none are given); the same arithmetic as :func:`summarise_fold` of
+    :func:`per_gene_table` s, bit for bit (tested), without their other columns. Training
+    selects its best epoch with this function, after every epoch: the tables took 70 ms a
+    call for 178 spots x 250 genes, this takes ~3 ms.
     """
     slides = np.asarray(slides)
-    tables = [
-        per_gene_table(
-            observed[slides == slide],
-            predicted[slides == slide],
-            genes,
-            headline_genes=headline_genes or genes,
-            slide=str(slide),
-        )
+    per_slide = [
+        pearson_per_gene(observed[slides == slide], predicted[slides == slide])
         for slide in np.unique(slides)
     ]
-    if not tables:
+    if not per_slide:
         return float("nan")
-    return float(summarise_fold(pd.concat(tables, ignore_index=True))[HEADLINE_METRIC])
+    by_gene = np.stack(per_slide, axis=1)  # (genes, slides), slides in np.unique order
+    headline = set(headline_genes or genes)
+    chosen = [i for i, gene in enumerate(genes) if gene in headline]
+    return _nanmean(np.array([_nanmean(by_gene[i]) for i in chosen]))
 
 
 def check_hest_bench_fold(fold: Fold) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from stevs.errors import StevsInputError
@@ -127,7 +128,11 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[STevs
     if reference.get("stored", True):
         spec = replace(model_config.backbone, weights="none", weights_path=None)
         model_config = replace(model_config, backbone=spec)
-    model = STevs(model_config)
+    # every tensor comes from the files: built from a fixed RNG state, which a process's
+    # builds share (stevs.models.backbones.built_body), leaving the caller's RNG as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = STevs(model_config)
     state = folder.read_tensors()
     if not reference.get("stored", True):
         state = {**_referenced_backbone(model, reference, folder), **state}

@@ -218,16 +218,19 @@ def fit_ridge(
 REDUCED_RANKS = (2, 4, 8, 16, 32, 0)
 
 
-def _rank_projector(scores: np.ndarray, coef: np.ndarray, rank: int) -> np.ndarray:
-    """(G, G) projector on the top ``rank`` right singular vectors of the (centred) fitted
-    values ``scores @ coef`` (identity for rank 0 or a rank at least the full one)."""
-    genes = coef.shape[1]
+def _gene_directions(scores: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """The right singular vectors (rows) of the centred fitted values ``scores @ coef``."""
     fitted = scores @ coef
     fitted = fitted - fitted.mean(axis=0)
-    _, _, vt = np.linalg.svd(fitted, full_matrices=False)
-    if rank <= 0 or rank >= min(len(vt), genes):
+    return np.linalg.svd(fitted, full_matrices=False)[2]
+
+
+def _rank_projector(directions: np.ndarray, rank: int, genes: int) -> np.ndarray:
+    """(G, G) projector on the top ``rank`` of ``directions`` (:func:`_gene_directions`;
+    identity for rank 0 or a rank at least the full one)."""
+    if rank <= 0 or rank >= min(len(directions), genes):
         return np.eye(genes)
-    return vt[:rank].T @ vt[:rank]
+    return directions[:rank].T @ directions[:rank]
 
 
 def reduce_rank(
@@ -267,19 +270,19 @@ def reduce_rank(
         pipeline = fit_pipeline(features[train_idx], targets[train_idx], model.alpha, n_components)
         pre, ridge = Pipeline(pipeline.steps[:2]), pipeline[2]
         scores, held = pre.transform(features[train_idx]), pre.transform(features[held_idx])
+        coef = _coef(ridge, genes)
+        mean_fit = _predict(ridge, scores, genes).mean(axis=0)
+        directions = _gene_directions(scores, coef)  # one SVD per split, for every rank
         for i, rank in enumerate(ranks):
-            coef = _coef(ridge, genes)
-            projector = _rank_projector(scores, coef, rank)
-            predicted = _predict(ridge, scores, genes).mean(axis=0) + (
-                held - scores.mean(axis=0)) @ coef @ projector  # fmt: skip
-            out_of_fold[i, held_idx] = predicted
+            projector = _rank_projector(directions, rank, genes)
+            out_of_fold[i, held_idx] = mean_fit + (held - scores.mean(axis=0)) @ coef @ projector
     genes_, headline = list(model.genes), list(headline_genes or model.genes)
     score = [headline_pearson(targets, oof, groups, genes_, headline) for oof in out_of_fold]
     best = int(np.nanargmax(score))
     residual = out_of_fold[best] - targets
     variance = residual.var(axis=0, ddof=1) if len(targets) > 1 else np.zeros(genes)
     scores = ((features - model.feature_mean) / model.feature_scale) @ model.components.T
-    projector = _rank_projector(scores, model.coef, ranks[best])
+    projector = _rank_projector(_gene_directions(scores, model.coef), ranks[best], genes)
     mean_fit = scores.mean(axis=0) @ model.coef
     meta = {**model.meta, "rank": ranks[best], "ranks": ranks,
             "rank_inner_cv_headline_r": [float(s) for s in score]}  # fmt: skip
