@@ -577,3 +577,55 @@ def test_create_model_refuses_latent_dim_zero_instead_of_using_the_presets():
     for bad in (0, -2):
         with pytest.raises(ValueError, match="latent_dim must be >= 1"):
             create_model("stevs", preset, genes, None, latent_dim=bad)
+
+
+def _build(spec: BackboneSpec, seed: int) -> tuple[ImageBackbone, torch.Tensor]:
+    torch.manual_seed(seed)
+    backbone = ImageBackbone(spec)
+    return backbone, torch.rand(4)  # the next draw after the build
+
+
+def test_a_remembered_build_is_the_build_it_stands_for(monkeypatch, tmp_path):
+    """From the same RNG state, a build from the process's memo equals a fresh build (weights
+    and the RNG state it leaves); another state builds anew; each build is its own copy."""
+    from stevs.models import backbones
+
+    monkeypatch.setattr(backbones, "_BUILT", {})
+    built = []
+    monkeypatch.setattr(
+        backbones, "create_feature_model", lambda s: built.append(s) or timm.create_model(
+            s.name, pretrained=False, features_only=True, **s.timm_kwargs
+        ),
+    )  # fmt: skip
+    first, draw = _build(TINY_SWIN, 3)
+    again, again_draw = _build(TINY_SWIN, 3)
+    assert len(built) == 1 and torch.equal(draw, again_draw)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    next(again.parameters()).data.add_(1.0)  # training one copy leaves the others alone
+    backbones._BUILT.clear()
+    fresh, fresh_draw = _build(TINY_SWIN, 3)
+    assert len(built) == 2 and torch.equal(draw, fresh_draw)
+    pairs = zip(first.parameters(), fresh.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    other, _ = _build(TINY_SWIN, 4)  # random weights: another state, another build
+    assert len(built) == 3
+    assert not torch.equal(next(other.parameters()), next(first.parameters()))
+
+
+def test_loading_a_model_leaves_the_callers_rng_alone(tmp_path):
+    from stevs.io.model_dir import ModelDir
+    from stevs.models import load_model, save_model
+
+    torch.manual_seed(0)
+    model = STevs(tiny_config())
+    genes = [f"g{i}" for i in range(6)]
+    config = {"method": "stevs", "model": model.config.to_dict(), "training": {}, "genes": genes}
+    save_model(ModelDir(tmp_path / "m"), model.state_dict(), config, {"method": "stevs"})
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    loaded, _ = load_model(tmp_path / "m")
+    assert torch.equal(torch.rand(3), expected)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
