@@ -316,10 +316,28 @@ def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
         job = {"rule": head[0].split()[-1].rstrip(":"), "input": "", "output": ""}
         for line in lines:
             key, _, value = line.strip().partition(": ")
-            if key in ("input", "output", "wildcards", "threads", "resources"):
+            if key in ("input", "output", "wildcards", "threads", "resources", "priority"):
                 job[key] = value
         jobs.append(job)
     return jobs
+
+
+def test_long_runs_are_queued_first(demo_plan: Plan):
+    """run_fold priorities, longest first: runs that train encoder weights (the trainable
+    cpu_small encoder) before frozen-encoder torch runs, before the ridge probes."""
+    frozen = "effnet_lite0_in1k-frozen"
+    expected = {
+        ("cpu_small", "stevs"): "2",
+        ("cpu_small", "stnet"): "2",
+        (frozen, "stevs"): "1",
+        (frozen, "ridge_rrr"): "0",
+        ("none", "ridge_color"): "0",
+    }
+    seen = {}
+    for job in (j for j in _jobs(demo_plan.stdout) if j["rule"] in RUN_RULES):
+        wildcards = dict(w.split("=") for w in job["wildcards"].split(", "))
+        seen[wildcards["encoder"], wildcards["method"]] = job.get("priority", "0")
+    assert {key: seen.get(key) for key in expected} == expected
 
 
 def test_fold_jobs_read_only_the_folds_slides(demo_plan: Plan):

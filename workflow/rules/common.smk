@@ -488,6 +488,20 @@ def job_mem_mb(name):
     return lambda wildcards, attempt: job_size(name, wildcards)[1] * 2 ** (attempt - 1)
 
 
+def run_priority(wildcards):
+    """A run_fold job's place in the queue, longest first, so that a long job does not
+    start last while the other cores idle (on her2st-effnet the last `stevs_tail` job
+    started at minute 36 of 45): 2 for runs that train encoder weights (a trainable
+    encoder, or `stevs_tail`'s last stage), 1 for the other torch methods, 0 for probes.
+    """
+    method = REGISTRY[wildcards.method]
+    if method.kind != "torch":
+        return 0
+    entry = ENCODERS.get(wildcards.encoder) or {}
+    trains_encoder = method.switches.get("train_tail_stages") or not entry.get("freeze")
+    return 2 if trains_encoder else 1
+
+
 def gpus(wildcards):
     """The `gpu` resource of a run_fold job: the configured count where the method
     runs a network (the registry's `needs_gpu`), 0 for the ridge probes."""

@@ -54,6 +54,7 @@ rule run_fold:
         f"{RESULTS}/benchmarks/run_fold/{{encoder}}/{{method}}/{{fold}}.tsv"
     wildcard_constraints:
         method=methods_pattern(seeded=True),
+    priority: run_priority
     conda:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
