@@ -32,19 +32,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def planned_runs(configfiles: list[str], config: list[str], fold: str) -> dict[str, list[str]]:
-    """The plan's `stevs run` command of each method on ``fold``, as argument lists."""
+def planned_runs(
+    configfiles: list[str], config: list[str], fold: str, encoder: str | None
+) -> dict[str, list[str]]:
+    """The plan's `stevs run` command of each method on ``fold``, as argument lists; a
+    method that runs on several encoders needs ``encoder`` (the run folder's first part:
+    ``cpu_small``, ``effnet_lite0_in1k-frozen``, ``none``)."""
     snakemake = [sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "2"]
     command = [*snakemake, "--configfile", *configfiles]
     if config:
         command += ["--config", *config]
     plan = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
-    runs = {}
+    found: dict[str, dict[str, list[str]]] = {}
     for line in plan.splitlines():
         line = line.removeprefix("Shell command: ")
         if line.startswith("stevs run ") and f"/{fold}.json " in line:
             words = shlex.split(line.split(" > ")[0])
-            runs[words[words.index("--method") + 1]] = words[2:]
+            method = words[words.index("--method") + 1]
+            run_encoder = words[words.index("--out") + 1].split("/models/")[1].split("/")[0]
+            found.setdefault(method, {})[run_encoder] = words[2:]
+    runs = {}
+    for method, by_encoder in found.items():
+        if encoder in by_encoder:
+            runs[method] = by_encoder[encoder]
+        elif len(by_encoder) == 1:
+            runs[method] = next(iter(by_encoder.values()))
     return runs
 
 
@@ -93,15 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, required=True, help="checkout of the old code")
     parser.add_argument("--fold", default="fold0")
+    parser.add_argument("--encoder", help="the encoder of the runs, where a method has several")
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--configfile", nargs="+", required=True)
     parser.add_argument("--config", nargs="*", default=[])
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    runs = planned_runs(args.configfile, args.config, args.fold)
+    runs = planned_runs(args.configfile, args.config, args.fold, args.encoder)
     missing = [m for m in args.methods if m not in runs]
     if missing:
-        parser.error(f"no stevs run of {missing} on {args.fold} in the plan")
+        parser.error(
+            f"no single stevs run of {missing} on {args.fold} in the plan (a method on "
+            "several encoders needs --encoder)"
+        )
     print("| method | before wall s | after wall s | before CPU s | after CPU s | CPU ratio "
           "| same files |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
