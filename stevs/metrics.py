@@ -351,7 +351,7 @@ def headline_pearson(
     (all genes when none are given); the same arithmetic as :func:`summarise_fold` of
     :func:`per_gene_table` s, bit for bit (tested), without their other columns. Training
     selects its best epoch with this function, after every epoch: the tables took 70 ms a
-    call for 178 spots x 250 genes, this takes ~3 ms.
+    call for 178 spots x 250 genes, this about 2 ms.
     """
     slides = np.asarray(slides)
     per_slide = [
