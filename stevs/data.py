@@ -53,7 +53,7 @@ def slide_panel(
 def _slide_panel(
     path: str, stamp: tuple[int, int] | None, slide: str, genes: tuple[str, ...]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-    adata = read_slide_adata(path)
+    adata = read_slide_adata(path, images=())
     gene_index = adata.var_names.get_indexer(list(genes))
     if (gene_index < 0).any():
         missing = [g for g, i in zip(genes, gene_index, strict=True) if i < 0]

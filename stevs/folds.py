@@ -118,7 +118,7 @@ class SlideData:
 def read_slide(path: str | PathLike, patches_dir: str | PathLike) -> SlideData:
     """Read a slide AnnData (``results/slides/{slide}.h5ad``) for fold building."""
     path = Path(path)
-    adata = read_slide_adata(path)
+    adata = read_slide_adata(path, images=())
     meta = slide_meta(adata, path)
     if adata.n_vars == 0:
         raise StevsInputError(path, f"the slide has {adata.n_obs} spots and no genes")

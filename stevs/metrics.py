@@ -311,12 +311,13 @@ def summarise_fold(
 def load_observed(
     fold: Fold, slide: str, barcodes: Sequence[str] | None = None
 ) -> tuple[np.ndarray, pd.Index, Any]:
-    """Normalised observed panel expression of ``slide``: (values, barcodes, AnnData).
+    """Normalised observed panel expression of ``slide``: (values, barcodes, AnnData; read
+    without its H&E images).
 
     ``barcodes`` selects and orders spots (error if any is unknown); the default keeps all.
     """
     adata_path = fold.slide_entry(slide).adata
-    adata = read_slide_adata(adata_path)
+    adata = read_slide_adata(adata_path, images=())
     if barcodes is not None:
         index = adata.obs_names.get_indexer(list(barcodes))
         if (index < 0).any():

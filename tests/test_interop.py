@@ -21,7 +21,13 @@ from stevs import __version__, baselines
 from stevs.errors import StevsInputError
 from stevs.io.ingest import build_slide_adata
 from stevs.io.prediction import new_prediction, read_prediction
-from stevs.io.slide_adata import SlideSpots, read_slide_adata, slide_meta, write_slide_adata
+from stevs.io.slide_adata import (
+    SlideSpots,
+    read_slide_adata,
+    slide_meta,
+    spots_of,
+    write_slide_adata,
+)
 from stevs.io.visium_uns import HIRES_MAX_SIDE, LOWRES_MAX_SIDE, spatial_uns
 from stevs.tiling import tile_slide
 
@@ -167,3 +173,49 @@ def test_a_slide_adata_with_broken_images_is_refused_naming_it(st_image, tmp_pat
     with pytest.raises(StevsInputError, match="tissue_hires_scalef") as info:
         read_slide_adata(tmp_path / "broken.h5ad")
     assert str(tmp_path / "broken.h5ad") in str(info.value)
+
+
+def test_a_slide_read_without_its_images_is_the_same_slide_less_them(st_image, tmp_path):
+    path = ingest_st(tmp_path, st_image, "st1")
+    full = read_slide_adata(path)
+    for images in [(), ("lowres",), ("hires", "lowres")]:
+        part = read_slide_adata(path, images=images)
+        assert (part.X != full.X).nnz == 0 and part.X.dtype == full.X.dtype
+        pd.testing.assert_frame_equal(part.obs, full.obs)
+        pd.testing.assert_frame_equal(part.var, full.var)
+        np.testing.assert_array_equal(part.obsm["spatial"], full.obsm["spatial"])
+        assert part.uns["stevs"] == full.uns["stevs"]
+        got, want = part.uns["spatial"]["st1"], full.uns["spatial"]["st1"]
+        assert got["scalefactors"] == want["scalefactors"]
+        assert got["metadata"] == want["metadata"]
+        assert set(got["images"]) == set(images)
+        for key in images:
+            np.testing.assert_array_equal(got["images"][key], want["images"][key])
+    # the scale factors are still checked
+    broken = ad.read_h5ad(path)
+    del broken.uns["spatial"]["st1"]["scalefactors"]["tissue_hires_scalef"]
+    broken.write_h5ad(tmp_path / "broken.h5ad")
+    with pytest.raises(StevsInputError, match="tissue_hires_scalef"):
+        read_slide_adata(tmp_path / "broken.h5ad", images=())
+
+
+def test_a_slide_with_only_a_hires_image_gives_predictions_over_it(st_image, tmp_path):
+    path = ingest_st(tmp_path, st_image, "st1")
+    adata = ad.read_h5ad(path)
+    del adata.uns["spatial"]["st1"]["images"]["lowres"]
+    adata.write_h5ad(tmp_path / "hires_only.h5ad")
+    spots = spots_of(tmp_path / "hires_only.h5ad", adata.obs_names[:5])
+    hires = spots.images["st1"]["images"]["hires"]
+    np.testing.assert_array_equal(hires, adata.uns["spatial"]["st1"]["images"]["hires"])
+    assert list(spots.obs.index) == list(adata.obs_names[:5])
+
+
+def test_a_slide_the_element_reader_cannot_read_is_read_whole(st_image, tmp_path, monkeypatch):
+    path = ingest_st(tmp_path, st_image, "st1")
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("no encoding-type")
+
+    monkeypatch.setattr("anndata.io.read_elem", unreadable)
+    adata = read_slide_adata(path, images=())
+    assert adata.n_obs == 99 and set(adata.uns["spatial"]["st1"]["images"]) == {"hires", "lowres"}

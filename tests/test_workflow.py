@@ -324,7 +324,8 @@ def _jobs(dry_run_stdout: str) -> list[dict[str, str]]:
 
 def test_long_runs_are_queued_first(demo_plan: Plan):
     """run_fold priorities, longest first: runs that train encoder weights (the trainable
-    cpu_small encoder) before frozen-encoder torch runs, before the ridge probes."""
+    cpu_small encoder) before frozen-encoder torch runs, before the ridge probes; the jobs
+    that make their inputs before all of them."""
     frozen = "effnet_lite0_in1k-frozen"
     expected = {
         ("cpu_small", "stevs"): "2",
@@ -338,6 +339,13 @@ def test_long_runs_are_queued_first(demo_plan: Plan):
         wildcards = dict(w.split("=") for w in job["wildcards"].split(", "))
         seen[wildcards["encoder"], wildcards["method"]] = job.get("priority", "0")
     assert {key: seen.get(key) for key in expected} == expected
+    # the runs' inputs before every run: a long run never waits for an input queued behind
+    # shorter runs (its embeddings, its slides)
+    inputs = {"ingest_slide", "tile_slide", "embed_slide", "make_folds"}
+    input_priorities = {
+        job.get("priority", "0") for job in _jobs(demo_plan.stdout) if job["rule"] in inputs
+    }
+    assert input_priorities and all(int(p) > max(map(int, seen.values())) for p in input_priorities)
 
 
 def test_fold_jobs_read_only_the_folds_slides(demo_plan: Plan):

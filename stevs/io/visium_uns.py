@@ -288,8 +288,11 @@ def spaceranger_spatial_uns(
     )
 
 
-def check_spatial_uns(uns_spatial: Any, path: str | os.PathLike | None = None) -> None:
-    """Validate ``uns["spatial"]`` ({library_id: entry}) as read from a file; errors name it."""
+def check_spatial_uns(
+    uns_spatial: Any, path: str | os.PathLike | None = None, *, images: bool = True
+) -> None:
+    """Validate ``uns["spatial"]`` ({library_id: entry}) as read from a file; errors name it.
+    ``images=False``: read without some of its images, so none is required."""
     if not isinstance(uns_spatial, Mapping) or not uns_spatial:
         raise StevsInputError(path, "uns['spatial'] must be a non-empty dict of libraries")
     for library, entry in uns_spatial.items():
@@ -301,7 +304,7 @@ def check_spatial_uns(uns_spatial: Any, path: str | os.PathLike | None = None) -
             raise StevsInputError(path, f"{where} needs 'images' and 'scalefactors'")
         try:
             present = [key for key in ("hires", "lowres") if key in images]
-            if not present:
+            if not present and images:
                 raise ValueError(f"{where}['images'] needs 'hires' or 'lowres'")
             for key in present:
                 _rgb_uint8(images.get(key), f"{where}['images']['{key}']")

@@ -488,6 +488,13 @@ def job_mem_mb(name):
     return lambda wildcards, attempt: job_size(name, wildcards)[1] * 2 ** (attempt - 1)
 
 
+#: the priority of the rules that make a run's inputs (ingest, tiling, embeddings, folds):
+#: above every run_fold job, so that no input of a long run waits behind shorter runs (on
+#: her2st-effnet the `tail` embedding of one section, at priority 0, waited behind the
+#: frozen-encoder runs, and every `stevs_tail` job with it)
+INPUT_PRIORITY = 3
+
+
 def run_priority(wildcards):
     """A run_fold job's place in the queue, longest first, so that a long job does not
     start last while the other cores idle (on her2st-effnet the last `stevs_tail` job

@@ -31,6 +31,7 @@ rule ingest_slide:
         f"{RESULTS}/logs/ingest_slide/{{slide}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/ingest_slide/{{slide}}.tsv"
+    priority: INPUT_PRIORITY
     conda:
         "../../envs/stevs.yaml"
     threads: 1
@@ -61,6 +62,7 @@ rule tile_slide:
         f"{RESULTS}/logs/tile_slide/{{slide}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tile_slide/{{slide}}.tsv"
+    priority: INPUT_PRIORITY
     conda:
         "../../envs/stevs.yaml"
     threads: config["tiling"]["threads"]
@@ -105,6 +107,7 @@ rule make_folds:
         f"{RESULTS}/logs/make_folds.log",
     benchmark:
         f"{RESULTS}/benchmarks/make_folds.tsv"
+    priority: INPUT_PRIORITY
     conda:
         "../../envs/stevs.yaml"
     threads: 1

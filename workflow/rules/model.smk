@@ -11,6 +11,7 @@ rule embed_slide:
         preset="|".join(
             map(re.escape, sorted({e["preset"] for e in ENCODERS.values()}))
         ),
+    priority: INPUT_PRIORITY
     conda:
         "../../envs/stevs.yaml"
     threads: config["resources"]["threads"]
